@@ -1,0 +1,145 @@
+"""Adapter configs: the shared base dataclass, (de)serialization and the method registry.
+
+Every method module defines a dataclass that subclasses :class:`AdapterConfig` and registers itself
+with :func:`register_method` (as peft's ``register_peft_method`` does), so adding a method touches
+one file and one registration line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the core needs to know about a method: its config class and how to build units."""
+
+    name: str
+    config_cls: type[AdapterConfig]
+    build_units: Any  # callable(model, adapter_name, config, targets) -> list[(module_name, unit)]
+
+
+def register_method(name: str, config_cls: type[AdapterConfig], build_units: Any) -> None:
+    """Register a method under ``name``. Re-registering the same name replaces it (useful in tests)."""
+    if not dataclasses.is_dataclass(config_cls) or not issubclass(config_cls, AdapterConfig):
+        raise TypeError(f"register_method({name!r}): config_cls must be an AdapterConfig dataclass")
+    config_cls.method = name
+    _REGISTRY[name] = MethodSpec(name, config_cls, build_units)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise KeyError(f"unknown adapter method {name!r}; registered methods: {known}") from None
+
+
+def registered_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method shares: where adapters go and the options usable with any method."""
+
+    method: ClassVar[str] = "base"
+
+    target_modules: list[str] | str | None = _help(
+        "Modules to adapt: exact names, name suffixes ('attn.out_proj' matches 'blocks.0.attn.out_proj'), "
+        "glob patterns ('blocks.*.mlp.fc1'), 're:<regex>' full-match patterns, or '@point' names of adapter "
+        "points the backbone declares ('@ffn_out'). A single string is one pattern.",
+        None,
+    )
+    train_norms: bool = _help(
+        "Also learn per-adapter deltas for the weight and bias of every normalization layer "
+        "(LayerNorm, GroupNorm, BatchNorm, RMSNorm). Deltas start at zero, so outputs are unchanged.",
+        False,
+    )
+    train_biases: str = _help(
+        "BitFit: learn per-adapter bias deltas. 'none', 'adapted' (biases of the adapted modules) or "
+        "'all' (every bias in the model).",
+        "none",
+    )
+    gate: bool = _help(
+        "Multiply each adapter's change by a learnable scalar gate initialized to zero (LLaMA-Adapter "
+        "style). The adapter's own output layer is then randomly initialized so gradients can flow.",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if self.train_biases not in ("none", "adapted", "all"):
+            raise ValueError(
+                f"{type(self).__name__}.train_biases: expected 'none', 'adapted' or 'all', "
+                f"got {self.train_biases!r}"
+            )
+
+    # -- serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> AdapterConfig:
+        """Build the right config class from a dict; unknown keys are an error naming ``source``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{source}: expected a JSON object for the adapter config, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("method", None)
+        if method is None:
+            raise ValueError(f"{source}: field 'method' is missing (expected one of {registered_methods()})")
+        try:
+            spec = get_method(method)
+        except KeyError as err:
+            raise ValueError(f"{source}: field 'method': {err.args[0]}") from None
+        known = {f.name for f in dataclasses.fields(spec.config_cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown field(s) {unknown} for method {method!r}; known fields: {sorted(known)}"
+            )
+        return spec.config_cls(**data)
+
+    def help(self) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(self)}
+
+
+def check_positive(config: AdapterConfig, name: str, allow_none: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{name}: expected a positive number, got {value!r}")
+
+
+def check_choice(config: AdapterConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{type(config).__name__}.{name}: expected one of {choices}, got {value!r}")
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become ModuleDict keys and file names: keep them simple."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"adapter name {name!r}: expected letters, digits, '_' or '-' (it is used as a module key)"
+        )

@@ -1,0 +1,10 @@
+"""Built-in adapter methods; importing this package registers them."""
+
+from . import bottleneck, compacter, hyper, lora, prompt  # noqa: F401
+from .bottleneck import BottleneckConfig
+from .compacter import CompacterConfig
+from .hyper import HyperAdapterConfig
+from .lora import LoRAConfig
+from .prompt import PromptConfig
+
+__all__ = ["BottleneckConfig", "CompacterConfig", "HyperAdapterConfig", "LoRAConfig", "PromptConfig"]

@@ -1,0 +1,125 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al.'s parallel adapter).
+
+``h + s * Up(act(Down(LN(src))))`` where ``src`` is the module's output (series placement) or its input
+(parallel placement). Up is zero-initialized so a new adapter leaves the model's output unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, check_choice, check_positive, register_method
+from ..units import AdapterUnit, NotMergeable, channel_dim, feature_dims, on_channels
+from ._common import BuildContext, bottleneck_size, init_last_layer, make_activation, require_dims
+
+
+@dataclass
+class BottleneckConfig(AdapterConfig):
+    """Config of a bottleneck adapter. Presets: :meth:`houlsby` and :meth:`pfeiffer`."""
+
+    placement: str = field(default="series", metadata={
+        "help": "'series': transform the module's output; 'parallel': add a branch fed by the module's input."})
+    bottleneck_dim: int | None = field(default=None, metadata={
+        "help": "Width of the bottleneck. If unset, input width / reduction_factor."})
+    reduction_factor: float | None = field(default=None, metadata={
+        "help": "Input width / bottleneck width, used when bottleneck_dim is unset (default 16)."})
+    activation: str = field(default="relu", metadata={
+        "help": "Non-linearity between down and up projection: relu, gelu, swish, tanh or identity "
+                "(identity makes the adapter linear, hence mergeable)."})
+    pre_norm: bool = field(default=False, metadata={"help": "LayerNorm on the adapter's input (inside the branch)."})
+    post_norm: bool = field(default=False, metadata={
+        "help": "LayerNorm on the branch output; its scale starts at zero so the adapter starts as identity."})
+    scaling: float = field(default=1.0, metadata={"help": "Residual scaling s of the adapter branch."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the bottleneck activations."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "placement", ("series", "parallel"))
+        check_positive(self, "bottleneck_dim", allow_none=True)
+        check_positive(self, "reduction_factor", allow_none=True)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"BottleneckConfig.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        make_activation(self.activation, "BottleneckConfig")
+
+    @classmethod
+    def houlsby(cls, **kwargs) -> BottleneckConfig:
+        """Series adapters after attention and after the FFN of every block (adapter points)."""
+        kwargs.setdefault("target_modules", ["@attn_out", "@ffn_out"])
+        return cls(placement="series", **kwargs)
+
+    @classmethod
+    def pfeiffer(cls, **kwargs) -> BottleneckConfig:
+        """One series adapter after the FFN of every block (adapter point ``ffn_out``)."""
+        kwargs.setdefault("target_modules", ["@ffn_out"])
+        return cls(placement="series", **kwargs)
+
+
+class BottleneckUnit(AdapterUnit):
+    def __init__(self, in_dim: int, out_dim: int, bottleneck: int, config: BottleneckConfig, chdim: int = -1):
+        super().__init__(gate=config.gate)
+        self.kind = config.placement
+        self.channel_dim = chdim
+        self.scaling = config.scaling
+        self.norm = nn.LayerNorm(in_dim) if config.pre_norm else None
+        self.down = nn.Linear(in_dim, bottleneck)
+        self.act = make_activation(config.activation, "BottleneckConfig")
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.up = nn.Linear(bottleneck, out_dim)
+        self.post_norm = nn.LayerNorm(out_dim) if config.post_norm else None
+        init_last_layer(self.up, zero=not (config.gate or config.post_norm))
+        if self.post_norm is not None and not config.gate:
+            nn.init.zeros_(self.post_norm.weight)
+
+    def branch(self, t: Tensor) -> Tensor:
+        if self.norm is not None:
+            t = self.norm(t)
+        t = self.up(self.dropout(self.act(self.down(t))))
+        if self.post_norm is not None:
+            t = self.post_norm(t)
+        return self.scaling * t
+
+    def change(self, x: Tensor, h: Tensor) -> Tensor:
+        return on_channels(self.branch, x if self.kind == "parallel" else h, self.channel_dim)
+
+    def merge_into(self, base: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not isinstance(base, nn.Linear):
+            raise NotMergeable("only adapters on nn.Linear modules are merged")
+        if not isinstance(self.act, nn.Identity) or self.norm is not None or self.post_norm is not None:
+            raise NotMergeable("a bottleneck with a non-linearity or LayerNorm is not linear")
+        g = self.scaling * (1.0 if self.gate is None else float(self.gate))
+        down_w, down_b, up_w, up_b = self.down.weight, self.down.bias, self.up.weight, self.up.bias
+        bias_term = g * (up_w @ down_b + up_b)
+        weight, bias = params["weight"], params.get("bias")
+        if bias is None:
+            if torch.count_nonzero(bias_term) > 0:
+                raise NotMergeable("the base Linear has no bias to absorb the adapter's bias")
+            bias = torch.zeros_like(bias_term)
+        if self.kind == "parallel":  # h = Wx + b + g(U(Dx + d) + u)
+            new_w, new_b = weight + g * (up_w @ down_w), bias + bias_term
+        else:  # h' = (I + gUD)(Wx + b) + g(Ud + u)
+            new_w = weight + g * (up_w @ (down_w @ weight))
+            new_b = bias + g * (up_w @ (down_w @ bias)) + bias_term
+        out = dict(params)
+        out["weight"] = new_w
+        if "bias" in params:
+            out["bias"] = new_b
+        return out
+
+
+def build(ctx: BuildContext):
+    config: BottleneckConfig = ctx.config
+    for target in ctx.targets:
+        in_dim, out_dim = feature_dims(target.module, target.dim)
+        if config.placement == "series":
+            in_dim = out_dim
+        require_dims(target, in_dim, out_dim, "BottleneckConfig")
+        if config.placement == "parallel" and isinstance(target.module, nn.Embedding):
+            raise ValueError(f"BottleneckConfig: a parallel adapter needs float inputs; {target.name!r} is an Embedding")
+        bn = bottleneck_size(config, in_dim, "BottleneckConfig")
+        yield target.name, "bottleneck", BottleneckUnit(in_dim, out_dim, bn, config, channel_dim(target.module))
+
+
+register_method("bottleneck", BottleneckConfig, build)

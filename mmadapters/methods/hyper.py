@@ -1,0 +1,129 @@
+"""Hypernetwork-generated adapters (Hyperformer, Karimi Mahabadi et al. 2021).
+
+One hypernetwork, shared by every adapter that names it, generates the weights of a bottleneck adapter
+at each layer from ``task embedding (+) layer embedding``:
+``z = LayerNorm(MLP([t; l]))``, then linear generators map ``z`` to Down/Up weights and biases.
+
+Each adapter added with a HyperAdapterConfig is one *task* (or language): it owns only its task
+embedding, so ``set_active`` and per-sample routing select tasks by adapter name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, check_positive, register_method
+from ..units import AdapterUnit, channel_dim, feature_dims, on_channels
+from ._common import BuildContext, bottleneck_size, make_activation, require_dims
+
+
+@dataclass
+class HyperAdapterConfig(AdapterConfig):
+    hypernet: str = field(default="hypernet", metadata={
+        "help": "Name of the shared hypernetwork; adapters with the same name share it (one per task)."})
+    task_embedding_dim: int = field(default=512, metadata={"help": "Size of the task (or language) embedding."})
+    layer_embedding_dim: int = field(default=512, metadata={"help": "Size of the layer-id embedding."})
+    hidden_dim: int = field(default=128, metadata={"help": "Width of the hypernetwork's projection z."})
+    bottleneck_dim: int | None = field(default=None, metadata={"help": "Width of the generated bottleneck."})
+    reduction_factor: float | None = field(default=None, metadata={"help": "Used when bottleneck_dim is unset (default 16)."})
+    activation: str = field(default="relu", metadata={"help": "Non-linearity of the generated adapter."})
+    placement: str = field(default="series", metadata={"help": "'series' or 'parallel'."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("task_embedding_dim", "layer_embedding_dim", "hidden_dim"):
+            check_positive(self, name)
+        make_activation(self.activation, "HyperAdapterConfig")
+
+
+class HyperNetwork(nn.Module):
+    """Shared across tasks. Generators are keyed by the adapted module's (in, out, bottleneck) shape."""
+
+    def __init__(self, config: HyperAdapterConfig, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+        self.layer_embedding = nn.Embedding(num_layers, config.layer_embedding_dim)
+        nn.init.normal_(self.layer_embedding.weight, std=0.02)
+        self.project = nn.Sequential(
+            nn.Linear(config.task_embedding_dim + config.layer_embedding_dim, config.hidden_dim),
+            nn.ReLU(),
+            nn.Linear(config.hidden_dim, config.hidden_dim),
+            nn.LayerNorm(config.hidden_dim),
+        )
+        self.generators = nn.ModuleDict()
+        self.hidden_dim = config.hidden_dim
+
+    def generator(self, in_dim: int, out_dim: int, bn: int) -> nn.ModuleDict:
+        key = f"d{in_dim}_{out_dim}_{bn}"
+        if key not in self.generators:
+            h = self.hidden_dim
+            gen = nn.ModuleDict({
+                "down_w": nn.Linear(h, bn * in_dim), "down_b": nn.Linear(h, bn),
+                "up_w": nn.Linear(h, out_dim * bn), "up_b": nn.Linear(h, out_dim),
+            })
+            for name in ("up_w", "up_b"):  # generated Up starts at zero: adapters start as the identity
+                nn.init.zeros_(gen[name].weight)
+                nn.init.zeros_(gen[name].bias)
+            for name in ("down_w", "down_b"):
+                nn.init.normal_(gen[name].weight, std=1e-2)
+                nn.init.zeros_(gen[name].bias)
+            ref = next(self.parameters())
+            self.generators[key] = gen.to(ref.device, ref.dtype)
+        return self.generators[key]
+
+
+class TaskEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(dim) * 0.02)
+
+
+class HyperAdapterUnit(AdapterUnit):
+    def __init__(self, hypernet: HyperNetwork, task: TaskEmbedding, layer: int, in_dim: int, out_dim: int,
+                 bn: int, config: HyperAdapterConfig, chdim: int):
+        super().__init__(gate=config.gate)
+        # Shared modules live at the model root; keep plain references so parameters are not duplicated.
+        object.__setattr__(self, "_hypernet", hypernet)
+        object.__setattr__(self, "_task", task)
+        self.kind = config.placement
+        self.layer, self.in_dim, self.out_dim, self.bn, self.channel_dim = layer, in_dim, out_dim, bn, chdim
+        self.act = make_activation(config.activation, "HyperAdapterConfig")
+        hypernet.generator(in_dim, out_dim, bn)
+
+    def generated(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        net = self._hypernet
+        layer = net.layer_embedding.weight[self.layer]
+        z = net.project(torch.cat([self._task.embedding, layer]))
+        gen = net.generator(self.in_dim, self.out_dim, self.bn)
+        return (gen["down_w"](z).view(self.bn, self.in_dim), gen["down_b"](z),
+                gen["up_w"](z).view(self.out_dim, self.bn), gen["up_b"](z))
+
+    def change(self, x: Tensor, h: Tensor) -> Tensor:
+        dw, db, uw, ub = self.generated()
+        src = x if self.kind == "parallel" else h
+        return on_channels(lambda t: F.linear(self.act(F.linear(t, dw, db)), uw, ub), src, self.channel_dim)
+
+
+def build(ctx: BuildContext):
+    config: HyperAdapterConfig = ctx.config
+    n = len(ctx.targets)
+    hypernet = ctx.shared(f"hypernet_{config.hypernet}", lambda: HyperNetwork(config, n), False)
+    if hypernet.num_layers != n:
+        raise ValueError(f"HyperAdapterConfig: hypernetwork {config.hypernet!r} was built for {hypernet.num_layers} "
+                         f"adapted modules, this adapter targets {n}")
+    task = ctx.shared("task_embedding", lambda: TaskEmbedding(config.task_embedding_dim), True)
+    for layer, target in enumerate(ctx.targets):
+        in_dim, out_dim = feature_dims(target.module, target.dim)
+        if config.placement == "series":
+            in_dim = out_dim
+        require_dims(target, in_dim, out_dim, "HyperAdapterConfig")
+        bn = bottleneck_size(config, in_dim, "HyperAdapterConfig")
+        yield target.name, "hyper", HyperAdapterUnit(hypernet, task, layer, in_dim, out_dim, bn, config,
+                                                     channel_dim(target.module))
+
+
+register_method("hyper", HyperAdapterConfig, build)

@@ -1,0 +1,247 @@
+"""The model-level API: add, activate, freeze, report, merge, delete.
+
+State lives on the model itself: the adapters' units inside :class:`AdaptedModule` wrappers, modules
+shared across layers in ``model.mma_shared``, and the configs and active composition in a plain
+attribute (``model._mma_state``), so a model carries its adapters wherever it goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .composition import Composition, active_names, parse_composition
+from .config import AdapterConfig, check_adapter_name, get_method
+from .methods._common import BuildContext
+from .methods.tuning import ParamDelta, tuned_parameters
+from .targets import Target, iter_logical_modules, resolve_targets
+from .units import NotMergeable
+from .wrapper import AdaptedModule
+
+SHARED_ATTR = "mma_shared"
+
+
+@dataclass
+class AdapterState:
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    shared: dict[str, dict[str, str]] = field(default_factory=dict)  # adapter -> {alias: key in mma_shared}
+    targets: dict[str, list[Target]] = field(default_factory=dict)  # adapter -> where its method's units are
+    active: str | Composition | None = None
+    merged: str | Composition | None = None
+
+
+def state_of(model: nn.Module) -> AdapterState:
+    state = model.__dict__.get("_mma_state")
+    if state is None:
+        state = AdapterState()
+        object.__setattr__(model, "_mma_state", state)
+    return state
+
+
+def wrappers(model: nn.Module) -> list[AdaptedModule]:
+    return [m for m in model.modules() if isinstance(m, AdaptedModule)]
+
+
+def _wrap(model: nn.Module, name: str) -> AdaptedModule:
+    """The wrapper of logical module ``name``, creating it (and swapping it into its parent) if needed."""
+    for logical, module, parent, attr in iter_logical_modules(model):
+        if logical != name:
+            continue
+        current = parent._modules[attr] if parent is not None else None
+        if isinstance(current, AdaptedModule):
+            return current
+        if parent is None:
+            raise ValueError("the model root itself cannot be adapted; target a submodule")
+        wrapper = AdaptedModule(module, name)
+        setattr(parent, attr, wrapper)
+        return wrapper
+    raise KeyError(f"no module named {name!r}")
+
+
+def _shared_dict(model: nn.Module) -> nn.ModuleDict:
+    if SHARED_ATTR not in model._modules:
+        model.add_module(SHARED_ATTR, nn.ModuleDict())
+    return model._modules[SHARED_ATTR]
+
+
+def add_adapter(model: nn.Module, name: str, config: AdapterConfig, *, _targets: list[Target] | None = None) -> nn.Module:
+    """Inject adapter ``name`` described by ``config``. The first adapter added becomes active.
+
+    Returns ``model`` (modified in place)."""
+    check_adapter_name(name)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"add_adapter: config must be an AdapterConfig, got {type(config).__name__}")
+    state = state_of(model)
+    if name in state.configs:
+        raise ValueError(f"adapter {name!r} already exists on this model; delete_adapter() it first or pick another name")
+    if state.merged is not None:
+        raise RuntimeError("adapters are merged into the base: unmerge(model) before adding adapters")
+    spec = get_method(config.method)
+    targets = _targets if _targets is not None else resolve_targets(model, config.target_modules)
+    shared = _shared_dict(model)
+    aliases: dict[str, str] = {}
+
+    def get_shared(alias: str, factory, per_adapter: bool) -> nn.Module:
+        key = f"{name}__{alias}" if per_adapter else alias
+        if key not in shared:
+            shared[key] = factory()
+        aliases[alias] = key
+        return shared[key]
+
+    ctx = BuildContext(model=model, adapter=name, config=config, targets=targets, shared=get_shared)
+    try:
+        units = list(spec.build_units(ctx))  # build everything before touching the model
+        logical = [(n, m, p) for n, m, p, _ in iter_logical_modules(model)]
+        tuned = tuned_parameters(logical, {t.name for t in targets}, config.train_norms, config.train_biases)
+        modules = dict((n, m) for n, m, _ in logical)
+        units += [(mod_name, "tuning", ParamDelta(modules[mod_name], names)) for mod_name, names in tuned.items()]
+    except Exception:
+        for key in set(aliases.values()) - _shared_in_use(state):
+            del shared[key]
+        raise
+    for module_name, role, unit in units:
+        _wrap(model, module_name).add_unit(name, role, unit)
+    state.configs[name] = config
+    state.shared[name] = aliases
+    state.targets[name] = targets
+    if not shared:
+        del model._modules[SHARED_ATTR]
+    if state.active is None:
+        set_active(model, name)
+    else:
+        _propagate_active(model)
+    return model
+
+
+def _shared_in_use(state: AdapterState) -> set[str]:
+    return {key for aliases in state.shared.values() for key in aliases.values()}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(state_of(model).configs)
+
+
+def get_config(model: nn.Module, name: str) -> AdapterConfig:
+    state = state_of(model)
+    if name not in state.configs:
+        raise KeyError(f"no adapter named {name!r}; this model has {list(state.configs) or 'none'}")
+    return state.configs[name]
+
+
+def set_active(model: nn.Module, adapters: str | list | Composition | None) -> nn.Module:
+    """Choose what runs in forward: a name, a list (stacked in order), a Stack/Average, or None."""
+    state = state_of(model)
+    if state.merged is not None:
+        raise RuntimeError("adapters are merged into the base: unmerge(model) before changing the active adapters")
+    comp = parse_composition(adapters)
+    for n in active_names(comp):
+        get_config(model, n)
+    state.active = comp
+    _propagate_active(model)
+    return model
+
+
+def _propagate_active(model: nn.Module) -> None:
+    comp = state_of(model).active
+    for w in wrappers(model):
+        w.active = comp
+
+
+def get_active(model: nn.Module) -> str | Composition | None:
+    return state_of(model).active
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """All parameters of adapter ``name``: its units' and the shared modules it uses (deduplicated)."""
+    get_config(model, name)
+    out: dict[str, nn.Parameter] = {}
+    for w in wrappers(model):
+        if name in w.adapters:
+            for pname, p in w.adapters[name].named_parameters():
+                out[f"{w.module_name}.{pname}"] = p
+    shared = model._modules.get(SHARED_ATTR)
+    for alias, key in state_of(model).shared.get(name, {}).items():
+        for pname, p in shared[key].named_parameters():
+            out[f"{SHARED_ATTR}.{alias}.{pname}"] = p
+    return out
+
+
+def _all_adapter_param_ids(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for w in wrappers(model):
+        ids |= {id(p) for p in w.adapters.parameters()}
+    if SHARED_ATTR in model._modules:
+        ids |= {id(p) for p in model._modules[SHARED_ATTR].parameters()}
+    return ids
+
+
+def freeze_base(model: nn.Module) -> nn.Module:
+    """Only the active adapters' parameters (their units, shared modules, gates, deltas) stay trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in active_names(state_of(model).active):
+        for p in adapter_parameters(model, name).values():
+            p.requires_grad_(True)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name``; wrappers left with no adapter are replaced by their base module."""
+    state = state_of(model)
+    get_config(model, name)
+    if state.merged is not None:
+        raise RuntimeError("adapters are merged into the base: unmerge(model) before deleting adapters")
+    for w in wrappers(model):
+        w.remove_adapter(name)
+    for logical, module, parent, attr in list(iter_logical_modules(model)):
+        current = parent._modules.get(attr) if parent is not None else None
+        if isinstance(current, AdaptedModule) and len(current.adapters) == 0:
+            setattr(parent, attr, current.base_layer)
+    del state.configs[name]
+    state.targets.pop(name, None)
+    aliases = state.shared.pop(name, {})
+    in_use = _shared_in_use(state)
+    for key in set(aliases.values()) - in_use:
+        del model._modules[SHARED_ATTR][key]
+    if SHARED_ATTR in model._modules and len(model._modules[SHARED_ATTR]) == 0:
+        del model._modules[SHARED_ATTR]
+    if name in active_names(state.active):
+        state.active = None
+    _propagate_active(model)
+    return model
+
+
+# -- merging -------------------------------------------------------------------------------------------
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the base weights. Exact for LoRA, weight deltas and linear bottlenecks.
+
+    Either every adapted module merges or none does (a ValueError names the adapter that cannot)."""
+    state = state_of(model)
+    if state.merged is not None:
+        raise RuntimeError("adapters are already merged; unmerge(model) first")
+    comp = state.active
+    if comp is None:
+        raise ValueError("merge: no adapter is active (set_active first)")
+    plans = []
+    for w in wrappers(model):
+        if not any(n in w.adapters for n in active_names(comp)):
+            continue
+        try:
+            plans.append((w, w.merged_params(comp)))
+        except NotMergeable as err:
+            raise ValueError(f"merge: {err}; unmerged adapters keep working unmerged") from None
+    for w, params in plans:
+        w.apply_merge(comp, params)
+    state.merged = comp
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore the base weights saved by :func:`merge` (bit-exact)."""
+    for w in wrappers(model):
+        w.unmerge()
+    state_of(model).merged = None
+    return model

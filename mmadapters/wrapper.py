@@ -1,0 +1,173 @@
+"""The one wrapper every adapted module gets: base module + per-adapter units + composition.
+
+``AdaptedModule`` replaces a target module in its parent. It keeps the original as ``base_layer``
+and the units of each adapter in ``adapters[adapter_name][role]``. Attribute reads it does not know
+fall through to the base module, so code that reads ``module.weight`` or ``module.in_features`` of a
+wrapped module keeps working.
+
+Forward, for the active composition (see :mod:`mmadapters.composition`):
+1. weight units: the base runs with ``W + sum c_i * dW_i`` through ``torch.func.functional_call``;
+2. parallel and series units: applied to the output (the first element when it is a tuple).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .composition import Average, Composition, weighted_leaves
+from .units import AdapterUnit, NotMergeable
+
+# Keyword names under which modules commonly receive their main input.
+_INPUT_KWARGS = ("input", "x", "hidden_states", "query", "inputs_embeds", "src", "tgt")
+
+
+class AdaptedModule(nn.Module):
+    def __init__(self, base_layer: nn.Module, name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        # Plain attributes (not state): set by the model-level API.
+        self.module_name = name
+        self.active: str | Composition | None = None
+        self.merged: str | Composition | None = None
+        self._original_params: dict[str, Tensor] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = super().__getattr__("base_layer")
+            return getattr(base, name)
+
+    # -- adapter bookkeeping --------------------------------------------------------------------------
+    def add_unit(self, adapter: str, role: str, unit: AdapterUnit) -> None:
+        if adapter not in self.adapters:
+            self.adapters[adapter] = nn.ModuleDict()
+        if role in self.adapters[adapter]:
+            raise ValueError(f"{self.module_name}: adapter {adapter!r} already has a {role!r} unit")
+        param = next(self.base_layer.parameters(), None)
+        if param is not None:  # new units live where the base lives, in float32 or the base's float dtype
+            dtype = param.dtype if param.dtype.is_floating_point else None
+            unit.to(device=param.device, dtype=dtype)
+        self.adapters[adapter][role] = unit
+
+    def remove_adapter(self, adapter: str) -> None:
+        if adapter in self.adapters:
+            del self.adapters[adapter]
+
+    def units(self, adapter: str) -> list[AdapterUnit]:
+        return list(self.adapters[adapter].values()) if adapter in self.adapters else []
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        comp = self.active
+        if comp is None or self.merged is not None:
+            return self.base_layer(*args, **kwargs)
+        overrides = self._weight_overrides(comp)
+        out = functional_call(self.base_layer, overrides, args, kwargs) if overrides else self.base_layer(*args, **kwargs)
+        if not self._has_activation_units(comp):
+            return out
+        h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        x = _main_input(args, kwargs)
+        h = self._apply(comp, x, h)
+        return (h, *rest) if rest is not None else h
+
+    def _weight_overrides(self, comp: str | Composition) -> dict[str, Tensor]:
+        deltas: dict[str, Tensor] = {}
+        for adapter, coef in weighted_leaves(comp):
+            for unit in self.units(adapter):
+                if unit.kind != "weight":
+                    continue
+                for pname, delta in unit.delta_params().items():
+                    delta = unit.gated(delta) * coef if coef != 1.0 else unit.gated(delta)
+                    deltas[pname] = deltas[pname] + delta if pname in deltas else delta
+        if not deltas:
+            return {}
+        params = dict(self.base_layer.named_parameters())
+        return {name: params[name] + delta.to(params[name].dtype) for name, delta in deltas.items()}
+
+    def _has_activation_units(self, comp: str | Composition) -> bool:
+        names = [comp] if isinstance(comp, str) else comp.names()
+        return any(u.kind != "weight" for n in names for u in self.units(n))
+
+    def _apply(self, comp: str | Composition, x: Tensor | None, h: Tensor) -> Tensor:
+        if isinstance(comp, str):
+            for unit in self.units(comp):
+                if unit.kind == "parallel":
+                    if x is None:
+                        raise TypeError(f"{self.module_name}: a parallel adapter needs the module's input tensor")
+                    h = unit(x, h)
+                elif unit.kind == "series":
+                    h = unit(x, h)
+            return h
+        if isinstance(comp, Average):
+            total = h
+            for child, w in zip(comp.children, comp.weights, strict=True):
+                out = self._apply(child, x, h)
+                if out.shape != h.shape:
+                    raise ValueError(f"{self.module_name}: Average needs children that keep the output shape")
+                total = total + w * (out - h)
+            return total
+        for child in comp.children:  # Stack
+            h = self._apply(child, x, h)
+        return h
+
+    # -- merging --------------------------------------------------------------------------------------
+    def merged_params(self, comp: str | Composition) -> dict[str, Tensor]:
+        """The base's parameters with ``comp`` folded in. Raises NotMergeable naming the adapter."""
+        params = {n: p.detach() for n, p in self.base_layer.named_parameters()}
+        # Weight deltas act on the base before any activation unit runs (as in forward), so fold them first.
+        params.update({n: p.detach() for n, p in self._weight_overrides(comp).items()})
+        return self._merge(comp, params)
+
+    def _merge(self, comp: str | Composition, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        if isinstance(comp, str):
+            for unit in self.units(comp):
+                if unit.kind == "weight":
+                    continue
+                try:
+                    params = unit.merge_into(self.base_layer, params)
+                except NotMergeable as err:
+                    raise NotMergeable(f"adapter {comp!r} at {self.module_name!r}: {err}") from None
+            return params
+        if isinstance(comp, Average):
+            out = dict(params)
+            for child, w in zip(comp.children, comp.weights, strict=True):
+                child_params = self._merge(child, params)
+                for k in out:
+                    out[k] = out[k] + w * (child_params[k] - params[k])
+            return out
+        for child in comp.children:
+            params = self._merge(child, params)
+        return params
+
+    @torch.no_grad()
+    def apply_merge(self, comp: str | Composition, new_params: dict[str, Tensor]) -> None:
+        own = dict(self.base_layer.named_parameters())
+        self._original_params = {n: p.detach().clone() for n, p in own.items()}
+        for name, value in new_params.items():
+            own[name].copy_(value)
+        self.merged = comp
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged is None or self._original_params is None:
+            return
+        own = dict(self.base_layer.named_parameters())
+        for name, value in self._original_params.items():
+            own[name].copy_(value)
+        self._original_params = None
+        self.merged = None
+
+
+def _main_input(args: tuple, kwargs: dict) -> Tensor | None:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    for key in _INPUT_KWARGS:
+        if isinstance(kwargs.get(key), Tensor):
+            return kwargs[key]
+    return None
