@@ -12,26 +12,37 @@ and one wrapper mechanism serves every method::
 
 __version__ = "0.1.0"
 
-from .composition import ALLOWED_NESTINGS, Average, Stack
-from .config import AdapterConfig, get_method, register_method, registered_methods
-from .io import load_adapter, read_adapter_config, save_adapter
-from .methods import BottleneckConfig, CompacterConfig, HyperAdapterConfig, LoRAConfig, PromptConfig
-from .model import (
-    adapter_names,
-    adapter_parameters,
-    add_adapter,
-    delete_adapter,
-    freeze_base,
-    get_active,
-    get_config,
-    merge,
-    set_active,
-    unmerge,
-)
-from .points import AdapterPoint, declare_adapter_points, declared_points
-from .report import ParameterReport, parameter_report
-from .units import AdapterUnit, NotMergeable
-from .wrapper import AdaptedModule
+# Exports resolve lazily (PEP 562) so that `import mmadapters` (and `mmadapters --help`) does not pay
+# for importing torch until something is used.
+_EXPORTS = {
+    "ALLOWED_NESTINGS": "composition", "Average": "composition", "Stack": "composition",
+    "AdapterConfig": "config", "get_method": "config", "register_method": "config",
+    "registered_methods": "config",
+    "load_adapter": "io", "read_adapter_config": "io", "save_adapter": "io",
+    "BottleneckConfig": "methods", "CompacterConfig": "methods", "HyperAdapterConfig": "methods",
+    "LoRAConfig": "methods", "PromptConfig": "methods",
+    "adapter_names": "model", "adapter_parameters": "model", "add_adapter": "model",
+    "delete_adapter": "model", "freeze_base": "model", "get_active": "model", "get_config": "model",
+    "merge": "model", "set_active": "model", "unmerge": "model",
+    "AdapterPoint": "points", "declare_adapter_points": "points", "declared_points": "points",
+    "ParameterReport": "report", "parameter_report": "report",
+    "AdapterUnit": "units", "NotMergeable": "units", "AdaptedModule": "wrapper",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmadapters' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __all__ = [
     "ALLOWED_NESTINGS", "AdaptedModule", "AdapterConfig", "AdapterPoint", "AdapterUnit", "Average",
