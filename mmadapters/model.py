@@ -16,12 +16,9 @@ from .composition import Composition, active_names, parse_composition
 from .config import AdapterConfig, check_adapter_name, get_method
 from .methods._common import BuildContext
 from .methods.tuning import ParamDelta, tuned_parameters
-from .targets import Target, iter_logical_modules, resolve_targets
+from .targets import SHARED_ATTR, Target, iter_logical_modules, resolve_targets
 from .units import NotMergeable
 from .wrapper import AdaptedModule
-
-SHARED_ATTR = "mma_shared"
-
 
 @dataclass
 class AdapterState:

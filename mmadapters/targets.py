@@ -26,6 +26,9 @@ from torch import nn
 from .points import AdapterPoint, declared_points
 
 
+SHARED_ATTR = "mma_shared"  # where modules shared across layers live; never a target
+
+
 @dataclass
 class Target:
     """One module to adapt."""
@@ -44,6 +47,8 @@ def iter_logical_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[s
         base = module.base_layer if isinstance(module, AdaptedModule) else module
         yield name, base, parent, attr
         for child_attr, child in base.named_children():
+            if child_attr == SHARED_ATTR:
+                continue
             child_name = f"{name}.{child_attr}" if name else child_attr
             yield from walk(child, child_name, base, child_attr)
 

@@ -124,6 +124,9 @@ def build(ctx: BuildContext):
         require_dims(target, in_dim, out_dim, "CompacterConfig")
         bn = bottleneck_size(config, in_dim, "CompacterConfig")
         bn = max(config.phm_dim, bn - bn % config.phm_dim)  # a multiple of n
+        if in_dim % config.phm_dim or out_dim % config.phm_dim:
+            raise ValueError(f"CompacterConfig.phm_dim={config.phm_dim} must divide the feature sizes of module "
+                             f"{target.name!r} (in {in_dim}, out {out_dim})")
         yield target.name, "compacter", CompacterUnit(in_dim, out_dim, bn, config, rule, channel_dim(target.module))
 
 
