@@ -20,6 +20,7 @@ from .targets import SHARED_ATTR, Target, iter_logical_modules, resolve_targets
 from .units import NotMergeable
 from .wrapper import AdaptedModule
 
+
 @dataclass
 class AdapterState:
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
@@ -192,7 +193,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         raise RuntimeError("adapters are merged into the base: unmerge(model) before deleting adapters")
     for w in wrappers(model):
         w.remove_adapter(name)
-    for logical, module, parent, attr in list(iter_logical_modules(model)):
+    for _name, _module, parent, attr in list(iter_logical_modules(model)):
         current = parent._modules.get(attr) if parent is not None else None
         if isinstance(current, AdaptedModule) and len(current.adapters) == 0:
             setattr(parent, attr, current.base_layer)

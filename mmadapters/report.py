@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .model import _all_adapter_param_ids, adapter_parameters, adapter_names, state_of
+from .model import _all_adapter_param_ids, adapter_names, adapter_parameters, state_of
 
 
 @dataclass

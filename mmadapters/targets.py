@@ -25,7 +25,6 @@ from torch import nn
 
 from .points import AdapterPoint, declared_points
 
-
 SHARED_ATTR = "mma_shared"  # where modules shared across layers live; never a target
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import make_toy, toy_input
 
 import mmadapters as mma
-from toys import make_toy, toy_input
 
 
 def _lin():

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from toys import LORA_TARGETS, POINT_TARGETS, make_toy, toy_input
 
 import mmadapters as mma
-from toys import LORA_TARGETS, POINT_TARGETS, make_toy, toy_input
 
 TOYS = ["mlp", "transformer", "conv"]
 

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from toys import make_toy, toy_input
 
 import mmadapters as mma
 from mmadapters.targets import resolve_targets
-from toys import make_toy, toy_input
 
 
 def _names(model, patterns):
