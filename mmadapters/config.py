@@ -50,18 +50,24 @@ def _help(text: str, default: Any = dataclasses.MISSING, default_factory: Any = 
     return field(default=default, metadata={"help": text})
 
 
-@dataclass
+TARGET_MODULES_HELP = (
+    "Modules to adapt: exact names, name suffixes ('attn.out_proj' matches 'blocks.0.attn.out_proj'), "
+    "glob patterns ('blocks.*.mlp.fc1'), 're:<regex>' full-match patterns, or '@point' names of adapter "
+    "points the backbone declares ('@ffn_out'). A single string is one pattern."
+)
+
+
+def target_modules_field():
+    """Each method declares ``target_modules`` where its signature wants it (LoRA: after dropout)."""
+    return field(default=None, metadata={"help": TARGET_MODULES_HELP})
+
+
+@dataclass(kw_only=True)
 class AdapterConfig:
-    """Fields every method shares: where adapters go and the options usable with any method."""
+    """The options usable with any method (keyword-only). Subclasses add ``target_modules`` and their own fields."""
 
     method: ClassVar[str] = "base"
 
-    target_modules: list[str] | str | None = _help(
-        "Modules to adapt: exact names, name suffixes ('attn.out_proj' matches 'blocks.0.attn.out_proj'), "
-        "glob patterns ('blocks.*.mlp.fc1'), 're:<regex>' full-match patterns, or '@point' names of adapter "
-        "points the backbone declares ('@ffn_out'). A single string is one pattern.",
-        None,
-    )
     train_norms: bool = _help(
         "Also learn per-adapter deltas for the weight and bias of every normalization layer "
         "(LayerNorm, GroupNorm, BatchNorm, RMSNorm). Deltas start at zero, so outputs are unchanged.",
@@ -79,8 +85,12 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        targets = getattr(self, "target_modules", None)
+        if isinstance(targets, tuple):
+            self.target_modules = list(targets)
+        elif targets is not None and not isinstance(targets, str | list):
+            raise TypeError(f"{type(self).__name__}.target_modules: expected a string or a list of strings, "
+                            f"got {type(targets).__name__}")
         if self.train_biases not in ("none", "adapted", "all"):
             raise ValueError(
                 f"{type(self).__name__}.train_biases: expected 'none', 'adapted' or 'all', "

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_choice, check_positive, register_method
+from ..config import AdapterConfig, check_choice, check_positive, register_method, target_modules_field
 from ..units import AdapterUnit, NotMergeable, channel_dim, feature_dims, on_channels
 from ._common import BuildContext, bottleneck_size, init_last_layer, make_activation, require_dims
 
@@ -20,6 +20,7 @@ from ._common import BuildContext, bottleneck_size, init_last_layer, make_activa
 class BottleneckConfig(AdapterConfig):
     """Config of a bottleneck adapter. Presets: :meth:`houlsby` and :meth:`pfeiffer`."""
 
+    target_modules: list[str] | str | None = target_modules_field()
     placement: str = field(default="series", metadata={
         "help": "'series': transform the module's output; 'parallel': add a branch fed by the module's input."})
     bottleneck_dim: int | None = field(default=None, metadata={

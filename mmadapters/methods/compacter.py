@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_choice, check_positive, register_method
+from ..config import AdapterConfig, check_choice, check_positive, register_method, target_modules_field
 from ..units import AdapterUnit, channel_dim, feature_dims, on_channels
 from ._common import BuildContext, bottleneck_size, make_activation, require_dims
 
 
 @dataclass
 class CompacterConfig(AdapterConfig):
+    target_modules: list[str] | str | None = target_modules_field()
     placement: str = field(default="series", metadata={"help": "'series' or 'parallel', as for bottleneck adapters."})
     bottleneck_dim: int | None = field(default=None, metadata={"help": "Bottleneck width (a multiple of phm_dim)."})
     reduction_factor: float | None = field(default=None, metadata={"help": "Used when bottleneck_dim is unset (default 16)."})

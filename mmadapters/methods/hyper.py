@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_positive, register_method
+from ..config import AdapterConfig, check_positive, register_method, target_modules_field
 from ..units import AdapterUnit, channel_dim, feature_dims, on_channels
 from ._common import BuildContext, bottleneck_size, make_activation, require_dims
 
 
 @dataclass
 class HyperAdapterConfig(AdapterConfig):
+    target_modules: list[str] | str | None = target_modules_field()
     hypernet: str = field(default="hypernet", metadata={
         "help": "Name of the shared hypernetwork; adapters with the same name share it (one per task)."})
     task_embedding_dim: int = field(default=512, metadata={"help": "Size of the task (or language) embedding."})

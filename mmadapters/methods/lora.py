@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_positive, register_method
+from ..config import AdapterConfig, check_positive, register_method, target_modules_field
 from ..units import AdapterUnit
 from ._common import BuildContext, init_last_layer
 
@@ -27,6 +27,7 @@ class LoRAConfig(AdapterConfig):
     dropout: float = field(default=0.0, metadata={
         "help": "Dropout on the LoRA branch input (Linear, Conv). Not applied inside nn.MultiheadAttention, "
                 "where LoRA edits the weights."})
+    target_modules: list[str] | str | None = target_modules_field()
     rslora: bool = field(default=False, metadata={"help": "Rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)."})
 
     def __post_init__(self) -> None:

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_choice, check_positive, register_method
+from ..config import AdapterConfig, check_choice, check_positive, register_method, target_modules_field
 from ..units import AdapterUnit, feature_dims
 from ._common import BuildContext, require_dims
 
 
 @dataclass
 class PromptConfig(AdapterConfig):
+    target_modules: list[str] | str | None = target_modules_field()
     num_tokens: int = field(default=10, metadata={"help": "Number of prompt tokens."})
     position: int = field(default=0, metadata={"help": "Sequence index where prompts go (1 keeps a leading CLS token first)."})
     mode: str = field(default="prepend", metadata={"help": "'prepend' inserts tokens; 'replace' overwrites existing ones."})
