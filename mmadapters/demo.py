@@ -142,7 +142,7 @@ def run_demo(output: str = "out/demo", steps: int = 60, seed: int = 0) -> dict:
     print(f"5. save both adapters to {out}/ and reload them onto a fresh copy of the base")
     for name in ("lora", "houlsby"):
         mma.save_adapter(model, name, out / name)
-    fresh = copy.deepcopy(pristine)
+    fresh = copy.deepcopy(pristine).eval()  # same mode as `model`: eval picks other attention kernels
     for name in ("lora", "houlsby"):
         mma.load_adapter(fresh, out / name)
         mma.set_active(fresh, name)
