@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .model import SHARED_ATTR, add_adapter, get_config, state_of, wrappers
+from .model import SHARED_ATTR, add_adapter, delete_adapter, get_config, state_of, wrappers
 from .targets import Target, get_logical_module
 
 CONFIG_NAME = "adapter_config.json"
@@ -167,8 +167,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     try:
         _copy_in(model, name, tensors, weights)
     except Exception:
-        from .model import delete_adapter
-
         delete_adapter(model, name)
         raise
     return name

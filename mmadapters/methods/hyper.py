@@ -5,7 +5,10 @@ at each layer from ``task embedding (+) layer embedding``:
 ``z = LayerNorm(MLP([t; l]))``, then linear generators map ``z`` to Down/Up weights and biases.
 
 Each adapter added with a HyperAdapterConfig is one *task* (or language): it owns only its task
-embedding, so ``set_active`` and per-sample routing select tasks by adapter name.
+embedding, so ``set_active`` and per-sample routing select tasks by adapter name. A saved task
+carries the hypernetwork with it; loading it onto a model that already has that hypernetwork
+overwrites the shared weights with the saved ones (they are the same when the tasks were trained
+together).
 """
 
 from __future__ import annotations
