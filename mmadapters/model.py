@@ -175,14 +175,42 @@ def _all_adapter_param_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def freeze_base(model: nn.Module) -> nn.Module:
-    """Only the active adapters' parameters (their units, shared modules, gates, deltas) stay trainable."""
+def freeze_base(model: nn.Module, freeze_norm_stats: bool = True) -> nn.Module:
+    """Only the active adapters' parameters (their units, shared modules, gates, deltas) stay trainable.
+
+    With ``freeze_norm_stats`` (default) the base's batch-norm layers also keep their running statistics
+    in training mode (they normalize with them, as in eval), so training adapters never changes the base
+    and switching adapters off restores it exactly (NeMo freezes them for the same reason)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for name in active_names(state_of(model).active):
         for p in adapter_parameters(model, name).values():
             p.requires_grad_(True)
+    set_norm_stats_frozen(model, freeze_norm_stats)
     return model
+
+
+_FROZEN_STATS_HOOK = "_mma_frozen_stats_hook"
+
+
+def _use_running_stats(module: nn.Module, args) -> None:
+    module.training = False  # model.train() sets it again; this runs before every forward
+
+
+def set_norm_stats_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or release) the running statistics of the base's batch-norm layers."""
+    adapter_ids = _all_adapter_param_ids(model)
+    for module in model.modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.track_running_stats:
+            continue
+        if any(id(p) in adapter_ids for p in module.parameters()):
+            continue  # an adapter's own norm layer trains normally
+        handle = module.__dict__.get(_FROZEN_STATS_HOOK)
+        if frozen and handle is None:
+            object.__setattr__(module, _FROZEN_STATS_HOOK, module.register_forward_pre_hook(_use_running_stats))
+        elif not frozen and handle is not None:
+            handle.remove()
+            del module.__dict__[_FROZEN_STATS_HOOK]
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:

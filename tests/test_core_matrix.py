@@ -74,8 +74,11 @@ def test_freeze_base_grads_reach_only_adapters(toy, name):
     adapter_ids = {id(p) for p in mma.adapter_parameters(model, "a").values()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(id(p) in adapter_ids for p in trainable)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
     model.train()
     model(x).float().pow(2).mean().backward()
+    for k, v in model.named_buffers():  # batch-norm running statistics stay frozen
+        assert torch.equal(v, buffers[k]), f"base buffer {k} changed while training adapters"
     for n, p in model.named_parameters():
         if id(p) not in adapter_ids:
             assert p.grad is None, f"base parameter {n} received a gradient"

@@ -98,3 +98,33 @@ def test_timm_vit_lora_and_houlsby_with_declared_points(tmp_path):
         torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
         mma.unmerge(model)
     _round_trip(model, pristine, ["lora", "houlsby"], lambda m: m(x), tmp_path)
+
+
+def test_torchaudio_conformer_keyword_called_attention(tmp_path):
+    """torchaudio calls its attention with query=/key=/value= keywords: parallel adapters must find the input."""
+    from torchaudio.models import Conformer
+
+    torch.manual_seed(0)
+    model = Conformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, depthwise_conv_kernel_size=3).eval()
+    pristine = copy.deepcopy(model)
+    x, lengths = torch.randn(2, 10, 16), torch.tensor([10, 7])
+    with torch.no_grad():
+        ref = model(x, lengths)[0]
+    mma.add_adapter(model, "lora", mma.LoRAConfig(r=2, target_modules=["self_attn"]))
+    mma.add_adapter(model, "par", mma.BottleneckConfig(placement="parallel", bottleneck_dim=4, target_modules=["self_attn"]))
+    mma.set_active(model, ["lora", "par"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, lengths)[0], ref, rtol=0, atol=1e-6)
+    model.train()
+    _, changed = _train_one_step(model, lambda: model(x, lengths)[0])
+    assert changed > 0
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x, lengths)[0]
+        assert not torch.allclose(adapted, ref)
+    for n in ("lora", "par"):
+        mma.save_adapter(model, n, tmp_path / n)
+        mma.load_adapter(pristine, tmp_path / n)
+    mma.set_active(pristine, ["lora", "par"])
+    with torch.no_grad():
+        torch.testing.assert_close(pristine.eval()(x, lengths)[0], adapted, rtol=0, atol=1e-6)
