@@ -44,9 +44,7 @@ def registered_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata={"help": text})
+def _help(text: str, default: Any):
     return field(default=default, metadata={"help": text})
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .model import SHARED_ATTR, add_adapter, delete_adapter, get_config, state_of, wrappers
-from .targets import Target, get_logical_module
+from .targets import Target, iter_logical_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -123,9 +123,10 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[dict, AdapterConf
 
 def check_fingerprint(model: nn.Module, fingerprint: dict, source: str) -> None:
     """Raise naming the first module (and parameter) whose shape differs from the saved base."""
+    modules = {n: m for n, m, _, _ in iter_logical_modules(model)}
     for module_name in sorted(fingerprint):
         try:
-            module = get_logical_module(model, module_name)
+            module = modules[module_name]
         except KeyError:
             raise ValueError(f"{source}: the adapter was saved for a base with module {module_name!r}, "
                              f"which this {type(model).__name__} does not have") from None
@@ -157,10 +158,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
     check_fingerprint(model, meta["fingerprint"], str(directory / CONFIG_NAME))
     # Re-resolving patterns could pick other modules on another model: inject exactly where it was saved.
+    modules = {n: m for n, m, _, _ in iter_logical_modules(model)}
     targets = []
     for i, t in enumerate(meta.get("targets", [])):
         try:
-            targets.append(Target(t["name"], get_logical_module(model, t["name"]), t.get("dim"), set(t.get("parts", []))))
+            targets.append(Target(t["name"], modules[t["name"]], t.get("dim"), set(t.get("parts", []))))
         except (KeyError, TypeError):
             raise ValueError(f"{directory / CONFIG_NAME}: field 'targets[{i}]' is not a valid target {t!r}") from None
     add_adapter(model, name, config, _targets=targets)

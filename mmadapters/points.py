@@ -14,7 +14,7 @@ like module-name patterns and contains no backbone code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -28,14 +28,11 @@ class AdapterPoint:
     patterns: tuple[str, ...]
     dim: int | None = None  # feature size of the module's output (for modules without out_features)
     doc: str = ""
-    extra: dict = field(default_factory=dict)
 
-    def __init__(self, patterns: str | list[str] | tuple[str, ...], dim: int | None = None, doc: str = "",
-                 extra: dict | None = None):
+    def __init__(self, patterns: str | list[str] | tuple[str, ...], dim: int | None = None, doc: str = ""):
         object.__setattr__(self, "patterns", (patterns,) if isinstance(patterns, str) else tuple(patterns))
         object.__setattr__(self, "dim", dim)
         object.__setattr__(self, "doc", doc)
-        object.__setattr__(self, "extra", dict(extra or {}))
 
 
 def declare_adapter_points(module: nn.Module, points: dict[str, str | list[str] | AdapterPoint]) -> nn.Module:

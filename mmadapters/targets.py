@@ -112,9 +112,3 @@ def resolve_targets(model: nn.Module, patterns: str | list[str] | None, what: st
     order = {n: i for i, (n, _, _) in enumerate(modules)}
     return sorted(chosen.values(), key=lambda t: order[t.name])
 
-
-def get_logical_module(model: nn.Module, name: str) -> nn.Module:
-    for n, m, _, _ in iter_logical_modules(model):
-        if n == name:
-            return m
-    raise KeyError(f"no module named {name!r} in {type(model).__name__}")

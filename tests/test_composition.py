@@ -22,6 +22,15 @@ def _randomize(model, name, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def _two_adapters(config_fn):
+    """A small model with adapters 'a' and 'b' on layer 0, both randomized (so neither is the identity)."""
+    model = _lin()
+    for n, seed in (("a", 1), ("b", 2)):
+        mma.add_adapter(model, n, config_fn())
+        _randomize(model, n, seed)
+    return model
+
+
 def _delta(model, name, x):
     """Change of layer 0's output caused by adapter `name` alone."""
     mma.set_active(model, name)
@@ -30,10 +39,7 @@ def _delta(model, name, x):
 
 
 def test_stack_of_parallel_units_sums_changes_and_average_weights_them():
-    model = _lin()
-    for n, seed in (("a", 1), ("b", 2)):
-        mma.add_adapter(model, n, mma.LoRAConfig(r=2, target_modules=["0"]))
-        _randomize(model, n, seed)
+    model = _two_adapters(lambda: mma.LoRAConfig(r=2, target_modules=["0"]))
     x = torch.randn(5, 6)
     da, db = _delta(model, "a", x), _delta(model, "b", x)
     base = model[0].base_layer(x)
@@ -46,10 +52,7 @@ def test_stack_of_parallel_units_sums_changes_and_average_weights_them():
 
 
 def test_stack_order_matters_for_series_adapters():
-    model = _lin()
-    for n, seed in (("a", 1), ("b", 2)):
-        mma.add_adapter(model, n, mma.BottleneckConfig(bottleneck_dim=2, target_modules=["0"]))
-        _randomize(model, n, seed)
+    model = _two_adapters(lambda: mma.BottleneckConfig(bottleneck_dim=2, target_modules=["0"]))
     x = torch.randn(5, 6)
     units = {n: model[0].adapters[n]["bottleneck"] for n in "ab"}
     with torch.no_grad():

@@ -57,7 +57,7 @@ def init_last_layer(layer: nn.Module, zero: bool) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def bottleneck_size(config, in_dim: int, owner: str) -> int:
+def bottleneck_size(config, in_dim: int) -> int:
     """``bottleneck_dim`` if set, else ``in_dim / reduction_factor`` (at least 1)."""
     if config.bottleneck_dim is not None:
         return int(config.bottleneck_dim)

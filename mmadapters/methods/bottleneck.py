@@ -119,7 +119,7 @@ def build(ctx: BuildContext):
         require_dims(target, in_dim, out_dim, "BottleneckConfig")
         if config.placement == "parallel" and isinstance(target.module, nn.Embedding):
             raise ValueError(f"BottleneckConfig: a parallel adapter needs float inputs; {target.name!r} is an Embedding")
-        bn = bottleneck_size(config, in_dim, "BottleneckConfig")
+        bn = bottleneck_size(config, in_dim)
         yield target.name, "bottleneck", BottleneckUnit(in_dim, out_dim, bn, config, channel_dim(target.module))
 
 

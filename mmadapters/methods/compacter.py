@@ -123,7 +123,7 @@ def build(ctx: BuildContext):
         if config.placement == "series":
             in_dim = out_dim
         require_dims(target, in_dim, out_dim, "CompacterConfig")
-        bn = bottleneck_size(config, in_dim, "CompacterConfig")
+        bn = bottleneck_size(config, in_dim)
         bn = max(config.phm_dim, bn - bn % config.phm_dim)  # a multiple of n
         if in_dim % config.phm_dim or out_dim % config.phm_dim:
             raise ValueError(f"CompacterConfig.phm_dim={config.phm_dim} must divide the feature sizes of module "

@@ -125,7 +125,7 @@ def build(ctx: BuildContext):
         if config.placement == "series":
             in_dim = out_dim
         require_dims(target, in_dim, out_dim, "HyperAdapterConfig")
-        bn = bottleneck_size(config, in_dim, "HyperAdapterConfig")
+        bn = bottleneck_size(config, in_dim)
         yield target.name, "hyper", HyperAdapterUnit(hypernet, task, layer, in_dim, out_dim, bn, config,
                                                      channel_dim(target.module))
 
