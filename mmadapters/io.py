@@ -5,28 +5,41 @@ The JSON holds the method and its hyperparameters, the adapted modules, a finger
 file. Files are written to a temporary name and renamed, so an interrupted save never leaves a
 half-written file under the real name; the checksum catches a weights file from another save.
 Weights are read with safetensors only (nothing is unpickled).
+
+``save_adapter(..., bits=8|4|2|1)`` stores the weights low-bit (see :mod:`mmadapters.quant` for the
+scheme); the JSON then has a ``quantization`` field and ``format_version`` 2, and ``load_adapter``
+dequantizes transparently. :func:`storage_report` tells what a saved adapter costs on disk.
+
+A *checkpoint directory* holds several adapters, one subdirectory per adapter named after it
+(``ckpt/<name>/adapter_config.json``): :func:`save_adapters` writes one, :func:`load_adapters` reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .model import SHARED_ATTR, add_adapter, delete_adapter, get_config, state_of, wrappers
+from .model import SHARED_ATTR, adapter_names, add_adapter, delete_adapter, get_active, get_config, set_active, state_of, wrappers
+from .quant import CODES, OFFSET, SCALE, check_bits, dequantize_state, quantize_state
 from .targets import Target, iter_logical_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: full precision; 2: adds the optional 'quantization' field (written only when used)
 
 
 def _library_version() -> str:
@@ -72,13 +85,20 @@ def adapter_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor],
     return tensors, fingerprint
 
 
-def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike) -> Path:
-    """Save adapter ``name`` (weights only) to ``directory``. Returns the directory."""
+def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike, bits: int | None = None) -> Path:
+    """Save adapter ``name`` (weights only) to ``directory``. Returns the directory.
+
+    ``bits``: None keeps every tensor as it is; 8, 4, 2 or 1 stores tensors of two or more dimensions
+    as packed per-channel integer codes (:mod:`mmadapters.quant`), 1-D tensors unchanged."""
+    bits = check_bits(bits)
     config = get_config(model, name)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors, fingerprint = adapter_state(model, name)
     contiguous = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+    quantization = None
+    if bits is not None:
+        contiguous, quantization = quantize_state(contiguous, bits)
+    directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
@@ -90,7 +110,8 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike) -> P
             os.unlink(tmp)
         raise
     meta = {
-        "format_version": FORMAT_VERSION,
+        # Full-precision saves stay version 1 so that older readers still load them.
+        "format_version": 1 if quantization is None else 2,
         "library_version": _library_version(),
         "name": name,
         "config": config.to_dict(),
@@ -98,6 +119,8 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike) -> P
         "fingerprint": fingerprint,
         "weights_sha256": digest,
     }
+    if quantization is not None:
+        meta["quantization"] = quantization
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return directory
 
@@ -140,11 +163,12 @@ def check_fingerprint(model: nn.Module, fingerprint: dict, source: str) -> None:
                                  f"for {shape}, this base has {list(have[pname])}")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:
-    """Load an adapter saved by :func:`save_adapter` onto ``model``. Returns the adapter's name."""
+def read_adapter_weights(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
+    """Read and check a saved adapter without touching any model: (config JSON, config, full-precision tensors).
+
+    Verifies the checksum and dequantizes low-bit weights; errors name the file and the field."""
     directory = Path(directory)
     meta, config = read_adapter_config(directory)
-    name = name or meta["name"]
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: adapter weights not found")
@@ -153,10 +177,47 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         raise ValueError(f"{weights}: checksum differs from field 'weights_sha256' of {directory / CONFIG_NAME} "
                          "(truncated, or from another save)")
     try:
-        tensors = load_file(str(weights))
-    except SafetensorError as err:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
-    check_fingerprint(model, meta["fingerprint"], str(directory / CONFIG_NAME))
+    if "quantization" in meta:
+        tensors = dequantize_state(tensors, meta["quantization"], str(directory / CONFIG_NAME))
+    return meta, config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
+                 replace: bool = False) -> str:
+    """Load an adapter saved by :func:`save_adapter` onto ``model``. Returns the adapter's name.
+
+    ``replace``: if the model already has an adapter of that name, swap it for the saved one (the active
+    composition is kept). The new one is built and filled first, so a failure leaves the old one in place."""
+    directory = Path(directory)
+    meta, config, tensors = read_adapter_weights(directory)
+    name = name or meta["name"]
+    source = str(directory / CONFIG_NAME)
+    check_fingerprint(model, meta["fingerprint"], source)
+    if replace and name in adapter_names(model):
+        active = get_active(model)
+        trial = _unused_name(model, name)
+        _install(model, trial, meta, config, tensors, directory)  # proves the checkpoint fits this model
+        delete_adapter(model, trial)
+        delete_adapter(model, name)
+        _install(model, name, meta, config, tensors, directory)
+        set_active(model, active)
+        return name
+    _install(model, name, meta, config, tensors, directory)
+    return name
+
+
+def _unused_name(model: nn.Module, name: str) -> str:
+    taken = set(adapter_names(model))
+    i = 0
+    while f"{name}__incoming{i}" in taken:
+        i += 1
+    return f"{name}__incoming{i}"
+
+
+def _install(model: nn.Module, name: str, meta: dict, config: AdapterConfig, tensors: dict, directory: Path) -> None:
     # Re-resolving patterns could pick other modules on another model: inject exactly where it was saved.
     modules = {n: m for n, m, _, _ in iter_logical_modules(model)}
     targets = []
@@ -167,11 +228,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
             raise ValueError(f"{directory / CONFIG_NAME}: field 'targets[{i}]' is not a valid target {t!r}") from None
     add_adapter(model, name, config, _targets=targets)
     try:
-        _copy_in(model, name, tensors, weights)
+        _copy_in(model, name, tensors, directory / WEIGHTS_NAME)
     except Exception:
         delete_adapter(model, name)
         raise
-    return name
 
 
 def _copy_in(model: nn.Module, name: str, tensors: dict, source: Path) -> None:
@@ -187,3 +247,188 @@ def _copy_in(model: nn.Module, name: str, tensors: dict, source: Path) -> None:
             if value.shape != param.shape:
                 raise ValueError(f"{source}: tensor {key!r} has shape {list(value.shape)}, expected {list(param.shape)}")
             param.copy_(value.to(param.dtype))
+
+
+# -- checkpoint directories: several adapters, one subdirectory each ---------------------------------------
+
+def replace_directory(built: Path, target: Path) -> None:
+    """Move the finished directory ``built`` to ``target`` (same filesystem), replacing an existing one.
+
+    A reader sees either the old or the new directory, never a half-written one (for an instant between
+    the two renames, neither)."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    try:
+        os.replace(built, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / target.name, target)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_adapter_dirs(directory: str | os.PathLike) -> dict[str, Path]:
+    """Adapter name -> subdirectory, for every ``directory/<name>/adapter_config.json`` (sorted by name)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    return {p.name: p for p in sorted(directory.iterdir()) if not p.name.startswith(".") and (p / CONFIG_NAME).is_file()}
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike, names: Sequence[str] | None = None,
+                  bits: int | None = None) -> Path:
+    """Save several adapters (default: all) to ``directory/<name>/``. Returns ``directory``.
+
+    Each adapter's subdirectory is written to a temporary directory first and then renamed into place;
+    other entries of ``directory`` are left alone."""
+    bits = check_bits(bits, "save_adapters")
+    names = list(adapter_names(model) if names is None else names)
+    if not names:
+        raise ValueError("save_adapters: the model has no adapters to save")
+    for n in names:
+        get_config(model, n)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        built = Path(tempfile.mkdtemp(prefix=f".{n}.", suffix=".tmp", dir=directory))
+        try:
+            save_adapter(model, n, built, bits=bits)
+            replace_directory(built, directory / n)
+        finally:
+            shutil.rmtree(built, ignore_errors=True)
+    return directory
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike, names: Sequence[str] | None = None, *,
+                  replace: bool = False) -> list[str]:
+    """Load adapters from a checkpoint directory written by :func:`save_adapters` (default: all of them).
+
+    Each is loaded under its subdirectory's name. Every requested adapter is read and checked before the
+    model is touched. Returns the names loaded."""
+    available = checkpoint_adapter_dirs(directory)
+    names = list(available if names is None else names)
+    if not names:
+        raise ValueError(f"{directory}: no adapter subdirectories (expected {directory}/<name>/{CONFIG_NAME})")
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise FileNotFoundError(f"{directory}: no adapter {missing[0]!r} (expected {Path(directory) / missing[0] / CONFIG_NAME}); "
+                                f"this checkpoint has {sorted(available)}")
+    if not replace:
+        clash = [n for n in names if n in adapter_names(model)]
+        if clash:
+            raise ValueError(f"load_adapters: the model already has adapter(s) {clash}; pass replace=True to swap them")
+    for n in names:
+        read_adapter_weights(available[n])  # fail before loading anything
+    for n in names:
+        load_adapter(model, available[n], name=n, replace=replace)
+    return names
+
+
+# -- storage report ---------------------------------------------------------------------------------------
+
+@dataclass
+class StorageReport:
+    """What a saved adapter costs on disk, against float32 storage of the same parameters."""
+
+    name: str
+    method: str
+    bits: int | None  # None: saved at full precision (dtype in ``dtypes``)
+    scheme: str | None
+    files: dict[str, int]  # file name -> bytes
+    num_params: int
+    quantized_params: int  # parameters stored as low-bit codes (the rest are kept as they were)
+    dtypes: list[str] = field(default_factory=list)  # dtypes of the stored full-precision tensors
+    directory: str | None = None  # None when computed from a model through a temporary save
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.num_params
+
+    @property
+    def ratio(self) -> float:
+        """Bytes on disk (all files, config included) / (4 bytes x parameters)."""
+        return self.total_bytes / self.fp32_bytes if self.num_params else math.nan
+
+    @property
+    def weights_ratio(self) -> float:
+        """Bytes of the weights file alone / (4 bytes x parameters): what the bit width buys."""
+        return self.files.get(WEIGHTS_NAME, 0) / self.fp32_bytes if self.num_params else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes, "fp32_bytes": self.fp32_bytes, "ratio": self.ratio,
+                "weights_ratio": self.weights_ratio}
+
+    def __str__(self) -> str:
+        precision = "full precision" if self.bits is None else f"{self.bits}-bit {self.scheme}"
+        where = self.directory or "(temporary save)"
+        width = max([len(f) for f in self.files] + [len("total")]) + 2
+        rows = [f"adapter {self.name!r} ({self.method}), {precision}, {where}",
+                f"{'file':<{width}}{'bytes':>14}"]
+        rows += [f"{f:<{width}}{b:>14,}" for f, b in sorted(self.files.items())]
+        rows.append(f"{'total':<{width}}{self.total_bytes:>14,}")
+        rows.append(f"parameters {self.num_params:,} ({self.quantized_params:,} low-bit); as float32 {self.fp32_bytes:,} bytes")
+        rows.append(f"on disk / float32: {self.ratio:.4f} (all files), {self.weights_ratio:.4f} (weights file)")
+        return "\n".join(rows)
+
+
+def storage_report(source: nn.Module | str | os.PathLike, name: str | None = None, *,
+                   bits: int | None = None) -> StorageReport:
+    """Bytes on disk of a saved adapter, or of adapter ``name`` of a model saved at ``bits``.
+
+    - ``storage_report("out/task")``: the adapter directory ``out/task``;
+    - ``storage_report("ckpt", "en")``: adapter ``en`` of a checkpoint directory (``ckpt/en``);
+    - ``storage_report(model, "en", bits=4)``: saves ``en`` into a temporary directory first.
+
+    ``bits`` applies to the model form only (a saved directory already has its precision)."""
+    if isinstance(source, nn.Module):
+        if name is None:
+            raise ValueError("storage_report(model, name, bits=...): argument 'name' is required with a model")
+        bits = check_bits(bits, "storage_report")
+        with tempfile.TemporaryDirectory(prefix="mma-storage-") as tmp:
+            report = _report_dir(save_adapter(source, name, Path(tmp) / name, bits=bits))
+        report.directory = None
+        return report
+    if bits is not None:
+        raise ValueError("storage_report: argument 'bits' applies only to a model; a saved adapter's precision "
+                         f"is read from its {CONFIG_NAME}")
+    directory = Path(source)
+    if not (directory / CONFIG_NAME).is_file() and name is not None:
+        directory = directory / name
+    report = _report_dir(directory)
+    if name is not None and report.name != name and directory.name != name:
+        raise ValueError(f"{directory / CONFIG_NAME}: holds adapter {report.name!r}, not {name!r}")
+    return report
+
+
+def _report_dir(directory: Path) -> StorageReport:
+    meta, config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: adapter weights not found")
+    quant = meta.get("quantization") or {}
+    record = quant.get("tensors", {}) if isinstance(quant, dict) else {}
+    num, quantized, dtypes = 0, 0, set()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith((CODES, SCALE, OFFSET)):
+                    continue
+                sl = f.get_slice(key)
+                num += math.prod(sl.get_shape())
+                dtypes.add(str(sl.get_dtype()))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    for info in record.values():
+        quantized += math.prod(info["shape"])
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    return StorageReport(name=meta["name"], method=config.method, bits=quant.get("bits"), scheme=quant.get("scheme"),
+                         files=files, num_params=num + quantized, quantized_params=quantized, dtypes=sorted(dtypes),
+                         directory=str(directory))
