@@ -1,0 +1,229 @@
+"""CLIP backbones through open_clip's own factory, with adapter points on both towers.
+
+Every way open_clip names a model works, because loading is one call to its factory:
+
+- a built-in name and a pretrained tag (``"ViT-B-32"``, ``"laion2b_s34b_b79k"``; downloads when online),
+- a built-in name and a local weights file as ``pretrained`` (``.safetensors``, or a checkpoint that
+  open_clip reads with ``torch.load(weights_only=True)``),
+- ``"local-dir:DIR"`` (``DIR/open_clip_config.json`` + weights in ``DIR``) and ``"hf-hub:org/repo"``,
+- nothing at all: the tiny CLIP shipped in ``mmadapters/vision/assets/tiny_clip``.
+
+:func:`load_clip` also returns a :class:`ClipInfo` whose :meth:`ClipInfo.identity` names the weights
+(a SHA-256 of local files' contents), so caches keyed by it never mix two different checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import mmadapters as mma
+
+TINY_CLIP_DIR = Path(__file__).resolve().parent / "assets" / "tiny_clip"
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What was loaded: the name as given, the pretrained tag or file, and a content hash of local weights."""
+
+    model: str  # as given: "ViT-B-32", "local-dir:/path", "hf-hub:org/repo"
+    pretrained: str | None  # a tag, a file path, or None (local-dir/hf-hub or random init)
+    weights_path: str | None = None  # the local weights file, when there is one
+    weights_sha256: str | None = None  # SHA-256 over the local config + weights bytes
+    seed: int | None = None  # for a randomly initialized model: the seed of its initialization
+
+    @property
+    def short_name(self) -> str:
+        """A file-name friendly model name: the directory/repo name for schema names."""
+        name = self.model.split(":", 1)[1] if self.model.startswith(("local-dir:", "hf-hub:")) else self.model
+        return Path(name.rstrip("/")).name or name
+
+    def identity(self) -> str:
+        """A string that changes whenever the weights may differ (the key of on-disk caches)."""
+        if self.weights_sha256:
+            return f"sha256:{self.weights_sha256}"
+        if self.pretrained is None and not self.model.startswith("hf-hub:"):
+            return f"{self.model}|random-init|seed={self.seed}"
+        return f"{self.model}|{self.pretrained}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "pretrained": self.pretrained, "weights_path": self.weights_path,
+                "weights_sha256": self.weights_sha256, "seed": self.seed}
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP: the model (eval mode), its eval image transform, its tokenizer and :class:`ClipInfo`."""
+
+    model: nn.Module
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> (3, H, W)
+    tokenizer: Callable[[list[str]], torch.Tensor]  # list of N strings -> (N, context_length) token ids
+    info: ClipInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _local_dir_files(directory: Path) -> tuple[Path | None, list[Path]]:
+    """(the weights file open_clip prefers, every file that can change what loads: config + weights)."""
+    weights = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    preferred = [directory / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                                         "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")]
+    chosen = next((p for p in preferred if p.is_file()), weights[0] if weights else None)
+    return chosen, [directory / CONFIG_NAME, *weights]
+
+
+def resolve_model_name(model: str | None) -> str:
+    """``None`` -> ``local-dir:`` of the shipped tiny CLIP (with a clear error when it is missing)."""
+    if model is not None:
+        return model
+    if not (TINY_CLIP_DIR / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"the shipped tiny CLIP is missing: expected {TINY_CLIP_DIR / CONFIG_NAME} and its weights. "
+            "Pass a model (--model NAME --pretrained TAG|FILE, or --model local-dir:DIR), or create it with "
+            "scripts/pretrain_tiny_clip.py"
+        )
+    return f"local-dir:{TINY_CLIP_DIR}"
+
+
+def load_clip(model: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
+              cache_dir: str | None = None, seed: int = 0, declare_points: bool = True) -> ClipBundle:
+    """Load a CLIP with open_clip's factory. ``model=None`` loads the shipped tiny CLIP.
+
+    ``pretrained`` is a tag or a local weights file for a built-in ``model`` name; it must be left out for
+    ``local-dir:`` and ``hf-hub:`` names (those carry their weights). Without weights, a built-in name is
+    randomly initialized from ``seed``. The model is returned in eval mode on ``device`` with adapter
+    points declared (:func:`declare_clip_points`).
+    """
+    import open_clip
+
+    name = resolve_model_name(model)
+    weights_path: Path | None = None
+    digest: str | None = None
+    if name.startswith(("local-dir:", "hf-hub:")):
+        if pretrained:
+            raise ValueError(f"pretrained={pretrained!r} given with model {name!r}: a local-dir:/hf-hub: model carries "
+                             "its own weights; leave pretrained out")
+        if name.startswith("local-dir:"):
+            directory = Path(name[len("local-dir:"):]).expanduser()
+            if not (directory / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"model {name!r}: expected a config file {directory / CONFIG_NAME}")
+            chosen, files = _local_dir_files(directory)
+            weights_path, digest = chosen, _sha256_files(files)
+    elif pretrained and os.path.isfile(pretrained):
+        weights_path = Path(pretrained)
+        digest = _sha256_files([weights_path])
+    elif name.replace("/", "-") not in open_clip.list_models():
+        raise ValueError(f"model {name!r} is not an open_clip built-in name (see open_clip.list_models()), "
+                         "a local-dir:DIR or an hf-hub:org/repo name")
+    elif pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name.replace("/", "-")):
+        raise FileNotFoundError(
+            f"pretrained {pretrained!r} for model {name!r} is neither a file nor a known tag; known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(name.replace('/', '-'))}")
+
+    torch.manual_seed(seed)  # only matters for a randomly initialized model (no weights)
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                cache_dir=cache_dir)
+    clip.eval()
+    if declare_points:
+        declare_clip_points(clip)
+    tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    info = ClipInfo(model=name, pretrained=pretrained or None,
+                    weights_path=str(weights_path) if weights_path else None, weights_sha256=digest,
+                    seed=None if (digest or pretrained or name.startswith("hf-hub:")) else seed)
+    return ClipBundle(clip, preprocess, tokenizer, info)
+
+
+def _transformer_points(prefix: str, blocks: nn.Module) -> dict[str, mma.AdapterPoint]:
+    """Points for one tower's ``resblocks``: attention output, MLP output, the attention for LoRA."""
+    first = next(iter(blocks.children()), None)
+    if first is None or not hasattr(first, "attn") or not hasattr(first, "mlp"):
+        return {}
+    width = first.mlp.c_proj.out_features
+    points = {
+        "attn_out": mma.AdapterPoint(f"{prefix}.*.attn", dim=width, doc="attention output of each residual block"),
+        "ffn_out": mma.AdapterPoint(f"{prefix}.*.mlp.c_proj", doc="MLP output of each residual block"),
+        "mlp_in": mma.AdapterPoint(f"{prefix}.*.mlp.c_fc", doc="first MLP projection (LoRA)"),
+    }
+    if isinstance(first.attn, nn.MultiheadAttention):
+        points["attn"] = mma.AdapterPoint(f"{prefix}.*.attn", doc="nn.MultiheadAttention (LoRA on in_proj/out_proj)")
+    else:  # open_clip's custom Attention: its projections are Linear-like submodules
+        points["attn"] = mma.AdapterPoint(f"{prefix}.*.attn.out_proj", doc="attention output projection (LoRA)")
+    return points
+
+
+def declare_clip_points(model: nn.Module) -> nn.Module:
+    """Declare adapter points on an open_clip model's towers. Returns ``model``.
+
+    Both towers get ``attn_out`` (attention output of each residual block), ``ffn_out`` (its MLP
+    output), ``mlp_in`` and ``attn`` (the ``nn.MultiheadAttention``, for LoRA on its projections); so
+    ``"@attn"`` adapts both towers. ``image_*`` / ``text_*`` names select one tower (``"@image_attn"``).
+    A vision tower without transformer blocks (ModifiedResNet) declares none.
+    """
+    towers: list[tuple[str, nn.Module, nn.Module]] = []
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(getattr(visual, "transformer", None), "resblocks"):
+        towers.append(("image", visual, visual.transformer.resblocks))
+    text = getattr(model, "text", None)  # CustomTextCLIP keeps its text tower in .text
+    text_owner = text if text is not None and hasattr(getattr(text, "transformer", None), "resblocks") else model
+    if hasattr(getattr(text_owner, "transformer", None), "resblocks"):
+        towers.append(("text", text_owner, text_owner.transformer.resblocks))
+    if not towers:
+        raise ValueError(f"{type(model).__name__}: found no transformer resblocks in either tower to declare points on")
+    for tower, owner, blocks in towers:
+        points = _transformer_points("transformer.resblocks", blocks)
+        mma.declare_adapter_points(owner, {**points, **{f"{tower}_{k}": v for k, v in points.items()}})
+    return model
+
+
+def write_clip_dir(directory: str | os.PathLike, model_cfg: dict[str, Any], model: nn.Module | None = None, *,
+                   preprocess_cfg: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """Write an open_clip ``local-dir:`` folder: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+
+    ``model`` defaults to a fresh model built from ``model_cfg`` (random init from ``seed``). Files are
+    written atomically. Returns the directory (load it with ``load_clip(f"local-dir:{directory}")``).
+    """
+    from open_clip import CLIP
+    from safetensors.torch import save
+
+    from mmadapters.io import atomic_write_bytes
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        torch.manual_seed(seed)
+        model = CLIP(**model_cfg)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(state))
+    return directory
+
+
+def tiny_clip_config(*, embed_dim: int = 16, image_size: int = 32, width: int = 32, layers: int = 1,
+                     context_length: int = 16) -> dict[str, Any]:
+    """A very small open_clip ``model_cfg`` (ViT vision tower, the standard 49408-token tokenizer)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": width, "heads": 2, "layers": layers},
+    }
