@@ -175,15 +175,16 @@ def _all_adapter_param_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def freeze_base(model: nn.Module, freeze_norm_stats: bool = True) -> nn.Module:
-    """Only the active adapters' parameters (their units, shared modules, gates, deltas) stay trainable.
+def freeze_base(model: nn.Module, freeze_norm_stats: bool = True, adapters: list[str] | None = None) -> nn.Module:
+    """Only the active adapters' parameters (their units, shared modules, gates, deltas) stay trainable;
+    or those of ``adapters`` (e.g. every adapter that :func:`mmadapters.route` trains in mixed batches).
 
     With ``freeze_norm_stats`` (default) the base's batch-norm layers also keep their running statistics
     in training mode (they normalize with them, as in eval), so training adapters never changes the base
     and switching adapters off restores it exactly (NeMo freezes them for the same reason)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in active_names(state_of(model).active):
+    for name in active_names(state_of(model).active) if adapters is None else adapters:
         for p in adapter_parameters(model, name).values():
             p.requires_grad_(True)
     set_norm_stats_frozen(model, freeze_norm_stats)

@@ -48,6 +48,27 @@ class AdapterUnit(nn.Module, abc.ABC):
         """For ``"weight"`` units: parameter name (relative to the base module) -> delta."""
         raise TypeError(f"{type(self).__name__} is a {self.kind!r} unit and edits no weights")
 
+    # -- per-sample routing (see mmadapters.routing) -------------------------------------------------
+    # A routable unit describes itself as a few tensors that can be stacked over adapters, S-LoRA style.
+    # Units of one group (same key) are stacked into pools [slots, ...]; dims named in ``route_pad``
+    # (ranks, bottleneck widths) are zero-padded to the largest in the pool, which changes nothing.
+    route_pad: ClassVar[dict[str, int]] = {}
+
+    def route_group(self) -> tuple | None:
+        """A key: units with equal keys can share one stacked pool. ``None``: not routable."""
+        return None
+
+    def route_tensors(self) -> dict[str, Tensor]:
+        """This unit's stackable tensors, scaling and gate folded in (differentiable)."""
+        raise TypeError(f"{type(self).__name__} cannot be routed per sample")
+
+    def routed_change(self, x: Tensor | None, h: Tensor, pool: dict[str, Tensor], idx: Tensor) -> Tensor:
+        """The per-sample change for a batch whose sample ``b`` uses pool slot ``idx[b]``.
+
+        ``x``, ``h``: the module's input and output with the batch first, ``(B, ..., D)``; ``self`` is a
+        representative of the group (it supplies the shared structure, not the weights)."""
+        raise TypeError(f"{type(self).__name__} cannot be routed per sample")
+
     # -- merging ------------------------------------------------------------------------------------
     def merge_into(self, base: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Return ``params`` (the base module's current parameters) with this activation unit folded in.

@@ -35,6 +35,8 @@ class AdaptedModule(nn.Module):
         self.active: str | Composition | None = None
         self.merged: str | Composition | None = None
         self._original_params: dict[str, Tensor] | None = None
+        self.route_plan = None  # set inside ``mmadapters.route``: per-sample adapters
+        self.batch_dim: int | None = None  # where the batch is in this module's input/output (default 0)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -64,6 +66,8 @@ class AdaptedModule(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.route_plan is not None:
+            return self._routed_forward(self.route_plan, args, kwargs)
         comp = self.active
         if comp is None or self.merged is not None:
             return self.base_layer(*args, **kwargs)
@@ -115,6 +119,56 @@ class AdaptedModule(nn.Module):
         for child in comp.children:  # Stack
             h = self._apply(child, x, h)
         return h
+
+    def _routed_forward(self, plan, args: tuple, kwargs: dict) -> Any:
+        from .routing import RoutingError, groups_at, routed_mha, stacked
+
+        groups = groups_at(self, plan)
+        if not groups:
+            return self.base_layer(*args, **kwargs)
+        device = next(self.base_layer.parameters()).device
+        weight_groups = [g for g in groups if g[1].kind == "weight"]
+        if weight_groups:
+            if len(weight_groups) > 1 or not isinstance(self.base_layer, nn.MultiheadAttention):
+                raise RoutingError(f"{self.module_name}: per-sample weight edits are supported for LoRA on "
+                                   "nn.MultiheadAttention only")
+            key, rep, members = weight_groups[0]
+            pool, idx = stacked(self, plan, key, rep, members, device)
+            self._check_batch(args[0] if args else kwargs.get("query"), len(plan.names))
+            out = routed_mha(self.base_layer, args, kwargs, pool, idx, self.module_name)
+        else:
+            out = self.base_layer(*args, **kwargs)
+        act = [g for g in groups if g[1].kind != "weight"]
+        if not act:
+            return out
+        h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        x = _main_input(args, kwargs)
+        bd_h = self._check_batch(h, len(plan.names))
+        bd_x = self._check_batch(x, len(plan.names)) if x is not None else 0
+        h = h.movedim(bd_h, 0)
+        x = x.movedim(bd_x, 0) if x is not None else None
+        for key, rep, members in act:
+            if rep.kind == "parallel" and x is None:
+                raise RoutingError(f"{self.module_name}: a parallel adapter needs the module's input tensor")
+            pool, idx = stacked(self, plan, key, rep, members, device)
+            h = h + rep.routed_change(x, h, pool, idx)
+        h = h.movedim(0, bd_h)
+        return (h, *rest) if rest is not None else h
+
+    def _check_batch(self, t: Tensor, batch: int) -> int:
+        """Which dimension of ``t`` is the batch, checked against the number of routed samples."""
+        if self.batch_dim is not None:
+            dim = self.batch_dim
+        elif isinstance(self.base_layer, nn.MultiheadAttention) and not self.base_layer.batch_first and t.dim() == 3:
+            dim = 1
+        else:
+            dim = 0
+        if t.dim() <= dim or t.shape[dim] != batch:
+            from .routing import RoutingError
+
+            raise RoutingError(f"{self.module_name}: route() got {batch} adapter names but this module's tensor has shape "
+                               f"{tuple(t.shape)} (batch expected in dim {dim}); give one name per sample")
+        return dim
 
     # -- merging --------------------------------------------------------------------------------------
     def merged_params(self, comp: str | Composition) -> dict[str, Tensor]:

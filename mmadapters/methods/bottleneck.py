@@ -85,6 +85,45 @@ class BottleneckUnit(AdapterUnit):
     def change(self, x: Tensor, h: Tensor) -> Tensor:
         return on_channels(self.branch, x if self.kind == "parallel" else h, self.channel_dim)
 
+    # per-sample routing: gathered down (B, bn, in), up (B, out, bn); scaling and gate folded into the
+    # last affine step (up, or the post-norm's affine); bottleneck widths zero-padded (exact: padded
+    # units have zero down rows and zero up columns)
+    route_pad = {"down_w": 0, "down_b": 0, "up_w": 1}
+
+    def route_group(self):
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return ("bottleneck", self.kind, self.down.in_features, self.up.out_features, repr(self.act),
+                self.norm is not None, self.post_norm is not None, self.channel_dim, p)
+
+    def route_tensors(self):
+        s = self.gated(torch.as_tensor(self.scaling, dtype=self.up.weight.dtype, device=self.up.weight.device))
+        out = {"down_w": self.down.weight, "down_b": self.down.bias}
+        if self.post_norm is None:
+            out.update(up_w=self.up.weight * s, up_b=self.up.bias * s)
+        else:
+            out.update(up_w=self.up.weight, up_b=self.up.bias, post_w=self.post_norm.weight * s, post_b=self.post_norm.bias * s)
+        if self.norm is not None:
+            out.update(norm_w=self.norm.weight, norm_b=self.norm.bias)
+        return out
+
+    def routed_change(self, x, h, pool, idx):
+        src = x if self.kind == "parallel" else h
+        if self.channel_dim not in (-1, src.dim() - 1):
+            src, h_ = src.movedim(self.channel_dim, -1), h.movedim(self.channel_dim, -1)
+        else:
+            h_ = h
+        t = src.reshape(src.shape[0], -1, src.shape[-1])
+        g = {k: v[idx].to(t.dtype) for k, v in pool.items()}
+        if self.norm is not None:
+            t = nn.functional.layer_norm(t, t.shape[-1:], eps=self.norm.eps) * g["norm_w"][:, None] + g["norm_b"][:, None]
+        t = torch.baddbmm(g["down_b"][:, None], t, g["down_w"].transpose(1, 2))
+        t = self.dropout(self.act(t))
+        t = torch.baddbmm(g["up_b"][:, None], t, g["up_w"].transpose(1, 2))
+        if self.post_norm is not None:
+            t = nn.functional.layer_norm(t, t.shape[-1:], eps=self.post_norm.eps) * g["post_w"][:, None] + g["post_b"][:, None]
+        t = t.reshape(h_.shape)
+        return t if h_ is h else t.movedim(-1, self.channel_dim)
+
     def merge_into(self, base: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
         if not isinstance(base, nn.Linear):
             raise NotMergeable("only adapters on nn.Linear modules are merged")

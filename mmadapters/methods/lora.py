@@ -62,6 +62,21 @@ class LoRALinear(AdapterUnit):
     def merge_into(self, base, params):
         return {**params, "weight": params["weight"] + self.gated(self.delta_weight()).to(params["weight"].dtype)}
 
+    # per-sample routing: x (B, ..., in) -> (B, ..., out) through gathered A (B, r, in) and B (B, out, r)
+    route_pad = {"A": 0, "B": 1}
+
+    def route_group(self):
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return ("lora_linear", self.lora_A.in_features, self.lora_B.out_features, p)
+
+    def route_tensors(self):
+        return {"A": self.lora_A.weight, "B": self.gated(self.lora_B.weight * self.scaling)}
+
+    def routed_change(self, x, h, pool, idx):
+        xb = self.dropout(x.reshape(x.shape[0], -1, x.shape[-1]))
+        t = torch.bmm(xb, pool["A"][idx].to(xb.dtype).transpose(1, 2))
+        return torch.bmm(t, pool["B"][idx].to(xb.dtype).transpose(1, 2)).reshape(h.shape)
+
 
 class LoRAConv(AdapterUnit):
     """A: a conv with the base's kernel, stride and padding into r channels; B: a 1x1 conv to the output."""
@@ -116,6 +131,20 @@ class LoRAEmbedding(AdapterUnit):
         delta = (self.lora_B @ self.lora_A).T * self.scaling
         return {**params, "weight": params["weight"] + self.gated(delta).to(params["weight"].dtype)}
 
+    # per-sample routing: rows of A are looked up per token from the sample's slot, never gathered whole
+    route_pad = {"A": 1, "B": 1}
+
+    def route_group(self):
+        return ("lora_embedding", self.lora_A.shape[1], self.lora_B.shape[0])
+
+    def route_tensors(self):
+        return {"A": self.lora_A.T, "B": self.gated(self.lora_B * self.scaling)}
+
+    def routed_change(self, x, h, pool, idx):
+        rows = pool["A"][idx.view(-1, *[1] * (x.dim() - 1)), x]  # (B, ..., r)
+        rows = rows.reshape(x.shape[0], -1, rows.shape[-1]).to(h.dtype)
+        return torch.bmm(rows, pool["B"][idx].to(h.dtype).transpose(1, 2)).reshape(h.shape)
+
 
 class _LoRAPair(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, r: int, zero_b: bool):
@@ -150,6 +179,28 @@ class LoRAMultiheadAttention(AdapterUnit):
             out["in_proj_weight"] = self.in_proj.delta() * self.scaling
         if self.out_proj is not None:
             out["out_proj.weight"] = self.out_proj.delta() * self.scaling
+        return out
+
+    # per-sample routing: the wrapper runs the attention itself (mmadapters.routing.routed_mha) with
+    # per-sample low-rank terms on the packed projection and out_proj; a missing part is stacked as zeros
+    route_pad = {"in_A": 0, "in_B": 1, "out_A": 0, "out_B": 1}
+
+    def route_group(self):
+        pair = self.in_proj or self.out_proj
+        return ("lora_mha", pair.lora_A.in_features)
+
+    def route_tensors(self):
+        out = {}
+        for part, rows in (("in", 3), ("out", 1)):
+            pair = self.in_proj if part == "in" else self.out_proj
+            if pair is None:
+                ref = (self.in_proj or self.out_proj).lora_A.weight
+                e = ref.shape[1]
+                out[f"{part}_A"] = ref.new_zeros(1, e)
+                out[f"{part}_B"] = ref.new_zeros(rows * e, 1)
+            else:
+                out[f"{part}_A"] = pair.lora_A.weight
+                out[f"{part}_B"] = self.gated(pair.lora_B.weight * self.scaling)
         return out
 
 
