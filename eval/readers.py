@@ -1,0 +1,347 @@
+"""Image classification datasets in the on-disk formats benchmarks ship. Leaf module: torch/PIL only.
+
+Every reader is a map-style ``torch.utils.data.Dataset`` whose items are ``(image, label, path)``
+(``image`` = ``transform(PIL RGB image)``, ``label`` an int, ``path`` a string naming the file), and
+``classnames`` in label order:
+
+- :class:`ImageFolderDataset`: ``root/<class>/<image>``, classes in sorted folder order;
+- :class:`CsvDataset`: ``path,label`` rows (label = class index or class name; paths relative to the CSV);
+- :class:`CoopSplitDataset`: CoOp's ``split_zhou_<Name>.json`` (``{"train"|"val"|"test": [[relpath, label, classname], ...]}``);
+- :class:`WdsDataset`: CLIP_benchmark's webdataset layout, ``root/<split>/*.tar`` shards of
+  ``<key>.{webp,jpg,png}`` + ``<key>.cls``, with ``classnames.txt`` and
+  ``zeroshot_classification_templates.txt`` at the root (read with the standard library's tarfile).
+
+An image that cannot be read or decoded does not raise: its item is an :class:`Unreadable` marker
+(path, label, reason) that :func:`collate_with_skips` separates from the batch so evaluators can count
+it. Format errors (a bad CSV row, a path escaping the dataset root, a missing label) raise with the
+file, the row/entry and the field named.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
+_LABEL_COLUMNS = ("label", "class", "classname", "target", "class_id")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """The item of an image that could not be opened or decoded."""
+
+    path: str
+    label: int
+    reason: str
+
+
+def folder_classname(folder: str) -> str:
+    """A class folder's name as a class name: underscores become spaces (``"sea_lion"`` -> ``"sea lion"``)."""
+    return folder.replace("_", " ").strip()
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Non-empty, stripped lines of a text file (one class name / template per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{path}: expected one {what} per line, found none")
+    return lines
+
+
+def read_classnames(path: str | os.PathLike) -> list[str]:
+    return read_lines(path, "class name")
+
+
+def read_templates(path: str | os.PathLike) -> list[str]:
+    """Templates, one per line, each containing ``{c}`` where the class name goes."""
+    templates = read_lines(path, "template")
+    for i, t in enumerate(templates, 1):
+        if "{c}" not in t:
+            raise ValueError(f"{path}: template {i} {t!r} has no '{{c}}' placeholder for the class name")
+    return templates
+
+
+def _inside(root: Path, relative: str, where: str) -> Path:
+    """``root / relative``, refusing paths that leave ``root`` (``..``, absolute paths, symlinked escapes)."""
+    if not relative:
+        raise ValueError(f"{where}: empty path")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: path {relative!r} escapes the dataset root {root}")
+    return path
+
+
+class ImageDataset(Dataset):
+    """Base reader: ``samples`` [(file path, label)], ``classnames`` in label order, an image ``transform``."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classnames: Sequence[str] | None,
+                 transform: Callable[[Any], Any] | None = None):
+        self.samples = list(samples)
+        self.classnames = list(classnames) if classnames is not None else None
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def _read_bytes(self, index: int) -> bytes | str:
+        """The image's encoded bytes, or a file path PIL can open."""
+        return self.samples[index][0]
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, label = self.samples[index]
+        try:
+            source = self._read_bytes(index)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                image = img.convert("RGB")  # decodes fully: truncated files fail here, not later
+            if self.transform is not None:
+                image = self.transform(image)
+        except Exception as e:  # any decoder failure marks the image; the run goes on
+            return Unreadable(str(path), label, f"{type(e).__name__}: {e}")
+        return image, label, str(path)
+
+
+class ImageFolderDataset(ImageDataset):
+    """``root/<class folder>/<image>``; labels follow sorted folder names; class names from folder names."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, classnames: Sequence[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not folders:
+            raise ValueError(f"{root}: expected one sub-folder per class, found none")
+        if classnames is not None and len(classnames) != len(folders):
+            raise ValueError(f"{root}: {len(folders)} class folders but {len(classnames)} class names were given")
+        samples = []
+        for label, folder in enumerate(folders):
+            for file in sorted((root / folder).iterdir()):
+                if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
+                    samples.append((str(file), label))
+        if not samples:
+            raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        self.root = root
+        self.folders = folders
+        super().__init__(samples, classnames or [folder_classname(f) for f in folders], transform)
+
+
+class CsvDataset(ImageDataset):
+    """Rows ``path,label`` (an optional header names the columns). Paths are relative to the CSV's folder.
+
+    A label is a class index (``0 <= label < len(classnames)``) or a class name. Without ``classnames``,
+    name labels define the classes (sorted); index labels then need ``classnames``.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike, transform: Callable | None = None,
+                 classnames: Sequence[str] | None = None):
+        csv_path = Path(csv_path)
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"CSV file not found: {csv_path}")
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = [(i, row) for i, row in enumerate(csv.reader(f), 1) if any(cell.strip() for cell in row)]
+        if not rows:
+            raise ValueError(f"{csv_path}: empty CSV; expected rows 'path,label'")
+        header = [c.strip().lower() for c in rows[0][1]]
+        path_col, label_col = 0, 1
+        if any(c in _PATH_COLUMNS for c in header) and any(c in _LABEL_COLUMNS for c in header):
+            path_col = next(i for i, c in enumerate(header) if c in _PATH_COLUMNS)
+            label_col = next(i for i, c in enumerate(header) if c in _LABEL_COLUMNS)
+            rows = rows[1:]
+        root = csv_path.parent
+        parsed: list[tuple[Path, str, int]] = []
+        for line, row in rows:
+            if len(row) <= max(path_col, label_col):
+                raise ValueError(f"{csv_path}: row {line}: expected fields 'path,label', got {row!r}")
+            path = _inside(root, row[path_col].strip(), f"{csv_path}: row {line} field 'path'")
+            parsed.append((path, row[label_col].strip(), line))
+        all_int = all(label.lstrip("-").isdigit() for _, label, _ in parsed)
+        if classnames is None:
+            if all_int:
+                raise ValueError(f"{csv_path}: labels are class indices; give the class names (a classnames file)")
+            classnames = sorted({label for _, label, _ in parsed})
+        index = {name: i for i, name in enumerate(classnames)}
+        samples = []
+        for path, label, line in parsed:
+            if label.lstrip("-").isdigit() and label not in index:
+                value = int(label)
+                if not 0 <= value < len(classnames):
+                    raise ValueError(f"{csv_path}: row {line} field 'label': class index {value} is outside "
+                                     f"[0, {len(classnames)})")
+            elif label in index:
+                value = index[label]
+            else:
+                raise ValueError(f"{csv_path}: row {line} field 'label': expected a class index or one of the "
+                                 f"{len(classnames)} class names, got {label!r}")
+            samples.append((str(path), value))
+        self.csv_path = csv_path
+        super().__init__(samples, classnames, transform)
+
+
+def find_coop_split(root: str | os.PathLike) -> Path:
+    """The one ``split_zhou_*.json`` in ``root`` (or ``root`` itself when it is that file)."""
+    root = Path(root)
+    if root.is_file():
+        return root
+    found = sorted(root.glob("split_zhou_*.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{root}: expected exactly one CoOp split file split_zhou_<Name>.json, found "
+                                f"{[p.name for p in found] or 'none'}")
+    return found[0]
+
+
+class CoopSplitDataset(ImageDataset):
+    """One split of CoOp's ``split_zhou_<Name>.json``: entries ``[relative path, label, class name]``.
+
+    Paths are relative to the dataset's image folder, which CoOp keeps next to the JSON under a
+    dataset-specific name (``images``, ``jpg``, ``2750``, ...): ``image_root`` defaults to the JSON's
+    folder or the first of its sub-folders that holds the split's first image.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "test", transform: Callable | None = None,
+                 image_root: str | os.PathLike | None = None):
+        split_file = find_coop_split(root)
+        try:
+            data = json.loads(split_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{split_file}: not valid JSON ({e})") from e
+        if not isinstance(data, dict) or split not in data:
+            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{split_file}: no split {split!r}; expected keys train/val/test, found {keys}")
+        names: dict[int, str] = {}
+        for key, entries in data.items():
+            if not isinstance(entries, list):
+                raise ValueError(f"{split_file}: field {key!r}: expected a list of [path, label, classname]")
+            for i, entry in enumerate(entries):
+                where = f"{split_file}: {key}[{i}]"
+                if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                        and isinstance(entry[1], int) and isinstance(entry[2], str)):
+                    raise ValueError(f"{where}: expected [relative path, integer label, class name], got {entry!r}")
+                if names.setdefault(entry[1], entry[2]) != entry[2]:
+                    raise ValueError(f"{where} field 'classname': label {entry[1]} is named both "
+                                     f"{names[entry[1]]!r} and {entry[2]!r}")
+        if sorted(names) != list(range(len(names))):
+            raise ValueError(f"{split_file}: labels must be 0..C-1, found {sorted(names)}")
+        entries = data[split]
+        if not entries:
+            raise ValueError(f"{split_file}: split {split!r} is empty")
+        if image_root is None:
+            candidates = [split_file.parent] + sorted(d for d in split_file.parent.iterdir() if d.is_dir())
+            image_root = next((c for c in candidates if (c / entries[0][0]).exists()), split_file.parent)
+        image_root = Path(image_root)
+        samples = [(str(_inside(image_root, rel, f"{split_file}: {split}[{i}] field 'path'")), label)
+                   for i, (rel, label, _) in enumerate(entries)]
+        self.split_file, self.image_root = split_file, image_root
+        super().__init__(samples, [names[i] for i in range(len(names))], transform)
+
+
+@dataclass(frozen=True)
+class _TarMember:
+    shard: str
+    name: str
+    offset: int  # byte offset of the member's data in an uncompressed tar; -1 for compressed shards
+    size: int
+
+
+def _key_and_ext(member_name: str) -> tuple[str, str]:
+    # webdataset's convention: the key is everything up to the first dot of the file's base name
+    folder, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+class WdsDataset(ImageDataset):
+    """CLIP_benchmark's wds layout: ``root/<split>/*.tar`` of ``<key>.<image ext>`` + ``<key>.cls``.
+
+    Class names come from ``root/classnames.txt`` (templates from
+    ``root/zeroshot_classification_templates.txt``, see :func:`wds_templates_file`).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "test", transform: Callable | None = None,
+                 classnames: Sequence[str] | None = None):
+        root = Path(root)
+        shards = sorted((root / split).glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"{root / split}: expected webdataset shards *.tar (CLIP_benchmark's wds layout)")
+        if classnames is None:
+            classnames = read_classnames(root / "classnames.txt")
+        self.members: list[_TarMember] = []
+        samples: list[tuple[str, int]] = []
+        for shard in shards:
+            try:
+                with tarfile.open(shard) as tar:
+                    compressed = not isinstance(tar.fileobj, io.BufferedReader)
+                    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                    for info in tar:
+                        if info.isfile():
+                            key, ext = _key_and_ext(info.name)
+                            groups.setdefault(key, {})[ext] = info
+                    for key, files in groups.items():
+                        where = f"{shard}: sample {key!r}"
+                        image_ext = next((e for e in ("webp", "jpg", "jpeg", "png") if e in files), None)
+                        if image_ext is None:
+                            raise ValueError(f"{where}: no image member (.webp, .jpg, .jpeg or .png)")
+                        if "cls" not in files:
+                            raise ValueError(f"{where}: no label member {key}.cls")
+                        text = tar.extractfile(files["cls"]).read().decode().strip()
+                        if not text.lstrip("-").isdigit() or not 0 <= int(text) < len(classnames):
+                            raise ValueError(f"{where} field 'cls': expected a class index in [0, {len(classnames)}), "
+                                             f"got {text!r}")
+                        info = files[image_ext]
+                        self.members.append(_TarMember(str(shard), info.name, -1 if compressed else info.offset_data,
+                                                       info.size))
+                        samples.append((f"{shard}/{info.name}", int(text)))
+            except tarfile.TarError as e:
+                raise ValueError(f"{shard}: not a readable tar shard ({e})") from e
+        if not samples:
+            raise ValueError(f"{root / split}: the shards hold no samples")
+        self.root = root
+        super().__init__(samples, classnames, transform)
+
+    def _read_bytes(self, index: int) -> bytes:
+        m = self.members[index]
+        if m.offset < 0:
+            with tarfile.open(m.shard) as tar:
+                return tar.extractfile(m.name).read()
+        with open(m.shard, "rb") as f:  # opened per read: safe in DataLoader workers, no shared handles
+            f.seek(m.offset)
+            return f.read(m.size)
+
+
+def wds_templates_file(root: str | os.PathLike) -> Path:
+    return Path(root) / "zeroshot_classification_templates.txt"
+
+
+def collate_with_skips(batch: list) -> tuple[torch.Tensor | list | None, torch.Tensor, list[str], list[Unreadable]]:
+    """Collate ``(image, label, path)`` items, setting :class:`Unreadable` ones aside.
+
+    Returns ``(images (B, 3, H, W) or a list when not tensors or None when empty, labels (B,), paths, skipped)``.
+    """
+    good = [item for item in batch if not isinstance(item, Unreadable)]
+    skipped = [item for item in batch if isinstance(item, Unreadable)]
+    labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
+    paths = [path for _, _, path in good]
+    if not good:
+        return None, labels, paths, skipped
+    images = [image for image, _, _ in good]
+    stacked = torch.stack(images) if isinstance(images[0], torch.Tensor) else images
+    return stacked, labels, paths, skipped
