@@ -29,7 +29,8 @@ _EXPORTS = {
     "AdapterUnit": "units", "NotMergeable": "units", "AdaptedModule": "wrapper",
     # many adapters at once
     "route": "routing", "AdapterCache": "routing",
-    "Mixture": "composition", "add_mixture_gate": "mixture",
+    "Mixture": "composition", "add_mixture_gate": "mixture", "MixtureGateConfig": "methods",
+    "offload": "routing",
     "storage_report": "io", "StorageReport": "io",
     "average_adapters": "combine", "select_from_checkpoints": "combine",
     "export_peft": "peft_interop", "import_peft": "peft_interop",
@@ -57,6 +58,6 @@ __all__ = [
     "add_adapter", "declare_adapter_points", "declared_points", "delete_adapter", "freeze_base",
     "get_active", "get_config", "get_method", "load_adapter", "merge", "parameter_report",
     "read_adapter_config", "register_method", "registered_methods", "save_adapter", "set_active", "unmerge",
-    "AdapterCache", "Mixture", "StorageReport", "add_mixture_gate", "average_adapters", "export_peft",
+    "AdapterCache", "Mixture", "MixtureGateConfig", "offload", "StorageReport", "add_mixture_gate", "average_adapters", "export_peft",
     "import_peft", "route", "select_from_checkpoints", "storage_report",
 ]

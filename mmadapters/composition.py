@@ -7,6 +7,9 @@
 - ``Average(a, b, ..., weights=...)``: a weighted sum of the children's *changes*:
   ``h + sum_i w_i * (child_i(h) - h)``; weight deltas combine the same way (``W + sum_i w_i dW_i``).
   With weights summing to 1 this is the weighted mean of the children's outputs. Default: uniform.
+- ``Mixture(a, b, ..., gate="g")``: MixDA's mixture of adapters: ``h + sum_i g_i(h) * (child_i(h) - h)``
+  where ``g(h) = softmax(W h / T)`` is a learned gate per adapter point, stored as adapter ``g``
+  (:func:`mmadapters.add_mixture_gate`). Children must not edit weights (their outputs are mixed per token).
 
 What may nest in what is the table ``ALLOWED_NESTINGS`` (AdapterHub's approach), checked in one place.
 """
@@ -67,10 +70,31 @@ class Average(Composition):
         return {**super().to_dict(), "weights": list(self.weights)}
 
 
+class Mixture(Composition):
+    def __init__(self, *children: str | Composition, gate: str):
+        super().__init__(*children)
+        if not isinstance(gate, str) or not gate:
+            raise ValueError(f"Mixture: gate must be the name of a mixture-gate adapter, got {gate!r}")
+        self.gate = gate
+
+    def names(self) -> list[str]:
+        return [*super().names(), self.gate]
+
+    def __hash__(self) -> int:
+        return hash(("Mixture", self.children, self.gate))
+
+    def __repr__(self) -> str:
+        return f"Mixture({', '.join(map(repr, self.children))}, gate={self.gate!r})"
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "gate": self.gate}
+
+
 # Which compositions may appear as children of which; a plain adapter name is always allowed.
 ALLOWED_NESTINGS: dict[type[Composition], tuple[type[Composition], ...]] = {
-    Stack: (Stack, Average),
+    Stack: (Stack, Average, Mixture),
     Average: (Stack, Average),
+    Mixture: (Stack,),
 }
 
 
@@ -117,6 +141,8 @@ def weighted_leaves(spec: str | Composition, coef: float = 1.0) -> Iterator[tupl
     elif isinstance(spec, Average):
         for child, w in zip(spec.children, spec.weights, strict=True):
             yield from weighted_leaves(child, coef * w)
+    elif isinstance(spec, Mixture):
+        return  # input-dependent mixing has no weight-space form; the wrapper rejects weight units in it
     else:
         for child in spec.children:
             yield from weighted_leaves(child, coef)
@@ -125,7 +151,9 @@ def weighted_leaves(spec: str | Composition, coef: float = 1.0) -> Iterator[tupl
 def from_dict(data: str | dict | None) -> str | Composition | None:
     if data is None or isinstance(data, str):
         return data
-    kinds = {"Stack": Stack, "Average": Average}
+    kinds = {"Stack": Stack, "Average": Average, "Mixture": Mixture}
     cls = kinds[data["type"]]
     children = [from_dict(c) for c in data["children"]]
-    return Average(*children, weights=data.get("weights")) if cls is Average else cls(*children)
+    if cls is Average:
+        return Average(*children, weights=data.get("weights"))
+    return Mixture(*children, gate=data["gate"]) if cls is Mixture else cls(*children)

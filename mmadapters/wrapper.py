@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .composition import Average, Composition, weighted_leaves
+from .composition import Average, Composition, Mixture, weighted_leaves
 from .units import AdapterUnit, NotMergeable
 
 # Keyword names under which modules commonly receive their main input.
@@ -108,6 +108,8 @@ class AdaptedModule(nn.Module):
                 elif unit.kind == "series":
                     h = unit(x, h)
             return h
+        if isinstance(comp, Mixture):
+            return self._apply_mixture(comp, x, h)
         if isinstance(comp, Average):
             total = h
             for child, w in zip(comp.children, comp.weights, strict=True):
@@ -170,6 +172,28 @@ class AdaptedModule(nn.Module):
                                f"{tuple(t.shape)} (batch expected in dim {dim}); give one name per sample")
         return dim
 
+    def _apply_mixture(self, comp: Mixture, x: Tensor | None, h: Tensor) -> Tensor:
+        names = [n for child in comp.children for n in ([child] if isinstance(child, str) else child.names())]
+        if any(u.kind == "weight" for n in names for u in self.units(n)):
+            raise ValueError(f"{self.module_name}: a Mixture mixes outputs per token; its adapters must not edit "
+                             "weights (LoRA inside nn.MultiheadAttention, BitFit/norm deltas)")
+        outs = [self._apply(child, x, h) for child in comp.children]
+        gates = [u for u in self.units(comp.gate) if u.kind == "gate"]
+        if not gates:
+            if all(o is h for o in outs):
+                return h  # none of the mixed adapters acts here
+            raise ValueError(f"{self.module_name}: adapter {comp.gate!r} has no mixture gate here; "
+                             "create it with mmadapters.add_mixture_gate")
+        gate = gates[0]
+        if gate.n != len(outs):
+            raise ValueError(f"{self.module_name}: gate {comp.gate!r} mixes {gate.n} adapters, the Mixture has {len(outs)}")
+        w = gate.mix_weights(h)
+        cd = gate.channel_dim % h.dim()
+        total = h
+        for i, out in enumerate(outs):
+            total = total + w.narrow(cd, i, 1) * (out - h)
+        return total
+
     # -- merging --------------------------------------------------------------------------------------
     def merged_params(self, comp: str | Composition) -> dict[str, Tensor]:
         """The base's parameters with ``comp`` folded in. Raises NotMergeable naming the adapter."""
@@ -188,6 +212,8 @@ class AdaptedModule(nn.Module):
                 except NotMergeable as err:
                     raise NotMergeable(f"adapter {comp!r} at {self.module_name!r}: {err}") from None
             return params
+        if isinstance(comp, Mixture):
+            raise NotMergeable(f"a Mixture's gate depends on the input; it cannot be folded into {self.module_name!r}")
         if isinstance(comp, Average):
             out = dict(params)
             for child, w in zip(comp.children, comp.weights, strict=True):
