@@ -5,9 +5,11 @@
 - LoRA is linear in its weight change, so the combination is exact: ``dW_new = sum_i w_i dW_i`` at every
   adapted module. The factors are concatenated, ``A_new = [A_1; ...; A_n]`` (rank ``sum_i r_i``) and
   ``B_new = [c_1 B_1, ..., c_n B_n]`` with ``c_i = w_i * scaling_i * gate_i`` folded into each block; the
-  new adapter has ``alpha = r`` (scaling 1) and no gate. ``rank=k`` instead keeps the best rank-``k``
-  approximation of ``sum_i c_i B_i A_i`` (truncated SVD, computed from QR factors so the full matrix is
-  never decomposed). BitFit / norm deltas add up the same way.
+  new adapter has ``alpha = r`` (scaling 1) and no gate; it learns bias / norm deltas if any source did
+  (``train_biases``: the widest setting; those deltas add up the same way, zero where a source has none),
+  and its dropout (a training-only setting) is the first adapter's. ``rank=k`` instead keeps the best
+  rank-``k`` approximation of ``sum_i c_i B_i A_i`` (truncated SVD, computed from QR factors so the full
+  matrix is never decomposed; zero-padded when ``k`` exceeds the matrix's rank).
 - Every other method's output is nonlinear in its parameters (bottleneck, Compacter, Hyperformer,
   prompts), so the new adapter is a *weight-space* average of identically configured adapters
   (AdapterSoup / model soup): ``theta_new = sum_i w_i theta_i``. That is **not** the average of the
