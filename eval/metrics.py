@@ -26,7 +26,7 @@ def topk_accuracy(logits, labels, k: int) -> float:
     if logits.shape[1] < k or logits.shape[0] == 0:
         return math.nan
     top = logits.topk(k, dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item()
+    return (top == labels[:, None]).any(dim=1).double().mean().item()
 
 
 def mean_per_class_recall(predictions, labels, num_classes: int | None = None) -> float:
