@@ -1,6 +1,12 @@
 """mmadapters.eval — metrics, benchmark readers, evaluators and the ``mmadapters`` command line.
 
 Metrics and readers are leaves (numpy/torch only); evaluators and the CLI sit on top of every other
-package. Will hold: top-1/top-5 and mean per-class recall, UAR/WAR, VQA accuracy, WER/CER,
-BLEU/CIDEr, readers for each benchmark's on-disk format, and one results-JSON schema.
+package and import their heavy dependencies only when they run.
+
+- :mod:`~mmadapters.eval.metrics` — top-1/top-5 accuracy (NaN with fewer classes than k), mean per-class recall;
+- :mod:`~mmadapters.eval.readers` — image folder, CSV, CoOp split JSON and CLIP_benchmark wds readers;
+- :mod:`~mmadapters.eval.zeroshot_eval` — the ``mmadapters zeroshot`` evaluator (CLIP_benchmark's results schema);
+- :mod:`~mmadapters.eval.cli` — the ``mmadapters`` console script.
+
+Still to come: UAR/WAR, VQA accuracy, WER/CER, BLEU/CIDEr and their benchmark readers.
 """

@@ -24,7 +24,9 @@ def test_pinned_stack_imports():
 def test_modality_packages_are_subpackages_only(tmp_path):
     for sub in ("speech", "vision", "video", "eval"):
         mod = importlib.import_module(f"mmadapters.{sub}")
-        assert "Will hold" in (mod.__doc__ or "")
+        assert mod.__doc__
+    for sub in ("speech", "video"):  # still placeholders
+        assert "Will hold" in importlib.import_module(f"mmadapters.{sub}").__doc__
     # Run from an unrelated directory: only the installed layout is visible there.
     code = (
         "import importlib.util, sys\n"
@@ -39,7 +41,7 @@ def test_modality_packages_are_subpackages_only(tmp_path):
 def test_cli_help_is_fast_and_lists_demo():
     proc = subprocess.run([sys.executable, "-m", "mmadapters.eval.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    assert "demo" in proc.stdout
+    assert "demo" in proc.stdout and "zeroshot" in proc.stdout
 
 
 def test_ruff_clean():
