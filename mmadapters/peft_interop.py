@@ -267,8 +267,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     """Load a peft LoRA directory onto ``model`` as adapter ``name`` (at the same module paths). Returns ``name``.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``adapter_model.bin`` through
-    ``torch.load(weights_only=True)``). Options mmadapters' LoRA cannot reproduce raise a ValueError naming
-    the file and the field."""
+    ``torch.load(weights_only=True)``). The adapter goes exactly on the modules the weights name; its
+    LoRAConfig takes ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and peft's ``target_modules``
+    (a list as is, a regex string as ``"re:..."``; the module paths instead when those patterns would pick
+    other modules here). Options mmadapters' LoRA cannot reproduce (DoRA, ``bias`` != "none", ``lora_bias``,
+    per-module ``rank_pattern`` / ``alpha_pattern``, base-rewriting ``init_lora_weights``, transformers
+    Conv1D layers, ...) raise a ValueError naming the file and the field; a failed import adds nothing."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     peft_cfg = _read_peft_config(config_path)
@@ -319,8 +323,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     if not targets:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
 
-    config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                        target_modules=_our_target_modules(model, peft_cfg.get("target_modules"), targets))
+    try:
+        config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                            target_modules=_our_target_modules(model, peft_cfg.get("target_modules"), targets))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: {err}") from None
     add_adapter(model, name, config, _targets=targets)
     try:
         _copy_in(model, name, tensors, weights_path, r, double_mha_out=peft_doubles_mha_out_proj(peft_cfg.get("peft_version")))

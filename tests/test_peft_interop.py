@@ -190,6 +190,25 @@ def test_timm_vit_both_ways(tmp_path):
     assert mma.get_config(back, "p").target_modules == r"re:.*\.(qkv|fc1)"  # a peft regex stays a regex
 
 
+def test_a_root_name_that_is_also_a_nested_suffix_exports_as_an_exact_regex(tmp_path):
+    base = nn.Module()
+    base.fc1, base.sub = nn.Linear(4, 4), nn.Module()
+    base.sub.fc1 = nn.Linear(4, 4)
+    model = copy.deepcopy(base)
+    mma.add_adapter(model, "a", mma.LoRAConfig(r=2, target_modules=["re:fc1"]))  # the root fc1 only
+    _randomize(mma.adapter_parameters(model, "a").values())
+    mma.export_peft(model, "a", tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "^(?:fc1)$"
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).base_model.model
+    assert not hasattr(peft_model.sub.fc1, "lora_A")  # a list ["fc1"] would have adapted sub.fc1 too
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(_outputs(peft_model.fc1, x), _outputs(model.fc1, x), rtol=1e-5, atol=1e-5)
+    back = copy.deepcopy(base)
+    mma.import_peft(back, tmp_path, "a")
+    assert mma.get_config(back, "a").target_modules == "re:^(?:fc1)$"
+    assert isinstance(back.fc1, mma.AdaptedModule) and not isinstance(back.sub.fc1, mma.AdaptedModule)
+
+
 # -- what cannot cross ----------------------------------------------------------------------------------
 
 def test_export_refuses_non_lora_and_unrepresentable_lora(tmp_path):
@@ -233,6 +252,17 @@ def test_import_refuses_unsupported_peft_options_by_field(tmp_path, changes, mes
     with pytest.raises(ValueError, match=r"adapter_config.json: " + message):
         mma.import_peft(model, directory, "p")
     assert mma.adapter_names(model) == []
+
+
+def test_fan_in_fan_out_on_linear_layers_is_harmless_but_other_layer_types_are_named(tmp_path):
+    directory = _peft_dir(tmp_path, fan_in_fan_out=True)  # peft itself resets it for nn.Linear targets
+    model = make_toy("mlp")
+    mma.import_peft(model, directory, "p")
+    assert mma.adapter_names(model) == ["p"]
+    save_file({"base_model.model.norm.lora_A.weight": torch.ones(2, 20), "base_model.model.norm.lora_B.weight":
+               torch.ones(20, 2)}, directory / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"module 'norm' is a LayerNorm \(supported: .*\(fan_in_fan_out=True"):
+        mma.import_peft(make_toy("mlp"), directory, "p")
 
 
 def test_import_refuses_dora_weights_rank_mismatch_and_missing_files(tmp_path):
