@@ -416,12 +416,12 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
     """Render ``scene`` as an RGB image of ``image_size`` x ``image_size``.
 
     ``rng`` draws the continuous jitter (exact radius, angle, offset, tones, noise); the same rng state
-    gives the same pixels. Drawing happens at 2x (at least 128 px) and is downsampled, for smooth edges.
+    gives the same pixels. Drawing happens at 2x (at least 64 px) and is downsampled, for smooth edges.
     """
     if image_size < 8:
         raise ValueError(f"render: image_size={image_size} is too small; expected at least 8")
     rng = rng if rng is not None else np.random.default_rng(0)
-    ss = max(2, math.ceil(128 / image_size))
+    ss = max(2, math.ceil(64 / image_size))
     side = image_size * ss
     colour = np.asarray(COLOURS[scene.colour], dtype=np.float32)
     colour = np.clip(colour + rng.normal(0, 10, size=3), 0, 255)
