@@ -70,8 +70,10 @@ def test_clip_adapters_through_points(clip_dir, config):
 def test_clip_builtin_name_with_local_weights_file(clip_dir, tmp_path):
     # A built-in config name plus a weights file as `pretrained` (open_clip's file path branch).
     torch.manual_seed(0)
-    bundle = load_clip("RN50", pretrained=None, declare_points=False, seed=3)
+    bundle = load_clip("RN50", pretrained=None, seed=3)
     assert bundle.info.identity() == "RN50|random-init|seed=3"
+    points = mma.declared_points(bundle.model)  # a ResNet image tower: points on the text tower only
+    assert "text_attn" in points and "image_attn" not in points
     from safetensors.torch import save_file
 
     weights = tmp_path / "rn50.safetensors"
@@ -140,3 +142,20 @@ def test_vit_local_weights_and_points(tmp_path):
         load_vit("vit_tiny_patch16_224", weights=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="not a timm model"):
         load_vit("no_such_vit")
+
+
+def test_clip_with_timm_vision_tower_gets_vit_points(tmp_path):
+    config = tiny_clip_config()
+    config["vision_cfg"] = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                            "timm_pool": "token", "timm_proj": "linear", "image_size": 224}
+    bundle = load_clip(f"local-dir:{write_clip_dir(tmp_path / 'timm_clip', config)}")
+    points = mma.declared_points(bundle.model)
+    assert [prefix for prefix, _ in points["image_qkv"]] == ["visual.trunk"] and "text_attn" in points
+    image = torch.randn(1, 3, 224, 224)  # open_clip builds the timm trunk at its default size
+    with torch.no_grad():
+        ref = bundle.model.encode_image(image)
+    mma.add_adapter(bundle.model, "lora", mma.LoRAConfig(r=2, target_modules=["@image_qkv"]))
+    with torch.no_grad():
+        for p in mma.adapter_parameters(bundle.model, "lora").values():
+            p.add_(0.3 * torch.randn_like(p))
+        assert not torch.allclose(bundle.model.encode_image(image), ref, atol=1e-4)

@@ -177,7 +177,8 @@ def declare_clip_points(model: nn.Module) -> nn.Module:
     Both towers get ``attn_out`` (attention output of each residual block), ``ffn_out`` (its MLP
     output), ``mlp_in`` and ``attn`` (the ``nn.MultiheadAttention``, for LoRA on its projections); so
     ``"@attn"`` adapts both towers. ``image_*`` / ``text_*`` names select one tower (``"@image_attn"``).
-    A vision tower without transformer blocks (ModifiedResNet) declares none.
+    A timm vision tower gets the ViT points of :func:`mmadapters.vision.vit.declare_vit_points`; a
+    vision tower without transformer blocks (ModifiedResNet) declares none.
     """
     towers: list[tuple[str, nn.Module, nn.Module]] = []
     visual = getattr(model, "visual", None)
@@ -187,11 +188,17 @@ def declare_clip_points(model: nn.Module) -> nn.Module:
     text_owner = text if text is not None and hasattr(getattr(text, "transformer", None), "resblocks") else model
     if hasattr(getattr(text_owner, "transformer", None), "resblocks"):
         towers.append(("text", text_owner, text_owner.transformer.resblocks))
-    if not towers:
+    if not towers and not hasattr(getattr(visual, "trunk", None), "blocks"):
         raise ValueError(f"{type(model).__name__}: found no transformer resblocks in either tower to declare points on")
     for tower, owner, blocks in towers:
         points = _transformer_points("transformer.resblocks", blocks)
         mma.declare_adapter_points(owner, {**points, **{f"{tower}_{k}": v for k, v in points.items()}})
+    trunk = getattr(visual, "trunk", None)  # a timm vision tower (open_clip's TimmModel)
+    if trunk is not None and hasattr(trunk, "blocks"):
+        from .vit import vit_points
+
+        points = vit_points(trunk)
+        mma.declare_adapter_points(trunk, {**points, **{f"image_{k}": v for k, v in points.items()}})
     return model
 
 

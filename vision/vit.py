@@ -67,6 +67,23 @@ def load_vit(name: str, *, weights: str | os.PathLike | None = None, pretrained:
     return VitBundle(model, transform, name, source, digest)
 
 
+def vit_points(model: nn.Module) -> dict[str, mma.AdapterPoint]:
+    """The adapter points of a timm ViT's ``blocks`` (patterns relative to ``model``); see :func:`declare_vit_points`."""
+    blocks = getattr(model, "blocks", None)
+    first = next(iter(blocks.children()), None) if blocks is not None else None
+    if first is None or not hasattr(first, "attn") or not hasattr(first, "mlp"):
+        raise ValueError(f"{type(model).__name__}: expected a timm ViT with .blocks[i].attn and .mlp")
+    width = first.mlp.fc2.out_features
+    return {
+        "attn_out": mma.AdapterPoint("blocks.*.attn.proj", doc="attention output projection of each block"),
+        "ffn_out": mma.AdapterPoint("blocks.*.mlp.fc2", doc="MLP output of each block"),
+        "qkv": mma.AdapterPoint("blocks.*.attn.qkv", doc="fused query/key/value projection (LoRA)"),
+        "fc1": mma.AdapterPoint("blocks.*.mlp.fc1", doc="first MLP projection (LoRA)"),
+        "attn": mma.AdapterPoint(["blocks.*.attn.qkv", "blocks.*.attn.proj"], doc="attention linears (LoRA)"),
+        "block": mma.AdapterPoint("re:blocks\\.\\d+", dim=width, doc="whole block output (B, T, D)"),
+    }
+
+
 def declare_vit_points(model: nn.Module) -> nn.Module:
     """Declare points on a timm ViT's ``blocks``. Returns ``model``.
 
@@ -74,16 +91,4 @@ def declare_vit_points(model: nn.Module) -> nn.Module:
     and ``fc1`` (linears for LoRA), ``attn`` (``qkv`` and ``proj`` together, for LoRA) and ``block``
     (the whole block's output, width declared).
     """
-    blocks = getattr(model, "blocks", None)
-    first = next(iter(blocks.children()), None) if blocks is not None else None
-    if first is None or not hasattr(first, "attn") or not hasattr(first, "mlp"):
-        raise ValueError(f"{type(model).__name__}: expected a timm ViT with .blocks[i].attn and .mlp")
-    width = first.mlp.fc2.out_features
-    return mma.declare_adapter_points(model, {
-        "attn_out": mma.AdapterPoint("blocks.*.attn.proj", doc="attention output projection of each block"),
-        "ffn_out": mma.AdapterPoint("blocks.*.mlp.fc2", doc="MLP output of each block"),
-        "qkv": mma.AdapterPoint("blocks.*.attn.qkv", doc="fused query/key/value projection (LoRA)"),
-        "fc1": mma.AdapterPoint("blocks.*.mlp.fc1", doc="first MLP projection (LoRA)"),
-        "attn": mma.AdapterPoint(["blocks.*.attn.qkv", "blocks.*.attn.proj"], doc="attention linears (LoRA)"),
-        "block": mma.AdapterPoint("re:blocks\\.\\d+", dim=width, doc="whole block output (B, T, D)"),
-    })
+    return mma.declare_adapter_points(model, vit_points(model))
