@@ -67,19 +67,29 @@ def test_clip_adapters_through_points(clip_dir, config):
     torch.testing.assert_close(txt, ref_txt, rtol=0, atol=1e-6)
 
 
-def test_clip_builtin_name_with_local_weights_file(clip_dir, tmp_path):
-    # A built-in config name plus a weights file as `pretrained` (open_clip's file path branch).
-    torch.manual_seed(0)
-    bundle = load_clip("RN50", pretrained=None, seed=3)
-    assert bundle.info.identity() == "RN50|random-init|seed=3"
+def test_clip_builtin_name_with_local_weights_file(tmp_path):
+    # A registered config name plus a weights file as `pretrained` (open_clip's file-path branch). A tiny
+    # ModifiedResNet image tower keeps it small (built-in names are 100M+ parameters).
+    import json
+
+    import open_clip
+
+    config = tiny_clip_config()
+    config["vision_cfg"] = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mma-test-tiny-rn.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "cfg")
+    bundle = load_clip("mma-test-tiny-rn", pretrained=None, seed=3)
+    assert bundle.info.identity() == "mma-test-tiny-rn|random-init|seed=3"
     points = mma.declared_points(bundle.model)  # a ResNet image tower: points on the text tower only
     assert "text_attn" in points and "image_attn" not in points
     from safetensors.torch import save_file
 
-    weights = tmp_path / "rn50.safetensors"
+    weights = tmp_path / "rn.safetensors"
     save_file({k: v.contiguous() for k, v in bundle.model.state_dict().items()}, str(weights))
-    loaded = load_clip("RN50", pretrained=str(weights), declare_points=False)
+    loaded = load_clip("mma-test-tiny-rn", pretrained=str(weights), seed=4)
     assert loaded.info.weights_path == str(weights) and loaded.info.weights_sha256
+    assert loaded.info.identity().startswith("sha256:")
     a, b = bundle.model.state_dict(), loaded.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
