@@ -104,9 +104,18 @@ def prepare_dataset_root(config: ZeroShotConfig, cache_dir: Path) -> tuple[str, 
         raise ValueError(f"--dataset {config.dataset!r}: expected a format ({', '.join(FORMATS)}) or a generated "
                          f"task ({', '.join(sorted(TASKS))})")
     root = Path(config.dataset_root) if config.dataset_root else cache_dir / "datasets" / config.dataset
-    if not (root / "task.json").is_file():
+    meta = root / "task.json"
+    if not meta.is_file():  # generated once with the task's canonical settings; --seed does not change the data
         print(f"generating {config.dataset} into {root}")
-        generate_task(config.dataset, root, seed=config.seed, progress=config.progress)
+        generate_task(config.dataset, root, progress=config.progress)
+    else:
+        try:
+            recorded = json.loads(meta.read_text(encoding="utf-8")).get("task")
+        except (ValueError, AttributeError):
+            recorded = None
+        if recorded != config.dataset:
+            raise ValueError(f"{meta}: field 'task' is {recorded!r}, expected {config.dataset!r}; point "
+                             "--dataset-root at that task's folder (or an empty one to generate it)")
     return "imagefolder", root
 
 

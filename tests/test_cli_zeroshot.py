@@ -190,6 +190,9 @@ def test_synth_task_is_generated_when_missing(run, tmp_path, monkeypatch):
     results = json.loads((tmp_path / "synth-shapes.json").read_text())
     assert results["dataset"] == "synth-shapes" and results["settings"]["templates_source"].endswith("templates.txt")
     assert run(*args) == 0 and calls == ["synth-shapes"]  # already there: not generated again
+    other = [t for t in synth.TASKS if t != "synth-shapes"]
+    if other:
+        assert run("--dataset", other[0], "--dataset-root", str(root)) == 2  # root holds another task
 
 
 def test_help_lists_zeroshot_without_importing_torch():
