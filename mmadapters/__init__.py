@@ -31,7 +31,7 @@ _EXPORTS = {
     "route": "routing", "AdapterCache": "routing",
     "Mixture": "composition", "add_mixture_gate": "mixture", "MixtureGateConfig": "methods",
     "offload": "routing",
-    "storage_report": "io", "StorageReport": "io",
+    "storage_report": "io", "StorageReport": "io", "save_adapters": "io", "load_adapters": "io",
     "average_adapters": "combine", "select_from_checkpoints": "combine",
     "export_peft": "peft_interop", "import_peft": "peft_interop",
 }
@@ -59,5 +59,5 @@ __all__ = [
     "get_active", "get_config", "get_method", "load_adapter", "merge", "parameter_report",
     "read_adapter_config", "register_method", "registered_methods", "save_adapter", "set_active", "unmerge",
     "AdapterCache", "Mixture", "MixtureGateConfig", "offload", "StorageReport", "add_mixture_gate", "average_adapters", "export_peft",
-    "import_peft", "route", "select_from_checkpoints", "storage_report",
+    "import_peft", "load_adapters", "route", "save_adapters", "select_from_checkpoints", "storage_report",
 ]
