@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .fewshot import SupportSet, caps_prompt, check_clip_weights, check_features, check_labels
-from .tip_adapter import DEFAULT_ALPHAS, DEFAULT_BETAS, accuracy, as_grid, grid_accuracy
+from .tip_adapter import DEFAULT_ALPHAS, DEFAULT_BETAS, accuracy, as_grid, grid_accuracy, tidy
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -391,20 +391,23 @@ class CapsAdapter(nn.Module):
             candidates.insert(0, (0.0, 0.0))
 
         best: tuple[float, float, float, float, float] | None = None  # (acc, δ, γ, β, α)
-        for delta, gamma in candidates:
+        for delta in dict.fromkeys(d for d, _ in candidates):  # one pass per δ: candidates sharing it share the cache
             aff, kl_logits = terms(delta)
-            acc = grid_accuracy((base + gamma * kl_logits)[None], aff, values, fine_b, fine_a, val_labels)[0]
-            b, a = divmod(int(torch.argmax(acc).item()), fine_a.numel())
-            if best is None or acc[b, a].item() > best[0]:
-                best = (acc[b, a].item(), delta, gamma, fine_b[b].item(), fine_a[a].item())
+            gammas_here = [g for d, g in candidates if d == delta]
+            bases = torch.stack([base + gamma * kl_logits for gamma in gammas_here])
+            fine = grid_accuracy(bases, aff, values, fine_b, fine_a, val_labels)
+            for gamma, acc in zip(gammas_here, fine, strict=True):
+                b, a = divmod(int(torch.argmax(acc).item()), fine_a.numel())
+                if best is None or acc[b, a].item() > best[0]:
+                    best = (acc[b, a].item(), delta, gamma, fine_b[b].item(), fine_a[a].item())
         assert best is not None
         val_acc, self.delta, self.gamma, self.beta, self.alpha = best
         self.calibrate(val_feats, self.delta)
         self.hyperparams.update(
-            alpha=self.alpha,
-            beta=self.beta,
-            gamma=self.gamma,
-            delta=self.delta,
+            alpha=tidy(self.alpha),
+            beta=tidy(self.beta),
+            gamma=tidy(self.gamma),
+            delta=tidy(self.delta),
             temperature=self.temperature,
             val_acc1=val_acc,
             zeroshot_val_acc1=accuracy(base, val_labels),
@@ -412,7 +415,7 @@ class CapsAdapter(nn.Module):
             val_images=val_feats.shape[0],
             support_images=self.cache_labels.numel(),
             grid={
-                "deltas": delta_grid.tolist(), "gammas": gamma_grid.tolist(),
+                "deltas": [tidy(d) for d in delta_grid.tolist()], "gammas": [tidy(g) for g in gamma_grid.tolist()],
                 "coarse": {"alphas": coarse_a.numel(), "betas": coarse_b.numel()},
                 "fine": {"alphas": fine_a.numel(), "betas": fine_b.numel()},
             },

@@ -241,8 +241,8 @@ class TipAdapter(nn.Module):
         b, a = divmod(int(torch.argmax(acc).item()), alpha_grid.numel())
         self.alpha, self.beta = alpha_grid[a].item(), beta_grid[b].item()
         self.hyperparams.update(
-            alpha=self.alpha,
-            beta=self.beta,
+            alpha=tidy(self.alpha),
+            beta=tidy(self.beta),
             val_acc1=acc[b, a].item(),
             zeroshot_val_acc1=accuracy(base, val_labels),
             val_images=val_feats.shape[0],
@@ -253,8 +253,13 @@ class TipAdapter(nn.Module):
         return self.hyperparams
 
 
+def tidy(x: float) -> float:
+    """A grid value for the JSON report: 6 significant digits (0.1 rather than 0.10000000149011612)."""
+    return float(f"{x:.6g}")
+
+
 def _describe(grid: Tensor) -> dict[str, float | int]:
-    return {"min": grid.min().item(), "max": grid.max().item(), "steps": grid.numel()}
+    return {"min": tidy(grid.min().item()), "max": tidy(grid.max().item()), "steps": grid.numel()}
 
 
 class TipAdapterF(TipAdapter):
