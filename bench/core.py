@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mmadapters as mma  # noqa: E402
+import mmadapters as mma
 
 TARGETS = ["c_fc", "c_proj"]
 
