@@ -26,7 +26,7 @@ from mmadapters.vision.caps_adapter import (
     support_prompts,
 )
 from mmadapters.vision.fewshot import SupportSet, caps_prompt, fit_fewshot, sample_shots
-from mmadapters.vision.tip_adapter import TipAdapter, TipAdapterF, grid_accuracy
+from mmadapters.vision.tip_adapter import TipAdapter, TipAdapterF, correct_interval, grid_accuracy, margins
 
 C, D = 10, 64
 
@@ -101,6 +101,17 @@ def test_vectorized_grid_equals_a_loop_over_the_grid(problem):
     got = grid_accuracy(uneven.clip_logits(xv)[None], uneven.affinity(xv), uneven.cache_values, betas, alphas, yv)[0]
     uneven.alpha, uneven.beta = 3.0, 2.0
     assert got[1, 2].item() == pytest.approx(acc(uneven.logits(xv), yv))
+
+
+def test_correct_interval_edge_cases():
+    # true class 0 in every row; columns: class 0, 1, 2
+    base = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    cache = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    lo, hi = correct_interval(margins(base, torch.zeros(4, dtype=torch.long)), cache, torch.zeros(4, dtype=torch.long))
+    assert lo[0] < 0 and hi[0] == torch.inf  # ahead on base, equal cache with class 1: right for every α >= 0
+    assert lo[1] == torch.inf  # behind on base, equal cache: never right
+    assert hi[2].item() == pytest.approx(1.0)  # ahead by 1 on base, behind by 1 on cache: right for α < 1
+    assert not lo[3].item() < 0.0 < hi[3].item() and lo[3].item() == pytest.approx(0.0)  # tie at α = 0 is an error
 
 
 def test_search_sees_only_validation_and_beats_zero_shot(problem):
