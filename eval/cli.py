@@ -71,6 +71,77 @@ def _add_zeroshot(sub) -> None:
     p.set_defaults(func=_zeroshot)
 
 
+def _csv_list(kind):
+    """An argparse type: a comma-separated list of ``kind`` values ("1,4,16")."""
+
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            return [kind(item) for item in items]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__} values, got {text!r}") from e
+
+    return parse
+
+
+def _fewshot_compare(args: argparse.Namespace) -> int:
+    from mmadapters.eval.fewshot_compare import DEFAULT_TASKS, CompareConfig, compare_fewshot, format_table
+
+    tasks = [t for group in args.task for t in group] if args.task else list(DEFAULT_TASKS)
+    config = CompareConfig(tasks=list(dict.fromkeys(tasks)), shots=args.shots, methods=args.methods, seeds=args.seeds,
+                           model=args.model, pretrained=args.pretrained, device=args.device, batch_size=args.batch_size,
+                           num_workers=args.num_workers, output=args.output, markdown=args.markdown,
+                           cache_dir=args.cache_dir, data_dir=args.data_dir, train_per_class=args.train_per_class,
+                           val_per_class=args.val_per_class, test_per_class=args.test_per_class,
+                           image_size=args.image_size, overwrite=args.overwrite)
+    try:
+        results = compare_fewshot(config)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        print(f"mmadapters fewshot-compare: error: {e}", file=sys.stderr)
+        return 2
+    seeds = ",".join(str(s) for s in config.seeds)
+    spread = f"mean ± std over seeds {seeds}" if len(config.seeds) > 1 else f"seed {seeds}"
+    print(f"\ntest top-1 accuracy (%) of {results['model']}; hyperparameters searched on val; {spread}")
+    print(format_table(results["summary"], config.methods))
+    t = results["timings"]
+    print(f"total {t['total_s']:.1f}s (model load {t['model_load_s']:.1f}s, fits {t['fits_s']:.1f}s)")
+    for key in ("output", "markdown"):
+        if key in results:
+            print(f"{key} written to {results[key]}")
+    return 0
+
+
+def _add_fewshot_compare(sub) -> None:
+    import os
+
+    p = sub.add_parser("fewshot-compare", help="compare zero-shot CLIP with Tip-Adapter, Tip-Adapter-F and CapS-Adapter",
+                       description="Zero-shot vs few-shot adapters on generated tasks: each task is generated once, "
+                       "its images and captions are encoded once, then every method is fitted on K shots per class "
+                       "(per seed) with hyperparameters searched on the val split and scored on test.")
+    add = p.add_argument
+    add("--task", action="append", type=_csv_list(str), default=None, metavar="TASK[,TASK]",
+        help="generated task(s), repeatable (default: shapes-sketch, colours-noisy, combos-heldout)")
+    add("--shots", type=_csv_list(int), default=[1, 4, 16], help="shots per class, comma-separated (default: 1,4,16)")
+    add("--methods", type=_csv_list(str), default=["zeroshot", "tip", "tip-f", "caps"],
+        help="comma-separated subset of zeroshot,tip,tip-f,caps (default: all four)")
+    add("--seeds", type=_csv_list(int), default=[0], help="shot-sampling seeds, comma-separated (default: 0)")
+    add("--model", default=None, help="open_clip model name, local-dir:DIR or hf-hub:org/repo (default: the shipped tiny CLIP)")
+    add("--pretrained", default=None, help="pretrained tag or local weights file for a built-in model name")
+    add("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    add("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
+    add("--output", default="fewshot_compare.json", help="results JSON path (default: fewshot_compare.json)")
+    add("--markdown", default=None, help="also write the tables as markdown here")
+    add("--cache-dir", default=None, help="classifier/dataset/weights cache (default: $MMADAPTERS_CACHE or ~/.cache/mmadapters)")
+    add("--data-dir", default=None, help="where tasks are generated (default: <cache dir>/datasets)")
+    add("--train-per-class", type=int, default=None, help="generated train images per class (default: the task's)")
+    add("--val-per-class", type=int, default=None, help="generated val images per class (default: the task's)")
+    add("--test-per-class", type=int, default=None, help="generated test images per class (default: the task's)")
+    add("--image-size", type=int, default=None, help="generated image side in pixels (default: the task's)")
+    add("--overwrite", action="store_true", help="replace an output file that holds a different comparison")
+    p.set_defaults(func=_fewshot_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmadapters", description="Parameter-efficient adapters for "
                                      "vision-language and speech models.")
@@ -82,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(func=_demo)
     _add_zeroshot(sub)
+    _add_fewshot_compare(sub)
     return parser
 
 

@@ -1,0 +1,414 @@
+"""Zero-shot vs few-shot adapters on generated tasks: the evaluator behind ``mmadapters fewshot-compare``.
+
+For each task of :data:`mmadapters.vision.synth.TASKS` named on the command line:
+
+1. generate its image folders (once; later runs reuse them),
+2. encode every image of the train, val and test splits with the CLIP image tower **once**, the
+   support captions (``captions.jsonl`` through ``caps_prompt``) **once**, and build (or load the
+   cached) zero-shot classifier **once**,
+3. for each K in ``shots`` and each seed: sample K train images per class (``sample_shots``), fit each
+   method on those shots with its hyperparameters searched on the **val** split only
+   (``fit_fewshot``), and score the test split (acc1, acc5, mean per-class recall).
+
+Because features are computed once, the few-shot fits and the searches are all that the shots × seeds ×
+methods loop costs. The results JSON::
+
+    {"kind": "fewshot_comparison", "model", "pretrained", "settings": {...},
+     "tasks": {task: {"root", "classes", "templates", "counts", "classifier_cache_hit", "timings"}},
+     "runs": [{"task", "method", "shots", "seed", "metrics", "hyperparams", "timings"}],
+     "summary": [{"task", "shots", "method", "n", "acc1_mean", "acc1_std", "mean_per_class_recall_mean", ...}],
+     "timings", "mmadapters_version", "run_key", "created"}
+
+Zero-shot does not depend on shots or seed: it is one run per task (``shots`` 0, ``seed`` null), shown in
+every row of the table. Standard deviations are over seeds (sample std, ``ddof=1``; 0 with one seed).
+Files are written atomically; an existing output holding a *different* comparison is kept unless
+``overwrite`` is set (the same rule as ``mmadapters zeroshot``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .metrics import classification_metrics
+from .zeroshot_eval import (
+    ZeroShotConfig,
+    _check_overwrite,
+    _json_bytes,
+    _jsonable,
+    _loader,
+    _run_key,
+    default_cache_dir,
+    open_split,
+    read_captions,
+    resolve_classnames,
+    resolve_templates,
+)
+
+METHODS: tuple[str, ...] = ("zeroshot", "tip", "tip-f", "caps")
+DEFAULT_TASKS: tuple[str, ...] = ("shapes-sketch", "colours-noisy", "combos-heldout")
+DEFAULT_SHOTS: tuple[int, ...] = (1, 4, 16)
+DEFAULT_OUTPUT = "fewshot_compare.json"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+# generate_task's keyword arguments that a comparison may override (None: the task's canonical value).
+SIZE_OPTIONS: tuple[str, ...] = ("train_per_class", "val_per_class", "test_per_class", "image_size")
+
+
+@dataclass
+class CompareConfig:
+    """Everything a comparison depends on; field names follow the command-line flags."""
+
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    shots: list[int] = field(default_factory=lambda: list(DEFAULT_SHOTS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    model: str | None = None  # None: the shipped tiny CLIP
+    pretrained: str | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    num_workers: int = 0
+    output: str | None = DEFAULT_OUTPUT
+    markdown: str | None = None
+    cache_dir: str | None = None
+    data_dir: str | None = None  # where tasks are generated (default: <cache dir>/datasets, shared with zeroshot)
+    train_per_class: int | None = None
+    val_per_class: int | None = None
+    test_per_class: int | None = None
+    image_size: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TaskData:
+    """One task, encoded: features of every split, caption features of the train split, the classifier."""
+
+    name: str
+    root: Path
+    classnames: list[str]
+    templates: list[str]
+    weights: torch.Tensor  # (D, C) zero-shot classifier
+    splits: dict[str, Any]  # split -> vision.zeroshot.ImageFeatures (features (N, D) on CPU, labels (N,))
+    caption_feats: torch.Tensor | None  # (N_train, D): caps_prompt(class, caption) of each train image, or None
+    info: dict[str, Any]  # JSON-ready: root, counts, timings, classifier cache hit
+
+
+def generator_sizes(config: CompareConfig) -> dict[str, int]:
+    """The generate_task sizes of this comparison: the flags that were given, else generate_task's defaults."""
+    from mmadapters.vision.synth import generate_task
+
+    params = inspect.signature(generate_task).parameters
+    return {k: getattr(config, k) if getattr(config, k) is not None else params[k].default for k in SIZE_OPTIONS}
+
+
+def task_root(config: CompareConfig, cache_dir: Path, task: str) -> Path:
+    """``<data dir>/<task>`` for the canonical sizes (the folder ``mmadapters zeroshot`` uses too), else a
+    folder whose name records the sizes, so two sizes never overwrite each other."""
+    base = Path(config.data_dir) if config.data_dir else cache_dir / "datasets"
+    if all(getattr(config, k) is None for k in SIZE_OPTIONS):
+        return base / task
+    s = generator_sizes(config)
+    return base / f"{task}_tr{s['train_per_class']}_va{s['val_per_class']}_te{s['test_per_class']}_px{s['image_size']}"
+
+
+def validate(config: CompareConfig) -> None:
+    """Reject unknown tasks/methods and impossible sizes before anything heavy runs (errors name the flag)."""
+    from mmadapters.vision.synth import TASKS
+
+    if not config.tasks:
+        raise ValueError("--task: give at least one task")
+    for task in config.tasks:
+        if task not in TASKS:
+            raise ValueError(f"--task {task!r}: expected a generated task, one of {', '.join(sorted(TASKS))}")
+    if not config.methods:
+        raise ValueError("--methods: give at least one method")
+    for method in config.methods:
+        if method not in METHODS:
+            raise ValueError(f"--methods {method!r}: expected a comma-separated subset of {','.join(METHODS)}")
+    if not config.seeds:
+        raise ValueError("--seeds: give at least one seed")
+    few = [m for m in config.methods if m != "zeroshot"]
+    if few and not config.shots:
+        raise ValueError(f"--shots: methods {','.join(few)} need at least one shot count")
+    sizes = generator_sizes(config)
+    for k, v in sizes.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} {v!r}: expected an integer >= 1")
+    for k in config.shots:
+        if k < 1 or k > sizes["train_per_class"]:
+            raise ValueError(f"--shots {k}: expected 1 <= K <= {sizes['train_per_class']} (train images per class; "
+                             "raise --train-per-class for more)")
+    if config.batch_size < 1 or config.num_workers < 0:
+        raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: CUDA is not available on this machine")
+
+
+def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> TaskData:
+    """Generate ``task`` if needed and encode it: each split's images once, the train captions once, the classifier."""
+    from mmadapters.vision.fewshot import caps_prompt
+    from mmadapters.vision.synth import generate_task
+    from mmadapters.vision.zeroshot import cached_classifier, encode_texts, extract_image_features
+
+    timings: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    root = task_root(config, cache_dir, task)
+    generate_task(task, root, progress=config.progress, **generator_sizes(config))  # returns at once when present
+    timings["generate_s"] = round(time.perf_counter() - t0, 4)
+
+    zs = ZeroShotConfig(model=config.model, pretrained=config.pretrained, dataset=task, dataset_root=str(root),
+                        batch_size=config.batch_size, num_workers=config.num_workers, device=config.device,
+                        cache_dir=str(cache_dir), output=None, progress=config.progress)
+    classnames, _ = resolve_classnames(zs, root)
+    templates, _ = resolve_templates(zs, root)
+    classifier = cached_classifier(clip.model, clip.tokenizer, classnames, templates, model_name=clip.info.model,
+                                   weights_identity=clip.info.identity(), cache_dir=cache_dir / "classifiers",
+                                   device=config.device, batch_size=max(config.batch_size, 256), progress=config.progress)
+    timings["classifier_s"] = round(classifier.seconds, 4)
+
+    splits, counts, features_s = {}, {}, {}
+    for split in SPLITS:
+        t0 = time.perf_counter()
+        dataset = open_split("imagefolder", root, split, clip.preprocess, classnames)
+        feats = extract_image_features(clip.model, _loader(dataset, zs), device=config.device, progress=config.progress,
+                                       desc=f"{task} {split} images")
+        if not feats.paths:
+            raise ValueError(f"{root / split}: none of its {len(dataset)} images could be read")
+        splits[split] = feats
+        counts[split] = {"images": len(dataset), "evaluated": len(feats.paths), "skipped": len(feats.skipped)}
+        features_s[split] = round(time.perf_counter() - t0, 4)
+    timings["features_s"] = features_s
+
+    caption_feats = None
+    if "caps" in config.methods:
+        t0 = time.perf_counter()
+        captions = read_captions(root / "captions.jsonl")
+        texts = []
+        train = splits["train"]
+        for path, label in zip(train.paths, train.labels.tolist(), strict=True):
+            caption = captions.get(Path(path).resolve())
+            if caption is None:
+                raise ValueError(f"{root / 'captions.jsonl'}: no caption for train image {path}")
+            texts.append(caps_prompt(classnames[label], caption))
+        caption_feats = encode_texts(clip.model, clip.tokenizer, texts, device=config.device,
+                                     batch_size=max(config.batch_size, 256), progress=config.progress,
+                                     desc=f"{task} captions")
+        timings["captions_s"] = round(time.perf_counter() - t0, 4)
+
+    info = {"root": str(root), "classes": len(classnames), "templates": len(templates), "counts": counts,
+            "classifier_cache_hit": classifier.cache_hit, "timings": timings}
+    return TaskData(task, root, classnames, templates, classifier.weights, splits, caption_feats, info)
+
+
+def fit_and_score(data: TaskData, method: str, shots: int, seed: int, device: str) -> dict[str, Any]:
+    """One run: K shots per class from train (seeded), fit ``method`` tuned on val, score test.
+
+    Only the val split's features and labels reach ``fit_fewshot``; test labels are used for scoring only.
+    """
+    from mmadapters.vision import fewshot
+
+    t0 = time.perf_counter()
+    weights = data.weights.to(device)
+    test = data.splits["test"]
+    hyper: dict[str, Any] = {}
+    if method == "zeroshot":
+        from mmadapters.vision.zeroshot import zeroshot_logits
+
+        logits = zeroshot_logits(test.features.to(device), weights).cpu()
+        fit_s = 0.0
+    else:
+        train, val = data.splits["train"], data.splits["val"]
+        index = fewshot.sample_shots(train.labels, shots, seed, num_classes=len(data.classnames))
+        caps = data.caption_feats[index].to(device) if method == "caps" else None
+        support = fewshot.SupportSet(train.features[index].to(device), train.labels[index].to(device), caps)
+        clf = fewshot.fit_fewshot(method, weights, support, val.features.to(device), val.labels.to(device),
+                                  seed=seed, progress=False)
+        fit_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            logits = clf.logits(test.features.to(device)).float().cpu()
+        hyper = {k: _jsonable(v) for k, v in clf.hyperparams.items()}
+    metrics = classification_metrics(logits, test.labels)
+    return {"task": data.name, "method": method, "shots": shots if method != "zeroshot" else 0,
+            "seed": seed if method != "zeroshot" else None, "metrics": metrics, "hyperparams": hyper,
+            "timings": {"fit_s": round(fit_s, 4), "total_s": round(time.perf_counter() - t0, 4)}}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        return math.nan, math.nan
+    return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]], tasks: list[str], shots: list[int], methods: list[str]) -> list[dict[str, Any]]:
+    """One row per (task, shots, method): mean and std over seeds of acc1 and mean per-class recall."""
+    rows = []
+    for task in tasks:
+        for k in shots:
+            for method in methods:
+                group = [r for r in runs if r["task"] == task and r["method"] == method
+                         and (method == "zeroshot" or r["shots"] == k)]
+                if not group:
+                    continue
+                row: dict[str, Any] = {"task": task, "shots": k, "method": method, "n": len(group)}
+                for metric in ("acc1", "mean_per_class_recall"):
+                    row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r["metrics"][metric] for r in group])
+                rows.append(row)
+    return rows
+
+
+def _cell(row: dict[str, Any] | None, metric: str = "acc1") -> str:
+    if row is None:
+        return "-"
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    if math.isnan(mean):
+        return "nan"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if row["n"] > 1 else f"{100 * mean:.1f}"
+
+
+def _grid(summary: list[dict[str, Any]], methods: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (task, shots, one cell per method) of the comparison table."""
+    index = {(r["task"], r["shots"], r["method"]): r for r in summary}
+    keys = list(dict.fromkeys((r["task"], r["shots"]) for r in summary))
+    body = [[task, str(k), *(_cell(index.get((task, k, m)), metric) for m in methods)] for task, k in keys]
+    return ["task", "shots", *methods], body
+
+
+def format_table(summary: list[dict[str, Any]], methods: list[str], metric: str = "acc1") -> str:
+    """A plain-text table for the terminal: rows task × shots, columns methods, percent (mean ± std over seeds)."""
+    header, body = _grid(summary, methods, metric)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+             for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+_SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "best_epoch": "epoch"}
+
+
+def _hyper_cell(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
+    """Searched values per seed, e.g. ``α 3.36 β 5.17 (val 62) / α 1 β 2.1 (val 58)``."""
+    parts = []
+    for r in runs:
+        h = r["hyperparams"]
+        vals = " ".join(f"{_SYMBOLS.get(k, k)} {h[k]:.3g}" for k in keys if isinstance(h.get(k), int | float))
+        if isinstance(h.get("val_acc1"), int | float):
+            vals += f" (val {100 * h['val_acc1']:.0f})"
+        parts.append(vals)
+    return " / ".join(parts) if parts else "-"
+
+
+HYPER_KEYS: dict[str, tuple[str, ...]] = {"tip": ("alpha", "beta"), "tip-f": ("alpha", "beta", "best_epoch"),
+                                           "caps": ("alpha", "beta", "gamma", "delta")}
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """Markdown: the acc1 table, the mean per-class recall table, and the searched hyperparameters."""
+    s = results["settings"]
+    methods = s["methods"]
+    seeds = ", ".join(str(x) for x in s["seeds"])
+    out = [f"Model `{results['model']}`; generated tasks (train/val/test images per class: "
+           f"{s['sizes']['train_per_class']}/{s['sizes']['val_per_class']}/{s['sizes']['test_per_class']}, "
+           f"{s['sizes']['image_size']} px); K shots per class sampled from train; hyperparameters searched on val "
+           f"only; test top-1 accuracy in %, mean ± std over seeds {seeds}.", ""]
+    for metric, title in (("acc1", "Top-1 accuracy (%)"), ("mean_per_class_recall", "Mean per-class recall (%)")):
+        header, body = _grid(results["summary"], methods, metric)
+        out += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * len(methods)) + "|"]
+        out += ["| " + " | ".join(line) + " |" for line in body] + [""]
+    fewshot = [m for m in methods if m in HYPER_KEYS]
+    if fewshot:
+        out += ["**Searched hyperparameters** (per seed; val acc1 in %)", "",
+                "| task | shots | " + " | ".join(fewshot) + " |", "|---|---:|" + "---|" * len(fewshot)]
+        keys = list(dict.fromkeys((r["task"], r["shots"]) for r in results["runs"] if r["method"] != "zeroshot"))
+        for task, k in keys:
+            cells = [_hyper_cell([r for r in results["runs"] if (r["task"], r["shots"], r["method"]) == (task, k, m)],
+                                 HYPER_KEYS[m]) for m in fewshot]
+            out.append(f"| {task} | {k} | " + " | ".join(cells) + " |")
+        out.append("")
+    t = results["timings"]
+    out.append(f"Wall time {t['total_s']:.1f} s (model load {t['model_load_s']:.1f} s, fits {t['fits_s']:.1f} s); "
+               f"mmadapters {results['mmadapters_version']}.")
+    return "\n".join(out) + "\n"
+
+
+def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
+    """Run the comparison, print nothing, write the JSON (and markdown). Returns the results dictionary."""
+    from mmadapters.vision.clip import load_clip
+    from tqdm import tqdm
+
+    from mmadapters import __version__
+    from mmadapters.io import atomic_write_bytes
+
+    t_start = time.perf_counter()
+    validate(config)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    t0 = time.perf_counter()
+    clip = load_clip(config.model, config.pretrained, device=config.device, cache_dir=str(cache_dir / "weights"),
+                     seed=0, declare_points=False)
+    load_s = time.perf_counter() - t0
+    model_label = config.model or "tiny_clip"
+    sizes = generator_sizes(config)
+    run_key = _run_key({"kind": "fewshot_comparison", "model": clip.info.model, "weights": clip.info.identity(),
+                        "tasks": config.tasks, "sizes": sizes, "shots": config.shots, "methods": config.methods,
+                        "seeds": config.seeds})
+    out_path = Path(config.output) if config.output else None
+    if out_path is not None:
+        _check_overwrite(out_path, run_key, config.overwrite)
+
+    fewshot_methods = [m for m in config.methods if m != "zeroshot"]
+    per_task = len(fewshot_methods) * len(config.shots) * len(config.seeds) + ("zeroshot" in config.methods)
+    bar = tqdm(total=per_task * len(config.tasks), desc="fits", unit="fit", disable=None if config.progress else True)
+    runs: list[dict[str, Any]] = []
+    tasks_info: dict[str, Any] = {}
+    fits_s = 0.0
+    for task in config.tasks:
+        data = prepare_task(task, clip, config, cache_dir)
+        tasks_info[task] = data.info
+        plan = [("zeroshot", 0, 0)] if "zeroshot" in config.methods else []
+        plan += [(m, k, s) for k in config.shots for s in config.seeds for m in fewshot_methods]
+        for method, k, seed in plan:
+            bar.set_postfix_str(f"{task} {method} {k}-shot seed {seed}" if method != "zeroshot" else f"{task} zeroshot")
+            run = fit_and_score(data, method, k, seed, config.device)
+            fits_s += run["timings"]["total_s"]
+            runs.append(run)
+            bar.update(1)
+    bar.close()
+
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", *SIZE_OPTIONS)}
+    settings.update({"sizes": sizes, "cache_dir": str(cache_dir), "model_resolved": clip.info.model,
+                     "weights": clip.info.as_dict(), "splits": {"support": "train", "search": "val", "score": "test"}})
+    results: dict[str, Any] = {
+        "kind": "fewshot_comparison",
+        "model": model_label,
+        "pretrained": config.pretrained,
+        "settings": settings,
+        "tasks": tasks_info,
+        "runs": runs,
+        "summary": summarize(runs, config.tasks, config.shots or [0], config.methods),
+        "timings": {"model_load_s": round(load_s, 4), "fits_s": round(fits_s, 4),
+                    "total_s": round(time.perf_counter() - t_start, 4)},
+        "mmadapters_version": __version__,
+        "run_key": run_key,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    if out_path is not None:
+        if out_path.parent != Path(""):
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_path, _json_bytes(results))
+        results["output"] = str(out_path)
+    if config.markdown:
+        md_path = Path(config.markdown)
+        if md_path.parent != Path(""):
+            md_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(md_path, format_markdown(results).encode())
+        results["markdown"] = str(md_path)
+    return results
