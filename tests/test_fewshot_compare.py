@@ -1,0 +1,184 @@
+"""`mmadapters fewshot-compare` end to end on tiny generated tasks with a tiny random CLIP (local-dir in tmp)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+from mmadapters.eval.cli import main
+from mmadapters.vision import fewshot as fewshot_mod
+from mmadapters.vision import zeroshot as zeroshot_mod
+from mmadapters.vision.clip import tiny_clip_config, write_clip_dir
+
+TASKS = ["shapes-sketch", "colours-noisy"]
+# 10 classes each; test has 3 per class so that val (2) and test (3) feature matrices differ in shape.
+SIZES = ["--train-per-class", "4", "--val-per-class", "2", "--test-per-class", "3", "--image-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return write_clip_dir(tmp_path_factory.mktemp("clip") / "tiny", tiny_clip_config(), seed=0)
+
+
+def _args(clip_dir, cache, *extra):
+    return ["fewshot-compare", "--model", f"local-dir:{clip_dir}", "--num-workers", "0", "--batch-size", "16",
+            "--cache-dir", str(cache), *SIZES, *extra]
+
+
+@pytest.fixture(scope="module")
+def compared(clip_dir, tmp_path_factory):
+    """One comparison over two tasks, two shot counts, two seeds and all methods, with its calls recorded."""
+    tmp = tmp_path_factory.mktemp("compare")
+    calls = {"images": [], "texts": [], "fits": []}
+    real_extract, real_encode, real_fit = (zeroshot_mod.extract_image_features, zeroshot_mod.encode_texts,
+                                           fewshot_mod.fit_fewshot)
+
+    def extract(*args, **kwargs):
+        out = real_extract(*args, **kwargs)
+        calls["images"].append((kwargs["desc"], out))
+        return out
+
+    def encode(model, tokenizer, texts, **kwargs):
+        calls["texts"].append((kwargs.get("desc"), len(texts)))
+        return real_encode(model, tokenizer, texts, **kwargs)
+
+    def fit(kind, clip_weights, support, val_feats, val_labels, **kwargs):
+        calls["fits"].append({"kind": kind, "support": support, "val_feats": val_feats.clone(),
+                              "val_labels": val_labels.clone()})
+        return real_fit(kind, clip_weights, support, val_feats, val_labels, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.setattr(zeroshot_mod, "extract_image_features", extract)
+        mp.setattr(zeroshot_mod, "encode_texts", encode)
+        mp.setattr(fewshot_mod, "fit_fewshot", fit)
+        argv = _args(clip_dir, tmp / "cache", "--task", TASKS[0], "--task", TASKS[1], "--shots", "1,2",
+                     "--seeds", "0,1", "--output", "out/cmp.json", "--markdown", "out/cmp.md")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            rc = main(argv)
+    return {"rc": rc, "tmp": tmp, "calls": calls, "printed": printed.getvalue()}
+
+
+def test_runs_end_to_end_and_writes_json_markdown(compared):
+    assert compared["rc"] == 0
+    tmp = compared["tmp"]
+    results = json.loads((tmp / "out" / "cmp.json").read_text())
+    assert {"kind", "model", "pretrained", "settings", "tasks", "runs", "summary", "timings", "mmadapters_version",
+            "run_key", "created"} <= set(results)
+    assert results["kind"] == "fewshot_comparison"
+    s = results["settings"]
+    assert s["tasks"] == TASKS and s["shots"] == [1, 2] and s["seeds"] == [0, 1]
+    assert s["methods"] == ["zeroshot", "tip", "tip-f", "caps"]
+    assert s["sizes"] == {"train_per_class": 4, "val_per_class": 2, "test_per_class": 3, "image_size": 32}
+    assert s["splits"] == {"support": "train", "search": "val", "score": "test"}
+    # per task: one zero-shot run + 3 methods x 2 shots x 2 seeds
+    runs = results["runs"]
+    assert len(runs) == 2 * (1 + 3 * 2 * 2)
+    for run in runs:
+        assert set(run) == {"task", "method", "shots", "seed", "metrics", "hyperparams", "timings"}
+        assert set(run["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+        assert 0.0 <= run["metrics"]["acc1"] <= 1.0 and 0.0 <= run["metrics"]["acc5"] <= 1.0  # 10 classes >= 5
+    zs = [r for r in runs if r["method"] == "zeroshot"]
+    assert [(r["task"], r["shots"], r["seed"]) for r in zs] == [(t, 0, None) for t in TASKS]
+    caps = [r for r in runs if r["method"] == "caps"]
+    assert all({"alpha", "beta", "gamma", "delta", "val_acc1"} <= set(r["hyperparams"]) for r in caps)
+    assert all(r["hyperparams"]["val_images"] == 20 for r in caps)  # 10 classes x 2 val images
+    assert {r["hyperparams"]["support_images"] for r in caps if r["shots"] == 2} == {20}
+    tipf = [r for r in runs if r["method"] == "tip-f"]
+    assert all("best_epoch" in r["hyperparams"] for r in tipf)
+    # summary: task x shots x method, n = seeds (zero-shot: its one run, repeated in each shots row)
+    summary = results["summary"]
+    assert len(summary) == 2 * 2 * 4
+    row = next(r for r in summary if (r["task"], r["shots"], r["method"]) == (TASKS[1], 2, "tip"))
+    accs = [r["metrics"]["acc1"] for r in runs if (r["task"], r["shots"], r["method"]) == (TASKS[1], 2, "tip")]
+    assert row["n"] == 2 and row["acc1_mean"] == pytest.approx(sum(accs) / 2)
+    assert row["acc1_std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+    assert all(r["n"] == 1 for r in summary if r["method"] == "zeroshot")
+    info = results["tasks"][TASKS[0]]
+    assert info["counts"]["train"]["evaluated"] == 40 and info["counts"]["test"]["evaluated"] == 30
+    assert set(info["timings"]["features_s"]) == {"train", "val", "test"}
+    # markdown: both tables with one row per task x shots, and the searched hyperparameters
+    md = (tmp / "out" / "cmp.md").read_text()
+    assert "| task | shots | zeroshot | tip | tip-f | caps |" in md
+    assert md.count(f"| {TASKS[0]} | 2 |") == 3 and "δ" in md
+    # the printed table
+    printed = compared["printed"]
+    header = next(line for line in printed.splitlines() if line.startswith("task"))
+    assert header.split() == ["task", "shots", "zeroshot", "tip", "tip-f", "caps"]
+    assert sum(line.startswith(TASKS[0]) for line in printed.splitlines()) == 2 and "±" in printed
+
+
+def test_features_extracted_once_per_split_and_captions_once(compared):
+    calls = compared["calls"]
+    descs = [d for d, _ in calls["images"]]
+    assert sorted(descs) == sorted(f"{t} {s} images" for t in TASKS for s in ("train", "val", "test"))
+    captions = [(d, n) for d, n in calls["texts"] if d and "captions" in d]
+    assert captions == [(f"{t} captions", 40) for t in TASKS]  # every train image's caption, once per task
+    assert sum(d == "classifier" for d, _ in calls["texts"]) == 2  # one classifier per task (cache was empty)
+
+
+def test_search_sees_val_only_and_support_comes_from_train(compared):
+    calls = compared["calls"]
+    feats = {d: out for d, out in calls["images"]}
+    assert len(calls["fits"]) == 2 * 3 * 2 * 2
+    for task in TASKS:
+        train, val, test = (feats[f"{task} {s} images"] for s in ("train", "val", "test"))
+        fits = [f for f in calls["fits"] if f["val_feats"].shape[0] == val.features.shape[0]
+                and torch.equal(f["val_feats"], val.features)]
+        assert len(fits) == 3 * 2 * 2  # every fit of this task got exactly the val split
+        for f in fits:
+            assert torch.equal(f["val_labels"], val.labels)
+            assert f["val_feats"].shape[0] != test.features.shape[0]
+            rows = f["support"].image_feats
+            # each support row is a train image (of the right label), never a test or val image
+            match = (rows @ train.features.T).max(dim=1)
+            assert torch.allclose(match.values, torch.ones(len(rows)), atol=1e-5)
+            assert torch.equal(train.labels[match.indices], f["support"].labels)
+
+
+def test_second_run_reuses_cache_and_output_guard(clip_dir, compared, capsys, monkeypatch):
+    tmp = compared["tmp"]
+    monkeypatch.chdir(tmp)
+    first = json.loads((tmp / "out" / "cmp.json").read_text())
+    assert all(not t["classifier_cache_hit"] for t in first["tasks"].values())
+    base = _args(clip_dir, tmp / "cache", "--task", TASKS[0], "--methods", "zeroshot,tip", "--shots", "1",
+                 "--output", "out/cmp.json")
+    assert main(base) == 2  # a different comparison does not silently replace the file
+    assert "holds the results of a different run" in capsys.readouterr().err
+    assert json.loads((tmp / "out" / "cmp.json").read_text())["run_key"] == first["run_key"]
+    assert main([*base, "--overwrite"]) == 0
+    again = json.loads((tmp / "out" / "cmp.json").read_text())
+    assert again["tasks"][TASKS[0]]["classifier_cache_hit"] is True
+    assert again["tasks"][TASKS[0]]["timings"]["generate_s"] < first["tasks"][TASKS[0]]["timings"]["generate_s"]
+    same_zs = [r["metrics"] for r in first["runs"] if (r["task"], r["method"]) == (TASKS[0], "zeroshot")]
+    assert [r["metrics"] for r in again["runs"] if r["method"] == "zeroshot"] == same_zs
+    assert main([*base, "--seeds", "0"]) == 0  # the same comparison may refresh its own file
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--task", "no-such-task"], "--task 'no-such-task'"),
+        (["--task", "shapes-sketch", "--methods", "zeroshot,lora"], "--methods 'lora'"),
+        (["--task", "shapes-sketch", "--shots", "8"], "--shots 8"),
+    ],
+)
+def test_errors_name_the_flag(extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # errors come before any model is loaded or data generated: the model need not exist
+    argv = ["fewshot-compare", "--model", f"local-dir:{tmp_path / 'absent'}", "--cache-dir", str(tmp_path), *SIZES, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "mmadapters fewshot-compare: error:" in err and message in err
+    assert not (tmp_path / "datasets").exists() and not (tmp_path / "fewshot_compare.json").exists()
+
+
+def test_bad_list_values_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fewshot-compare", "--shots", "1,four"])
+    assert info.value.code == 2 and "comma-separated list of int" in capsys.readouterr().err
