@@ -280,7 +280,7 @@ def clip_benchmark_compat() -> list[str]:
     import numpy as np
 
     changes = []
-    if importlib.util.find_spec("requests") is None:
+    if "requests" not in sys.modules and importlib.util.find_spec("requests") is None:
         standin = types.ModuleType("requests", "stand-in: requests is not installed (bench/zeroshot.py)")
 
         def _missing(name: str):
