@@ -53,16 +53,26 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-def render_pool(size: int, seed: int) -> tuple[np.ndarray, list[synth.Scene]]:
-    """Render ``size`` pretraining scenes once: (size, 64, 64, 3) uint8 images and their scenes."""
+def render_pool(size: int, seed: int, group: int = 8) -> tuple[np.ndarray, list[synth.Scene]]:
+    """Render ``size`` pretraining scenes once: (size, 64, 64, 3) uint8 images and their scenes.
+
+    Scenes come in groups of ``group`` that share colour, style, size, texture and background and
+    differ in shape (and position): a batch of whole groups holds hard negatives that only the shape
+    tells apart. Without them the tiny model matches captions by colour and never learns shapes.
+    """
     images = np.empty((size, 64, 64, 3), dtype=np.uint8)
     scenes: list[synth.Scene] = []
-    for i in tqdm(range(size), desc="rendering pretraining pool", unit="img"):
-        rng = np.random.default_rng([seed, synth._key("pretrain"), i])
-        scene = synth.sample_scene(rng, None, synth.PRETRAIN_STYLES)
-        images[i] = np.asarray(synth.render(scene, 64, rng))
-        scenes.append(scene)
-    return images, scenes
+    for g in tqdm(range(size // group), desc="rendering pretraining pool", unit="group"):
+        rng = np.random.default_rng([seed, synth._key("pretrain"), g])
+        base = synth.sample_scene(rng, None, synth.PRETRAIN_STYLES)
+        allowed = [s for s in synth.SHAPES if (base.colour, s) not in synth.HELDOUT_COMBOS]
+        for shape in rng.choice(allowed, size=min(group, len(allowed)), replace=False):
+            fixed = {"shape": str(shape), "colour": base.colour, "style": base.style, "size": base.size}
+            fixed.update(texture=base.texture, background=base.background)
+            scene = synth.sample_scene(rng, fixed)
+            images[len(scenes)] = np.asarray(synth.render(scene, 64, rng))
+            scenes.append(scene)
+    return images[: len(scenes)], scenes
 
 
 @torch.no_grad()
@@ -112,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default="vision/assets/tiny_clip", help="folder for open_clip_config.json + weights")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--pool-size", type=int, default=24576, help="pretraining images rendered once, re-captioned each step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--max-minutes", type=float, default=None, help="end the cosine schedule early when this wall time is reached")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy 2-core machine)")
     args = ap.parse_args(argv)
 
@@ -128,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if args.batch_size % 8:
+        raise SystemExit(f"--batch-size {args.batch_size}: expected a multiple of 8 (batches are groups of 8 scenes)")
     model = open_clip.CLIP(**MODEL_CFG).to(args.device)
     tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"])
     images, scenes = render_pool(args.pool_size, args.seed)
@@ -138,18 +151,27 @@ def main(argv: list[str] | None = None) -> int:
 
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
 
+    train_start = time.time()
+
+    def schedule_progress(step: int) -> float:
+        """Fraction of the run done: by steps, or by wall time when --max-minutes is the tighter bound."""
+        by_steps = (step - args.warmup) / max(1, args.steps - args.warmup)
+        if args.max_minutes is None:
+            return by_steps
+        return max(by_steps, (time.time() - train_start) / (60 * args.max_minutes))
+
     def lr_at(step: int) -> float:
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, schedule_progress(step))))
 
     rng = np.random.default_rng([args.seed, 1])
     history: list[dict] = []
     bar = tqdm(range(args.steps), desc="pretraining", unit="step")
     for step in bar:
         model.train()
-        idx = rng.choice(len(scenes), size=args.batch_size, replace=False)
+        groups = rng.choice(len(scenes) // 8, size=args.batch_size // 8, replace=False)
+        idx = (groups[:, None] * 8 + np.arange(8)).reshape(-1)
         captions = [synth.caption(scenes[i], rng) for i in idx]
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=args.device)
         x = to_tensor(images[idx]).to(args.device)
@@ -164,11 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        last = step + 1 == args.steps or (step >= args.warmup and schedule_progress(step) >= 1.0)
+        if (step + 1) % args.eval_every == 0 or last:
             model.eval()
             acc = zero_shot_accuracy(model, tokenizer, held_out, device=args.device)
             history.append({"step": step + 1, "loss": round(loss.item(), 4), "synth-shapes_test_acc1": round(acc, 4)})
             tqdm.write(f"step {step + 1}: loss {loss.item():.3f}  held-out synth-shapes zero-shot top-1 {acc:.3f}")
+        if last:
+            break
+    bar.close()
+    steps_done = step + 1
     train_seconds = time.time() - started
 
     model.eval()
@@ -187,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "mmadapters": {
             "trained_by": "scripts/pretrain_tiny_clip.py",
             "args": vars(args),
+            "steps_done": steps_done,
             "train_seconds": round(train_seconds, 1),
             "history": history,
             "zero_shot_test_acc1": results,

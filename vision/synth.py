@@ -290,31 +290,38 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     partial, so that short prompts such as "a photo of a circle." match.
     """
 
+    # A third of pretraining captions are short ("a star", "a sketch of a red star"), like prompt
+    # templates; they also make the shape, the hardest attribute to see, decide more contrasts.
+    short = rng is not None and rng.random() < 0.3
+
     def keep(p: float) -> bool:
         return rng is None or rng.random() < p
 
     # Unusual styles are named more often than photos, as people caption what is unusual.
     prefix = _STYLE_PREFIX[scene.style] if keep(0.5 if scene.style == "photo" else 0.8) else ""
     words: list[str] = []
-    if keep(0.6):
+    if not short and keep(0.6):
         words.append(scene.size)
-    if keep(0.9):
+    if keep(0.5 if short else 0.9):
         words.append(scene.colour)
-    if scene.style != "sketch" and scene.texture != "solid" and keep(0.6):
+    if not short and scene.style != "sketch" and scene.texture != "solid" and keep(0.6):
         words.append(scene.texture)
-    words.append(scene.shape if keep(0.93) else "shape")
+    words.append(scene.shape if short or keep(0.93) else "shape")
     noun_phrase = " ".join(words)
     text = f"{_article(noun_phrase, rng)} {noun_phrase}"
     if prefix:
         text = f"{prefix} {text}"
-    where = POSITIONS[scene.position][2] if keep(0.5) else ""
-    background = scene.style != "sketch" and keep(0.5)
+    where = POSITIONS[scene.position][2] if not short and keep(0.5) else ""
+    background = not short and scene.style != "sketch" and keep(0.5)
     if where and background:
         text += f" {where} of {_article(scene.background, rng)} {scene.background} background"
     elif where:
         text += f" {where}"
     elif background:
         text += f" on {_article(scene.background, rng)} {scene.background} background"
+    # Prompt templates usually end with a full stop; the canonical caption does not.
+    if rng is not None and rng.random() < 0.5:
+        text += "."
     return text
 
 
@@ -476,7 +483,10 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
         img = img.filter(ImageFilter.GaussianBlur(blur))
         arr = np.asarray(img, dtype=np.float32)
         if scene.style == "noisy":
-            arr = arr * rng.uniform(0.8, 1.05) + rng.normal(0, 18, size=3)  # exposure and colour cast
+            # washed-out colours, exposure and a colour cast: the colour names get harder to read
+            grey = arr.mean(axis=2, keepdims=True)
+            arr = grey + (arr - grey) * rng.uniform(0.45, 0.9)
+            arr = arr * rng.uniform(0.75, 1.1) + rng.normal(0, 22, size=3)
         arr = arr + rng.normal(0, sigma, size=arr.shape)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     return img
