@@ -204,11 +204,13 @@ def model_specs(names: Sequence[str], work: Path, seed: int) -> list[ModelSpec]:
             path = random_vit_b32(work / "models" / f"vit-b-32-random-seed{seed}.safetensors", seed)
             specs.append(ModelSpec("ViT-B-32 (random init)", ["--model", "ViT-B-32", "--pretrained", str(path)],
                                    ["--model", "ViT-B-32", "--pretrained", str(path)],
-                                   f"open_clip ViT-B-32, torch.manual_seed({seed}), one safetensors file for both"))
+                                   f"open_clip ViT-B-32, torch.manual_seed({seed}), one safetensors file for both",
+                                   {"open_clip": ("ViT-B-32", str(path))}))
         elif name == "tiny":
             directory, note = tiny_clip_dir(work, seed)
             specs.append(ModelSpec("tiny CLIP", ["--model", f"local-dir:{directory}"],
-                                   ["--model", f"local-dir:{directory}", "--pretrained", ""], note))
+                                   ["--model", f"local-dir:{directory}", "--pretrained", ""], note,
+                                   {"open_clip": (f"local-dir:{directory}", None)}))
         else:
             raise ValueError(f"--models: unknown model {name!r}; expected vit-b-32 and/or tiny")
     return specs
@@ -435,45 +437,46 @@ def bench_model(spec: ModelSpec, wds: Path, order: Sequence[WdsSample], work: Pa
     if base.exists():
         shutil.rmtree(base)
     env = child_env(a.threads, a.device)
-    ours_s, cb_s, ours_cls, cb_cls, records = [], [], [], [], []
+    ours_s, cb_s, warm_s, ours_cls, cb_cls, records = [], [], [], [], [], []
     ours_json: dict[str, Any] = {}
+    warm_json: dict[str, Any] = {}
     for rep in range(a.repeats):
         run_dir = base / f"rep{rep}"
+        warm_dir = run_dir / "warm"  # ours again: the classifier comes from the cache the cold run wrote
         pair = [("ours", ours_cmd(spec, wds, run_dir, run_dir / "cache", a)), ("cb", cb_cmd(spec, wds, run_dir, a))]
-        for who, cmd in pair if rep % 2 == 0 else pair[::-1]:  # alternate who goes first
-            seconds = run_timed(cmd, env, run_dir / f"{who}.log")
-            (ours_s if who == "ours" else cb_s).append(seconds)
-            print(f"  [{spec.label}] rep {rep} {'mmadapters zeroshot' if who == 'ours' else 'clip_benchmark eval'}: "
-                  f"{seconds:.2f}s", flush=True)
+        steps = (pair if rep % 2 == 0 else pair[::-1]) + [("warm", ours_cmd(spec, wds, warm_dir, run_dir / "cache", a))]
+        for who, cmd in steps:  # the cold runs alternate who goes first; the cached run follows our cold run
+            seconds = run_timed(cmd, env, (warm_dir if who == "warm" else run_dir) / f"{who}.log")
+            {"ours": ours_s, "cb": cb_s, "warm": warm_s}[who].append(seconds)
+            label = {"ours": "mmadapters zeroshot", "cb": "clip_benchmark eval",
+                     "warm": "mmadapters zeroshot (cached classifier)"}[who]
+            print(f"  [{spec.label}] rep {rep} {label}: {seconds:.2f}s", flush=True)
         ours_json = json.loads((run_dir / "ours.json").read_text(encoding="utf-8"))
         if ours_json["timings"]["classifier_cache_hit"]:  # a fresh cache dir: the classifier must be built
             raise RuntimeError(f"{run_dir / 'ours.json'}: the cold run hit a classifier cache; expected a build")
+        warm_json = json.loads((warm_dir / "ours.json").read_text(encoding="utf-8"))
+        if not warm_json["timings"]["classifier_cache_hit"]:
+            raise RuntimeError(f"{warm_dir / 'ours.json'}: the second run did not load the cached classifier")
         ours_cls.append(ours_json["timings"]["classifier_s"])
         records.append(torch.load(run_dir / "cb.pt", weights_only=True))
         cb_cls.append(records[-1]["classifier_s"])
     last = base / f"rep{a.repeats - 1}"
+    warm_dir = last / "warm"
     record = records[-1]
-
-    warm_dir = last / "warm"  # ours again: the classifier comes from the cache the last cold run wrote
-    warm_s = run_timed(ours_cmd(spec, wds, warm_dir, last / "cache", a), env, warm_dir / "ours.log")
-    warm_json = json.loads((warm_dir / "ours.json").read_text(encoding="utf-8"))
-    if not warm_json["timings"]["classifier_cache_hit"]:
-        raise RuntimeError(f"{warm_dir / 'ours.json'}: the second run did not load the cached classifier")
-    print(f"  [{spec.label}] mmadapters zeroshot (cached classifier): {warm_s:.2f}s", flush=True)
 
     agreement = compare_predictions(read_predictions(last / "ours.jsonl"), order, record["logits"], record["targets"])
     warm_agreement = compare_predictions(read_predictions(warm_dir / "ours.jsonl"), order, record["logits"],
                                          record["targets"])
     cb_json = json.loads((last / "cb.json").read_text(encoding="utf-8"))
-    ours_med, cb_med = statistics.median(ours_s), statistics.median(cb_s)
+    ours_med, cb_med, warm_med = statistics.median(ours_s), statistics.median(cb_s), statistics.median(warm_s)
     ours_cls_med, cb_cls_med = statistics.median(ours_cls), statistics.median(cb_cls)
     t = ours_json["timings"]
     return {
         "model": spec.label, "model_note": spec.note, "ours_args": spec.ours, "cb_args": spec.cb,
-        "wall_s": {"ours": ours_s, "clip_benchmark": cb_s, "ours_median": ours_med, "clip_benchmark_median": cb_med,
-                   "ours_cached_classifier": warm_s},
+        "wall_s": {"ours": ours_s, "clip_benchmark": cb_s, "ours_cached_classifier": warm_s, "ours_median": ours_med,
+                   "clip_benchmark_median": cb_med, "ours_cached_classifier_median": warm_med},
         "speedup_end_to_end": cb_med / ours_med,
-        "speedup_end_to_end_cached": cb_med / warm_s,
+        "speedup_end_to_end_cached": cb_med / warm_med,
         "classifier_s": {"ours": ours_cls, "clip_benchmark": cb_cls, "ours_median": ours_cls_med,
                          "clip_benchmark_median": cb_cls_med, "ours_cached_load": warm_json["timings"]["classifier_s"]},
         "speedup_classifier": cb_cls_med / max(ours_cls_med, 1e-9),
@@ -489,6 +492,59 @@ def bench_model(spec: ModelSpec, wds: Path, order: Sequence[WdsSample], work: Pa
         "commands": {"ours": shlex.join(ours_cmd(spec, wds, last, last / "cache", a)),
                      "clip_benchmark": shlex.join(cb_cmd(spec, wds, last, a))},
     }
+
+
+def truncated_encode_text(model, tokens):
+    """``model.encode_text(tokens)`` for an open_clip ``CLIP`` run on the first ``L`` token positions only.
+
+    ``L`` is the longest prompt (SOT ... EOT) in ``tokens`` (N, context). The text tower's attention mask is
+    causal and the pooled feature is the EOT position's, so the positions after a prompt's EOT cannot change
+    it: the result equals the full-context one up to float rounding, at L/context of the work (less, for the
+    attention). Returns (N, D).
+    """
+    import torch
+
+    length = int((tokens != 0).sum(dim=1).max())  # the tokenizer pads with 0 after EOT
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]  # EOT has the largest token id
+    return model.text_projection(x) if hasattr(model.text_projection, "weight") else x @ model.text_projection
+
+
+def text_context_probe(spec: ModelSpec, classnames: Sequence[str], templates: Sequence[str], threads: int,
+                       batch_size: int = 256) -> dict[str, Any]:
+    """Time the zero-shot classifier's text encoding with the full context vs truncated to the longest prompt.
+
+    A diagnostic for a change to ``mmadapters.vision.zeroshot.encode_texts`` (see :func:`truncated_encode_text`):
+    both variants encode the same texts in batches of ``batch_size``; returns seconds, speed-up and the max
+    |difference| of the L2-normalized features.
+    """
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    name, pretrained = spec.extra["open_clip"]
+    model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    model.eval()
+    if type(model) is not open_clip.CLIP or getattr(model, "attn_mask", None) is None or \
+            getattr(model, "text_pool_type", "argmax") != "argmax":
+        return {"skipped": f"{type(model).__name__}: not an open_clip CLIP with a causal text tower and EOT pooling"}
+    tokens = open_clip.get_tokenizer(name)([t.replace("{c}", c) for c in classnames for t in templates])
+    out = {}
+    with torch.inference_mode():
+        for label, encode in (("full", model.encode_text), ("truncated", lambda x: truncated_encode_text(model, x))):
+            t0 = time.perf_counter()
+            feats = torch.cat([F.normalize(encode(tokens[i:i + batch_size]).float(), dim=-1)
+                               for i in range(0, len(tokens), batch_size)])
+            out[label] = (time.perf_counter() - t0, feats)
+    return {"texts": len(tokens), "context": tokens.shape[1], "longest": int((tokens != 0).sum(dim=1).max()),
+            "full_s": out["full"][0], "truncated_s": out["truncated"][0],
+            "speedup": out["full"][0] / max(out["truncated"][0], 1e-9),
+            "max_abs_diff": (out["full"][1] - out["truncated"][1]).abs().max().item()}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -548,23 +604,30 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {w['ours_median']:.2f} | {w['clip_benchmark_median']:.2f} | "
             f"**{r['speedup_end_to_end']:.2f}×** | {c['ours_median']:.2f} | {c['clip_benchmark_median']:.2f} | "
-            f"{r['speedup_classifier']:.2f}× | {w['ours_cached_classifier']:.2f} | {r['speedup_end_to_end_cached']:.2f}× | "
+            f"{r['speedup_classifier']:.2f}× | {w['ours_cached_classifier_median']:.2f} | {r['speedup_end_to_end_cached']:.2f}× | "
             f"{100 * ag['top1_agreement']:.2f}% ({ag['top1_agree']}/{ag['images']}) | {100 * k5:.2f}% | "
             f"{r['metrics']['ours']['acc1']:.4f} / {r['metrics']['clip_benchmark']['acc1']:.4f} |")
-    lines += ["", "Where our time goes (cold run, seconds):", "",
-              "| model | process start + imports | model load | classifier build | image features | rest |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "Where the time goes (last cold run of each, seconds; clip_benchmark's from its instrumented main):", "",
+              "| model | tool | process start, imports, exit | model load, setup, metrics | classifier | image pass | total |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["models"]:
-        t = r["ours_timings"]
-        rest = t["total_s"] - t["model_load_s"] - t["classifier_s"] - t["features_s"]
-        lines.append(f"| {r['model']} | {r['ours_process_overhead_s']:.2f} | {t['model_load_s']:.2f} | "
-                     f"{t['classifier_s']:.2f} | {t['features_s']:.2f} | {rest:.2f} |")
+        t, w = r["ours_timings"], r["wall_s"]
+        setup = t["total_s"] - t["classifier_s"] - t["features_s"]
+        lines.append(f"| {r['model']} | mmadapters | {r['ours_process_overhead_s']:.2f} | {setup:.2f} | "
+                     f"{t['classifier_s']:.2f} | {t['features_s']:.2f} | {w['ours'][-1]:.2f} |")
+        tc = r["ours_cached_timings"]
+        setup = tc["total_s"] - tc["classifier_s"] - tc["features_s"]
+        lines.append(f"| {r['model']} | mmadapters, cached classifier | {w['ours_cached_classifier'][-1] - tc['total_s']:.2f} | "
+                     f"{setup:.2f} | {tc['classifier_s']:.2f} | {tc['features_s']:.2f} | {w['ours_cached_classifier'][-1]:.2f} |")
+        cls_s, img_s = r["classifier_s"]["clip_benchmark"][-1], r["clip_benchmark_classification_s"]
+        lines.append(f"| {r['model']} | clip_benchmark | {r['clip_benchmark_process_overhead_s']:.2f} | "
+                     f"{r['clip_benchmark_main_s'] - cls_s - img_s:.2f} | {cls_s:.2f} | {img_s:.2f} | "
+                     f"{w['clip_benchmark'][-1]:.2f} |")
     lines += ["", "Notes:"]
     for r in result["models"]:
         diff = r["classifier_max_abs_diff"]
         lines.append(f"- {r['model']}: {r['model_note']}; max |W_ours − W_clip_benchmark| = "
-                     f"{'n/a' if diff is None else f'{diff:.2e}'}; clip_benchmark's image pass "
-                     f"{r['clip_benchmark_classification_s']:.2f}s vs our features {r['ours_timings']['features_s']:.2f}s.")
+                     f"{'n/a' if diff is None else f'{diff:.2e}'}.")
     lines += [
         "- Wall time: `time.perf_counter()` around each command as a subprocess (interpreter start to exit). The two "
         "tools alternate who runs first; both read the same webdataset shards, class names and templates files.",
@@ -576,6 +639,12 @@ def markdown(result: dict[str, Any]) -> str:
         "- Identical predictions: our `--predictions` lines against the top-k of clip_benchmark's logits, matched "
         "by webdataset key.",
     ]
+    for r in result["models"]:
+        pr = r.get("text_context_probe")
+        if pr and "skipped" not in pr:
+            lines.append(f"- {r['model']}, text-context probe ({pr['texts']} texts): full context {pr['context']} tokens "
+                         f"{pr['full_s']:.2f}s vs truncated to the longest prompt ({pr['longest']}) {pr['truncated_s']:.2f}s "
+                         f"= {pr['speedup']:.2f}× (max |Δ feature| {pr['max_abs_diff']:.1e}).")
     compat = sorted({c for r in result["models"] for c in r["clip_benchmark_compat"]})
     if compat:
         lines.append("- clip-benchmark 1.6.2 does not run unchanged in this environment; in its process: "
@@ -612,6 +681,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the random ViT-B-32 (default 0)")
     p.add_argument("--work-dir", default=str(REPO / "out" / "bench_zeroshot"))
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "zeroshot"), help="writes OUT.json and OUT.md")
+    p.add_argument("--probe-text-context", type=int, default=0, metavar="N",
+                   help="also time, in-process, the text encoding of the first N classes x templates with the full "
+                   "context vs truncated to the longest prompt (a diagnostic; default 0: off)")
     p.add_argument("--append-results", default=None, metavar="FILE", help="append the table, command and machine to FILE")
     a = p.parse_args(argv)
     a.classes = a.classes or (5 if a.quick else 100)
@@ -644,6 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in specs:
         print(f"{spec.label}: {spec.note}", flush=True)
         models.append(bench_model(spec, wds, order, work, a))
+        if a.probe_text_context:
+            probe = text_context_probe(spec, classnames[: a.probe_text_context], templates, a.threads)
+            models[-1]["text_context_probe"] = probe
+            print(f"  [{spec.label}] text context probe: {probe}", flush=True)
     command = shlex.join([".venv/bin/python", "bench/zeroshot.py", *argv])
     result = {
         "benchmark": "zeroshot", "command": command, "created": started, "machine": info,

@@ -123,3 +123,15 @@ def test_instrumented_clip_benchmark_matches_ours(bench, cb, tmp_path, monkeypat
     assert bench.compare_predictions(flipped, order, record["logits"], record["targets"])["top1_agree"] == len(order) - 1
     with pytest.raises(ValueError, match="order"):
         bench.compare_predictions(ours, order[::-1], record["logits"], record["targets"])
+
+
+def test_truncated_text_encoding_equals_full_context(bench, tmp_path):
+    import open_clip
+
+    clip_dir = write_clip_dir(tmp_path / "clip", tiny_clip_config(context_length=16), seed=1)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    tokens = open_clip.get_tokenizer(f"local-dir:{clip_dir}")([t.replace("{c}", c) for c in CLASSNAMES for t in TEMPLATES])
+    assert int((tokens != 0).sum(dim=1).max()) < tokens.shape[1]  # something to truncate
+    with torch.inference_mode():
+        full, short = model.eval().encode_text(tokens), bench.truncated_encode_text(model, tokens)
+    assert short.shape == full.shape and torch.allclose(short, full, atol=1e-5)
