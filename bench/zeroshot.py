@@ -537,6 +537,7 @@ def text_context_probe(spec: ModelSpec, classnames: Sequence[str], templates: Se
     out = {}
     with torch.inference_mode():
         for label, encode in (("full", model.encode_text), ("truncated", lambda x: truncated_encode_text(model, x))):
+            encode(tokens[:2])  # warm-up: first-call allocations are not the variant's cost
             t0 = time.perf_counter()
             feats = torch.cat([F.normalize(encode(tokens[i:i + batch_size]).float(), dim=-1)
                                for i in range(0, len(tokens), batch_size)])
