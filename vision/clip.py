@@ -76,11 +76,41 @@ class ClipBundle:
 def _sha256_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for path in paths:
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(path.name.encode() + b"\0" + _file_sha256(path).encode())
     return h.hexdigest()
+
+
+def _hash_cache_dir() -> Path:
+    root = os.environ.get("MMADAPTERS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mmadapters")
+    return Path(root) / "file_hashes"
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered on disk under (absolute path, size, mtime): hashing a 600 MB
+    checkpoint takes seconds, and cache keys need it on every run."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = _hash_cache_dir() / key
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache only costs the re-hash
+    return digest
 
 
 def _local_dir_files(directory: Path) -> tuple[Path | None, list[Path]]:
