@@ -342,11 +342,11 @@ def format_markdown(results: dict[str, Any]) -> str:
 
 def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
     """Run the comparison, print nothing, write the JSON (and markdown). Returns the results dictionary."""
-    from mmadapters.vision.clip import load_clip
     from tqdm import tqdm
 
     from mmadapters import __version__
     from mmadapters.io import atomic_write_bytes
+    from mmadapters.vision.clip import load_clip
 
     t_start = time.perf_counter()
     validate(config)

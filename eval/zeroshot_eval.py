@@ -231,11 +231,10 @@ def _json_bytes(obj: Any) -> bytes:
 
 def evaluate_zeroshot(config: ZeroShotConfig) -> dict[str, Any]:
     """Run one evaluation and write its results (and predictions). Returns the results dictionary."""
-    from mmadapters.vision.clip import load_clip
-    from mmadapters.vision.zeroshot import cached_classifier, extract_image_features, zeroshot_logits
-
     from mmadapters import __version__
     from mmadapters.io import atomic_write_bytes
+    from mmadapters.vision.clip import load_clip
+    from mmadapters.vision.zeroshot import cached_classifier, extract_image_features, zeroshot_logits
 
     t_start = time.perf_counter()
     if config.adapter not in ADAPTERS:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mmadapters.vision import synth
-from mmadapters.vision.clip import load_clip
-from mmadapters.vision.zeroshot import build_classifier
 from PIL import Image
 
 import mmadapters as mma
 from mmadapters.io import atomic_write_bytes
+from mmadapters.vision import synth
+from mmadapters.vision.clip import load_clip
+from mmadapters.vision.zeroshot import build_classifier
 
 METHODS = {
     "lora": lambda: mma.LoRAConfig(r=8, alpha=16, target_modules=["@image_attn", "@image_mlp_in"]),

@@ -28,12 +28,12 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from mmadapters.vision import synth
 from PIL import Image
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from mmadapters.io import atomic_write_bytes
+from mmadapters.vision import synth
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
 from mmadapters.eval.readers import WdsDataset
 from mmadapters.eval.zeroshot_eval import ZeroShotConfig, evaluate_zeroshot
 from mmadapters.vision.clip import tiny_clip_config, write_clip_dir
-from PIL import Image
 
 pytest.importorskip("clip_benchmark")
 pytest.importorskip("webdataset")

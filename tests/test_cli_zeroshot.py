@@ -10,9 +10,10 @@ import sys
 import tarfile
 
 import pytest
+from PIL import Image
+
 from mmadapters.eval.cli import main
 from mmadapters.vision.clip import tiny_clip_config, write_clip_dir
-from PIL import Image
 
 CLASSES = [("red_circle", (230, 30, 30)), ("blue_square", (30, 30, 230)), ("green_star", (30, 200, 30))]
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+
 from mmadapters.eval.cli import main
 from mmadapters.vision import fewshot as fewshot_mod
 from mmadapters.vision import zeroshot as zeroshot_mod

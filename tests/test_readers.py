@@ -10,6 +10,8 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mmadapters.eval.metrics import classification_metrics, mean_per_class_recall, topk_accuracy
 from mmadapters.eval.readers import (
     CoopSplitDataset,
@@ -20,7 +22,6 @@ from mmadapters.eval.readers import (
     collate_with_skips,
     read_templates,
 )
-from PIL import Image
 
 
 def _png(color, size=8) -> bytes:

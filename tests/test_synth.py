@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from mmadapters.vision import synth
 from PIL import Image
+
+from mmadapters.vision import synth
 
 TINY = dict(train_per_class=2, val_per_class=1, test_per_class=1, image_size=24, progress=False)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mmadapters.vision
 import open_clip
 import torch
 import torch.nn.functional as F
-from mmadapters.vision import synth
 from PIL import Image
 from safetensors import safe_open
+
+import mmadapters.vision
+from mmadapters.vision import synth
 
 ASSET = Path(mmadapters.vision.__file__).parent / "assets" / "tiny_clip"
 

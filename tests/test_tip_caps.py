@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mmadapters.vision.caps_adapter import (
     CapsAdapter,
     Captioner,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmadapters.vision.clip import ClipInfo, load_clip, tiny_clip_config, write_clip_dir
-from mmadapters.vision.vit import load_vit
 
 import mmadapters as mma
+from mmadapters.vision.clip import ClipInfo, load_clip, tiny_clip_config, write_clip_dir
+from mmadapters.vision.vit import load_vit
 
 
 @pytest.fixture(scope="module")

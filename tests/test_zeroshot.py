@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
 from mmadapters.eval.readers import ImageFolderDataset, collate_with_skips
 from mmadapters.vision.clip import load_clip, tiny_clip_config, write_clip_dir
 from mmadapters.vision.zeroshot import (
@@ -14,7 +16,6 @@ from mmadapters.vision.zeroshot import (
     extract_image_features,
     zeroshot_logits,
 )
-from PIL import Image
 
 CLASSES = ["red circle", "blue square", "green triangle", "yellow star", "a {weird} name"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}", "{c}"]
