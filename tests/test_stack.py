@@ -52,3 +52,11 @@ def test_ruff_clean():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([ruff, "check", str(root)], capture_output=True, text=True, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_public_name_resolves():
+    import mmadapters as mma
+
+    for name in mma.__all__:
+        assert getattr(mma, name) is not None, name
+    assert sorted(mma.__all__) == sorted(set(mma.__all__))
