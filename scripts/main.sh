@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set up (or reuse) the environment, then, offline, on the tiny CLIP shipped in the package:
 #   1. `mmadapters zeroshot` on the generated synth-shapes test split (CLIP_benchmark-style results JSON in out/);
-#   2. `mmadapters fewshot-compare`: zero-shot vs Tip-Adapter vs CapS-Adapter on a generated few-shot task whose
-#      images are sketches, a style rare in the tiny CLIP's pretraining (tables in out/fewshot_compare.{json,md}).
+#   2. `mmadapters fewshot-compare`: zero-shot vs Tip-Adapter vs CapS-Adapter, 4 shots per class and 3 seeds, on a
+#      generated task whose images are heavily noised (colour classes; a style rare in the tiny CLIP's pretraining),
+#      tuned on its val split, scored on its test split (tables in out/fewshot_compare.{json,md}).
 # Generated images and cached classifiers go to out/cache, so a fresh clone needs nothing else.
 # Extra arguments go to `mmadapters fewshot-compare` (e.g. --seeds 0,1,2 or --methods zeroshot,tip,tip-f,caps).
 # The adapter-core demonstration of earlier versions is still there: `mmadapters demo`.
@@ -14,5 +15,5 @@ cache=out/cache
 "$venv/bin/mmadapters" zeroshot --dataset synth-shapes --cache-dir "$cache" \
   --output "out/{dataset}_{model}_{task}.json" --overwrite
 echo
-"$venv/bin/mmadapters" fewshot-compare --task shapes-sketch --shots 4 --methods zeroshot,tip,caps --seeds 0,1,2 \
+"$venv/bin/mmadapters" fewshot-compare --task colours-noisy --shots 4 --methods zeroshot,tip,caps --seeds 0,1,2 \
   --cache-dir "$cache" --output out/fewshot_compare.json --markdown out/fewshot_compare.md --overwrite "$@"
