@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # Bump when rendering or captions change: a task folder written by another version is regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "pentagon", "crescent")
@@ -586,7 +586,7 @@ def generate_task(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"generating {task}", unit="img")
+        bar = tqdm(total=total, desc=f"generating {task}", unit="img", disable=None)  # off when not a terminal
     lines: list[str] = []
     avoid = HELDOUT_COMBOS if spec.avoid_heldout else frozenset()
     for split_index, split in enumerate(SPLITS):
