@@ -212,7 +212,7 @@ def route(model: nn.Module, adapter_names: Sequence[str | None], *, cache: Adapt
             distinct.append(n)
     if cache is None:
         cache = model.__dict__.get("_mma_route_cache")
-        if cache is None:
+        if cache is None or cache._model_id != id(model):  # none yet, or copied along with a deep-copied model
             cache = AdapterCache()
             object.__setattr__(model, "_mma_route_cache", cache)
     cache._bind(model)

@@ -198,6 +198,20 @@ def test_errors_name_the_problem():
             pass
 
 
+def test_deep_copied_model_routes_with_its_own_cache():
+    import copy
+
+    model = make_toy("mlp")
+    mma.add_adapter(model, "a", mma.LoRAConfig(r=2, target_modules=["fc1"]))
+    _randomize(model, ["a"])
+    x = torch.randn(2, 10)
+    _check(model, x, ["a", None])
+    twin = copy.deepcopy(model)
+    _randomize(twin, ["a"], seed=3)
+    _check(twin, x, ["a", None])
+    _check(model, x, ["a", None])
+
+
 def test_route_restores_active_adapter_afterwards():
     model = make_toy("mlp")
     mma.add_adapter(model, "a", mma.LoRAConfig(r=2, target_modules=["fc1"]))
