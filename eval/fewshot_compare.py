@@ -39,14 +39,11 @@ from typing import Any
 import torch
 
 from .metrics import classification_metrics
+from .results_io import check_overwrite, jsonable, results_key, write_results
 from .zeroshot_eval import (
     ZeroShotConfig,
-    _check_overwrite,
-    _json_bytes,
-    _jsonable,
-    _loader,
-    _run_key,
     default_cache_dir,
+    image_loader,
     open_split,
     read_captions,
     resolve_classnames,
@@ -178,7 +175,7 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
     for split in SPLITS:
         t0 = time.perf_counter()
         dataset = open_split("imagefolder", root, split, clip.preprocess, classnames)
-        feats = extract_image_features(clip.model, _loader(dataset, zs), device=config.device, progress=config.progress,
+        feats = extract_image_features(clip.model, image_loader(dataset, zs), device=config.device, progress=config.progress,
                                        desc=f"{task} {split} images")
         if not feats.paths:
             raise ValueError(f"{root / split}: none of its {len(dataset)} images could be read")
@@ -234,7 +231,7 @@ def fit_and_score(data: TaskData, method: str, shots: int, seed: int, device: st
         fit_s = time.perf_counter() - t0
         with torch.inference_mode():
             logits = clf.logits(test.features.to(device)).float().cpu()
-        hyper = {k: _jsonable(v) for k, v in clf.hyperparams.items()}
+        hyper = {k: jsonable(v) for k, v in clf.hyperparams.items()}
     metrics = classification_metrics(logits, test.labels)
     return {"task": data.name, "method": method, "shots": shots if method != "zeroshot" else 0,
             "seed": seed if method != "zeroshot" else None, "metrics": metrics, "hyperparams": hyper,
@@ -357,12 +354,12 @@ def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     model_label = config.model or "tiny_clip"
     sizes = generator_sizes(config)
-    run_key = _run_key({"kind": "fewshot_comparison", "model": clip.info.model, "weights": clip.info.identity(),
+    run_key = results_key({"kind": "fewshot_comparison", "model": clip.info.model, "weights": clip.info.identity(),
                         "tasks": config.tasks, "sizes": sizes, "shots": config.shots, "methods": config.methods,
                         "seeds": config.seeds})
     out_path = Path(config.output) if config.output else None
     if out_path is not None:
-        _check_overwrite(out_path, run_key, config.overwrite)
+        check_overwrite(out_path, run_key, config.overwrite)
 
     fewshot_methods = [m for m in config.methods if m != "zeroshot"]
     per_task = len(fewshot_methods) * len(config.shots) * len(config.seeds) + ("zeroshot" in config.methods)
@@ -401,10 +398,7 @@ def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if out_path is not None:
-        if out_path.parent != Path(""):
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_path, _json_bytes(results))
-        results["output"] = str(out_path)
+        write_results(out_path, results)
     if config.markdown:
         md_path = Path(config.markdown)
         if md_path.parent != Path(""):

@@ -17,7 +17,6 @@ configuration refreshes the file. Files are written atomically.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import time
@@ -40,6 +39,7 @@ from .readers import (
     read_templates,
     wds_templates_file,
 )
+from .results_io import check_overwrite, jsonable, results_key, write_results
 
 FORMATS = ("imagefolder", "csv", "coop", "wds")
 ADAPTERS = ("none", "tip", "tip-f", "caps")
@@ -179,15 +179,11 @@ def read_captions(path: Path) -> dict[Path, str]:
     return out
 
 
-def _loader(dataset, config: ZeroShotConfig):
+def image_loader(dataset, config: ZeroShotConfig):
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
                       collate_fn=collate_with_skips, pin_memory=config.device.startswith("cuda"))
-
-
-def _run_key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def output_path(template: str, *, dataset: str, model: str, pretrained: str | None, task: str) -> Path:
@@ -198,35 +194,6 @@ def output_path(template: str, *, dataset: str, model: str, pretrained: str | No
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"--output {template!r}: only {{dataset}}, {{model}}, {{pretrained}} and {{task}} can be "
                          f"filled in ({e})") from e
-
-
-def _check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
-    if overwrite or not path.exists():
-        return
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8")).get("run_key")
-    except (OSError, ValueError, AttributeError):
-        previous = None
-    if previous != run_key:
-        raise FileExistsError(f"{path} holds the results of a different run (run_key {previous!r}, this run "
-                              f"{run_key!r}); choose another --output or pass --overwrite")
-
-
-def _jsonable(value: Any) -> Any:
-    """Tensors and numpy scalars as plain JSON values (hyperparameters come in all kinds)."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode()
 
 
 def evaluate_zeroshot(config: ZeroShotConfig) -> dict[str, Any]:
@@ -262,7 +229,7 @@ def evaluate_zeroshot(config: ZeroShotConfig) -> dict[str, Any]:
         raise ValueError(f"{root}: labels go up to {max(dataset.labels)} but there are {len(classnames)} class names "
                          f"(from {classnames_source})")
     task = "zeroshot_classification" if config.adapter == "none" else f"{config.adapter}_{config.shots}shot_classification"
-    run_key = _run_key({"model": clip.info.model, "weights": clip.info.identity(), "dataset": dataset_name,
+    run_key = results_key({"model": clip.info.model, "weights": clip.info.identity(), "dataset": dataset_name,
                         "format": fmt, "root": str(root.resolve()), "split": config.split, "classnames": classnames,
                         "templates": templates, "task": task, "seed": config.seed, "val_split": config.val_split,
                         "support_root": config.support_root, "captions": config.captions})
@@ -270,7 +237,7 @@ def evaluate_zeroshot(config: ZeroShotConfig) -> dict[str, Any]:
     if config.output:
         out_path = output_path(config.output, dataset=dataset_name, model=clip.info.short_name if config.model else
                                model_label, pretrained=config.pretrained and Path(config.pretrained).stem, task=task)
-        _check_overwrite(out_path, run_key, config.overwrite)
+        check_overwrite(out_path, run_key, config.overwrite)
 
     classifier = cached_classifier(clip.model, clip.tokenizer, classnames, templates, model_name=clip.info.model,
                                    weights_identity=clip.info.identity(), cache_dir=cache_dir / "classifiers",
@@ -283,7 +250,7 @@ def evaluate_zeroshot(config: ZeroShotConfig) -> dict[str, Any]:
                                        "count it and go on")
 
     t0 = time.perf_counter()
-    feats = extract_image_features(clip.model, _loader(dataset, config), device=config.device,
+    feats = extract_image_features(clip.model, image_loader(dataset, config), device=config.device,
                                    progress=config.progress, on_unreadable=on_unreadable, desc=f"{config.split} images")
     features_s = time.perf_counter() - t0
     if not feats.paths:
@@ -342,10 +309,7 @@ def evaluate_zeroshot(config: ZeroShotConfig) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if out_path is not None:
-        if out_path.parent != Path(""):
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_path, _json_bytes(results))
-        results["output"] = str(out_path)
+        write_results(out_path, results)
     return results
 
 
@@ -379,9 +343,9 @@ def _fit_adapter(config: ZeroShotConfig, fmt: str, root: Path, clip, weights: to
 
     index = sample_shots(torch.tensor(support_ds.labels), config.shots, config.seed, num_classes=len(classnames))
     shots = torch.utils.data.Subset(support_ds, index.tolist())
-    support_feats = extract_image_features(clip.model, _loader(shots, config), device=config.device,
+    support_feats = extract_image_features(clip.model, image_loader(shots, config), device=config.device,
                                            progress=config.progress, on_unreadable=on_unreadable, desc="support images")
-    val_feats = extract_image_features(clip.model, _loader(val_ds, config), device=config.device,
+    val_feats = extract_image_features(clip.model, image_loader(val_ds, config), device=config.device,
                                        progress=config.progress, on_unreadable=on_unreadable, desc="val images")
     if not support_feats.paths or not val_feats.paths:
         raise ValueError("no readable support or validation images")
@@ -400,7 +364,7 @@ def _fit_adapter(config: ZeroShotConfig, fmt: str, root: Path, clip, weights: to
                          None if caption_feats is None else caption_feats.to(dev))
     clf = fit_fewshot(config.adapter, weights, support, val_feats.features.to(dev), val_feats.labels.to(dev),
                       seed=config.seed, progress=config.progress)
-    hyper = {k: _jsonable(v) for k, v in clf.hyperparams.items()}
+    hyper = {k: jsonable(v) for k, v in clf.hyperparams.items()}
     info = {"kind": config.adapter, "shots": config.shots, "support_images": len(support_feats.paths),
             "support_skipped": len(support_feats.skipped), "val_images": len(val_feats.paths),
             "val_skipped": len(val_feats.skipped), "captions": captions is not None, "hyperparams": hyper}

@@ -1,0 +1,54 @@
+"""Results files shared by the evaluators: run keys, the overwrite guard, JSON encoding, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def results_key(payload: dict[str, Any]) -> str:
+    """A short stable hash of everything a run depends on (written as ``run_key``)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
+    if overwrite or not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")).get("run_key")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous != run_key:
+        raise FileExistsError(f"{path} holds the results of a different run (run_key {previous!r}, this run "
+                              f"{run_key!r}); choose another --output or pass --overwrite")
+
+
+def jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars as plain JSON values (hyperparameters come in all kinds)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode()
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """Write ``results`` as JSON to ``path`` atomically (creating its folder); records it under ``output``."""
+    from mmadapters.io import atomic_write_bytes
+
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json_bytes(results))
+    results["output"] = str(path)
