@@ -56,7 +56,7 @@ def test_zero_shot_on_fresh_generated_shapes_is_far_above_chance(tmp_path):
     chance = 1 / len(classnames)
     assert len(paths) == 100
     print(f"tiny CLIP zero-shot top-1 on 100 fresh synth-shapes images: {accuracy:.2f}")
-    assert accuracy >= 2 * chance, f"tiny CLIP zero-shot top-1 {accuracy:.2f} on synth-shapes (chance {chance:.2f})"
+    assert accuracy >= 4 * chance, f"tiny CLIP zero-shot top-1 {accuracy:.2f} on synth-shapes (chance {chance:.2f})"
 
 
 def test_tokenizer_from_local_dir_matches_context_length():
