@@ -69,6 +69,10 @@ class AdapterUnit(nn.Module, abc.ABC):
         representative of the group (it supplies the shared structure, not the weights)."""
         raise TypeError(f"{type(self).__name__} cannot be routed per sample")
 
+    def routed_apply(self, x: Tensor | None, h: Tensor, pool: dict[str, Tensor], idx: Tensor) -> Tensor:
+        """``h`` plus the per-sample change (units may fuse the addition into their last matmul)."""
+        return h + self.routed_change(x, h, pool, idx)
+
     # -- merging ------------------------------------------------------------------------------------
     def merge_into(self, base: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Return ``params`` (the base module's current parameters) with this activation unit folded in.

@@ -153,7 +153,7 @@ class AdaptedModule(nn.Module):
             if rep.kind == "parallel" and x is None:
                 raise RoutingError(f"{self.module_name}: a parallel adapter needs the module's input tensor")
             pool, idx = stacked(self, plan, key, rep, members, device)
-            h = h + rep.routed_change(x, h, pool, idx)
+            h = rep.routed_apply(x, h, pool, idx)
         h = h.movedim(0, bd_h)
         return (h, *rest) if rest is not None else h
 

@@ -54,7 +54,14 @@ class LoRALinear(AdapterUnit):
         init_last_layer(self.lora_B, zero=not config.gate)
 
     def change(self, x: Tensor, h: Tensor) -> Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        # Scale (and gate) the rank-r activations, not the output, and let the GEMM add into h: no
+        # extra passes over the (..., out) tensor, which dominate LoRA's cost on memory-bound devices.
+        t = self.gated(self.lora_A(self.dropout(x)) * self.scaling)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), t.reshape(-1, t.shape[-1]).to(h.dtype), self.lora_B.weight.t().to(h.dtype))
+        return out.view(h.shape)
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -73,9 +80,13 @@ class LoRALinear(AdapterUnit):
         return {"A": self.lora_A.weight, "B": self.gated(self.lora_B.weight * self.scaling)}
 
     def routed_change(self, x, h, pool, idx):
+        return self.routed_apply(x, torch.zeros_like(h), pool, idx)
+
+    def routed_apply(self, x, h, pool, idx):
         xb = self.dropout(x.reshape(x.shape[0], -1, x.shape[-1]))
-        t = torch.bmm(xb, pool["A"][idx].to(xb.dtype).transpose(1, 2))
-        return torch.bmm(t, pool["B"][idx].to(xb.dtype).transpose(1, 2)).reshape(h.shape)
+        t = torch.bmm(xb, pool["A"][idx].to(xb.dtype).transpose(1, 2))  # (B, L, r)
+        hb = h.reshape(h.shape[0], -1, h.shape[-1])
+        return torch.baddbmm(hb, t, pool["B"][idx].to(xb.dtype).transpose(1, 2)).view(h.shape)
 
 
 class LoRAConv(AdapterUnit):
