@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from .fewshot import SupportSet, caps_prompt, check_clip_weights, check_features, check_labels
-from .tip_adapter import DEFAULT_ALPHAS, DEFAULT_BETAS, accuracy, as_grid, grid_accuracy, tidy
+from .fewshot import SupportSet, caps_prompt, check_features, check_labels
+from .tip_adapter import DEFAULT_ALPHAS, DEFAULT_BETAS, CacheModel, accuracy, as_grid, grid_accuracy, tidy
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -220,7 +220,7 @@ def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     return ((p * log_p).sum(-1, keepdim=True) - p @ log_q.T).clamp_min(0)
 
 
-class CapsAdapter(nn.Module):
+class CapsAdapter(CacheModel):
     """CapS-Adapter over precomputed CLIP features (see the module docstring for the formula).
 
     Args:
@@ -248,22 +248,15 @@ class CapsAdapter(nn.Module):
         temperature: float = 0.5,
     ):
         super().__init__()
-        if not isinstance(support, SupportSet):
-            raise TypeError(f"support: expected a SupportSet, got {type(support).__name__}")
-        if support.caption_feats is None:
+        if isinstance(support, SupportSet) and support.caption_feats is None:
             raise ValueError("support.caption_feats: CapS-Adapter needs caption features of shape (N, D), got None")
         if not temperature > 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-        w = check_clip_weights(clip_weights, support.dim)
-        support = support.to(w.device)
-        labels = check_labels("support.labels", support.labels, num_classes=w.shape[1])
-        self.register_buffer("clip_weights", w)
+        support = self._init_cache(clip_weights, support)
         self.register_buffer("image_keys", support.image_feats.clone())
         self.register_buffer("caption_keys", support.caption_feats.clone())
-        self.register_buffer("cache_labels", labels.clone())
-        self.register_buffer("cache_values", F.one_hot(labels, w.shape[1]).float())
         self.temperature = float(temperature)
-        self.register_buffer("support_log_probs", class_log_probs(self.image_keys, w, self.temperature))
+        self.register_buffer("support_log_probs", class_log_probs(self.image_keys, self.clip_weights, self.temperature))
         self.alpha, self.beta, self.gamma, self.delta = float(alpha), float(beta), float(gamma), float(delta)
         self.register_buffer("kl_range", torch.zeros(2))
         self.register_buffer("aff_range", torch.zeros(2))
@@ -273,19 +266,7 @@ class CapsAdapter(nn.Module):
             "temperature": self.temperature,
         }
 
-    @property
-    def num_classes(self) -> int:
-        return self.clip_weights.shape[1]
-
-    @property
-    def dim(self) -> int:
-        return self.clip_weights.shape[0]
-
     # -- the terms, in the paper's order ----------------------------------------------------------
-
-    def clip_logits(self, feats: Tensor) -> Tensor:
-        """(B, D) -> (B, C): 100 · f · W."""
-        return 100.0 * feats @ self.clip_weights
 
     def affinity(self, feats: Tensor, delta: float | None = None) -> Tensor:
         """(B, D) -> (B, N): (1 − δ) · f · F_imgᵀ + δ · f · F_capᵀ."""

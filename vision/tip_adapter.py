@@ -145,7 +145,36 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-class TipAdapter(nn.Module):
+class CacheModel(nn.Module):
+    """What Tip-Adapter and CapS-Adapter share: the zero-shot classifier W (D, C) and a labelled cache
+    (buffers ``clip_weights``, ``cache_labels`` (N,), one-hot ``cache_values`` L (N, C))."""
+
+    def _init_cache(self, clip_weights: Tensor, support: SupportSet) -> SupportSet:
+        """Check and register W and the cache labels; returns ``support`` on W's device."""
+        if not isinstance(support, SupportSet):
+            raise TypeError(f"support: expected a SupportSet, got {type(support).__name__}")
+        w = check_clip_weights(clip_weights, support.dim)
+        support = support.to(w.device)
+        labels = check_labels("support.labels", support.labels, num_classes=w.shape[1])
+        self.register_buffer("clip_weights", w)
+        self.register_buffer("cache_labels", labels.clone())
+        self.register_buffer("cache_values", F.one_hot(labels, w.shape[1]).float())
+        return support
+
+    @property
+    def num_classes(self) -> int:
+        return self.clip_weights.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.clip_weights.shape[0]
+
+    def clip_logits(self, feats: Tensor) -> Tensor:
+        """(B, D) -> (B, C): zero-shot CLIP logits 100 · f · W."""
+        return 100.0 * feats @ self.clip_weights
+
+
+class TipAdapter(CacheModel):
     """Training-free Tip-Adapter over a support set of precomputed CLIP features.
 
     Args:
@@ -160,30 +189,11 @@ class TipAdapter(nn.Module):
 
     def __init__(self, clip_weights: Tensor, support: SupportSet, *, alpha: float = 1.0, beta: float = 1.0):
         super().__init__()
-        if not isinstance(support, SupportSet):
-            raise TypeError(f"support: expected a SupportSet, got {type(support).__name__}")
-        w = check_clip_weights(clip_weights, support.dim)
-        support = support.to(w.device)
-        labels = check_labels("support.labels", support.labels, num_classes=w.shape[1])
-        self.register_buffer("clip_weights", w)
+        support = self._init_cache(clip_weights, support)
         self.register_buffer("cache_keys", support.image_feats.clone())
-        self.register_buffer("cache_labels", labels.clone())
-        self.register_buffer("cache_values", F.one_hot(labels, w.shape[1]).float())
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.hyperparams: dict[str, Any] = {"kind": self.kind, "alpha": self.alpha, "beta": self.beta}
-
-    @property
-    def num_classes(self) -> int:
-        return self.clip_weights.shape[1]
-
-    @property
-    def dim(self) -> int:
-        return self.clip_weights.shape[0]
-
-    def clip_logits(self, feats: Tensor) -> Tensor:
-        """(B, D) -> (B, C): zero-shot CLIP logits 100 · f · W."""
-        return 100.0 * feats @ self.clip_weights
 
     def affinity(self, feats: Tensor) -> Tensor:
         """(B, D) -> (B, N): cosine similarities f · Fᵀ to the cached keys."""
