@@ -125,16 +125,22 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike, bits
     return directory
 
 
-def read_adapter_config(directory: str | os.PathLike) -> tuple[dict, AdapterConfig]:
-    path = Path(directory) / CONFIG_NAME
+def read_json_object(path: Path, missing: str) -> dict:
+    """The JSON object in ``path``; errors name the file (``missing``: what to say when it is absent)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: adapter config not found (expected {CONFIG_NAME} in {directory})")
+        raise FileNotFoundError(f"{path}: {missing}")
     try:
-        meta = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
+    if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[dict, AdapterConfig]:
+    path = Path(directory) / CONFIG_NAME
+    meta = read_json_object(path, f"adapter config not found (expected {CONFIG_NAME} in {directory})")
     for key in ("config", "fingerprint", "name", "weights_sha256"):
         if key not in meta:
             raise ValueError(f"{path}: field {key!r} is missing")

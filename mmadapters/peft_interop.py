@@ -49,7 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, read_json_object
 from .methods.lora import LoRAConfig, LoRAConv, LoRAEmbedding, LoRALinear, LoRAMultiheadAttention
 from .model import add_adapter, delete_adapter, get_config, wrappers
 from .targets import Target, iter_logical_modules, resolve_targets
@@ -338,14 +338,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
 
 def _read_peft_config(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: peft adapter config not found (expected {CONFIG_NAME})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path, f"peft adapter config not found (expected {CONFIG_NAME})")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: field 'peft_type' is {cfg.get('peft_type')!r}; only peft LoRA adapters ('LORA') "
                          "can be imported")
