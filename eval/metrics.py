@@ -53,3 +53,92 @@ def classification_metrics(logits, labels) -> dict[str, float]:
         "acc5": topk_accuracy(logits, labels, 5),
         "mean_per_class_recall": mean_per_class_recall(pred, labels, logits.shape[1]),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dynamic facial expression recognition (DFEW / MAFW / FERV39k convention)
+
+
+def war(y_true, y_pred) -> float:
+    """Weighted average recall = overall accuracy over the samples (N,); NaN for N == 0."""
+    t, p = _as_tensor(y_true).long(), _as_tensor(y_pred).long()
+    if t.shape != p.shape:
+        raise ValueError(f"y_true {tuple(t.shape)} and y_pred {tuple(p.shape)} differ in shape")
+    return math.nan if t.numel() == 0 else (t == p).double().mean().item()
+
+
+def uar(y_true, y_pred, num_classes: int | None = None) -> float:
+    """Unweighted average recall: recall per class present in ``y_true``, averaged with equal weights."""
+    return mean_per_class_recall(y_pred, y_true, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speech recognition: corpus-level WER / CER on the strings given (normalize first with normalize_text)
+
+_PUNCT_CATEGORIES = ("P", "S")  # Unicode punctuation and symbols; combining marks (M*) are kept
+
+
+def normalize_text(text: str) -> str:
+    """The normalization the ASR evaluator applies before WER/CER (a separate, explicit step).
+
+    NFC-compose, lowercase (``str.casefold`` is not used: it rewrites ß → ss), replace every Unicode
+    punctuation or symbol character by a space except apostrophes inside a word (``don't``), keep
+    combining marks (Devanagari vowel signs, Arabic harakat, …) and collapse whitespace.
+    """
+    import unicodedata
+
+    text = unicodedata.normalize("NFC", text).lower()
+    out = []
+    n = len(text)
+    for i, ch in enumerate(text):
+        cat = unicodedata.category(ch)
+        if ch in "'’" and 0 < i < n - 1 and text[i - 1].isalnum() and text[i + 1].isalnum():
+            out.append("'")
+        elif cat[0] in _PUNCT_CATEGORIES:
+            out.append(" ")
+        else:
+            out.append(ch)
+    return " ".join("".join(out).split())
+
+
+def edit_distance(ref: list | str, hyp: list | str) -> int:
+    """Levenshtein distance (substitutions + deletions + insertions) between two token sequences."""
+    if len(ref) < len(hyp):
+        ref, hyp = hyp, ref
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def _check_pairs(references, hypotheses) -> tuple[list[str], list[str]]:
+    refs, hyps = list(references), list(hypotheses)
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses: they must pair one to one")
+    for name, seq in (("references", refs), ("hypotheses", hyps)):
+        for i, s in enumerate(seq):
+            if not isinstance(s, str):
+                raise TypeError(f"{name}[{i}] is {type(s).__name__}; expected str")
+    return refs, hyps
+
+
+def wer(references, hypotheses) -> float:
+    """Corpus word error rate: total word edits / total reference words (whitespace-split, as given).
+
+    NaN when the references hold no words at all (the rate is undefined).
+    """
+    refs, hyps = _check_pairs(references, hypotheses)
+    edits = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps, strict=True))
+    words = sum(len(r.split()) for r in refs)
+    return math.nan if words == 0 else edits / words
+
+
+def cer(references, hypotheses) -> float:
+    """Corpus character error rate: total character edits / total reference characters (spaces count)."""
+    refs, hyps = _check_pairs(references, hypotheses)
+    edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps, strict=True))
+    chars = sum(len(r) for r in refs)
+    return math.nan if chars == 0 else edits / chars
