@@ -99,8 +99,12 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig, *, _targets:
         for key in set(aliases.values()) - _shared_in_use(state):
             del shared[key]
         raise
+    batch_dims = {t.name: t.batch_dim for t in targets if t.batch_dim is not None}
     for module_name, role, unit in units:
-        _wrap(model, module_name).add_unit(name, role, unit)
+        wrapper = _wrap(model, module_name)
+        wrapper.add_unit(name, role, unit)
+        if module_name in batch_dims:
+            wrapper.batch_dim = batch_dims[module_name]
     state.configs[name] = config
     state.shared[name] = aliases
     state.targets[name] = targets

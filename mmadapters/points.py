@@ -28,11 +28,14 @@ class AdapterPoint:
     patterns: tuple[str, ...]
     dim: int | None = None  # feature size of the module's output (for modules without out_features)
     doc: str = ""
+    batch_dim: int | None = None  # where the batch is in the module's input/output, if not dim 0 (per-sample routing)
 
-    def __init__(self, patterns: str | list[str] | tuple[str, ...], dim: int | None = None, doc: str = ""):
+    def __init__(self, patterns: str | list[str] | tuple[str, ...], dim: int | None = None, doc: str = "",
+                 batch_dim: int | None = None):
         object.__setattr__(self, "patterns", (patterns,) if isinstance(patterns, str) else tuple(patterns))
         object.__setattr__(self, "dim", dim)
         object.__setattr__(self, "doc", doc)
+        object.__setattr__(self, "batch_dim", batch_dim)
 
 
 def declare_adapter_points(module: nn.Module, points: dict[str, str | list[str] | AdapterPoint]) -> nn.Module:

@@ -36,6 +36,7 @@ class Target:
     module: nn.Module  # the base module (never a wrapper)
     dim: int | None = None  # output feature size, when an adapter point declares it
     parts: set[str] = field(default_factory=set)  # for nn.MultiheadAttention: {"in_proj", "out_proj"}
+    batch_dim: int | None = None  # batch dimension of the module's tensors, when an adapter point declares it
 
 
 def iter_logical_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module | None, str]]:
@@ -107,6 +108,8 @@ def resolve_targets(model: nn.Module, patterns: str | list[str] | None, what: st
                 target.parts |= parts
                 if point is not None and point.dim is not None:
                     target.dim = point.dim
+                if point is not None and point.batch_dim is not None:
+                    target.batch_dim = point.batch_dim
         if hits == 0:
             raise ValueError(f"{what}: pattern {pattern!r} matched no module of {type(model).__name__}")
     order = {n: i for i, (n, _, _) in enumerate(modules)}
