@@ -223,3 +223,33 @@ def test_route_restores_active_adapter_afterwards():
             base = model(x)
         after = model(x)
     assert torch.equal(before, after) and not torch.allclose(before, base)
+
+
+class _TimeMajor(nn.Module):
+    """Layers working on (T, B, D), like torchaudio's Conformer internals."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(d, d) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, D)
+        h = x.transpose(0, 1)
+        for blk in self.blocks:
+            h = torch.tanh(blk(h))
+        return h.transpose(0, 1)
+
+
+def test_adapter_point_batch_dim_routes_time_major_modules():
+    torch.manual_seed(0)
+    model = _TimeMajor()
+    mma.declare_adapter_points(model, {"block_out": mma.AdapterPoint("blocks.*", batch_dim=1)})
+    for n in ("a", "b"):
+        mma.add_adapter(model, n, mma.BottleneckConfig(bottleneck_dim=4, target_modules=["@block_out"]))
+    _randomize(model, ["a", "b"])
+    x = torch.randn(3, 5, 8)  # B=3 != T=5, so a wrong batch dim cannot pass silently
+    _check(model, x, ["a", None, "b"])
+    # without the declared batch dim the same layout is refused with a clear error, never mis-routed
+    plain = _TimeMajor()
+    mma.add_adapter(plain, "a", mma.BottleneckConfig(bottleneck_dim=4, target_modules=["blocks.*"]))
+    with pytest.raises(RoutingError, match="batch expected in dim 0"), torch.no_grad(), mma.route(plain, ["a", None, "a"]):
+        plain(x)
