@@ -389,7 +389,7 @@ def train_tem_adapter(model: TemAdapter, data: VideoQAFeatures, config: TemAdapt
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             for key in sums:
-                sums[key] += float(losses[key])
+                sums[key] += float(losses[key].detach())
             correct += int((out.scores.argmax(1) == answers).sum())
             batches += 1
         schedule.step()
