@@ -82,17 +82,22 @@ def normalize_text(text: str) -> str:
     """The normalization the ASR evaluator applies before WER/CER (a separate, explicit step).
 
     NFC-compose, lowercase (``str.casefold`` is not used: it rewrites ß → ss), replace every Unicode
-    punctuation or symbol character by a space except apostrophes inside a word (``don't``), keep
-    combining marks (Devanagari vowel signs, Arabic harakat, …) and collapse whitespace.
+    punctuation or symbol character by a space except apostrophes inside a word (``don't``; ``’`` becomes
+    ``'``), keep combining marks (Devanagari vowel signs, Arabic harakat, …) and collapse whitespace.
+    Numbers are kept as written (no spelling out); a hyphen splits words (``e-mail`` → ``e mail``).
     """
     import unicodedata
 
-    text = unicodedata.normalize("NFC", text).lower()
+    def word_char(c: str) -> bool:  # letters, digits and the combining marks that belong to them
+        return c.isalnum() or unicodedata.category(c)[0] == "M"
+
+    # NFC again after lower(): Unicode does not promise that lowercasing keeps a string in NFC.
+    text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).lower())
     out = []
     n = len(text)
     for i, ch in enumerate(text):
         cat = unicodedata.category(ch)
-        if ch in "'’" and 0 < i < n - 1 and text[i - 1].isalnum() and text[i + 1].isalnum():
+        if ch in "'’" and 0 < i < n - 1 and word_char(text[i - 1]) and word_char(text[i + 1]):
             out.append("'")
         elif cat[0] in _PUNCT_CATEGORIES:
             out.append(" ")
@@ -115,6 +120,9 @@ def edit_distance(ref: list | str, hyp: list | str) -> int:
 
 
 def _check_pairs(references, hypotheses) -> tuple[list[str], list[str]]:
+    for name, seq in (("references", references), ("hypotheses", hypotheses)):
+        if isinstance(seq, str):  # a bare string would be scored character by character, silently
+            raise TypeError(f"{name} is a str; expected a list of strings (one per utterance): wrap it as [{name[:-1]}]")
     refs, hyps = list(references), list(hypotheses)
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses: they must pair one to one")
