@@ -165,3 +165,14 @@ def test_bad_cue_files_get_named_errors(tmp_path):
     (tmp_path / "descriptions.json").write_text("[1, 2]")
     with pytest.raises(CueError, match="descriptions.json"):
         PrecomputedCues(tmp_path)(rows[1][0], [0], (32, 32))
+
+
+def test_linear_probe_baseline_runs_on_frozen_features(clip_dir, tmp_path):
+    from mmadapters.video.dfer import linear_probe
+
+    rows = _make_clips(tmp_path, n_per_class=4)
+    b = _bundle(clip_dir)
+    model = FineClipper(b.model, b.tokenizer, CLASSES, FineClipperConfig(cues=(), adapter_dim=4))
+    split = load_split(rows, progress=False)
+    res = linear_probe(model, split, split, num_frames=4, epochs=200)
+    assert res["war"] >= 0.75 and 0 <= res["uar"] <= 1 and res["trainable_params"] == 16 * 3 + 3

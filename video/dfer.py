@@ -28,8 +28,7 @@ from mmadapters.eval.metrics import uar, war
 
 from .cues import ClipCues, CueError, render_masks
 from .fineclipper import FineClipper
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from .io import IMAGE_EXTENSIONS, frame_files
 
 
 @dataclass
@@ -73,9 +72,9 @@ def read_all_frames(path: str | os.PathLike) -> Tensor:
     if path.is_dir():
         from PIL import Image
 
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = frame_files(path)
         if not files:
-            raise ValueError(f"{path}: frame directory holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"{path}: frame directory holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         frames = []
         for f in files:
             try:
@@ -199,3 +198,45 @@ def evaluate_fineclipper(model: FineClipper, split: DferSplit, *, num_frames: in
         per_class[name] = float((p[m] == k).double().mean()) if m.any() else math.nan
     return {"uar": uar(y, p, n), "war": war(y, p), "n": len(split.clips), "skipped": len(split.skipped),
             "skipped_reasons": split.skipped, "per_class_recall": per_class}
+
+
+@torch.no_grad()
+def frame_mean_features(model: FineClipper, split: DferSplit, *, num_frames: int = 16, batch_size: int = 32) -> Tensor:
+    """Frozen-CLIP (adapters off) mean frame features (N, D), L2-normalised, with test-time TSN sampling."""
+    import mmadapters as mma
+
+    active = mma.get_active(model.clip) if mma.adapter_names(model.clip) else None
+    if active is not None:
+        mma.set_active(model.clip, None)
+    try:
+        out = []
+        for s in range(0, len(split.clips), batch_size):
+            clips = split.clips[s:s + batch_size]
+            frames = torch.stack([c.frames[tsn_indices(len(c.frames), num_frames, False)] for c in clips])
+            out.append(F.normalize(model.encode_images(frames.to(model.pos_text.device)).mean(1), dim=-1).cpu())
+    finally:
+        if active is not None:
+            mma.set_active(model.clip, active)
+    return torch.cat(out) if out else torch.empty(0, model.dim)
+
+
+def linear_probe(model: FineClipper, train: DferSplit, test: DferSplit, *, num_frames: int = 16, epochs: int = 300,
+                 lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> dict:
+    """The CLIP linear-probe baseline: logistic regression on frozen mean frame features; UAR/WAR on ``test``."""
+    torch.manual_seed(seed)
+    xtr, xte = frame_mean_features(model, train, num_frames=num_frames), frame_mean_features(model, test, num_frames=num_frames)
+    ytr = torch.tensor([c.label for c in train.clips])
+    yte = torch.tensor([c.label for c in test.clips])
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    head = torch.nn.Linear(xtr.shape[1], len(model.classes))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    start = time.perf_counter()
+    for _ in range(epochs):  # full batch: the features are small
+        loss = F.cross_entropy(head((xtr - mu) / sd), ytr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = head((xte - mu) / sd).argmax(1)
+    return {"uar": uar(yte, pred, len(model.classes)), "war": war(yte, pred), "n": len(test.clips),
+            "trainable_params": sum(p.numel() for p in head.parameters()), "train_seconds": time.perf_counter() - start}

@@ -38,9 +38,7 @@ from torch import Tensor, nn
 
 import mmadapters as mma
 
-DFEW_CLASSES = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")  # DFEW labels 1..7
-MAFW_CLASSES = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",
-                "helplessness", "disappointment")  # MAFW labels 1..11
+from .readers import DFEW_CLASSES, MAFW_CLASSES  # noqa: F401  (label orders of the benchmarks, re-exported)
 
 # Fine-grained positive / negative descriptions (facial action cues). Unknown classes get a generic pair.
 _CUES = {
