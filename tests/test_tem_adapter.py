@@ -165,3 +165,75 @@ def test_config_errors_and_template():
     assert fuse_question_answer(" What next? ", "it grows") == "What next? it grows"
     with pytest.raises(ValueError, match="answer"):
         fuse_question_answer("q", "a", "{question}")
+
+
+# ------------------------------------------------------------------------------------ evaluator end to end
+
+
+def write_video(path, colour, frames: int = 6, size: int = 32) -> None:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            image = np.zeros((size, size, 3), np.uint8)
+            image[:, : 4 + 4 * i] = colour  # a bar that grows
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def qa_root(tmp_path_factory):
+    import json
+
+    root = tmp_path_factory.mktemp("qa")
+    (root / "videos").mkdir()
+    colours = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
+    for name, rgb in colours.items():
+        write_video(root / "videos" / f"{name}.mp4", rgb)
+    (root / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00 not a video" * 10)
+    names = list(colours)
+    rows = []
+    for i, name in enumerate([*names, *names, "broken"]):
+        options = [f"a {c} bar" for c in names] + ["nothing"]
+        rows.append({"vid_id": i, "vid_filename": f"videos/{name}.mp4", "question": "What colour?", "options": options,
+                     "answer": names.index(name) if name in names else 0, "q_type": "U" if i % 2 else "D"})
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]) + "\n")
+    return root
+
+
+def test_evaluator_zeroshot_and_tem_adapter(qa_root, tmp_path):
+    import json
+
+    from mmadapters.eval.videoqa_eval import VideoQAConfig, evaluate_videoqa
+
+    base = dict(annotations=str(qa_root / "train.jsonl"), num_frames=4, cache_dir=str(tmp_path / "cache"),
+                progress=False)
+    zs = evaluate_videoqa(VideoQAConfig(method="zeroshot", output=str(tmp_path / "zs.json"),
+                                        predictions=str(tmp_path / "pred.jsonl"), **base))
+    assert zs["task"] == "videoqa_multiple_choice" and zs["model"] == "tiny_clip"
+    c = zs["counts"]
+    assert (c["questions"], c["evaluated"], c["skipped"], c["videos"], c["videos_skipped"]) == (7, 6, 1, 4, 1)
+    assert c["skipped_by_reason"] == {"VideoError": 1} and "broken.mp4" in c["skipped_videos"][0]["video"]
+    assert 0.0 <= zs["metrics"]["acc"] <= 1.0 and zs["metrics"]["chance"] == 0.25
+    assert set(zs["metrics"]["acc_by_q_type"]) == {"U", "D"}
+    assert json.loads((tmp_path / "zs.json").read_text())["run_key"] == zs["run_key"]
+    preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and {"line", "vid_filename", "answer", "prediction", "scores"} <= set(preds[0])
+
+    tem = evaluate_videoqa(VideoQAConfig(method="tem-adapter", train_annotations=str(qa_root / "train.jsonl"),
+                                         epochs=2, batch_size=4, official_repeat_pairing=True,
+                                         output=str(tmp_path / "tem.json"), **base))
+    assert tem["task"] == "videoqa_multiple_choice_tem_adapter_official_repeat"
+    assert tem["timings"]["features_cache_hit"] and tem["counts"]["train_evaluated"] == 6
+    assert tem["adapter"]["config"]["official_repeat_pairing"] and tem["adapter"]["final"]["epoch"] == 2
+    with pytest.raises(FileExistsError, match="different run"):  # another run into the same file
+        evaluate_videoqa(VideoQAConfig(method="zeroshot", output=str(tmp_path / "tem.json"), **base))
+    with pytest.raises(ValueError, match="train-annotations"):
+        evaluate_videoqa(VideoQAConfig(method="tem-adapter", **base))
