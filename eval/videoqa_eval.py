@@ -37,7 +37,6 @@ from .results_io import check_overwrite, jsonable, results_key, write_results
 TASK = "videoqa_multiple_choice"
 METHODS = ("zeroshot", "tem-adapter")
 DEFAULT_OUTPUT = "{dataset}_{model}_{task}.json"
-FEATURES_VERSION = 1  # bump when what is cached changes
 MAX_LISTED_SKIPS = 1000
 
 
@@ -70,6 +69,7 @@ class VideoQAConfig:
     predictions: str | None = None
     cache_dir: str | None = None
     on_error: str = "skip"
+    num_workers: int = 0  # decoding workers
     overwrite: bool = False
     progress: bool = True
 
@@ -87,7 +87,8 @@ class EncodedSplit:
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"video", "questions", "reason"}
     texts_at_context_limit: int = 0  # fused texts the tokenizer may have cut
     seconds: float = 0.0
-    cache_hit: bool = False
+    frames_cached: int = 0  # videos whose frame features were found in the cache
+    frames_computed: int = 0  # videos decoded and encoded by this call
 
     @property
     def skipped_questions(self) -> int:
@@ -116,27 +117,21 @@ def videoqa_metrics(scores: torch.Tensor, answers: torch.Tensor, q_types: list[s
             "chance": (1.0 / options).mean().item()}
 
 
-def _frame_batch(frames_u8: torch.Tensor, preprocess) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> CLIP input (T, 3, S, S) through the model's own eval transform."""
-    from PIL import Image
-
-    return torch.stack([preprocess(Image.fromarray(f.permute(1, 2, 0).numpy())) for f in frames_u8])
-
-
 @torch.inference_mode()
 def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.PathLike | None = None,
                  num_frames: int = 8, template: str = "{question} {answer}", device: str = "cpu",
-                 on_error: str = "skip", cache_dir: str | os.PathLike | None = None,
+                 on_error: str = "skip", cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
                  progress: bool = False) -> EncodedSplit:
     """Read ``annotations`` and encode it with ``clip`` (a :class:`~mmadapters.vision.clip.ClipBundle`).
 
-    Frame features (V, T, D) and candidate text features (N, K, D) are L2-normalized. With ``cache_dir``
-    the encoded split is stored as safetensors under a key of (model weights, annotation file's path,
-    size and mtime, video root, frames, template) and reused.
+    Frame features come from :class:`~mmadapters.video.data.FrameFeatureCache` (computed once per weights,
+    file and sampling, under ``cache_dir/frame_features``); frame features (V, T, D) and candidate text
+    features (N, K, D) are L2-normalized here.
     """
-    from tqdm import tqdm
+    import tempfile
 
-    from mmadapters.video.io import VideoError, load_clip
+    from mmadapters.video.data import FrameFeatureCache
+    from mmadapters.video.io import VideoError
     from mmadapters.video.readers import read_trafficqa, trafficqa_video_path
     from mmadapters.video.tem_adapter import VideoQAFeatures, fuse_question_answer
     from mmadapters.vision.zeroshot import encode_texts
@@ -147,81 +142,49 @@ def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.P
     rows = read_trafficqa(annotations, video_root=root)
     if not rows:
         raise ValueError(f"{annotations}: no questions")
-    st = annotations.stat()
-    key = results_key({"v": FEATURES_VERSION, "model": clip.info.identity(), "file": str(annotations.resolve()),
-                       "size": st.st_size, "mtime": st.st_mtime_ns, "root": str(root.resolve()),
-                       "num_frames": num_frames, "template": template})
-    cache_file = Path(cache_dir) / "videoqa_features" / f"{key}.safetensors" if cache_dir else None
-    if cache_file is not None and cache_file.is_file():
-        split = _load_split(cache_file)
-        if on_error == "fail" and split.skipped:
-            raise UnreadableVideoError(f"{split.skipped[0]['video']}: {split.skipped[0]['reason']}")
-        return split
-
     first_row = {}
     for row in rows:
         first_row.setdefault(row.vid_filename, row)
-    videos = list(first_row)
     per_video = Counter(row.vid_filename for row in rows)
-    frame_feats, kept_videos, skipped = [], {}, []
-    for name in tqdm(videos, desc=f"{annotations.name} videos", disable=None if progress else True):
-        path = trafficqa_video_path(first_row[name], root)
+    paths = {name: str(trafficqa_video_path(row, root)) for name, row in first_row.items()}
+
+    with tempfile.TemporaryDirectory() as scratch:  # no cache_dir: features live for this call only
+        cache = FrameFeatureCache(Path(cache_dir) / "frame_features" if cache_dir else scratch, clip,
+                                  num_frames=num_frames, device=device)
         try:
-            frames = load_clip(path, num_frames)
+            stats = cache.build(list(paths.values()), num_workers=num_workers, fail_fast=on_error == "fail")
         except VideoError as e:
-            if on_error == "fail":
-                raise UnreadableVideoError(f"{e}; use on_error='skip' to count it and go on") from e
-            skipped.append({"video": str(path), "questions": per_video[name], "reason": f"VideoError: {e}"})
-            continue
-        feats = clip.model.encode_image(_frame_batch(frames, clip.preprocess).to(device))
-        frame_feats.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
-        kept_videos[name] = len(kept_videos)
+            raise UnreadableVideoError(f"{e}; use on_error='skip' to count it and go on") from e
+        bad = {b.path: b.reason for b in stats.skipped}
+        skipped = [{"video": paths[name], "questions": per_video[name], "reason": f"VideoError: {bad[paths[name]]}"}
+                   for name in paths if paths[name] in bad]
+        kept_names = [name for name in paths if paths[name] not in bad]
+        frames = cache.load([paths[name] for name in kept_names])
+    kept_videos = {name: i for i, name in enumerate(kept_names)}
+    frames = torch.nn.functional.normalize(frames.float(), dim=-1) if kept_names else frames
+
     kept = [row for row in rows if row.vid_filename in kept_videos]
     k = len(kept[0].options) if kept else 4
     texts = [fuse_question_answer(row.question, option, template) for row in kept for option in row.options]
-    tokens = clip.tokenizer(texts) if texts else torch.zeros(0, 1)
-    at_limit = int(((tokens != 0).sum(1) >= tokens.shape[1]).sum()) if texts else 0
-    text_feats = encode_texts(clip.model, clip.tokenizer, texts, device=device) if texts else torch.zeros(0, 1)
-    dim = frame_feats[0].shape[-1] if frame_feats else 1
+    at_limit = 0
+    if texts:
+        tokens = clip.tokenizer(texts)
+        at_limit = int(((tokens != 0).sum(1) >= tokens.shape[1]).sum())
+        text_feats = encode_texts(clip.model, clip.tokenizer, texts, device=device).reshape(len(kept), k, -1)
+    else:
+        text_feats = torch.zeros(0, k, frames.shape[-1] if frames.ndim == 3 else 1)
+    if not kept_names:
+        frames = torch.zeros(0, num_frames, text_feats.shape[-1])
     features = VideoQAFeatures(
-        frames=torch.stack(frame_feats) if frame_feats else torch.zeros(0, num_frames, dim),
+        frames=frames,
         video_index=torch.tensor([kept_videos[r.vid_filename] for r in kept], dtype=torch.long),
-        candidates=text_feats.reshape(len(kept), k, -1) if kept else torch.zeros(0, k, dim),
+        candidates=text_feats,
         answers=torch.tensor([r.answer for r in kept], dtype=torch.long),
         mask=torch.tensor([r.option_mask for r in kept], dtype=torch.bool).reshape(len(kept), k))
     features.candidates[~features.mask] = 0.0  # empty options carry no text
-    split = EncodedSplit(features, [r.line for r in kept], [r.q_type for r in kept], [r.vid_filename for r in kept],
-                         len(rows), len(videos), skipped, at_limit, time.perf_counter() - t0)
-    if cache_file is not None:
-        _save_split(cache_file, split)
-    return split
-
-
-def _save_split(path: Path, split: EncodedSplit) -> None:
-    from safetensors.torch import save
-
-    from mmadapters.io import atomic_write_bytes
-
-    f = split.features
-    meta = {k: getattr(split, k) for k in ("lines", "q_types", "vid_filenames", "num_questions", "num_videos",
-                                          "skipped", "texts_at_context_limit")}
-    tensors = {"frames": f.frames, "video_index": f.video_index, "candidates": f.candidates, "answers": f.answers,
-               "mask": f.mask}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"split": json.dumps(meta)}))
-
-
-def _load_split(path: Path) -> EncodedSplit:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from mmadapters.video.tem_adapter import VideoQAFeatures
-
-    t0 = time.perf_counter()
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads((handle.metadata() or {})["split"])
-    tensors = load_file(str(path))
-    return EncodedSplit(VideoQAFeatures(**tensors), **meta, seconds=time.perf_counter() - t0, cache_hit=True)
+    return EncodedSplit(features, [r.line for r in kept], [r.q_type for r in kept], [r.vid_filename for r in kept],
+                        len(rows), len(paths), skipped, at_limit, time.perf_counter() - t0,
+                        frames_cached=stats.hits, frames_computed=stats.computed)
 
 
 def score_split(method: str, test: EncodedSplit, train: EncodedSplit | None = None, *,
@@ -288,8 +251,8 @@ def evaluate_videoqa(config: VideoQAConfig) -> dict[str, Any]:
     model_label = clip.info.short_name if config.model else "tiny_clip"
     task = TASK if config.method == "zeroshot" else f"{TASK}_{_variant(config)}"
     run_key = results_key({"weights": clip.info.identity(), **{k: v for k, v in asdict(config).items()
-                                                               if k not in ("output", "predictions", "overwrite",
-                                                                            "progress", "cache_dir", "device")}})
+                                                               if k not in ("output", "predictions", "overwrite", "progress",
+                                                                            "cache_dir", "device", "num_workers")}})
     out_path = None
     if config.output:
         from .zeroshot_eval import output_path
@@ -298,7 +261,8 @@ def evaluate_videoqa(config: VideoQAConfig) -> dict[str, Any]:
         check_overwrite(out_path, run_key, config.overwrite)
 
     common = {"num_frames": config.num_frames, "template": config.template, "device": config.device,
-              "on_error": config.on_error, "cache_dir": cache_dir, "progress": config.progress}
+              "on_error": config.on_error, "cache_dir": cache_dir, "num_workers": config.num_workers,
+              "progress": config.progress}
     test = encode_split(clip, config.annotations, video_root=config.video_root, **common)
     train = None
     if config.method == "tem-adapter":
@@ -353,7 +317,8 @@ def build_results(*, dataset: str, model: str, pretrained: str | None, task: str
         counts.update({"train_questions": train.num_questions, "train_evaluated": len(train.features),
                        "train_skipped": train.skipped_questions})
     timings = {**(extra_timings or {}), "features_s": round(test.seconds + (train.seconds if train else 0.0), 4),
-               "features_cache_hit": test.cache_hit and (train is None or train.cache_hit),
+               "videos_from_cache": test.frames_cached + (train.frames_cached if train else 0),
+               "videos_encoded": test.frames_computed + (train.frames_computed if train else 0),
                "adapter_fit_s": (adapter or {}).get("fit_s", 0.0)}
     return {
         "dataset": dataset,

@@ -211,7 +211,7 @@ def qa_root(tmp_path_factory):
 def test_evaluator_zeroshot_and_tem_adapter(qa_root, tmp_path):
     import json
 
-    from mmadapters.eval.videoqa_eval import VideoQAConfig, evaluate_videoqa
+    from mmadapters.eval.videoqa_eval import UnreadableVideoError, VideoQAConfig, evaluate_videoqa
 
     base = dict(annotations=str(qa_root / "train.jsonl"), num_frames=4, cache_dir=str(tmp_path / "cache"),
                 progress=False)
@@ -231,9 +231,12 @@ def test_evaluator_zeroshot_and_tem_adapter(qa_root, tmp_path):
                                          epochs=2, batch_size=4, official_repeat_pairing=True,
                                          output=str(tmp_path / "tem.json"), **base))
     assert tem["task"] == "videoqa_multiple_choice_tem_adapter_official_repeat"
-    assert tem["timings"]["features_cache_hit"] and tem["counts"]["train_evaluated"] == 6
+    assert tem["timings"]["videos_encoded"] == 0 and tem["timings"]["videos_from_cache"] == 6  # 3 + 3 good videos
+    assert tem["counts"]["train_evaluated"] == 6
     assert tem["adapter"]["config"]["official_repeat_pairing"] and tem["adapter"]["final"]["epoch"] == 2
     with pytest.raises(FileExistsError, match="different run"):  # another run into the same file
         evaluate_videoqa(VideoQAConfig(method="zeroshot", output=str(tmp_path / "tem.json"), **base))
     with pytest.raises(ValueError, match="train-annotations"):
         evaluate_videoqa(VideoQAConfig(method="tem-adapter", **base))
+    with pytest.raises(UnreadableVideoError, match="broken.mp4"):
+        evaluate_videoqa(VideoQAConfig(method="zeroshot", on_error="fail", output=None, **base))
