@@ -89,6 +89,14 @@ def test_dfew_fold_file(tmp_path):
     assert [(c.frame_dir, c.num_frames, c.label, c.raw_label) for c in clips] == [
         ((tmp_path / "clips/00001").resolve(), 16, 0, "1"), ((tmp_path / "clips/00002").resolve(), 40, 6, "7")]
     assert DFEW_CLASSES[clips[1].label] == "fear" and clips[1].line == 2
+    # DFER-CLIP's published lists are 0-based (fed straight to a 7-way cross-entropy)
+    zero = read_dfer_annotation(write_lines(ann / "zero.txt", ["clips/00001 16 0", "clips/00002 40 6"]), "dfew",
+                                root=tmp_path, label_base=0)
+    assert [c.label for c in zero] == [0, 6]
+    with pytest.raises(AnnotationError, match=r"field 'label': expected 0..6 \(dfew, label_base=0\), got 7"):
+        read_dfer_annotation(write_lines(ann / "bad.txt", ["clips/1 16 7"]), "dfew", root=tmp_path, label_base=0)
+    with pytest.raises(ValueError, match="label_base=2"):
+        read_dfer_annotation(path, "dfew", label_base=2)
 
 
 def test_absolute_author_paths_need_strip_prefix(tmp_path):

@@ -13,10 +13,12 @@ folder and may not leave it (``..``, absolute paths elsewhere, symlinks pointing
 - objects: ``{"vid_id", "vid_filename", "question" | "q_body", "options": [...] | "option0".."option3",
   "answer", ["record_id", "q_type", "perspective"]}`` (what ``mmadapters.video.synth trafficqa`` writes).
 
-**DFEW / MAFW / FERV39k** (:func:`read_dfer_annotation`): the fold files DFER-CLIP ships,
-``<face_frame_dir> <num_frames> <label>`` per line with labels 1..C (DFEW and FERV39k 7 classes, MAFW
-11; DFEW and MAFW in 5 folds ``{DFEW,MAFW}_set_{1..5}_{train,test}.txt``, FERV39k one split
-``FERV39K_{train,test}.txt``). FERV39k's own split files (``Action/Sad/0010 Sad``: a clip folder and a
+**DFEW / MAFW / FERV39k** (:func:`read_dfer_annotation`): fold files of
+``<face_frame_dir> <num_frames> <label>`` lines (DFEW and FERV39k 7 classes, MAFW 11; DFEW and MAFW in 5
+folds ``{DFEW,MAFW}_set_{1..5}_{train,test}.txt``, FERV39k one split ``FERV39K_{train,test}.txt``).
+Labels are 1..C as the datasets number them (``label_base=1``, the default); the lists DFER-CLIP
+publishes feed the label straight into a C-way cross-entropy, i.e. 0..C-1: read those with ``label_base=0``.
+FERV39k's own split files (``Action/Sad/0010 Sad``: a clip folder and a
 class name) are read too. Labels are stored 0-based (``label``) next to the file's value (``raw_label``).
 """
 
@@ -196,14 +198,17 @@ def dfer_annotation_path(dataset: str, annotation_dir: str | os.PathLike, split:
 
 
 def read_dfer_annotation(path: str | os.PathLike, dataset: str, *, root: str | os.PathLike | None = None,
-                         strip_prefix: str | None = None) -> list[DferAnnotation]:
+                         strip_prefix: str | None = None, label_base: int = 1) -> list[DferAnnotation]:
     """Clips of a DFEW / MAFW / FERV39k annotation file (see the module docstring for the formats).
 
     Frame folders are resolved against ``root`` (default: the annotation file's folder) and must stay
     inside it. The published files carry their authors' absolute paths
     (``/data/.../DFEW/Clip/clip_224x224/00001``): pass ``strip_prefix`` (that leading part) to read them
-    relative to ``root``.
+    relative to ``root``. ``label_base``: the number of the first class in the file (1, or 0 for DFER-CLIP's lists).
     """
+    if label_base not in (0, 1):
+        raise ValueError(f"label_base={label_base!r}: expected 1 (labels 1..C) or 0 (labels 0..C-1)")
+    first, last = label_base, label_base + len(DFER_DATASETS[_dataset_key(dataset)]) - 1
     key = _dataset_key(dataset)
     classes = DFER_DATASETS[key]
     path = Path(path)
@@ -226,12 +231,13 @@ def read_dfer_annotation(path: str | os.PathLike, dataset: str, *, root: str | o
                 if num_frames < 1:
                     raise AnnotationError(f"{where} field 'num_frames': expected >= 1, got {num_frames}")
                 try:
-                    label = int(raw) - 1
+                    label = int(raw) - label_base
                 except ValueError:
-                    raise AnnotationError(f"{where} field 'label': expected an integer 1..{len(classes)}, "
+                    raise AnnotationError(f"{where} field 'label': expected an integer {first}..{last}, "
                                           f"got {raw!r}") from None
                 if not 0 <= label < len(classes):
-                    raise AnnotationError(f"{where} field 'label': expected 1..{len(classes)} ({key}), got {raw}")
+                    raise AnnotationError(f"{where} field 'label': expected {first}..{last} ({key}, label_base="
+                                          f"{label_base}), got {raw}")
             elif len(parts) == 2 and key == "ferv39k":
                 folder, raw = parts
                 num_frames = 0  # FERV39k's own lists do not count frames
