@@ -210,3 +210,10 @@ def test_argument_errors(videos):
         load_clip(videos / "good.mp4", timeout_s=0)
     with pytest.raises(ValueError, match="strategy"):
         load_clip(videos / "good.mp4", strategy="dense")
+
+
+def test_video_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(VideoError("a.mp4", "empty file (0 bytes)")))
+    assert isinstance(err, VideoError) and str(err) == "a.mp4: empty file (0 bytes)"

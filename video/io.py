@@ -64,10 +64,17 @@ BACKENDS = ("auto", "decord", "pyav")
 
 
 class VideoError(ValueError):
-    """A clip that cannot be loaded: ``str(err)`` is ``"<path>: <what is wrong>"``."""
+    """A clip that cannot be loaded: ``str(err)`` is ``"<path>: <what is wrong>"``.
 
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
+    ``VideoError(message)`` with one argument (how pickling and torch's DataLoader re-raise it from a worker) keeps
+    the message; ``path`` and ``reason`` are then None and the message."""
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        if reason is None:
+            self.path, self.reason = None, str(path)
+            super().__init__(str(path))
+            return
+        self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
