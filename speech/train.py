@@ -266,6 +266,15 @@ def add_noise(waves: Tensor, lengths: Tensor, snr_db: float, generator: torch.Ge
     return waves + noise * mask
 
 
+def move_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)`` unless every tensor is already there (moving is then a no-op; skipping it also avoids
+    ``nn.Module.to`` on adapted models: ``AdaptedModule`` shadows ``nn.Module._apply``)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device or (device.index is None and t.device.type == device.type) for t in tensors):
+        return model
+    return model.to(device)
+
+
 def _route(model: nn.Module, names: list[str | None] | None):
     if names is None or all(n is None for n in names):
         return contextlib.nullcontext()
@@ -382,7 +391,7 @@ def train(model: nn.Module, tokenizer, train_utterances: Sequence[Utterance], *,
     rng = random.Random(config.seed)
     noise_gen = torch.Generator().manual_seed(config.seed + 1)
     device = torch.device(config.device)
-    model.to(device)
+    move_to(model, device)
     optimizer, params = make_optimizer(model, config)
     state = TrainState(model, optimizer)
 

@@ -1,0 +1,260 @@
+"""Pretrain the shipped tiny multilingual ASR model (cascaded transducer) on the head languages of generated speech.
+
+    python -m mmadapters.speech.synth --utterances 1500 --seed 0 --out data/speech
+    python scripts/pretrain_tiny_asr.py --data data/speech --output speech/assets/tiny_asr --max-minutes 60 --threads 2
+
+Steps: read ``DIR/{train,dev,test}.jsonl`` (written by the generator); pick the head languages (the roles in
+``DIR/synth_config.json``, or ``--languages``); build a character tokenizer over the training text of *all*
+languages in the data (head and tail: the tail languages' adapters later need their characters, as a
+multilingual SentencePiece model would cover them); fit the global CMVN on head training audio; train with
+:func:`mmadapters.speech.train.train` (transducer loss on both passes, SpecAugment, AdamW, warmup + cosine);
+score dev and test WER per language on both passes; save with :func:`mmadapters.speech.model.save_asr` (fp16
+weights) plus ``README.md`` (commands, settings, WER) and ``training.json`` (the full record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mmadapters.io import atomic_write_bytes
+from mmadapters.speech.model import CascadedTransducer, TransducerConfig, parameter_counts, save_asr
+from mmadapters.speech.readers import Utterance, read_manifest
+from mmadapters.speech.tokenizer import CharTokenizer
+from mmadapters.speech.train import AudioSource, Callback, TrainConfig, evaluate, train
+
+# Model sizes (TransducerConfig fields). "tiny": ~1.1 M parameters (~2.2 MB fp16), trains on 2 CPU cores;
+# "small": the TransducerConfig defaults, ~3 M parameters (~6 MB fp16).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(subsampling_channels=32, d_model=96, first_layers=4, first_heads=4, first_ffn_dim=192, first_kernel_size=15,
+                 second_d_model=96, second_layers=2, second_heads=4, second_ffn_dim=192, second_kernel_size=15,
+                 pred_embed_dim=64, pred_dim=128, joint_dim=128, dropout=0.1),
+    "small": {},
+}
+MAX_MB = 15.0
+
+
+def language_roles(data: Path) -> dict[str, str]:
+    """language -> "head"/"tail" from ``data/synth_config.json`` (empty when the file is absent)."""
+    path = data / "synth_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return {lang: info["role"] for lang, info in meta["languages"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: expected field 'languages' mapping codes to objects with a 'role' ({err})") from None
+
+
+def read_split(data: Path, split: str, required: bool = True) -> list[Utterance]:
+    path = data / f"{split}.jsonl"
+    if not path.is_file():
+        if required:
+            raise SystemExit(f"{path}: manifest not found (generate data with `python -m mmadapters.speech.synth --out {data}`)")
+        return []
+    return read_manifest(path)
+
+
+def cap_per_language(utts: list[Utterance], n: int | None) -> list[Utterance]:
+    """The first ``n`` utterances of each language (all with None)."""
+    if n is None:
+        return utts
+    seen: dict[str, int] = {}
+    out = []
+    for u in utts:
+        if seen.get(u.lang, 0) < n:
+            seen[u.lang] = seen.get(u.lang, 0) + 1
+            out.append(u)
+    return out
+
+
+def model_config(preset: str, vocab_size: int, overrides: list[str]) -> TransducerConfig:
+    settings = dict(PRESETS[preset])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE (a TransducerConfig field)")
+        settings[key] = json.loads(value)
+    return TransducerConfig.from_dict({**settings, "vocab_size": vocab_size}, "pretrain_tiny_asr --preset/--set")
+
+
+def fit_cmvn(model: CascadedTransducer, utts: list[Utterance], n: int) -> int:
+    source = AudioSource(utts[:n])
+    waves = (w for i in range(len(source.utterances)) if (w := source.load(i)) is not None)
+    model.frontend.fit_cmvn(waves)
+    return len(source.utterances) - len(source.bad)
+
+
+def fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def wer_table(scores: dict[str, dict]) -> str:
+    """Markdown: language | dev WER first/second pass | test WER first/second pass (%)."""
+    langs = sorted(next(iter(scores.values())).per_language)
+    lines = ["| language | dev WER 1st pass | dev WER 2nd pass | test WER 1st pass | test WER 2nd pass |", "|---|---|---|---|---|"]
+    for lang in langs:
+        row = [scores[k].per_language.get(lang, {}).get("wer", math.nan) for k in ("dev_first", "dev_second", "test_first", "test_second")]
+        lines.append(f"| {lang} | " + " | ".join(fmt(v) for v in row) + " |")
+    avg = [scores[k].average_wer for k in ("dev_first", "dev_second", "test_first", "test_second")]
+    lines.append("| **average** | " + " | ".join(fmt(v) for v in avg) + " |")
+    return "\n".join(lines)
+
+
+def synth_command(data: Path) -> str | None:
+    """The generator command that recreates ``data`` (from its synth_config.json), if known."""
+    path = data / "synth_config.json"
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    langs = list(meta.get("languages", {}))
+    counts = meta.get("counts_per_language", {})
+    tails = [lang for lang, info in meta["languages"].items() if info.get("role") == "tail"]
+    head, tail = counts.get("head", {}), counts.get("tail", {})
+    parts = ["python -m mmadapters.speech.synth", f"--languages {','.join(langs)}", f"--tail-languages {','.join(tails)}"]
+    if head.get("train") is not None:
+        parts.append(f"--utterances {head['train']}")
+    if tail.get("train") is not None:
+        parts.append(f"--tail-utterances {tail['train']}")
+    if head.get("dev") is not None:
+        parts.append(f"--eval-utterances {head['dev']}")
+    if tail.get("unlabeled") is not None:
+        parts.append(f"--unlabeled {tail['unlabeled']}")
+    parts += [f"--seed {meta.get('seed', 0)}", f"--out {data}"]
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="generated data dir (python -m mmadapters.speech.synth --out DIR)")
+    p.add_argument("--output", type=Path, default=Path("speech/assets/tiny_asr"), help="model directory to write")
+    p.add_argument("--languages", default=None, help="comma-separated training languages (default: the head languages of the data)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TransducerConfig field (JSON value), e.g. --set first_layers=6")
+    p.add_argument("--steps", type=int, default=20000, help="optimizer steps (upper bound with --max-minutes)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for training")
+    p.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio seconds per batch")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=300, help="warmup steps")
+    p.add_argument("--schedule", choices=["cosine", "noam", "constant"], default="cosine")
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=500, help="dev evaluation every N steps (0: only at the end)")
+    p.add_argument("--dev-per-language", type=int, default=30, help="dev utterances per language scored during training")
+    p.add_argument("--cmvn-utterances", type=int, default=400)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fp16", action="store_true", help="store float32 weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    roles = language_roles(args.data)
+    train_all, dev_all, test_all = read_split(args.data, "train"), read_split(args.data, "dev"), read_split(args.data, "test")
+    present = sorted({u.lang for u in train_all})
+    if args.languages:
+        languages = args.languages.split(",")
+    else:
+        languages = [lang for lang in present if roles.get(lang, "head") == "head"]
+    unknown = [lang for lang in languages if lang not in present]
+    if unknown or not languages:
+        raise SystemExit(f"--languages: {unknown or 'none'} not in {args.data / 'train.jsonl'} (has {present})")
+    train_utts = [u for u in train_all if u.lang in languages]
+    dev_utts = [u for u in dev_all if u.lang in languages]
+    test_utts = [u for u in test_all if u.lang in languages]
+
+    tokenizer = CharTokenizer.from_texts(u.text for u in train_all)
+    config = model_config(args.preset, tokenizer.vocab_size, args.overrides)
+    model = CascadedTransducer(config).to(args.device)
+    counts = parameter_counts(model)
+    print(f"model: {counts['total']:,} parameters ({args.preset}); tokenizer: {tokenizer.vocab_size} ids over "
+          f"{len(present)} languages; training on {len(train_utts)} utterances of {','.join(languages)}", flush=True)
+    n_cmvn = fit_cmvn(model, train_utts, args.cmvn_utterances)
+
+    train_config = TrainConfig(steps=args.steps, batch_seconds=args.batch_seconds, lr=args.lr, weight_decay=args.weight_decay,
+                               schedule=args.schedule, warmup_steps=args.warmup, eval_every=args.eval_every,
+                               max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, seed=args.seed,
+                               device=args.device, progress=False if args.quiet else None)
+
+    class Log(Callback):
+        def on_step(self, state):
+            if state.step % 100 == 0:
+                print(f"step {state.step}: loss {state.loss:.3f} lr {state.lr:.2e} ({state.elapsed / 60:.1f} min)", flush=True)
+
+        def on_eval(self, state, result):
+            print(f"step {state.step}: dev WER {json.dumps({k: round(v, 3) for k, v in result.wers().items()})} "
+                  f"average {result.average_wer:.3f}", flush=True)
+
+    result = train(model, tokenizer, train_utts, config=train_config, dev=cap_per_language(dev_utts, args.dev_per_language),
+                   callbacks=[Log()])
+
+    scores = {}
+    eval_start = time.perf_counter()
+    for name, utts in (("dev", dev_utts), ("test", test_utts)):
+        for pass_ in ("first", "second"):
+            scores[f"{name}_{pass_}"] = evaluate(model, tokenizer, utts, pass_=pass_, device=args.device,
+                                                 progress=False if args.quiet else None, desc=f"{name} {pass_} pass")
+    eval_seconds = time.perf_counter() - eval_start
+
+    out = args.output
+    save_asr(out, model.cpu(), tokenizer, fp16=not args.no_fp16)
+    size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name not in ("README.md", "training.json")) / 1e6
+    command = "python scripts/pretrain_tiny_asr.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    record = {
+        "command": command, "data_command": synth_command(args.data), "languages": languages, "preset": args.preset,
+        "config": config.to_dict(), "parameters": counts, "size_mb": size_mb, "cmvn_utterances": n_cmvn,
+        "train": {**result.as_dict(), "config": train_config.to_dict(), "utterances": len(train_utts),
+                  "hours": sum(u.duration or 0.0 for u in train_utts) / 3600},
+        "scores": {k: v.as_dict() for k, v in scores.items()}, "final_eval_seconds": eval_seconds,
+        "torch_threads": torch.get_num_threads(), "device": args.device,
+    }
+    atomic_write_bytes(out / "training.json", (json.dumps(record, indent=1) + "\n").encode())
+    readme = f"""# Shipped tiny ASR model (cascaded Conformer transducer)
+
+Made by `scripts/pretrain_tiny_asr.py`: a multilingual cascaded transducer (causal streaming first pass +
+non-causal second pass, one LSTM predictor + joiner) pretrained on the head languages ({', '.join(languages)})
+of espeak-ng speech generated by `mmadapters.speech.synth`. The character tokenizer covers every language of
+the data ({', '.join(present)}), so the tail languages can be added with adapters (the LDA recipe).
+Load it with `mmadapters.speech.model.load_asr()`.
+
+## Commands
+
+```
+{synth_command(args.data) or '(data not made by mmadapters.speech.synth)'}
+{command}
+```
+
+## Model
+
+- {counts['total']:,} parameters ({args.preset} preset), weights {'fp16' if not args.no_fp16 else 'fp32'}, {size_mb:.2f} MB on disk
+- tokenizer: {tokenizer.vocab_size} ids (blank, unk, {tokenizer.vocab_size - 2} characters)
+- training: {result.steps} steps in {result.seconds / 60:.1f} min ({result.stopped_by} budget), {len(train_utts)} utterances
+  ({record['train']['hours']:.2f} h), batches of ≤ {args.batch_seconds:g} padded seconds, lr {args.lr:g} ({args.schedule}, warmup
+  {args.warmup}), device {args.device}, {torch.get_num_threads()} threads, seed {args.seed}
+
+## WER (%, greedy decoding, normalized text)
+
+{wer_table(scores)}
+
+`training.json` holds the full record (loss history, dev evaluations, settings).
+"""
+    atomic_write_bytes(out / "README.md", readme.encode())
+    print(readme)
+    if size_mb > MAX_MB:
+        print(f"warning: {out} is {size_mb:.1f} MB, over the {MAX_MB:g} MB budget of the shipped model", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
