@@ -18,14 +18,20 @@ blank. The score of a path is the sum of the joint's log-softmax at each decisio
   predictor output and state only advance where it emitted (masked update), so no Python loop over
   samples.
 - :func:`beam_search` is the *modified beam search* of k2/icefall (Kang et al., "Fast and parallel decoding
-  for transducer", 2022), generalized to ``N`` symbols per frame (with the default ``N = 1`` it is exactly
-  icefall's ``modified_beam_search``): a frame-synchronous beam over hypotheses, where hypotheses with the
-  same token sequence at the same frame are merged by adding their probabilities (log-add). Within a frame
-  it expands up to ``N`` times (like ESPnet's time-synchronous decoding), keeping the ``beam`` best open
-  expansions. It runs per utterance, with that utterance's hypotheses batched through the predictor and
-  joiner. Because both walk the same lattice, ``beam_search(beam=1, max_symbols_per_frame=1)`` equals
-  ``greedy_decode(max_symbols_per_frame=1)`` (tested); for ``N > 1``, beam 1 compares whole-frame
-  continuations and may differ from greedy.
+  for transducer", 2022), generalized to ``N`` symbols per frame (with ``N = 1`` it is exactly icefall's
+  ``modified_beam_search``): a frame-synchronous beam over hypotheses, where hypotheses with the same token
+  sequence at the same frame are merged by adding their probabilities (log-add). Within a frame it expands
+  up to ``N`` times (like ESPnet's time-synchronous decoding), keeping the ``beam`` best open expansions and
+  stopping as soon as none can beat the ``beam``-th hypothesis that already finished the frame. The default
+  ``N`` is greedy's (5): a character model at 40 ms per frame often needs two symbols in a frame. It runs
+  per utterance, with that utterance's hypotheses batched through the predictor and joiner.
+
+Relations (tested): both walk the same lattice, so ``beam_search(beam=1, max_symbols_per_frame=1)`` equals
+``greedy_decode(max_symbols_per_frame=1)`` (for ``N > 1`` beam 1 compares whole-frame continuations and may
+differ from greedy); with a beam wider than the lattice the search is exact — each hypothesis's score is its
+probability summed over all its alignments; and on random models a beam's hypotheses are at least as likely
+as greedy's (:func:`log_likelihood`) — per utterance for a wide beam, on almost every utterance for beam 4
+(a pruned beam may drop alignments, so that is no guarantee).
 
 :class:`StreamingTranscriber` decodes the first (causal) pass while audio arrives, chunk by chunk, with the
 predictor state carried across chunks, and at the end of the utterance redecodes the whole utterance with
@@ -266,8 +272,8 @@ def _beam_one(model: nn.Module, enc: Tensor, beam: int, max_symbols: int, nbest:
         for v in range(max_symbols):
             r_seqs, r_scores, r_pred, r_state = opened[v]
             lp = logprobs(frame, r_pred)  # (K,V)
-            for i, s in enumerate(r_seqs):  # blank: the hypothesis moves to frame t+1 unchanged
-                sc = r_scores[i] + float(lp[i, blank])
+            for i, (s, lp_blank) in enumerate(zip(r_seqs, lp[:, blank].tolist(), strict=True)):
+                sc = r_scores[i] + lp_blank  # blank: the hypothesis moves to frame t+1 unchanged
                 if s in done:
                     done[s][0] = _logaddexp(done[s][0], sc)
                 else:
@@ -275,8 +281,13 @@ def _beam_one(model: nn.Module, enc: Tensor, beam: int, max_symbols: int, nbest:
             ext = torch.tensor(r_scores, device=lp.device).unsqueeze(1) + lp  # (K,V)
             ext[:, blank] = -math.inf
             top = ext.flatten().topk(min(beam, ext.numel() - ext.shape[0]))
-            cands = [(float(sc), int(j) // lp.shape[1], int(j) % lp.shape[1]) for sc, j in zip(top.values.tolist(), top.indices.tolist(),
-                                                                                             strict=True)]
+            v_size = lp.shape[1]
+            cands = [(sc, j // v_size, j % v_size) for sc, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+            if len(done) >= beam:  # a symbol only lowers a score: drop expansions below the beam's worst finished one
+                floor = sorted((info[0] for info in done.values()), reverse=True)[beam - 1]
+                cands = [c for c in cands if c[0] > floor]
+                if not cands:
+                    break
             if v == max_symbols - 1:  # the last symbol of a frame moves on to the next frame
                 for sc, i, k in cands:
                     s = r_seqs[i] + (k,)
@@ -317,7 +328,7 @@ def _beam_one(model: nn.Module, enc: Tensor, beam: int, max_symbols: int, nbest:
 
 
 def beam_search_nbest(model: nn.Module, enc: Tensor, enc_lengths: Tensor, beam: int = 4, *, nbest: int | None = None,
-                      max_symbols_per_frame: int = 1, adapters: Sequence[str | None] | None = None) -> list[list[Hypothesis]]:
+                      max_symbols_per_frame: int = 5, adapters: Sequence[str | None] | None = None) -> list[list[Hypothesis]]:
     """Modified beam search (see the module docstring); per sample the ``nbest`` (default ``beam``) best
     hypotheses, best first. ``enc (B,T,E)``, ``enc_lengths (B,)``. ``adapters``: one adapter name (or None)
     per sample, routed for that sample's hypotheses."""
@@ -334,7 +345,7 @@ def beam_search_nbest(model: nn.Module, enc: Tensor, enc_lengths: Tensor, beam: 
             for b in range(enc.shape[0])]
 
 
-def beam_search(model: nn.Module, enc: Tensor, enc_lengths: Tensor, beam: int = 4, *, max_symbols_per_frame: int = 1,
+def beam_search(model: nn.Module, enc: Tensor, enc_lengths: Tensor, beam: int = 4, *, max_symbols_per_frame: int = 5,
                 adapters: Sequence[str | None] | None = None) -> list[list[int]]:
     """Modified transducer beam search; the best token sequence per sample. ``enc (B,T,E)``, ``enc_lengths (B,)``."""
     hyps = beam_search_nbest(model, enc, enc_lengths, beam, nbest=1, max_symbols_per_frame=max_symbols_per_frame,
@@ -410,7 +421,7 @@ def _decode_tokens(model: nn.Module, enc: Tensor, enc_lengths: Tensor, decode: s
     if decode == "greedy":
         with _routed(model, adapters):
             return greedy_decode(model, enc, enc_lengths, max_symbols_per_frame)
-    return beam_search(model, enc, enc_lengths, beam, adapters=adapters)
+    return beam_search(model, enc, enc_lengths, beam, max_symbols_per_frame=max_symbols_per_frame, adapters=adapters)
 
 
 def transcribe(bundle: Any, waves: Sequence[Tensor], *, decode: str = "greedy", pass_: str = "second", batch_size: int = 16,
@@ -419,7 +430,8 @@ def transcribe(bundle: Any, waves: Sequence[Tensor], *, decode: str = "greedy", 
 
     ``bundle``: an :class:`~mmadapters.speech.model.AsrBundle` (``.model``, ``.tokenizer``). Waves are sorted
     by length and padded into batches of ``batch_size``; ``pass_`` picks the encoder ("first": causal,
-    "second": the full cascade); ``decode``: "greedy" or "beam" (``beam`` hypotheses, one symbol per frame).
+    "second": the full cascade); ``decode``: "greedy" or "beam" (``beam`` hypotheses); both decoders emit at most
+    ``max_symbols_per_frame`` symbols per frame.
     ``adapters``: one adapter name (or None for the base) per wave, routed per sample.
     """
     if decode not in ("greedy", "beam"):
@@ -499,9 +511,10 @@ class StreamingTranscriber:
 
     The first pass runs the causal encoder's stream (``model.stream``) and greedy search on its new frames,
     with the predictor output/state and the tokens carried from chunk to chunk, so its final text equals
-    offline greedy on ``model.encode(..., pass_="first")`` whatever the chunking. At :meth:`finish` the audio
-    of the utterance (kept as it arrived) goes through the whole cascade (``pass_="second"``) and is decoded
-    again (``second_pass``: "greedy", "beam", or None to keep the first-pass text). After :meth:`finish` the
+    offline greedy on ``model.encode(..., pass_="first")`` whatever the chunking. At :meth:`finish` the
+    first-pass frames of the whole utterance (kept as they came) go through the second, non-causal encoder
+    (``model.second``, as the cascade does offline: the result equals ``model.encode(..., pass_="second")``)
+    and are decoded again (``second_pass``: "greedy", "beam", or None to keep the first-pass text). After :meth:`finish` the
     transcriber is ready for the next utterance; :meth:`reset` abandons the current one.
     """
 
@@ -530,7 +543,7 @@ class StreamingTranscriber:
             self._stream = self.model.stream(self.batch_size)
             self._decoder = GreedyDecoder(self.model, self.batch_size, max_symbols_per_frame=self.max_symbols_per_frame,
                                           device=self.device)
-        self._chunks: list[Tensor] = []
+        self._frames: list[Tensor] = []
         self._t0: float | None = None
         self.partial_texts: list[str] = [""] * self.batch_size
         self.stats = StreamingStats(first_partial_audio_seconds=[None] * self.batch_size,
@@ -538,6 +551,7 @@ class StreamingTranscriber:
 
     def _decode_frames(self, frames: Tensor) -> list[str]:
         if frames.shape[1]:
+            self._frames.append(frames)
             self._decoder.advance(frames)
         return [self.tokenizer.decode(h) for h in self._decoder.tokens]
 
@@ -552,7 +566,6 @@ class StreamingTranscriber:
         if self._t0 is None:
             self._t0 = start
         chunk = chunk.to(self.device, torch.float32)
-        self._chunks.append(chunk)
         with torch.no_grad(), _eval_mode(self.model), _routed(self.model, self.adapters):
             frames = self._stream.push(chunk)
             texts = self._decode_frames(frames)
@@ -570,20 +583,21 @@ class StreamingTranscriber:
 
     def finish(self) -> list[str]:
         """End of utterance: flush the first pass (final first-pass texts in :attr:`first_pass_texts`), redecode
-        the whole utterance with the second pass, return the final texts and start a new utterance."""
+        the whole utterance with the second pass (final texts also in :attr:`final_texts`), return the final
+        texts and start a new utterance (:attr:`stats` keep the finished one's)."""
         start = time.perf_counter()
         with torch.no_grad(), _eval_mode(self.model), _routed(self.model, self.adapters):
             frames = self._stream.flush()
             self.first_pass_texts = self._decode_frames(frames)
         mid = time.perf_counter()
-        if self.second_pass is None or not self._chunks:
+        if self.second_pass is None or not self._frames:
             finals = list(self.first_pass_texts)
         else:
-            waves = torch.cat(self._chunks, dim=1)
-            lengths = torch.full((self.batch_size,), waves.shape[1], dtype=torch.long, device=self.device)
+            first = torch.cat(self._frames, dim=1)  # (B,T,E) == model.encode(waves, lengths, "first")
+            lengths = torch.full((self.batch_size,), first.shape[1], dtype=torch.long, device=self.device)
             with torch.no_grad(), _eval_mode(self.model):
                 with _routed(self.model, self.adapters):
-                    enc, enc_lengths = self.model.encode(waves, lengths, pass_="second")
+                    enc, enc_lengths = self.model.second(first, lengths)
                 hyps = _decode_tokens(self.model, enc, enc_lengths, self.second_pass, beam=self.beam,
                                       max_symbols_per_frame=self.max_symbols_per_frame, adapters=self.adapters)
             finals = [self.tokenizer.decode(h) for h in hyps]
