@@ -216,11 +216,18 @@ class PseudoLabels:
 def sequence_confidence(model: nn.Module, enc: torch.Tensor, enc_lengths: torch.Tensor,
                         hypotheses: Sequence[Sequence[int]]) -> torch.Tensor:
     """Per-token geometric-mean probability of each hypothesis under the transducer, all alignments summed:
-    ``exp(log P(y | x) / (U + 1))`` (U tokens plus the final blank). enc (B, T, E) -> (B,) in (0, 1]."""
+    ``exp(log P(y | x) / (U + 1))`` (U tokens plus the final blank). enc (B, T, E) -> (B,) in (0, 1];
+    NaN for empty hypotheses."""
     from mmadapters.speech.decode import log_likelihood
 
-    u = torch.tensor([len(h) for h in hypotheses], dtype=torch.float32, device=enc.device)
-    return torch.exp(log_likelihood(model, enc, enc_lengths, hypotheses).float() / (u + 1))
+    out = torch.full((len(hypotheses),), math.nan, device=enc.device)
+    keep = [i for i, h in enumerate(hypotheses) if len(h)]  # rnnt_loss needs U >= 1 somewhere in the batch
+    if keep:
+        idx = torch.tensor(keep, device=enc.device)
+        u = torch.tensor([len(hypotheses[i]) for i in keep], dtype=torch.float32, device=enc.device)
+        ll = log_likelihood(model, enc[idx], enc_lengths[idx], [hypotheses[i] for i in keep]).float()
+        out[idx] = torch.exp(ll / (u + 1))
+    return out
 
 
 def pseudo_label(teacher, utterances: Sequence[Utterance], *, adapter_for=None, pass_: str = "second", decode: str = "greedy",
@@ -322,8 +329,38 @@ def merge_best(checkpoints: Sequence[str | Path], dev_wers: Sequence[Mapping[str
     best = best_checkpoints(checkpoints, dev_wers, languages)
     sources = {lang: path for lang, (path, _) in best.items()}
     out = mma.select_from_checkpoints(sources, model, output_dir=output_dir, overwrite=overwrite)
+    if model is not None:
+        restore_batch_dims(model)
     return MergeResult({k: v[0] for k, v in best.items()}, {k: v[1] for k, v in best.items()},
                        model=model, output_dir=Path(output_dir) if output_dir is not None else (None if model is not None else out))
+
+
+def load_language_adapters(model: nn.Module, directory: str | Path, languages: Sequence[str] | None = None, *,
+                           replace: bool = False) -> list[str]:
+    """Load language adapters saved by :func:`mmadapters.save_adapters` (e.g. :func:`merge_best`'s ``output_dir``)
+    onto a foundation model, ready for per-sample routing. Returns the languages loaded."""
+    names = mma.load_adapters(model, directory, languages, replace=replace)
+    restore_batch_dims(model)
+    return names
+
+
+def restore_batch_dims(model: nn.Module) -> None:
+    """Give every adapted module the batch dimension its adapter point declares (time-major second pass: 1).
+
+    ``mmadapters.load_adapter`` rebuilds wrappers from the saved target names, which do not record the batch
+    dimension, so per-sample routing through loaded adapters would look for the batch in dim 0."""
+    from mmadapters.model import wrappers
+    from mmadapters.points import declared_points
+    from mmadapters.targets import resolve_targets
+
+    dims: dict[str, int] = {}
+    for point in declared_points(model):
+        for target in resolve_targets(model, [f"@{point}"]):
+            if target.batch_dim is not None:
+                dims[target.name] = target.batch_dim
+    for w in wrappers(model):
+        if w.batch_dim is None and w.module_name in dims:
+            w.batch_dim = dims[w.module_name]
 
 
 def read_dev_wers(directory: str | Path) -> tuple[list[Path], list[dict[str, float]]]:
@@ -367,6 +404,7 @@ def full_finetune(model: nn.Module, tokenizer, train_utterances: Sequence[Uttera
 
 __all__ = [
     "AdapterCheckpoints", "DEFAULT_POINTS", "LanguageAdapters", "LdaRun", "MergeResult", "PseudoLabels", "TARGET_FRACTION",
-    "adapter_config", "add_language_adapters", "best_checkpoints", "full_finetune", "language_router", "merge_best",
-    "noisy_student", "pseudo_label", "read_dev_wers", "sequence_confidence", "width_for_fraction",
+    "adapter_config", "add_language_adapters", "best_checkpoints", "full_finetune", "language_router", "load_language_adapters",
+    "merge_best",
+    "noisy_student", "pseudo_label", "read_dev_wers", "restore_batch_dims", "sequence_confidence", "width_for_fraction",
 ]
