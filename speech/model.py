@@ -298,6 +298,9 @@ class CascadedTransducer(nn.Module):
             bad = int((lengths < 1).nonzero()[0, 0])
             raise ValueError(f"forward: sample {bad} has {int(wave_lengths[bad])} samples, too short for one encoder frame")
         targets = targets.long()
+        if targets.numel() and (int(targets.max()) >= self.config.vocab_size or int(targets.min()) < 0):
+            raise ValueError(f"forward: target ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(targets.min())}, {int(targets.max())}]")
         start = torch.full((targets.shape[0], 1), self.blank, dtype=torch.long, device=targets.device)
         pred, _ = self.predictor(torch.cat([start, targets], dim=1))  # (B, U + 1, P)
         out = {"loss_first": self._rnnt(enc1, lengths, pred, targets, target_lengths)}
@@ -350,7 +353,7 @@ def parameter_counts(model: nn.Module, fraction: float = LDA_FRACTION) -> dict[s
     Adapter parameters (if any are attached) are not counted."""
     from mmadapters.targets import SHARED_ATTR, iter_logical_modules
 
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {name: 0 for name, _ in model.named_children() if name != SHARED_ATTR}
     seen: set[int] = set()
     for name, module, _parent, _attr in iter_logical_modules(model):
         if SHARED_ATTR in name.split("."):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -151,6 +152,9 @@ def test_loss_on_both_passes_trains(model, tok):
 
 
 def test_padded_batch_equals_each_sample_alone(model):
+    model = copy.deepcopy(model)  # the second pass's padding hooks must follow the copy
+    hook = next(iter(model.second.conformer.conformer_layers[0].conv_module.sequential[2]._forward_pre_hooks.values()))
+    assert hook.__self__ is model.second
     waves, lengths = _waves([12000, 7000, 3000])
     e1, e2, n = model.encode_both(waves, lengths)
     for i, k in enumerate(lengths.tolist()):
@@ -233,9 +237,16 @@ def test_adapters_at_each_point_train_and_switch_off_exactly(model, tok, point):
     assert torch.equal(off1, base1) and torch.equal(off2, base2) and torch.equal(off_loss, base_loss)
 
 
-def test_mixed_language_batch_routes_per_sample(model, tok):
-    cfg = mma.BottleneckConfig(bottleneck_dim=4, pre_norm=True,
-                               target_modules=["@attn_out", "@block_out", "@predictor_out", "@joiner_in"])
+ROUTED = {
+    "bottleneck": lambda: mma.BottleneckConfig(bottleneck_dim=4, pre_norm=True,
+                                               target_modules=["@attn_out", "@block_out", "@predictor_out", "@joiner_in"]),
+    "lora": lambda: mma.LoRAConfig(r=2, target_modules=["@attn", "@joiner_in"]),  # incl. torchaudio's MultiheadAttention
+}
+
+
+@pytest.mark.parametrize("method", list(ROUTED))
+def test_mixed_language_batch_routes_per_sample(model, tok, method):
+    cfg = ROUTED[method]()
     for n in ("a", "b"):
         mma.add_adapter(model, n, cfg)
     _randomize(model, ["a", "b"])
@@ -262,15 +273,22 @@ def test_mixed_language_batch_routes_per_sample(model, tok):
     assert not torch.allclose(b1[0], e1[0], atol=1e-3)
 
 
-def test_stream_runs_with_an_active_adapter(model):
-    mma.add_adapter(model, "a", mma.BottleneckConfig(bottleneck_dim=4, target_modules=["@first_block_out", "@first_attn_out"]))
-    _randomize(model, ["a"])
+def test_stream_with_adapters_active_and_routed_per_stream(model):
+    for n in ("a", "b"):
+        mma.add_adapter(model, n, mma.BottleneckConfig(bottleneck_dim=4, target_modules=["@first_block_out", "@first_attn_out"]))
+    _randomize(model, ["a", "b"])
+    waves, lengths = _waves([8000, 8000])
     mma.set_active(model, "a")
-    waves, lengths = _waves([8000])
     with torch.no_grad():
         whole, _ = model.encode(waves, lengths, "first")
-        st = model.stream(1)
+        st = model.stream(2)
         out = torch.cat([st.push(waves[:, i : i + 900]) for i in range(0, 8000, 900)] + [st.flush()], 1)
+    torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
+    mma.set_active(model, None)
+    with torch.no_grad(), mma.route(model, ["b", "a"]):  # one language per stream
+        whole, _ = model.encode(waves, lengths, "first")
+        st = model.stream(2)
+        out = torch.cat([st.push(waves[:, i : i + 3000]) for i in range(0, 8000, 3000)] + [st.flush()], 1)
     torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
 
 
