@@ -368,3 +368,95 @@ def test_streaming_next_utterance_and_errors():
         st.push(torch.zeros(2, 10))
     with pytest.raises(ValueError, match="second_pass"):
         StreamingTranscriber(bundle, second_pass="rescore")
+
+
+# -- the real tiny cascaded transducer ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    from mmadapters.speech.model import AsrBundle, CascadedTransducer, tiny_asr_config
+    from mmadapters.speech.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(list("abcdefghij "))
+    torch.manual_seed(0)
+    model = CascadedTransducer(tiny_asr_config(tokenizer.vocab_size)).eval()
+    with torch.no_grad():  # a random joiner emits one symbol at every step; these weights give varied outputs
+        model.joiner.enc_proj.weight.mul_(8)
+        model.joiner.out.weight.normal_(0, 0.5)
+        model.joiner.out.bias.normal_(0, 1)
+        model.joiner.out.bias[0] += 2
+    return AsrBundle(model, tokenizer, model.config)
+
+
+def _speechlike(n_samples, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n_samples) / 16000
+    f0 = 120 + 80 * torch.rand(b, 1, generator=g)
+    return 0.3 * torch.sin(2 * math.pi * f0 * t) * (1 + torch.sin(2 * math.pi * 3 * t)) + 0.05 * torch.randn(b, n_samples, generator=g)
+
+
+@pytest.mark.parametrize("chunk", [160, 640, 2500, 16000])
+def test_tiny_model_streaming_first_pass_equals_offline(tiny, chunk):
+    waves = _speechlike(12000)
+    st = StreamingTranscriber(tiny, batch_size=2)
+    partials = [st.push(waves[:, s : s + chunk]) for s in range(0, waves.shape[1], chunk)]
+    finals = st.finish()
+    assert st.first_pass_texts == transcribe(tiny, list(waves), pass_="first")
+    assert finals == transcribe(tiny, list(waves), pass_="second")
+    assert len(set("".join(st.first_pass_texts))) >= 3 and len(set("".join(finals))) >= 3 and finals != st.first_pass_texts
+    for b in range(2):
+        seq = [p[b] for p in partials] + [st.first_pass_texts[b]]
+        assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seq))
+    if any(p[0] for p in partials):
+        assert 0 < st.stats.first_partial_audio_seconds[0] <= 12000 / 16000
+    assert st.stats.audio_seconds == pytest.approx(0.75)
+
+
+def test_tiny_model_transcribe_batching_and_beam(tiny):
+    waves = list(_speechlike(9000, b=4, seed=1))
+    waves = [waves[0], waves[1][:3000], waves[2][:6100], waves[3][:800]]
+    alone = [transcribe(tiny, [w])[0] for w in waves]
+    assert transcribe(tiny, waves, batch_size=3) == alone
+    enc, lengths = tiny.model.encode(*_pad_list(waves), pass_="second")
+    with torch.no_grad():
+        g = greedy_decode(tiny.model, enc, lengths, max_symbols_per_frame=1)
+        assert beam_search(tiny.model, enc, lengths, beam=1, max_symbols_per_frame=1) == g
+        b = beam_search(tiny.model, enc, lengths, beam=4)
+    assert transcribe(tiny, waves, decode="beam", batch_size=3) == [tiny.tokenizer.decode(h) for h in b]
+
+
+def _pad_list(waves):
+    lengths = torch.tensor([w.shape[0] for w in waves])
+    out = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        out[i, : w.shape[0]] = w
+    return out, lengths
+
+
+def test_tiny_model_language_adapters_routed(tiny):
+    import copy
+
+    from mmadapters.speech.lda import add_language_adapters
+
+    model = copy.deepcopy(tiny.model)
+    add_language_adapters(model, ["de", "fr"], dim=4, freeze=False)
+    for i, lang in enumerate(["de", "fr"]):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in mma.adapter_parameters(model, lang).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    bundle = type(tiny)(model, tiny.tokenizer, tiny.config)
+    waves = _speechlike(6000, b=3, seed=2)
+    langs = ["de", None, "fr"]
+    routed = transcribe(bundle, list(waves), adapters=langs, pass_="second")
+    st = StreamingTranscriber(bundle, batch_size=3, adapters=langs)
+    for s in range(0, 6000, 1000):
+        st.push(waves[:, s : s + 1000])
+    assert st.finish() == routed
+    alone, alone_first = [], []
+    for w, lang in zip(waves, langs, strict=True):
+        mma.set_active(model, lang)
+        alone.append(transcribe(bundle, [w])[0])
+        alone_first.append(transcribe(bundle, [w], pass_="first")[0])
+    mma.set_active(model, None)
+    assert routed == alone and st.first_pass_texts == alone_first
+    assert transcribe(bundle, [waves[0]] * 2, adapters=["de", "fr"]) != transcribe(bundle, [waves[0]] * 2)
