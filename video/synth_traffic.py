@@ -304,6 +304,8 @@ def _valid(clip: Clip, track: Track) -> bool:
                 g0 = gaps[ev.start, i, j]
                 if not (8 * s <= g0 <= 26 * s) or gaps[: ev.start, i, j].min() < 3 * s:
                     return False
+                if ev.end < clip.num_frames and gaps[ev.end :, i, j].min() < 3 * s:  # they meet once only
+                    return False
             elif gaps[:, i, j].min() < 2.5 * s:
                 return False
     return True
