@@ -11,7 +11,9 @@ folder and may not leave it (``..``, absolute paths elsewhere, symlinks pointing
   other line a JSON list in that order (a file without the header is read in the same column order);
   unused options are empty strings;
 - objects: ``{"vid_id", "vid_filename", "question" | "q_body", "options": [...] | "option0".."option3",
-  "answer", ["record_id", "q_type", "perspective"]}`` (what ``mmadapters.video.synth trafficqa`` writes).
+  "answer", ["record_id", "q_type", "perspective"]}``.
+
+``python -m mmadapters.video.synth trafficqa`` writes the official layout (``annotations/R2_{all,train,test}.jsonl``).
 
 **DFEW / MAFW / FERV39k** (:func:`read_dfer_annotation`): fold files of
 ``<face_frame_dir> <num_frames> <label>`` lines (DFEW and FERV39k 7 classes, MAFW 11; DFEW and MAFW in 5
