@@ -406,7 +406,7 @@ def run_asr_eval(args: argparse.Namespace) -> dict[str, Any]:
     results = evaluate_asr(bundle, utterances, adapters=args.adapters, decode=args.decode, streaming=args.streaming,
                            batch_size=args.batch_size, fail_fast=args.fail_fast, baseline=args.baseline,
                            progress=not args.no_progress, beam=args.beam, chunk_ms=args.chunk_ms,
-                           max_seconds=args.max_seconds, mono=args.mono, dataset_name=dataset_name,
+                           max_seconds=args.max_seconds or None, mono=args.mono, dataset_name=dataset_name,
                            model_name=args.model or "tiny_asr", return_predictions=bool(args.predictions))
     results["timings"]["model_load_s"] = round(load_s, 4)
     results["settings"].update({"manifest": str(args.manifest), "split": args.split, "lang": args.lang,
@@ -496,7 +496,7 @@ def transcribe_files(files: Sequence[str | os.PathLike], *, model: str | None = 
 def _transcribe_command(args: argparse.Namespace) -> int:
     try:
         rows = transcribe_files(args.files, model=args.model, adapters=args.adapters, lang=args.lang, decode=args.decode,
-                                beam=args.beam, device=args.device, max_seconds=args.max_seconds, mono=args.mono)
+                                beam=args.beam, device=args.device, max_seconds=args.max_seconds or None, mono=args.mono)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         print(f"mmadapters asr transcribe: error: {e}", file=sys.stderr)
         return 2
@@ -524,7 +524,7 @@ def add_asr_parser(subparsers) -> None:
         p.add_argument("--decode", default="greedy", choices=DECODES, help=decode_help)
         p.add_argument("--beam", type=int, default=4, help="beam size for --decode beam (default: 4)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-        p.add_argument("--max-seconds", type=float, default=60.0, help="longer audio files are skipped (default: 60)")
+        p.add_argument("--max-seconds", type=float, default=60.0, help="longer audio files are skipped; 0: no limit (default: 60)")
         p.add_argument("--mono", default="error", choices=["error", "mix"],
                        help="multi-channel audio: skip it (error) or average the channels (mix) (default: error)")
 
