@@ -262,7 +262,8 @@ class ConformerStream:
         """The last partial chunk's frames; the stream is finished afterwards."""
         x, self.pending = self.pending, None
         if x is None or x.shape[1] == 0:
-            return torch.zeros(self.batch_size, 0, self.encoder.d_model)
+            param = next(self.encoder.parameters())
+            return torch.zeros(self.batch_size, 0, self.encoder.d_model, device=param.device, dtype=param.dtype)
         return self._run(x)
 
 

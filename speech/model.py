@@ -198,12 +198,15 @@ class EncoderStream:
 
     ``push(wave_chunk (B, s)) -> (B, t, E)``: the first-pass frames that became final (a whole number of
     attention chunks); ``flush() -> (B, r, E)``: the rest, at the end of the audio. However the audio is
-    cut, the frames concatenated equal ``model.encode(waves, lengths, "first")``. Modules run in the mode
-    they are in: call ``model.eval()`` first (dropout would make frames random)."""
+    cut, the frames concatenated equal ``model.encode(waves, lengths, "first")``; the second pass at the end
+    of an utterance is ``model.second(frames, lengths)``. Modules run in the mode they are in: call
+    ``model.eval()`` first (dropout would make frames random), and push under ``torch.no_grad()`` (the
+    caches would otherwise keep autograd graphs)."""
 
     def __init__(self, model: CascadedTransducer, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"EncoderStream.batch_size: expected a positive number of streams, got {batch_size}")
+        self.model = model
         self.batch_size = batch_size
         self.features = FeatureStream(model.frontend, batch_size)
         self.encoder = ConformerStream(model.first, batch_size)
@@ -227,7 +230,7 @@ class EncoderStream:
         self.finished = True
         last = self.features.flush()
         frames = [self.encoder.push(last)] if last.shape[1] else []
-        frames.append(self.encoder.flush().to(last.device))
+        frames.append(self.encoder.flush())
         out = torch.cat(frames, dim=1)
         self.frames_out += out.shape[1]
         return out
