@@ -29,6 +29,15 @@ def _waves(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return waves, torch.tensor(lengths)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP waits dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok() -> CharTokenizer:
     return CharTokenizer.from_texts(TEXTS)
