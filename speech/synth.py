@@ -43,6 +43,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import wave
 import zlib
 from collections.abc import Iterator, Sequence
@@ -440,11 +441,27 @@ def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
+def _replace_write(path: Path, data: bytes) -> None:
+    """Write via a temporary name and an atomic rename, without fsync.
+
+    An interrupted run never leaves a half-written wav under its real name; durability is restored once per
+    run by ``os.sync()`` before ``synth_config.json`` is written (an fsync per wav cost more than synthesis).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _render_task(task: tuple[UtterancePlan, str, str]) -> int:
-    """Worker: render one plan, write its wav atomically under ``out``; returns the number of samples."""
+    """Worker: render one plan, write its wav under ``out``; returns the number of samples."""
     plan, espeak, out = task
     samples = render_utterance(plan, espeak)
-    atomic_write_bytes(Path(out) / plan.path, wav_bytes(samples))
+    _replace_write(Path(out) / plan.path, wav_bytes(samples))
     return int(samples.shape[0])
 
 
@@ -646,6 +663,7 @@ def generate(
     for split in SPLITS:
         _write_jsonl(root / f"{split}.jsonl", [r for r in rows if r["split"] == split])
     _remove_stale(root, {p.path for p in plans})
+    os.sync()  # the wavs reach the disk before the config that declares the run complete
     record = {**settings, "totals": totals, "hours": round(sum(r["duration"] for r in rows) / 3600.0, 4)}
     atomic_write_bytes(config_path, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return manifest_path

@@ -216,3 +216,13 @@ def test_missing_espeak_says_how_to_install(monkeypatch, capsys, tmp_path):
     assert synth.main(["--languages", "en", "--out", str(tmp_path / "x"), "--utterances", "1"]) == 2
     assert "espeak-ng binary was not found" in capsys.readouterr().err
     assert os.environ["PATH"] == str(empty)
+
+
+@needs_espeak
+def test_clean_audio_has_silent_padding(tmp_path):
+    out = synth.generate(tmp_path / "clean", "en", utterances=1, eval_utterances=0, noise_snr=None, workers=1, progress=False).parent
+    with wave.open(str(out / "audio/en/train/en_train_000000.wav"), "rb") as w:
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    lead = int(synth.SILENCE_S[0] * 16000)
+    assert not x[:lead].any() and not x[-lead:].any() and x.any()
+    assert json.loads((out / "synth_config.json").read_text(encoding="utf-8"))["noise_snr_db"] is None
