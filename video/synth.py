@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trafficqa", help="moving shapes with events and 4-option questions (SUTD-TrafficQA rows)")
     common(t, 24)
-    t.add_argument("--objects", type=int, nargs=2, default=(2, 3), metavar=("MIN", "MAX"), help="objects per clip")
+    t.add_argument("--objects", type=int, nargs=2, default=(3, 3), metavar=("MIN", "MAX"),
+                   help="objects per clip (2 or 3; a clip with a collision always has 3)")
     t.add_argument("--test-fraction", type=float, default=0.2, help="share of clips in R2_test.jsonl")
     t.add_argument("--q-types", default="U,R,F", help="question types per clip: U (what happens to X), R (before/after), "
                    "F (what happens next)")

@@ -1,7 +1,9 @@
 """Moving-shape videos with events and 4-option questions, written as SUTD-TrafficQA rows (for Tem-Adapter).
 
-The world: two or three coloured shapes ("the red circle", "the blue square") in horizontal lanes on a
-road-like background. Each clip has two events, one after the other, done by two different objects:
+The world: three (optionally two) coloured shapes ("the red circle", "the blue square") in horizontal lanes
+on a road-like background. Each clip has two events, one after the other, done by two different objects; the
+object hit in a collision takes part in no other event (a clip with a collision always has three objects),
+so "what happens to X" has exactly one true answer:
 
 =========  ================================================================================================
 left/right the object slides 12–20 px (at 64 px) to the left / right
@@ -23,11 +25,12 @@ Questions (SUTD's ``q_type`` letters):
   prefix ends. The full clip is ``v00012.mp4``; ``meta.jsonl`` records ``observed_frames``. Writing the prefix
   as its own file keeps SUTD's row format (no extra field) and makes sure no model sees the future.
 
-Answers are balanced: the second event's kind cycles through the five kinds (so F answers are uniform over
-kinds), the answer position is a permutation schedule per (split, q_type), and the four options always have
-four *different* event kinds (distractors are events of the other kinds, on objects of the clip, that are
-clearly false in the asked window, e.g. the first event as a distractor of "what happens next"), so neither
-the position nor the wording of an option tells the answer. Whether an option is true is decided from the
+Answers are balanced: the (second, first) kind pairs follow a permutation schedule over the 20 ordered pairs
+(so the answers of every question type are uniform over kinds), the answer position follows a permutation
+schedule per (split, q_type), and the four options nearly always have four *different* event kinds
+(distractors are events of the other kinds, on objects of the clip, that are clearly false in the asked
+window, e.g. the first event as a distractor of "what happens next"), so neither the position nor the
+wording of an option tells the answer. Whether an option is true is decided from the
 simulated tracks (displacement, radius, colour, contact), not from the script of events.
 
 Layout written by :func:`generate_trafficqa`::
@@ -91,7 +94,7 @@ __all__ = [
     "truth",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1  # bump when clips or questions change: a folder of another version is rewritten
 HEADER = ["record_id", "vid_id", "vid_filename", "perspective", "q_body", "q_type", "option0", "option1", "option2", "option3", "answer"]
 KINDS: tuple[str, ...] = ("left", "right", "grow", "colour", "collide")
 Q_TYPES: tuple[str, ...] = ("U", "R", "F")
@@ -322,31 +325,33 @@ def _make_event(rng: np.random.Generator, kind: str, actor: int, start: int, end
     return Event(kind, actor, start, end, amount=float(rng.uniform(6, 9) * scale), target=target)
 
 
-def sample_clip(rng: np.random.Generator, second_kind: str, *, size: int = 64, num_frames: int = 24,
-                objects: tuple[int, int] = (2, 3)) -> Clip:
-    """Draw a valid clip whose second event has kind ``second_kind`` (rejection sampling on the tracks)."""
+def sample_clip(rng: np.random.Generator, second_kind: str, first_kind: str | None = None, *, size: int = 64,
+                num_frames: int = 24, objects: tuple[int, int] = (3, 3)) -> Clip:
+    """Draw a valid clip whose events have kinds ``first_kind`` (drawn among the others when None) and
+    ``second_kind``. Only the layout is redrawn until the tracks are valid, so the kinds keep their balance."""
     if num_frames < 16:
         raise ValueError(f"sample_clip: num_frames={num_frames}; need at least 16 for two events and a prefix")
     lo, hi = objects
     if not 2 <= lo <= hi <= 3:
         raise ValueError(f"sample_clip: objects={objects}; expected 2 <= MIN <= MAX <= 3")
+    if second_kind not in KINDS or (first_kind is not None and first_kind not in KINDS) or first_kind == second_kind:
+        raise ValueError(f"sample_clip: kinds ({first_kind!r}, {second_kind!r}) must be two different values of {KINDS}")
+    if first_kind is None:
+        first_kind = [q for q in KINDS if q != second_kind][int(rng.integers(len(KINDS) - 1))]
     s = size / 64.0
     for _ in range(500):
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
         bg = np.array(BACKGROUNDS[background], dtype=np.float64)
         usable = [c for c, rgb in COLOURS.items() if np.linalg.norm(np.subtract(rgb, bg)) > 110]
-        k = int(rng.integers(lo, hi + 1))
+        k = 3 if "collide" in (first_kind, second_kind) else int(rng.integers(lo, hi + 1))
         colours = [usable[i] for i in rng.permutation(len(usable))[: k + 1]]  # k objects + one new colour
-        kinds = [second_kind, [q for q in KINDS if q != second_kind][int(rng.integers(4))]]
-        first_kind = kinds[1]
         actors = rng.permutation(k)[:2]  # second event's actor, first event's actor
         a2, a1 = int(actors[0]), int(actors[1])
         lanes = list(rng.permutation(len(LANES))[:k])
         targets: dict[int, int] = {}
         for kind, actor in ((second_kind, a2), (first_kind, a1)):
             if kind == "collide":
-                others = [j for j in range(k) if j != actor]
-                target = others[int(rng.integers(len(others)))]
+                target = next(j for j in range(k) if j not in (a1, a2))  # the object with no event of its own
                 targets[actor] = target
                 lanes[target] = lanes[actor]
         objs = tuple(
@@ -483,9 +488,6 @@ def _questions(clip: Clip, track: Track, rng: np.random.Generator, q_types: Sequ
     for q in q_types:
         if q == "U":
             ev = clip.events[u_event]
-            other = clip.events[1 - u_event]
-            if other.kind == "collide" and other.target == ev.actor:
-                ev = other  # ask about an object that takes part in one event only, so one option is true
             answer = fact_of(ev)
             pool = [f for f in _candidates(clip, [ev.actor]) if f != answer and truth(f, track, full, clip.size) == "false"]
             wording = ("What happens to {x}?", "What does {x} do?")[int(rng.integers(2))]
@@ -539,6 +541,7 @@ class _Job:
     q_types: tuple[str, ...]
     frame_dirs: bool
     second_kind: str
+    first_kind: str
     u_event: int
     r_form: int
 
@@ -546,7 +549,7 @@ class _Job:
 def _make_clip(job: _Job) -> dict:
     """Sample, render and write clip ``job.index``; returns its questions and metadata."""
     rng = rng_for(job.seed, key("trafficqa"), job.index)
-    clip = sample_clip(rng, job.second_kind, size=job.size, num_frames=job.num_frames, objects=job.objects)
+    clip = sample_clip(rng, job.second_kind, job.first_kind, size=job.size, num_frames=job.num_frames, objects=job.objects)
     track = simulate(clip)
     frames = render(clip, track, rng)
     root, stem = Path(job.root), f"v{job.index:05d}"
@@ -580,7 +583,7 @@ def generate_trafficqa(
     size: int = 64,
     num_frames: int = 24,
     codec: str = "libx264",
-    objects: tuple[int, int] = (2, 3),
+    objects: tuple[int, int] = (3, 3),
     test_fraction: float = 0.2,
     q_types: Sequence[str] = Q_TYPES,
     frame_dirs: bool = False,
@@ -612,11 +615,14 @@ def generate_trafficqa(
         return root
     (root / "videos").mkdir(parents=True, exist_ok=True)
 
-    second = balanced_schedule(n, len(KINDS), rng_for(seed, key("second-kinds")))
+    # (second, first) kind pairs from a permutation schedule: both kinds are balanced over the clips
+    pairs = [(a, b) for a in KINDS for b in KINDS if a != b]
+    pair_of = balanced_schedule(n, len(pairs), rng_for(seed, key("kind-pairs")))
+    second = np.array([KINDS.index(pairs[int(p)][0]) for p in pair_of])
     u_event = balanced_schedule(n, 2, rng_for(seed, key("u-event")))
     r_form = balanced_schedule(n, 2, rng_for(seed, key("r-form")))
     jobs = [
-        _Job(str(root), i, seed, size, num_frames, codec, tuple(objects), q_types, frame_dirs, KINDS[int(second[i])],
+        _Job(str(root), i, seed, size, num_frames, codec, tuple(objects), q_types, frame_dirs, *pairs[int(pair_of[i])],
              int(u_event[i]), int(r_form[i]))
         for i in range(n)
     ]
