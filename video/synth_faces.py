@@ -76,7 +76,7 @@ __all__ = [
     "sample_face_clip",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1  # bump when clips or cues change: a folder of another version is rewritten
 CLASSES: tuple[str, ...] = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")  # DFEW labels 1..7
 MASK_LABELS: tuple[str, ...] = ("background", "skin", "brows", "eyes", "mouth")
 NUM_LANDMARKS = 68
