@@ -1,0 +1,242 @@
+"""The LDA recipe: language adapters sized to a budget, routed training, checkpoint merge, noisy student, baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_speech_train import make_corpus, make_model, small
+
+import mmadapters as mma
+from mmadapters.speech import lda
+from mmadapters.speech.audio import load_audio
+from mmadapters.speech.model import AsrBundle
+from mmadapters.speech.readers import Utterance
+from mmadapters.speech.tokenizer import CharTokenizer
+from mmadapters.speech.train import pad_waves
+
+LANGS = ["xx", "yy", "zz"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[Utterance]:
+    return make_corpus(tmp_path_factory.mktemp("lda_wavs"), langs=("xx", "yy"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus) -> CharTokenizer:
+    return CharTokenizer.from_texts(u.text for u in corpus)
+
+
+def _snapshot(model, names):
+    return {n: {k: v.detach().clone() for k, v in mma.adapter_parameters(model, n).items()} for n in names}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adapters_sized_to_the_budget_and_base_frozen(tokenizer):
+    # a model big enough for the 0.4% budget to allow several widths
+    model = make_model(tokenizer, d_model=32, first_ffn_dim=512, second_d_model=32, second_ffn_dim=512, first_layers=3,
+                       second_layers=2, pred_dim=128, joint_dim=128)
+    base = mma.parameter_report(model).base
+    info = lda.add_language_adapters(model, LANGS)
+    report = mma.parameter_report(model)
+    assert info.base_parameters == base and info.per_language_parameters == report.per_adapter["xx"]
+    assert all(report.per_adapter[lang] == info.per_language_parameters for lang in LANGS)
+
+    def frac(dim):
+        return lda._adapter_size(model, dim, info.points) / base
+
+    # the chosen width is the one whose size is closest to 0.4% of the base
+    assert info.dim >= 2
+    assert abs(frac(info.dim) - 0.004) <= min(abs(frac(info.dim - 1) - 0.004), abs(frac(info.dim + 1) - 0.004))
+    assert info.fraction == pytest.approx(frac(info.dim)) and info.as_dict()["percent"] == pytest.approx(100 * info.fraction)
+    # both passes adapted at the end of every block (3 + 2)
+    wrapped = {w.module_name for w in mma.model.wrappers(model)}
+    assert sum(n.startswith("first.") for n in wrapped) == 3 and sum(n.startswith("second.") for n in wrapped) == 2
+    # only the languages' adapters train; nothing is active by default
+    assert report.trainable == 3 * info.per_language_parameters
+    assert mma.get_active(model) is None
+    with pytest.raises(ValueError, match="already has adapters"):
+        lda.add_language_adapters(model, ["xx"])
+    other = make_model(tokenizer)  # tiny: 2 + 1 blocks
+    both = lda.add_language_adapters(other, ["a"], dim=5, points=("block_out", "attn_out"))
+    assert both.dim == 5 and len(mma.model.wrappers(other)) == 2 * 3
+
+
+def test_train_lda_routes_by_language_and_checkpoints_every_evaluation(corpus, tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    lda.add_language_adapters(model, LANGS, dim=3)
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    before = _snapshot(model, LANGS)
+    run = lda.train_lda(model, tokenizer, corpus, corpus[:4], languages=LANGS, config=small(steps=6, eval_every=3),
+                        checkpoint_dir=tmp_path / "ckpt")
+    after = _snapshot(model, LANGS)
+    assert not _same(before["xx"], after["xx"]) and not _same(before["yy"], after["yy"])
+    assert _same(before["zz"], after["zz"])  # no zz utterances: its adapter never moved
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    assert [p.name for p in run.checkpoints] == ["step-000003", "step-000006"]
+    for p in run.checkpoints:
+        assert sorted(q.name for q in p.iterdir()) == LANGS
+    assert set(run.dev_wers[0]) == set(LANGS) and math.isnan(run.dev_wers[0]["zz"])  # no zz dev data
+    checkpoints, wers = lda.read_dev_wers(tmp_path / "ckpt")
+    assert checkpoints == run.checkpoints
+    assert [w["xx"] for w in wers] == [w["xx"] for w in run.dev_wers]
+    with pytest.raises(ValueError, match="add_language_adapters"):
+        lda.train_lda(make_model(tokenizer), tokenizer, corpus, corpus, languages=["xx"])
+
+
+def test_merge_keeps_each_languages_adapter_from_its_best_checkpoint(tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    lda.add_language_adapters(model, LANGS, dim=2)
+    checkpoints = []
+    for step in range(3):  # checkpoint k: every adapter weight of every language set to k + 1
+        with torch.no_grad():
+            for lang in LANGS:
+                for p in mma.adapter_parameters(model, lang).values():
+                    p.fill_(step + 1.0)
+        checkpoints.append(mma.save_adapters(model, tmp_path / f"step-{step}"))
+    dev_wers = [{"xx": 0.5, "yy": 0.2, "zz": math.nan},
+                {"xx": 0.4, "yy": 0.3, "zz": 0.7},
+                {"xx": 0.3, "yy": 0.2, "zz": 0.7}]  # yy ties at steps 0 and 2: the earliest wins
+    best = lda.best_checkpoints(checkpoints, dev_wers)
+    assert {k: (p.name, w) for k, (p, w) in best.items()} == {"xx": ("step-2", 0.3), "yy": ("step-0", 0.2), "zz": ("step-1", 0.7)}
+
+    result = lda.merge_best(checkpoints, dev_wers, model=model, output_dir=tmp_path / "merged")
+    expected = {"xx": 3.0, "yy": 1.0, "zz": 2.0}
+    for lang, value in expected.items():  # selection, not averaging
+        assert all(torch.all(p == value) for p in mma.adapter_parameters(model, lang).values()), lang
+    assert result.dev_wer == {"xx": 0.3, "yy": 0.2, "zz": 0.7}
+    selection = json.loads((tmp_path / "merged" / "selection.json").read_text())
+    assert {k: v["source"].rsplit("/", 2)[-2] for k, v in selection["adapters"].items()} == {"xx": "step-2", "yy": "step-0", "zz": "step-1"}
+
+    # the merged directory deploys onto a fresh foundation model, routed per sample
+    fresh = make_model(tokenizer)
+    assert lda.load_language_adapters(fresh, tmp_path / "merged") == LANGS
+    for lang, value in expected.items():
+        assert all(torch.all(p == value) for p in mma.adapter_parameters(fresh, lang).values())
+
+    with pytest.raises(ValueError, match="2 checkpoints but 1"):
+        lda.merge_best(checkpoints[:2], dev_wers[:1], output_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="no checkpoint has a dev WER for language 'zz'"):
+        lda.best_checkpoints(checkpoints[:1], dev_wers[:1])
+
+
+def test_loaded_adapters_route_the_time_major_second_pass(corpus, tokenizer, tmp_path):
+    model = make_model(tokenizer).eval()
+    lda.add_language_adapters(model, ["xx", "yy"], dim=3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lang in ("xx", "yy"):
+            for p in mma.adapter_parameters(model, lang).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    mma.save_adapters(model, tmp_path / "adapters")
+    fresh = make_model(tokenizer).eval()
+    lda.load_language_adapters(fresh, tmp_path / "adapters")
+    batch = corpus[:3]
+    waves, lengths = pad_waves([load_audio(u.audio_path) for u in batch])
+    names = [u.lang for u in batch]
+    with torch.no_grad(), mma.route(fresh, names):
+        routed, _ = fresh.encode(waves, lengths, "second")
+    for i, lang in enumerate(names):
+        mma.set_active(fresh, lang)
+        with torch.no_grad():
+            alone, n = fresh.encode(waves[i : i + 1, : lengths[i]], lengths[i : i + 1], "second")
+        torch.testing.assert_close(routed[i, : int(n)], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_pseudo_labels_filter_empty_and_unconfident_hypotheses(corpus, tokenizer, monkeypatch, tmp_path):
+    model = make_model(tokenizer)
+    chars = {c: i + 2 for i, c in enumerate(tokenizer.chars)}
+    unlabeled = [Utterance(u.id, u.audio_path, "", u.lang, u.duration) for u in corpus[:4]]
+    unlabeled.append(Utterance("gone", str(tmp_path / "missing.wav"), "", "xx", 1.0))
+    planned = {"xx_0": ("ab", 0.9), "yy_0": ("", float("nan")), "xx_1": ("ba", 0.2), "yy_1": ("b a", 0.6)}
+    order: list[str] = []
+
+    def fake_decode(model, waves, lengths, *, pass_, decode, adapters=None):
+        assert pass_ == "second" and decode == "greedy"
+        ids = [[chars[c] for c in planned[uid][0]] for uid in order[-waves.shape[0]:]]
+        return ids, torch.zeros(waves.shape[0], 1, 4), torch.ones(waves.shape[0], dtype=torch.long)
+
+    def fake_confidence(model, enc, enc_lengths, hyps):
+        return torch.tensor([planned[uid][1] for uid in order[-len(hyps):]])
+
+    monkeypatch.setattr(lda, "decode_batch", fake_decode)
+    monkeypatch.setattr(lda, "sequence_confidence", fake_confidence)
+    real_load = lda.AudioSource.load
+
+    def load(self, i):  # remember which utterances each batch holds, in order
+        wave = real_load(self, i)
+        if wave is not None:
+            order.append(self.utterances[i].id)
+        return wave
+
+    monkeypatch.setattr(lda.AudioSource, "load", load)
+    with pytest.warns(UserWarning, match="skipping"):
+        labels = lda.pseudo_label(AsrBundle(model, tokenizer, model.config), unlabeled, min_confidence=0.5, batch_seconds=1.0)
+    assert {u.id: u.text for u in labels.kept} == {"xx_0": "ab", "yy_1": "b a"}
+    assert labels.dropped["empty hypothesis"] == 1 and labels.dropped["low confidence"] == 1
+    assert sum(v for k, v in labels.dropped.items() if k.startswith("audio")) == 1
+    assert labels.as_dict()["mean_confidence_kept"] == pytest.approx(0.75)
+    assert all(u.lang == v.lang and u.audio_path == v.audio_path for u in labels.kept for v in unlabeled if v.id == u.id)
+
+
+def test_sequence_confidence_is_a_per_token_probability_independent_of_padding(corpus, tokenizer):
+    model = make_model(tokenizer).eval()
+    waves, lengths = pad_waves([load_audio(u.audio_path) for u in corpus[:3]])
+    hyps = [tokenizer.encode("ab"), [], tokenizer.encode("b a b")]
+    with torch.no_grad():
+        enc, enc_lengths = model.encode(waves, lengths, "second")
+        conf = lda.sequence_confidence(model, enc, enc_lengths, hyps)
+        single = lda.sequence_confidence(model, enc[2:3, : int(enc_lengths[2])], enc_lengths[2:3], hyps[2:])
+    assert math.isnan(conf[1]) and 0 < conf[0] <= 1 and 0 < conf[2] <= 1
+    torch.testing.assert_close(conf[2:], single, atol=1e-5, rtol=1e-4)
+    assert torch.isnan(lda.sequence_confidence(model, enc[1:2], enc_lengths[1:2], [[]])).all()
+
+
+def test_noisy_student_trains_adapters_on_pseudo_and_labelled_data_with_noise(corpus, tokenizer, monkeypatch):
+    model = make_model(tokenizer)
+    lda.add_language_adapters(model, ["xx", "yy"], dim=2)
+    seen = {}
+    real_train = lda.train
+
+    def spy(model, tokenizer, utts, **kw):
+        seen["ids"] = sorted(u.id for u in utts)
+        seen["snr"] = kw["config"].noise_snr_db
+        return real_train(model, tokenizer, utts, **kw)
+
+    monkeypatch.setattr(lda, "train", spy)
+    pseudo = [Utterance("p1", corpus[0].audio_path, "ab", "xx", corpus[0].duration)]
+    before = _snapshot(model, ["xx", "yy"])
+    run = lda.noisy_student(model, tokenizer, pseudo, corpus[1:3], corpus[:2], languages=["xx", "yy"], config=small(steps=3),
+                            noise_snr_db=15.0)
+    assert seen == {"ids": sorted(["p1", corpus[1].id, corpus[2].id]), "snr": 15.0}
+    assert run.result.steps == 3
+    after = _snapshot(model, ["xx", "yy"])
+    assert not _same(before["xx"], after["xx"]) and not _same(before["yy"], after["yy"])
+
+
+def test_full_finetune_trains_a_copy_on_one_language(corpus, tokenizer):
+    model = make_model(tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen foundation: the copy still trains everything
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned, result = lda.full_finetune(model, tokenizer, corpus, corpus, language="yy", config=small(steps=3))
+    seen = sorted(result.final_eval.per_language)
+    assert seen == ["yy"] and result.trainable_parameters == sum(p.numel() for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="no training utterance in language 'qq'"):
+        lda.full_finetune(model, tokenizer, corpus, corpus, language="qq")
