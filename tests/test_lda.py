@@ -240,3 +240,61 @@ def test_full_finetune_trains_a_copy_on_one_language(corpus, tokenizer):
     assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="no training utterance in language 'qq'"):
         lda.full_finetune(model, tokenizer, corpus, corpus, language="qq")
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
+    """scripts/pretrain_tiny_asr.py then scripts/run_lda.py on a generator-shaped data dir, tiny budgets."""
+    from mmadapters.speech.model import load_asr
+    from mmadapters.speech.readers import write_manifest
+
+    data = tmp_path / "data"
+    roles = {"hh": "head", "tt": "tail", "uu": "tail"}
+    utts = {s: [] for s in ("train", "dev", "test", "unlabeled")}
+    for lang in roles:
+        for split, texts in (("train", ["ab ba", "ba ab", "abba", "b a"]), ("dev", ["ab", "ba"]), ("test", ["a b", "bb a"]),
+                             ("unlabeled", ["ab a", "ba"])):
+            made = make_corpus(data / "audio" / lang / split, langs=(lang,), texts=texts, seed=len(utts[split]))
+            utts[split] += [Utterance(f"{split}-{u.id}", u.audio_path, u.text, u.lang, u.duration) for u in made]
+    for split, rows in utts.items():
+        write_manifest(data / f"{split}.jsonl", rows)
+    (data / "synth_config.json").write_text(json.dumps({"languages": {k: {"role": v} for k, v in roles.items()}, "seed": 0}))
+
+    pretrain = _script("pretrain_tiny_asr")
+    tiny = ["--set", "d_model=16", "--set", "first_layers=1", "--set", "second_layers=1", "--set", "first_ffn_dim=32",
+            "--set", "second_d_model=16", "--set", "second_ffn_dim=32", "--set", "subsampling_channels=4",
+            "--set", "pred_dim=16", "--set", "joint_dim=16", "--set", "pred_embed_dim=16"]
+    model_dir = tmp_path / "asr"
+    assert pretrain.main(["--data", str(data), "--output", str(model_dir), "--steps", "3", "--eval-every", "2", "--warmup", "1",
+                          "--quiet", *tiny]) == 0
+    bundle = load_asr(model_dir)
+    assert bundle.tokenizer.encode("ab") and bundle.config.d_model == 16
+    record = json.loads((model_dir / "training.json").read_text())
+    assert record["languages"] == ["hh"] and record["train"]["steps"] == 3
+    assert set(record["scores"]) == {"dev_first", "dev_second", "test_first", "test_second"}
+    assert "scripts/pretrain_tiny_asr.py" in (model_dir / "README.md").read_text()
+
+    run_lda = _script("run_lda")
+    out = tmp_path / "lda"
+    assert run_lda.main(["--data", str(data), "--model", str(model_dir), "--out", str(out), "--lda-steps", "4", "--eval-every", "2",
+                         "--ft-steps", "2", "--ns-steps", "2", "--min-confidence", "0", "--adapter-dim", "2", "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["languages"] == ["tt", "uu"]
+    assert set(results["variants"]) == {"base", "full_ft", "lda", "lda_merge", "lda_noisy_student"}
+    for v in results["variants"].values():
+        assert set(v["wer"]["second"]["per_language"]) == {"tt", "uu"} and "first" in v["wer"]
+    assert results["adapters"]["dim"] == 2 and 0 < results["adapters"]["fraction"] < 1
+    assert set(results["merge"]["best_step"]) == {"tt", "uu"}
+    assert sorted(p.name for p in (out / "lda_merged_adapters").iterdir()) == ["selection.json", "tt", "uu"]
+    table = (out / "results.md").read_text()
+    assert "| tt |" in table and "LDA + merge" in table
