@@ -245,3 +245,25 @@ def test_frozen_model_is_refused_and_noise_keeps_padding_zero(corpus, tokenizer)
     assert torch.equal(noisy[1, 4:], torch.zeros(6)) and not torch.equal(noisy[0], waves[0])
     power = (noisy[0] - 1).pow(2).mean()
     assert 0.01 < float(power) < 1.0  # 10 dB below a unit-power signal: 0.1
+
+
+def test_evaluate_with_beam_search_and_routing_matches_per_language_activation(corpus, tokenizer):
+    model = make_model(tokenizer)
+    train(model, tokenizer, corpus, config=small(steps=20))
+    for lang in ("xx", "yy"):
+        mma.add_adapter(model, lang, mma.BottleneckConfig(bottleneck_dim=2, target_modules=["@block_out"]))
+    mma.set_active(model, None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lang in ("xx", "yy"):
+            for p in mma.adapter_parameters(model, lang).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 1.0)
+    for decode in ("greedy", "beam"):
+        routed = evaluate(model, tokenizer, corpus[:4], adapter_for=lambda u: u.lang, decode=decode, progress=False)
+        assert any(routed.hypotheses.values())  # something decoded, so the comparison below means something
+        for lang in ("xx", "yy"):
+            mma.set_active(model, lang)
+            alone = evaluate(model, tokenizer, [u for u in corpus[:4] if u.lang == lang], decode=decode, progress=False)
+            assert alone.per_language[lang] == routed.per_language[lang]
+            assert all(routed.hypotheses[k] == v for k, v in alone.hypotheses.items())
+        mma.set_active(model, None)
