@@ -3,11 +3,15 @@
 Metrics and readers are leaves (numpy/torch only); evaluators and the CLI sit on top of every other
 package and import their heavy dependencies only when they run.
 
-- :mod:`~mmadapters.eval.metrics` — top-1/top-5 accuracy (NaN with fewer classes than k), mean per-class recall;
+- :mod:`~mmadapters.eval.metrics` — top-1/top-5 accuracy (NaN with fewer classes than k), mean per-class recall,
+  UAR/WAR (DFER), corpus WER/CER and the ASR text normalization;
 - :mod:`~mmadapters.eval.readers` — image folder, CSV, CoOp split JSON and CLIP_benchmark wds readers;
 - :mod:`~mmadapters.eval.zeroshot_eval` — the ``mmadapters zeroshot`` evaluator (CLIP_benchmark's results schema);
 - :mod:`~mmadapters.eval.fewshot_compare` — ``mmadapters fewshot-compare``: zero-shot vs Tip / Tip-F / CapS on generated tasks;
+- :mod:`~mmadapters.eval.asr_eval` — ``mmadapters asr eval|transcribe``: per-language WER/CER, relative reduction,
+  real-time factor and first-partial latency;
+- :mod:`~mmadapters.eval.videoqa_eval` — multiple-choice VideoQA accuracy (Tem-Adapter);
 - :mod:`~mmadapters.eval.cli` — the ``mmadapters`` console script.
 
-Still to come: UAR/WAR, VQA accuracy, WER/CER, BLEU/CIDEr and their benchmark readers.
+Still to come: VQA accuracy, BLEU/CIDEr and their benchmark readers.
 """

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     _add_zeroshot(sub)
     _add_fewshot_compare(sub)
+    from .asr_eval import add_asr_parser
+
+    add_asr_parser(sub)
     return parser
 
 

@@ -65,7 +65,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _module_fingerprint(module: nn.Module) -> dict[str, list[int]]:
-    return {n: list(p.shape) for n, p in module.named_parameters()}
+    """Shapes of the base parameters of ``module`` under their logical names: wrappers seen through, and
+    adapters on nested modules (another adapter's units) left out, so the fingerprint does not depend on
+    which other adapters the model carries."""
+    from .wrapper import AdaptedModule
+
+    out: dict[str, list[int]] = {}
+
+    def walk(m: nn.Module, prefix: str) -> None:
+        if isinstance(m, AdaptedModule):
+            walk(m.base_layer, prefix)
+            return
+        for n, p in m.named_parameters(recurse=False):
+            out[prefix + n] = list(p.shape)
+        for n, child in m.named_children():
+            walk(child, f"{prefix}{n}.")
+
+    walk(module, "")
+    return out
+
+
+def _comparable(fingerprint: dict[str, list[int]]) -> dict[str, list[int]]:
+    """A stored fingerprint in logical names (files from before nested adapters were left out carry
+    ``base_layer.`` segments and other adapters' parameters)."""
+    return {n.replace("base_layer.", ""): s for n, s in fingerprint.items() if ".adapters." not in f".{n}"}
 
 
 def adapter_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, list[int]]]]:
@@ -115,7 +138,8 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike, bits
         "library_version": _library_version(),
         "name": name,
         "config": config.to_dict(),
-        "targets": [{"name": t.name, "parts": sorted(t.parts), "dim": t.dim} for t in state_of(model).targets[name]],
+        "targets": [{"name": t.name, "parts": sorted(t.parts), "dim": t.dim, **({"batch_dim": t.batch_dim} if t.batch_dim is not None else {})}
+                    for t in state_of(model).targets[name]],
         "fingerprint": fingerprint,
         "weights_sha256": digest,
     }
@@ -160,7 +184,7 @@ def check_fingerprint(model: nn.Module, fingerprint: dict, source: str) -> None:
             raise ValueError(f"{source}: the adapter was saved for a base with module {module_name!r}, "
                              f"which this {type(model).__name__} does not have") from None
         have = _module_fingerprint(module)
-        for pname, shape in fingerprint[module_name].items():
+        for pname, shape in _comparable(fingerprint[module_name]).items():
             if pname not in have:
                 raise ValueError(f"{source}: module {module_name!r} has no parameter {pname!r} here "
                                  f"(saved base had shape {shape})")
@@ -229,7 +253,7 @@ def _install(model: nn.Module, name: str, meta: dict, config: AdapterConfig, ten
     targets = []
     for i, t in enumerate(meta.get("targets", [])):
         try:
-            targets.append(Target(t["name"], modules[t["name"]], t.get("dim"), set(t.get("parts", []))))
+            targets.append(Target(t["name"], modules[t["name"]], t.get("dim"), set(t.get("parts", [])), t.get("batch_dim")))
         except (KeyError, TypeError):
             raise ValueError(f"{directory / CONFIG_NAME}: field 'targets[{i}]' is not a valid target {t!r}") from None
     add_adapter(model, name, config, _targets=targets)

@@ -128,7 +128,11 @@ class AdaptedModule(nn.Module):
         groups = groups_at(self, plan)
         if not groups:
             return self.base_layer(*args, **kwargs)
-        device = next(self.base_layer.parameters()).device
+        base_param = next(self.base_layer.parameters(), None)
+        if base_param is not None:
+            device = base_param.device
+        else:  # a parameter-free module (an activation, a container of them): the input's device
+            device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), torch.device("cpu"))
         weight_groups = [g for g in groups if g[1].kind == "weight"]
         if weight_groups:
             if len(weight_groups) > 1 or not isinstance(self.base_layer, nn.MultiheadAttention):

@@ -1,7 +1,12 @@
-"""mmadapters.speech — speech backbones and recipes.
+"""mmadapters.speech — streaming multilingual ASR with language-dependent adapters.
 
-Will hold: the cascaded Conformer transducer (a causal streaming first pass feeding a non-causal
-second pass, built on torchaudio's Conformer and rnnt_loss), its adapter points, log-mel features and
-SpecAugment, greedy/beam/streaming decoding, language-dependent adapters (LDA) with noisy student
-training and checkpoint merging, and generated multilingual speech data (espeak-ng).
+- :mod:`.features`, :mod:`.tokenizer`, :mod:`.conformer`, :mod:`.model` — the cascaded Conformer transducer:
+  log-mel + global CMVN + SpecAugment, a causal chunked first pass feeding torchaudio's non-causal
+  Conformer as second pass, one LSTM predictor + joiner, ``rnnt_loss`` on both passes; adapter points;
+  ``load_asr()`` (the shipped tiny model) and ``save_asr``.
+- :mod:`.decode` — batched greedy, beam search, streaming transcription with second-pass redecoding.
+- :mod:`.audio`, :mod:`.readers` — audio loading with named errors; Common Voice, MLS and NeMo manifests.
+- :mod:`.train`, :mod:`.lda` — the training loop and the LDA recipe (per-language adapters routed per
+  sample, noisy student, per-language best-checkpoint merge).
+- :mod:`.synth` — generated multilingual speech with espeak-ng (``python -m mmadapters.speech.synth``).
 """

@@ -155,3 +155,47 @@ def test_load_onto_a_base_missing_the_module(tmp_path):
     _, d = _saved(tmp_path)
     with pytest.raises(ValueError, match="module 'fc1', which this Sequential does not have"):
         mma.load_adapter(nn.Sequential(nn.Linear(10, 20)), d)
+
+
+def test_nested_adapters_and_time_major_batch_dim_survive_save_and_load(tmp_path):
+    """An adapter on a block and another on a module inside it save and load into a fresh model; a declared
+    batch_dim comes back with the adapter, so a loaded adapter routes time-major modules."""
+    from torch import nn
+
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2))
+
+        def forward(self, x):  # (B, T, D) in, (T, B, D) inside
+            h = x.transpose(0, 1)
+            for b in self.blocks:
+                h = b(h)
+            return h.transpose(0, 1)
+
+    def make():
+        torch.manual_seed(0)
+        m = TimeMajor()
+        mma.declare_adapter_points(m, {"block_out": mma.AdapterPoint(["blocks.0", "blocks.1"], dim=6, batch_dim=1),
+                                       "inner": mma.AdapterPoint(["blocks.0.0", "blocks.1.0"], batch_dim=1)})
+        return m
+
+    model = make()
+    mma.add_adapter(model, "outer", mma.BottleneckConfig(bottleneck_dim=3, target_modules=["@block_out"]))
+    mma.add_adapter(model, "inner", mma.BottleneckConfig(bottleneck_dim=3, target_modules=["@inner"]))
+    with torch.no_grad():
+        for n in ("outer", "inner"):
+            for p in mma.adapter_parameters(model, n).values():
+                p.normal_(0, 0.3)
+    mma.save_adapters(model, tmp_path / "ad")
+    fresh = make()
+    mma.load_adapters(fresh, tmp_path / "ad")
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad(), mma.route(fresh, ["outer", None, "inner"]):
+        y = fresh(x)
+    with torch.no_grad(), mma.route(model, ["outer", None, "inner"]):
+        ref = model(x)
+    torch.testing.assert_close(y, ref)
+    mma.set_active(fresh, "inner")
+    with torch.no_grad():
+        torch.testing.assert_close(y[2:], fresh(x[2:]))

@@ -5,10 +5,10 @@ masks and facial landmarks (middle) and a text description of how the face chang
 pipeline computes the cues offline (a face parser, a landmark detector, a multimodal LLM) and stores them
 next to the data; so does this library:
 
-- :class:`PrecomputedCues` reads them from files: ``<clip dir>/<npz>`` holds ``masks`` (N, H, W) uint8 part
+- :class:`PrecomputedCues` reads them from files: an ``.npz`` per clip holds ``masks`` (N, H, W) uint8 part
   labels and ``landmarks`` (N, K, 2) float (x, y in pixels of the frame) for all N frames of the clip, and
-  a JSON file maps each clip (its directory name, or its path relative to the data root) to its
-  description. The generated faces (``python -m mmadapters.video.synth faces``) are written this way.
+  a JSON per clip (or one JSON mapping for all clips) holds its description. The generated faces
+  (``python -m mmadapters.video.synth faces``) are written this way.
 - :class:`CallableCues` wraps functions the user supplies, e.g. a face parser and a landmark detector they
   installed, called on the sampled frames.
 
@@ -61,18 +61,22 @@ class ClipCues:
 class PrecomputedCues:
     """Cues stored next to the data (see the module docstring for the layout).
 
-    Args:
-        root: the data root; descriptions are looked up by the clip's path relative to it, then by its name.
-        npz_name: the per-clip file with ``masks`` and ``landmarks``.
-        descriptions: the JSON file (relative to ``root`` unless absolute) mapping clips to descriptions.
+    Paths are templates relative to ``root``: ``{name}`` is the clip's folder/file stem, ``{clip}`` its path
+    relative to ``root``. The first template whose file exists is used, so both layouts below work:
+
+    - per clip in a ``cues/`` folder (the generated faces): ``cues/{name}.npz`` and ``cues/{name}.json``
+      (a JSON object with a ``description`` field);
+    - inside each clip's frame folder: ``{clip}/cues.npz``, with one ``descriptions.json`` mapping clip
+      paths (relative to ``root``) or names to descriptions.
     """
 
-    def __init__(self, root: str | os.PathLike, *, npz_name: str = "cues.npz",
-                 descriptions: str | os.PathLike | None = "descriptions.json"):
+    def __init__(self, root: str | os.PathLike, *, npz: Sequence[str] = ("cues/{name}.npz", "{clip}/cues.npz"),
+                 description_json: Sequence[str] = ("cues/{name}.json",), descriptions: str | None = "descriptions.json"):
         self.root = Path(root)
-        self.npz_name = npz_name
+        self.npz_templates = tuple(npz)
+        self.description_templates = tuple(description_json)
+        self._desc_path = None if descriptions is None else self.root / descriptions
         self._descriptions: dict[str, str] | None = None
-        self._desc_path = None if descriptions is None else (self.root / descriptions)
 
     def _load_descriptions(self) -> dict[str, str]:
         if self._descriptions is None:
@@ -80,50 +84,72 @@ class PrecomputedCues:
             if path is None or not path.is_file():
                 self._descriptions = {}
             else:
-                try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError) as e:
-                    raise CueError(f"{path}: cannot read the descriptions JSON ({e})") from e
+                data = _read_json(path)
                 if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
                     raise CueError(f"{path}: expected a JSON object mapping clip names to description strings")
                 self._descriptions = data
         return self._descriptions
 
+    def _find(self, templates: Sequence[str], name: str, rel: str) -> Path | None:
+        for t in templates:
+            p = self.root / t.format(name=name, clip=rel)
+            if p.is_file():
+                return p
+        return None
+
     def __call__(self, clip: str | os.PathLike, indices: Sequence[int], size: tuple[int, int],
                  frames: Tensor | None = None) -> ClipCues:
         """Cues of ``clip`` (a frame directory or video file) at frame ``indices``; ``size`` is the frame (H, W)."""
         clip = Path(clip)
-        cues = ClipCues()
-        npz = (clip if clip.is_dir() else clip.parent / clip.stem) / self.npz_name
-        if npz.is_file():
-            try:
-                with np.load(npz, allow_pickle=False) as data:
-                    masks = data["masks"] if "masks" in data else None
-                    marks = data["landmarks"] if "landmarks" in data else None
-            except (OSError, ValueError, KeyError) as e:
-                raise CueError(f"{npz}: cannot read the cue arrays ({e})") from e
-            h, w = size
-            idx = np.asarray(indices, dtype=np.int64)
-            if masks is not None:
-                if masks.ndim != 3 or masks.dtype != np.uint8:
-                    raise CueError(f"{npz}: field 'masks' must be (N, H, W) uint8, got {masks.shape} {masks.dtype}")
-                _check_index(npz, "masks", idx, len(masks))
-                cues.masks = masks[idx]
-            if marks is not None:
-                if marks.ndim != 3 or marks.shape[-1] != 2:
-                    raise CueError(f"{npz}: field 'landmarks' must be (N, K, 2), got {marks.shape}")
-                _check_index(npz, "landmarks", idx, len(marks))
-                m = marks[idx].astype(np.float32)
-                cues.landmarks = m / np.array([w, h], dtype=np.float32)
-                if not np.isfinite(cues.landmarks).all():
-                    raise CueError(f"{npz}: field 'landmarks' holds NaN or inf")
-        descriptions = self._load_descriptions()
+        name = clip.name if clip.is_dir() else clip.stem
         try:
             rel = clip.resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
-            rel = clip.name
-        cues.description = descriptions.get(rel, descriptions.get(clip.name))
+            rel = name
+        cues = ClipCues()
+        npz = self._find(self.npz_templates, name, rel)
+        if npz is not None:
+            self._read_arrays(npz, cues, indices, size)
+        per_clip = self._find(self.description_templates, name, rel)
+        if per_clip is not None:
+            data = _read_json(per_clip)
+            if not isinstance(data, dict) or not isinstance(data.get("description"), str):
+                raise CueError(f"{per_clip}: expected a JSON object with a string field 'description'")
+            cues.description = data["description"]
+        else:
+            descriptions = self._load_descriptions()
+            cues.description = descriptions.get(rel, descriptions.get(name))
         return cues
+
+    @staticmethod
+    def _read_arrays(npz: Path, cues: ClipCues, indices: Sequence[int], size: tuple[int, int]) -> None:
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                masks = data["masks"] if "masks" in data else None
+                marks = data["landmarks"] if "landmarks" in data else None
+        except (OSError, ValueError, KeyError) as e:
+            raise CueError(f"{npz}: cannot read the cue arrays ({e})") from e
+        h, w = size
+        idx = np.asarray(indices, dtype=np.int64)
+        if masks is not None:
+            if masks.ndim != 3 or masks.dtype != np.uint8:
+                raise CueError(f"{npz}: field 'masks' must be (N, H, W) uint8, got {masks.shape} {masks.dtype}")
+            _check_index(npz, "masks", idx, len(masks))
+            cues.masks = masks[idx]
+        if marks is not None:
+            if marks.ndim != 3 or marks.shape[-1] != 2:
+                raise CueError(f"{npz}: field 'landmarks' must be (N, K, 2), got {marks.shape}")
+            _check_index(npz, "landmarks", idx, len(marks))
+            cues.landmarks = marks[idx].astype(np.float32) / np.array([w, h], dtype=np.float32)
+            if not np.isfinite(cues.landmarks).all():
+                raise CueError(f"{npz}: field 'landmarks' holds NaN or inf")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CueError(f"{path}: cannot read the JSON ({e})") from e
 
 
 def _check_index(path: Path, field: str, idx: np.ndarray, n: int) -> None:
