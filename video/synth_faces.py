@@ -32,7 +32,8 @@ Layout written by :func:`generate_faces`::
     dataset.json                               (written last)
 
 ``frame_dir`` is relative to the output folder ("frames/00001") unless ``absolute_paths``. Labels are
-balanced: every block of 7 consecutive clips holds each class once, and a fold is made of whole blocks.
+balanced: every block of 7 consecutive clips holds each class once, and a fold is made of whole blocks
+(so n below 7 x folds leaves some folds empty; ``dataset.json`` lists the fold sizes).
 """
 
 from __future__ import annotations
