@@ -79,8 +79,10 @@ def load_bundle(random_init: bool, seed: int = 0, tiny: bool = False):
     return AsrBundle(model, tokenizer, config), f"random init, default TransducerConfig ({n:,} parameters; {why})"
 
 
-def with_language_adapters(bundle, languages: Sequence[str], seed: int = 0):
-    """A copy of ``bundle`` whose model has one LDA adapter set per language (random weights)."""
+def with_language_adapters(bundle, languages: Sequence[str], seed: int = 0, scale: float = 1e-3):
+    """A copy of ``bundle`` whose model has one LDA adapter set per language, with small random weights: every
+    adapter computes, yet the transcripts (and so the decoder's work, which depends on how many symbols it
+    emits) stay those of the base, so the timings compare adapter and routing costs alone."""
     from mmadapters.speech.lda import add_language_adapters
 
     model = copy.deepcopy(bundle.model)
@@ -89,7 +91,7 @@ def with_language_adapters(bundle, languages: Sequence[str], seed: int = 0):
     with torch.no_grad():
         for lang in languages:
             for p in mma.adapter_parameters(model, lang).values():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                p.add_(torch.randn(p.shape, generator=g) * scale)
     model.eval()
     return type(bundle)(model, bundle.tokenizer, bundle.config, bundle.path), info
 
@@ -143,20 +145,19 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def stream(bundle, waves: torch.Tensor, chunk: int, *, adapters=None, second_pass=None) -> StreamingStats:
-    """Stream ``waves (B,S)`` through a new transcriber in chunks of ``chunk`` samples."""
+def stream(bundle, waves: torch.Tensor, chunk: int, *, adapters=None, second_pass=None) -> tuple[StreamingStats, list[str]]:
+    """Stream ``waves (B,S)`` through a new transcriber in chunks of ``chunk`` samples -> (stats, final texts)."""
     st = StreamingTranscriber(bundle, batch_size=waves.shape[0], second_pass=second_pass, adapters=adapters)
     for s in range(0, waves.shape[1], chunk):
         st.push(waves[:, s : s + chunk])
-    st.finish()
-    return st.stats
+    return st.stats, st.finish()
 
 
 # -- sections ---------------------------------------------------------------------------------------------
 def bench_streaming(base, adapted, waves: list[torch.Tensor], args) -> dict:
     chunk = int(args.chunk_ms * SAMPLE_RATE / 1000)
     audio = sum(w.shape[0] for w in waves) / SAMPLE_RATE
-    last: dict[str, list[StreamingStats]] = {}
+    last: dict[str, list[tuple[StreamingStats, list[str]]]] = {}
 
     def run(name, bundle, second_pass=None):
         def fn():
@@ -174,10 +175,12 @@ def bench_streaming(base, adapted, waves: list[torch.Tensor], args) -> dict:
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
-    latency = {k: {"audio_seconds": med(s.first_partial_audio_seconds[0] for s in last[k]),
-                   "wall_seconds": med(s.first_partial_wall_seconds[0] for s in last[k])} for k in ("base", "adapters")}
+    latency = {k: {"audio_seconds": med(s.first_partial_audio_seconds[0] for s, _ in last[k]),
+                   "wall_seconds": med(s.first_partial_wall_seconds[0] for s, _ in last[k])} for k in ("base", "adapters")}
+    same = [texts for _, texts in last["base"]] == [texts for _, texts in last["adapters"]]
     row = {"section": "streaming", "chunk_ms": args.chunk_ms, "audio_seconds": audio, "seconds": t, "rtf": rtf,
-           "first_partial": latency, "ratios": {"adapters / base (streaming RTF)": t["adapters"] / t["base"]}}
+           "first_partial": latency, "same_transcripts": same,
+           "ratios": {"adapters / base (streaming RTF)": t["adapters"] / t["base"]}}
     print(f"streaming: RTF base {rtf['base']:.4f}, with adapters {rtf['adapters']:.4f} "
           f"(x{t['adapters'] / t['base']:.3f}), with second pass {rtf['base_with_second_pass']:.4f}; "
           f"first partial {latency['base']}", flush=True)
@@ -194,42 +197,49 @@ def bench_mixed(adapted, waves: list[torch.Tensor], args) -> list[dict]:
     names = [langs[i % len(langs)] for i in range(b)]
     groups = {lang: [i for i, m in enumerate(names) if m == lang] for lang in langs}
     chunk = int(args.chunk_ms * SAMPLE_RATE / 1000)
-    stacked = torch.stack(batch)
     rows = []
     for mode in ("offline", "streaming"):
+        outputs: dict[str, list[str]] = {}
         if mode == "offline":
             def run(ws, adapters=None):
                 return transcribe(adapted, ws, adapters=adapters, batch_size=b)
         else:
             def run(ws, adapters=None):
-                return stream(adapted, torch.stack(ws), chunk, adapters=adapters)
+                return stream(adapted, torch.stack(ws), chunk, adapters=adapters)[1]
 
-        def single(run=run):
+        def single(run=run, outputs=outputs):
             mma.set_active(model, langs[0])
             try:
-                return run(batch)
+                outputs["one_language"] = run(batch)
             finally:
                 mma.set_active(model, None)
 
-        def grouped(run=run):
+        def grouped(run=run, outputs=outputs):
+            texts = [""] * b
             try:
                 for lang, idx in groups.items():
                     mma.set_active(model, lang)
-                    run([batch[i] for i in idx])
+                    for i, text in zip(idx, run([batch[i] for i in idx]), strict=True):
+                        texts[i] = text
             finally:
                 mma.set_active(model, None)
+            outputs["grouped_by_language"] = texts
 
-        fns = {"one_language": single, "routed_mixed": lambda run=run: run(batch, names),
-               "routed_one_language": lambda run=run: run(batch, [langs[0]] * b), "grouped_by_language": grouped}
+        def routed(adapters, key, run=run, outputs=outputs):
+            outputs[key] = run(batch, adapters)
+
+        fns = {"one_language": single, "routed_mixed": lambda: routed(names, "routed_mixed"),
+               "routed_one_language": lambda: routed([langs[0]] * b, "routed_one_language"), "grouped_by_language": grouped}
         t = interleaved(fns, args.reps, args.warmup)
         row = {"section": f"mixed batch ({mode})", "B": b, "K": len(langs), "seconds": t,
-               "audio_seconds": b * n / SAMPLE_RATE, "ratios": {
+               "audio_seconds": b * n / SAMPLE_RATE,
+               "same_transcripts": all(v == outputs["one_language"] for v in outputs.values()),
+               "routed_equals_grouped": outputs["routed_mixed"] == outputs["grouped_by_language"], "ratios": {
                    "routed mixed / one language": t["routed_mixed"] / t["one_language"],
                    "routed mixed / grouped by language": t["routed_mixed"] / t["grouped_by_language"],
                    "routed one language / one language": t["routed_one_language"] / t["one_language"]}}
         print(f"mixed {mode} B={b} K={len(langs)}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ratios"].items()), flush=True)
         rows.append(row)
-    del stacked
     return rows
 
 
@@ -264,6 +274,10 @@ def markdown(result: dict) -> str:
             met = "" if ok is None else ("yes" if ok(value) else "**no**")
             lines.append(f"| {row['section']} | {where} | {name} | {value:.3f} | {target} | {met} |")
     lines.append("")
+    same = [f"streaming {'yes' if s['same_transcripts'] else 'no'}"] + [
+        f"{row['section']} {'yes' if row['same_transcripts'] else 'no'} (routed mixed = grouped: "
+        f"{'yes' if row['routed_equals_grouped'] else '**no**'})" for row in result["mixed"]]
+    lines.append("Same transcripts in every variant (equal decoder work): " + "; ".join(same) + ".")
     lines.append("Absolute medians (s): " + "; ".join(
         f"{row['section']}: " + ", ".join(f"{k} {v:.4f}" for k, v in row["seconds"].items()) for row in [s, *result["mixed"]])
         + f". Streaming audio per repetition: {s['audio_seconds']:.1f} s.")

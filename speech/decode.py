@@ -196,8 +196,11 @@ class GreedyDecoder:
                 if not bool(emit.any()):
                     break
                 pred, state = self.model.predict(best.unsqueeze(1), self.state)
-                self.pred = torch.where(emit.view(b, 1, 1), pred, self.pred)
-                self.state = _state_where(emit, state, self.state)
+                if bool(emit.all()):
+                    self.pred, self.state = pred, state
+                else:
+                    self.pred = torch.where(emit.view(b, 1, 1), pred, self.pred)
+                    self.state = _state_where(emit, state, self.state)
                 emitted.append(torch.where(emit, best, none))
                 active = emit  # a sample that emitted blank is done with this frame
         if emitted:
@@ -546,6 +549,7 @@ class StreamingTranscriber:
         self._frames: list[Tensor] = []
         self._t0: float | None = None
         self.partial_texts: list[str] = [""] * self.batch_size
+        self._decoded_lengths = [0] * self.batch_size
         self.stats = StreamingStats(first_partial_audio_seconds=[None] * self.batch_size,
                                     first_partial_wall_seconds=[None] * self.batch_size)
 
@@ -553,7 +557,11 @@ class StreamingTranscriber:
         if frames.shape[1]:
             self._frames.append(frames)
             self._decoder.advance(frames)
-        return [self.tokenizer.decode(h) for h in self._decoder.tokens]
+        for b, h in enumerate(self._decoder.tokens):  # detokenize only the streams that got new tokens
+            if len(h) != self._decoded_lengths[b]:
+                self.partial_texts[b] = self.tokenizer.decode(h)
+                self._decoded_lengths[b] = len(h)
+        return list(self.partial_texts)
 
     def push(self, wave_chunk: Tensor) -> list[str]:
         """Feed the next chunk — ``(s,)`` (batch_size 1) or ``(B, s)`` samples at 16 kHz — and return the
@@ -578,7 +586,6 @@ class StreamingTranscriber:
             if text and st.first_partial_audio_seconds[b] is None:
                 st.first_partial_audio_seconds[b] = st.audio_seconds
                 st.first_partial_wall_seconds[b] = now - self._t0
-        self.partial_texts = texts
         return texts
 
     def finish(self) -> list[str]:

@@ -39,7 +39,7 @@ def test_quick_run_writes_every_section(bench, tmp_path):
     assert all(v > 0 and math.isfinite(v) for v in s["rtf"].values())
     assert s["rtf"]["base_with_second_pass"] > 0 and s["audio_seconds"] == pytest.approx(0.5)
     assert set(s["first_partial"]) == {"base", "adapters"}
-    assert set(s["ratios"]) == {"adapters / base (streaming RTF)"}
+    assert set(s["ratios"]) == {"adapters / base (streaming RTF)"} and isinstance(s["same_transcripts"], bool)
     assert [row["section"] for row in saved["mixed"]] == ["mixed batch (offline)", "mixed batch (streaming)"]
     for row in saved["mixed"]:
         assert row["B"] == 4 and row["K"] == 2
@@ -47,11 +47,12 @@ def test_quick_run_writes_every_section(bench, tmp_path):
         assert set(row["ratios"]) == {"routed mixed / one language", "routed mixed / grouped by language",
                                       "routed one language / one language"}
         assert all(v > 0 for v in row["ratios"].values())
+        assert row["routed_equals_grouped"] is True and isinstance(row["same_transcripts"], bool)
     assert saved["adapters"]["languages"] == ["de", "es"] and 0 < saved["adapters"]["per_language_percent"] < 5
     md = out.with_suffix(".md").read_text()
     assert md == bench.markdown(result)
     for text in ("RTF, first pass (no adapters)", "adapters / base (streaming RTF)", "routed mixed / one language",
-                 "| mixed batch (streaming) |", "≤ 1.10"):
+                 "| mixed batch (streaming) |", "≤ 1.10", "Same transcripts"):
         assert text in md
 
 
