@@ -11,9 +11,12 @@ For every tail language of the generated data (the roles in ``DIR/synth_config.j
   ``@block_out`` of both passes, the base frozen, trained together on mixed-language batches routed per sample
   by language ID; dev WER and adapters saved at every evaluation;
 - **LDA + merge**: each language's adapter taken from the evaluation where its dev WER was lowest;
-- **LDA + noisy student**: the merged LDA model (second pass) pseudo-labels the ``unlabeled`` split (confidence
-  filter; the split's own text is used only to score the pseudo-labels), then the adapters continue training on
-  pseudo-labels + transcribed data with SpecAugment and additive noise.
+- **LDA + noisy student**: a teacher pseudo-labels the ``unlabeled`` split (confidence filter; the split's own
+  text is used only to score the pseudo-labels), then the adapters continue training from the merged LDA
+  adapters on pseudo-labels + transcribed data with SpecAugment and additive noise. The default teacher is the
+  non-causal second pass of the frozen foundation *with the merged language adapters* (the bare foundation
+  never heard the tail languages, so its own transcripts would be noise); ``--teacher DIR`` (and
+  ``--teacher-adapters``) substitutes a larger model (labels pass as text, so its tokenizer may differ).
 
 Test WER is scored on the second (final) pass and, with ``--passes first,second``, on the streaming first pass.
 Writes ``OUT/results.json`` and ``OUT/results.md`` (table for docs/results.md); adapters and checkpoints under OUT.
@@ -148,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-lr", type=float, default=5e-4)
     p.add_argument("--ns-steps", type=int, default=300, help="noisy-student training steps")
     p.add_argument("--ns-minutes", type=float, default=None)
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="noisy-student teacher model dir, e.g. a larger model (default: the merged LDA model itself)")
+    p.add_argument("--teacher-adapters", type=Path, default=None,
+                   help="language adapters for --teacher (a save_adapters dir with one subdir per language)")
     p.add_argument("--min-confidence", type=float, default=0.5, help="pseudo-label confidence threshold (per-token probability)")
     p.add_argument("--noise-snr", type=float, default=20.0, help="additive noise SNR (dB) in noisy-student training; <0: none")
     p.add_argument("--eval-every", type=int, default=100, help="dev evaluation (and adapter checkpoint) every N LDA steps")
@@ -255,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             unlabeled = read_split(args.data, "unlabeled", languages, args.unlabeled_per_language)
             hidden = [replace(u, text="") for u in unlabeled]  # the teacher never sees the generator's text
-            teacher = AsrBundle(model, tokenizer, bundle.config)
-            labels = lda.pseudo_label(teacher, hidden, adapter_for=router, pass_="second", min_confidence=args.min_confidence,
+            teacher, teacher_router = AsrBundle(model, tokenizer, bundle.config), router
+            if args.teacher is not None:
+                teacher = load_asr(args.teacher, device=args.device)
+                teacher_router = None
+                if args.teacher_adapters is not None:
+                    lda.load_language_adapters(teacher.model, args.teacher_adapters)
+                    teacher_router = lda.language_router(mma.adapter_names(teacher.model))
+            labels = lda.pseudo_label(teacher, hidden, adapter_for=teacher_router, pass_="second", min_confidence=args.min_confidence,
                                       device=args.device, progress=progress)
             truth = {u.id: u.text for u in unlabeled}
             results["pseudo_labels"] = {**labels.as_dict(), "total": len(unlabeled), "min_confidence": args.min_confidence,
