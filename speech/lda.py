@@ -347,8 +347,8 @@ def load_language_adapters(model: nn.Module, directory: str | Path, languages: S
 def restore_batch_dims(model: nn.Module) -> None:
     """Give every adapted module the batch dimension its adapter point declares (time-major second pass: 1).
 
-    ``mmadapters.load_adapter`` rebuilds wrappers from the saved target names, which do not record the batch
-    dimension, so per-sample routing through loaded adapters would look for the batch in dim 0."""
+    Adapters saved before ``mmadapters.io`` recorded each target's batch dimension load with none, and per-sample
+    routing through them would look for the batch in dim 0; for newer saves this is a no-op."""
     from mmadapters.model import wrappers
     from mmadapters.points import declared_points
     from mmadapters.targets import resolve_targets
