@@ -85,6 +85,13 @@ def _module_fingerprint(module: nn.Module) -> dict[str, list[int]]:
     return out
 
 
+def _target_meta(t: Target) -> dict:
+    meta = {"name": t.name, "parts": sorted(t.parts), "dim": t.dim}
+    if t.batch_dim is not None:  # only when declared: files without it stay readable by older versions
+        meta["batch_dim"] = t.batch_dim
+    return meta
+
+
 def _comparable(fingerprint: dict[str, list[int]]) -> dict[str, list[int]]:
     """A stored fingerprint in logical names (files from before nested adapters were left out carry
     ``base_layer.`` segments and other adapters' parameters)."""
@@ -138,8 +145,7 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike, bits
         "library_version": _library_version(),
         "name": name,
         "config": config.to_dict(),
-        "targets": [{"name": t.name, "parts": sorted(t.parts), "dim": t.dim, **({"batch_dim": t.batch_dim} if t.batch_dim is not None else {})}
-                    for t in state_of(model).targets[name]],
+        "targets": [_target_meta(t) for t in state_of(model).targets[name]],
         "fingerprint": fingerprint,
         "weights_sha256": digest,
     }

@@ -77,7 +77,7 @@ class AdaptedModule(nn.Module):
             return out
         h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
         x = _main_input(args, kwargs)
-        h = self._apply(comp, x, h)
+        h = self._apply_composition(comp, x, h)
         return (h, *rest) if rest is not None else h
 
     def _weight_overrides(self, comp: str | Composition) -> dict[str, Tensor]:
@@ -98,7 +98,7 @@ class AdaptedModule(nn.Module):
         names = [comp] if isinstance(comp, str) else comp.names()
         return any(u.kind != "weight" for n in names for u in self.units(n))
 
-    def _apply(self, comp: str | Composition, x: Tensor | None, h: Tensor) -> Tensor:
+    def _apply_composition(self, comp: str | Composition, x: Tensor | None, h: Tensor) -> Tensor:
         if isinstance(comp, str):
             for unit in self.units(comp):
                 if unit.kind == "parallel":
@@ -113,13 +113,13 @@ class AdaptedModule(nn.Module):
         if isinstance(comp, Average):
             total = h
             for child, w in zip(comp.children, comp.weights, strict=True):
-                out = self._apply(child, x, h)
+                out = self._apply_composition(child, x, h)
                 if out.shape != h.shape:
                     raise ValueError(f"{self.module_name}: Average needs children that keep the output shape")
                 total = total + w * (out - h)
             return total
         for child in comp.children:  # Stack
-            h = self._apply(child, x, h)
+            h = self._apply_composition(child, x, h)
         return h
 
     def _routed_forward(self, plan, args: tuple, kwargs: dict) -> Any:
@@ -181,7 +181,7 @@ class AdaptedModule(nn.Module):
         if any(u.kind == "weight" for n in names for u in self.units(n)):
             raise ValueError(f"{self.module_name}: a Mixture mixes outputs per token; its adapters must not edit "
                              "weights (LoRA inside nn.MultiheadAttention, BitFit/norm deltas)")
-        outs = [self._apply(child, x, h) for child in comp.children]
+        outs = [self._apply_composition(child, x, h) for child in comp.children]
         gates = [u for u in self.units(comp.gate) if u.kind == "gate"]
         if not gates:
             if all(o is h for o in outs):

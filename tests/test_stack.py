@@ -25,8 +25,8 @@ def test_modality_packages_are_subpackages_only(tmp_path):
     for sub in ("speech", "vision", "video", "eval"):
         mod = importlib.import_module(f"mmadapters.{sub}")
         assert mod.__doc__
-    for sub in ("speech", "video"):  # still placeholders
-        assert "Will hold" in importlib.import_module(f"mmadapters.{sub}").__doc__
+    for sub in ("speech", "video"):  # no longer placeholders: the docs name their modules
+        assert "Will hold" not in importlib.import_module(f"mmadapters.{sub}").__doc__
     # Run from an unrelated directory: only the installed layout is visible there.
     code = (
         "import importlib.util, sys\n"
@@ -60,3 +60,20 @@ def test_every_public_name_resolves():
     for name in mma.__all__:
         assert getattr(mma, name) is not None, name
     assert sorted(mma.__all__) == sorted(set(mma.__all__))
+
+
+def test_adapted_models_move_and_cast_like_any_module():
+    """nn.Module.to/half/double walk modules through _apply: a wrapper must not shadow it."""
+    import torch
+
+    import mmadapters as mma
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    mma.add_adapter(model, "a", mma.BottleneckConfig(bottleneck_dim=2, target_modules=["0"]))
+    mma.add_adapter(model, "l", mma.LoRAConfig(r=2, target_modules=["2"]))
+    model.to("cpu").double()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    y = model(torch.randn(3, 4, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    model.half().float()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
