@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mmadapters.io import atomic_write_bytes
-from mmadapters.speech.model import CascadedTransducer, TransducerConfig, parameter_counts, save_asr
+from mmadapters.speech.model import CascadedTransducer, TransducerConfig, load_asr, parameter_counts, save_asr
 from mmadapters.speech.readers import Utterance, read_manifest
 from mmadapters.speech.tokenizer import CharTokenizer
 from mmadapters.speech.train import AudioSource, Callback, TrainConfig, evaluate, train
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue training a model saved by this script (its tokenizer and CMVN are kept)")
     p.add_argument("--no-fp16", action="store_true", help="store float32 weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -173,13 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     dev_utts = [u for u in dev_all if u.lang in languages]
     test_utts = [u for u in test_all if u.lang in languages]
 
-    tokenizer = CharTokenizer.from_texts(u.text for u in train_all)
-    config = model_config(args.preset, tokenizer.vocab_size, args.overrides)
-    model = CascadedTransducer(config).to(args.device)
+    if args.init is not None:  # a second stage: same model, tokenizer and CMVN, more steps
+        bundle = load_asr(args.init)
+        tokenizer, config = bundle.tokenizer, bundle.config
+        model = bundle.model.float().to(args.device).train()
+        previous = json.loads((args.init / "training.json").read_text(encoding="utf-8")) if (args.init / "training.json").is_file() else {}
+    else:
+        tokenizer = CharTokenizer.from_texts(u.text for u in train_all)
+        config = model_config(args.preset, tokenizer.vocab_size, args.overrides)
+        model = CascadedTransducer(config).to(args.device)
+        previous = {}
     counts = parameter_counts(model)
     print(f"model: {counts['total']:,} parameters ({args.preset}); tokenizer: {tokenizer.vocab_size} ids over "
           f"{len(present)} languages; training on {len(train_utts)} utterances of {','.join(languages)}", flush=True)
-    n_cmvn = fit_cmvn(model, train_utts, args.cmvn_utterances)
+    n_cmvn = previous.get("cmvn_utterances", 0) if args.init is not None else fit_cmvn(model, train_utts, args.cmvn_utterances)
 
     train_config = TrainConfig(steps=args.steps, batch_seconds=args.batch_seconds, lr=args.lr, weight_decay=args.weight_decay,
                                schedule=args.schedule, warmup_steps=args.warmup, eval_every=args.eval_every,
@@ -211,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name not in ("README.md", "training.json")) / 1e6
     command = "python scripts/pretrain_tiny_asr.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     record = {
-        "command": command, "data_command": synth_command(args.data), "languages": languages, "preset": args.preset,
+        "command": command, "data_command": synth_command(args.data),
+        "previous_stages": [*previous.get("previous_stages", []), {k: previous[k] for k in ("command", "train") if k in previous}]
+        if previous else [], "languages": languages, "preset": args.preset,
         "config": config.to_dict(), "parameters": counts, "size_mb": size_mb, "cmvn_utterances": n_cmvn,
         "train": {**result.as_dict(), "config": train_config.to_dict(), "utterances": len(train_utts),
                   "hours": sum(u.duration or 0.0 for u in train_utts) / 3600},
@@ -219,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(), "device": args.device,
     }
     atomic_write_bytes(out / "training.json", (json.dumps(record, indent=1) + "\n").encode())
+    earlier = sum(int(st.get("train", {}).get("steps", 0)) for st in record["previous_stages"])
+    earlier_note = f" after {earlier} steps in earlier stages (--init)" if earlier else ""
     readme = f"""# Shipped tiny ASR model (cascaded Conformer transducer)
 
 Made by `scripts/pretrain_tiny_asr.py`: a multilingual cascaded transducer (causal streaming first pass +
@@ -231,6 +244,7 @@ Load it with `mmadapters.speech.model.load_asr()`.
 
 ```
 {synth_command(args.data) or '(data not made by mmadapters.speech.synth)'}
+{chr(10).join(st.get("command", "") for st in record["previous_stages"])}
 {command}
 ```
 
@@ -238,7 +252,7 @@ Load it with `mmadapters.speech.model.load_asr()`.
 
 - {counts['total']:,} parameters ({args.preset} preset), weights {'fp16' if not args.no_fp16 else 'fp32'}, {size_mb:.2f} MB on disk
 - tokenizer: {tokenizer.vocab_size} ids (blank, unk, {tokenizer.vocab_size - 2} characters)
-- training: {result.steps} steps in {result.seconds / 60:.1f} min ({result.stopped_by} budget), {len(train_utts)} utterances
+- training: {result.steps} steps{earlier_note} in {result.seconds / 60:.1f} min ({result.stopped_by} budget), {len(train_utts)} utterances
   ({record['train']['hours']:.2f} h), batches of ≤ {args.batch_seconds:g} padded seconds, lr {args.lr:g} ({args.schedule}, warmup
   {args.warmup}), device {args.device}, {torch.get_num_threads()} threads, seed {args.seed}
 

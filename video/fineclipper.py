@@ -10,12 +10,13 @@ The method, as its paper describes it (no public code exists; the adapter placem
 2. **Hierarchical inputs.**
    - *low*: the sampled frames through CLIP's image tower;
    - *middle*: per-frame face-parsing masks (rendered as colour images, through the same image tower) and
-     facial landmarks (a small MLP on the normalised coordinates), each added to the frame features
-     through a zero-initialised gate;
+     facial landmarks (a small MLP on the normalised coordinates and their displacement since the first
+     sampled frame), each added to the frame features through a zero-initialised gate;
    - *high*: a description of the facial change across frames (from an MLLM in the paper; from the
      renderer's template on generated data) through the frozen text tower, added to the video feature
      through a zero-initialised linear map.
-   A one-layer temporal transformer over the (fused) frame features, averaged over time, gives ``v``.
+   A one-layer temporal transformer over the (fused) frame features and their change since the first
+   frame, averaged over time and added to the frame mean through a zero-initialised projection, gives ``v``.
 3. **PEFT on CLIP.** CLIP stays frozen. *Placement (our choice):* bottleneck adapters (AIM-style, zero-
    initialised up-projection) after the attention and the MLP of every block of the image tower
    (``@image_attn_out`` and ``@image_ffn_out``); the text tower is frozen, so class descriptions are encoded
@@ -88,13 +89,17 @@ class FineClipperConfig:
 class TemporalEncoder(nn.Module):
     """Frame features (B, T, D) -> video feature (B, D): mean over time plus a transformer residual.
 
-    The residual branch's output projection starts at zero, so an untrained encoder returns the frame mean.
+    The transformer sees each frame's feature and its change since the first sampled frame (facial
+    dynamics: identities differ in their resting face, so the change, not the look, carries the
+    expression). The residual's output projection starts at zero, so an untrained encoder returns the
+    frame mean.
     """
 
     def __init__(self, dim: int, layers: int, max_frames: int, dropout: float = 0.1):
         super().__init__()
         self.pos = nn.Parameter(torch.zeros(max_frames, dim))
         nn.init.normal_(self.pos, std=0.02)
+        self.delta = nn.Linear(dim, dim)
         heads = max(1, dim // 64) if dim % max(1, dim // 64) == 0 else 1
         self.layers = nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
                                     for _ in range(layers))
@@ -106,7 +111,7 @@ class TemporalEncoder(nn.Module):
         if x.shape[1] > self.pos.shape[0]:
             raise ValueError(f"{x.shape[1]} frames but the temporal encoder holds positions for {self.pos.shape[0]} "
                              "(raise FineClipperConfig.max_frames)")
-        h = x + self.pos[: x.shape[1]]
+        h = x + self.pos[: x.shape[1]] + self.delta(x - x[:, :1])
         for layer in self.layers:
             h = layer(h)
         return x.mean(dim=1) + self.out(h.mean(dim=1))
@@ -155,7 +160,8 @@ class FineClipper(nn.Module):
         if "landmarks" in config.cues:
             if not config.num_landmarks:
                 raise ValueError("FineClipperConfig.num_landmarks must be set when the landmarks cue is used")
-            self.landmark_mlp = nn.Sequential(nn.Linear(2 * config.num_landmarks, dim), nn.GELU(), nn.Linear(dim, dim))
+            # per frame: the landmarks and their displacement since the first sampled frame
+            self.landmark_mlp = nn.Sequential(nn.Linear(4 * config.num_landmarks, dim), nn.GELU(), nn.Linear(dim, dim))
             nn.init.zeros_(self.landmark_mlp[2].weight)
             nn.init.zeros_(self.landmark_mlp[2].bias)
         self.description_proj = nn.Linear(dim, dim)
@@ -215,7 +221,8 @@ class FineClipper(nn.Module):
         if "landmarks" in cues:
             if landmarks is None:
                 raise ValueError("the model uses the 'landmarks' cue but no landmarks were given")
-            f = f + self.landmark_mlp(landmarks.flatten(2).float() - 0.5)
+            marks = landmarks.flatten(2).float()
+            f = f + self.landmark_mlp(torch.cat([marks - 0.5, marks - marks[:, :1]], dim=-1))
         v = self.temporal(f)
         if "description" in cues:
             if description is None:
