@@ -283,6 +283,16 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
     assert record["languages"] == ["hh"] and record["train"]["steps"] == 3
     assert set(record["scores"]) == {"dev_first", "dev_second", "test_first", "test_second"}
     assert "scripts/pretrain_tiny_asr.py" in (model_dir / "README.md").read_text()
+    # a second stage continues the saved model (same tokenizer, CMVN and config) and records the first stage
+    stage2 = tmp_path / "asr2"
+    assert pretrain.main(["--data", str(data), "--init", str(model_dir), "--output", str(stage2), "--steps", "2",
+                          "--eval-every", "0", "--warmup", "1", "--quiet"]) == 0
+    again = load_asr(stage2)
+    assert again.config == bundle.config and again.tokenizer.encode("ab") == bundle.tokenizer.encode("ab")
+    torch.testing.assert_close(again.model.frontend.cmvn_mean, bundle.model.frontend.cmvn_mean)
+    record2 = json.loads((stage2 / "training.json").read_text())
+    assert record2["train"]["steps"] == 2 and record2["previous_stages"][0]["train"]["steps"] == 3
+    assert "after 3 steps in earlier stages" in (stage2 / "README.md").read_text()
 
     run_lda = _script("run_lda")
     out = tmp_path / "lda"
