@@ -3,9 +3,9 @@
     python scripts/run_tem_adapter.py --out out/tem_adapter            # generate (once), encode, train, compare
 
 Steps: generate a SUTD-TrafficQA-style moving-shape QA set with ``python -m mmadapters.video.synth trafficqa``
-(or take ``--data`` / ``--train`` + ``--test``), encode its frames and question+candidate texts with the
-shipped tiny CLIP (frame features cached on disk by :class:`mmadapters.video.data.FrameFeatureCache`), then
-score the held-out split with
+(or take ``--data`` / ``--train`` + ``--test``), encode its frames and question+candidate texts with a frozen
+CLIP (frame features cached on disk by :class:`mmadapters.video.data.FrameFeatureCache`), then score the
+held-out split with
 
 - ``zeroshot``: cosine of the mean frame feature and each candidate's text (no training);
 - ``tem-adapter``: Semantic + Temporal Aligner, trained on the train split (the paper's method, both
@@ -17,6 +17,12 @@ Trained variants run for every ``--seeds`` value (same data, different initializ
 are reported as mean ± std. Writes ``tem_adapter_results.json`` (one house-style results record per run)
 and ``tem_adapter_results.md`` under ``--out``. ``--max-minutes`` stops starting new runs when the budget
 is spent (the runs left out are listed). Defaults fit in about 10 minutes on 2 CPU cores.
+
+The frozen CLIP (``--model``): ``tiny`` (default) is the vision issue's tiny CLIP, trained on single large
+shapes in stills; its frame features of these clips hardly carry the objects' colour, shape or position,
+and every method scores at chance with it. ``video`` loads ``video/assets/video_clip`` when someone has
+built it with ``scripts/pretrain_video_clip.py`` (not shipped: no run so far taught it position), and
+``local-dir:DIR`` any such output.
 """
 
 from __future__ import annotations
@@ -69,7 +75,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=10.0, help="start no new run after this much wall time")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: the library's cache)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="tiny",
+                   help="frozen CLIP: 'tiny' (the vision issue's tiny CLIP, trained on stills), 'video' "
+                        "(video/assets/video_clip, when built by scripts/pretrain_video_clip.py), or any name "
+                        "mmadapters.vision.clip.load_clip accepts (local-dir:DIR ...)")
     return p.parse_args(argv)
+
+
+VIDEO_CLIP_DIR = Path(__file__).resolve().parent.parent / "video" / "assets" / "video_clip"
+
+
+def resolve_model(name: str) -> str | None:
+    """``--model`` -> the name :func:`mmadapters.vision.clip.load_clip` takes (None: the shipped tiny CLIP)."""
+    if name == "tiny":
+        return None
+    if name == "video":
+        try:
+            import mmadapters.video as video_pkg
+
+            directory = Path(video_pkg.__file__).resolve().parent / "assets" / "video_clip"
+        except ImportError:  # pragma: no cover - the package is installed with the repository
+            directory = VIDEO_CLIP_DIR
+        if not (directory / "open_clip_config.json").is_file():
+            raise SystemExit(f"--model video: expected {directory}/open_clip_config.json; build it with "
+                             "python scripts/pretrain_video_clip.py --output video/assets/video_clip, or pass --model tiny")
+        return f"local-dir:{directory}"
+    return name
 
 
 def locate(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -115,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     train_file, test_file, video_root = locate(args)
     cache_dir = args.cache_dir or default_cache_dir()
 
-    clip = load_clip(None, device=args.device, declare_points=False)
+    model_name = resolve_model(args.model)
+    clip = load_clip(model_name, device=args.device, declare_points=False)
+    model_label = "tiny_clip" if model_name is None else clip.info.short_name
     common = {"video_root": video_root, "num_frames": args.num_frames, "template": args.template,
               "device": args.device, "cache_dir": cache_dir, "num_workers": max(args.workers - 1, 0)}
     t0 = time.perf_counter()
@@ -141,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                         "official_unshifted_future": unshifted, "seed": seed, "epochs": args.epochs,
                         "batch_size": args.batch_size, "lr": args.lr, "lr_halve_every": args.lr_halve_every,
                         "num_frames": args.num_frames, "template": args.template, "train": str(train_file),
-                        "test": str(test_file), "video_root": str(video_root), "weights": clip.info.as_dict()}
-            record = build_results(dataset=test_file.parent.parent.name + "/" + test_file.stem, model="tiny_clip",
+                        "test": str(test_file), "video_root": str(video_root), "model": args.model,
+                        "weights": clip.info.as_dict()}
+            record = build_results(dataset=test_file.parent.parent.name + "/" + test_file.stem, model=model_label,
                                    pretrained=None, task=f"videoqa_multiple_choice/{variant}", test=test, train=train,
                                    scores=scores, adapter=adapter, settings=settings,
                                    run_key=results_key({"weights": clip.info.identity(), **settings}), version=__version__)
@@ -155,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - t_start
     payload = {"summary": summary, "runs": runs, "left_out": left_out, "features_s": round(encode_s, 2),
                "total_s": round(total_s, 2), "command": " ".join(["python", "scripts/run_tem_adapter.py", *(argv or sys.argv[1:])]),
-               "threads": args.threads, "mmadapters_version": __version__}
+               "threads": args.threads, "mmadapters_version": __version__,
+               "model": {"flag": args.model, "label": model_label, **clip.info.as_dict()}}
     atomic_write_bytes(args.out / "tem_adapter_results.json", json_bytes(payload))
     atomic_write_bytes(args.out / "tem_adapter_results.md", markdown(payload, test, train).encode())
     print(markdown(payload, test, train))
@@ -192,6 +227,8 @@ def markdown(payload: dict, test, train) -> str:
     lines += ["", f"Held-out questions: {len(test.features)} ({test.skipped_questions} skipped), train questions: "
               f"{len(train.features)} ({train.skipped_questions} skipped); chance {chance:.3f}. "
               f"Features {payload['features_s']:.1f}s, total {payload['total_s']:.1f}s on {payload['threads']} threads.",
+              f"Frozen CLIP: {payload['model']['label']} (`--model {payload['model']['flag']}`, weights sha256 "
+              f"{str(payload['model']['weights_sha256'])[:12]}).",
               f"Command: `{payload['command']}`"]
     if payload["left_out"]:
         lines.append(f"Left out (time budget): {', '.join(payload['left_out'])}")
