@@ -199,3 +199,18 @@ def test_nested_adapters_and_time_major_batch_dim_survive_save_and_load(tmp_path
     mma.set_active(fresh, "inner")
     with torch.no_grad():
         torch.testing.assert_close(y[2:], fresh(x[2:]))
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from mmadapters.io import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+    assert (tmp_path / "f.json").read_bytes() == b"{}" and len(list(tmp_path.iterdir())) == 1
