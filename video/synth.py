@@ -229,6 +229,28 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="clip", disable=None)
 
 
+def run_jobs(fn, jobs: list, workers: int, desc: str, progress: bool) -> list:
+    """``[fn(job) for job in jobs]`` in job order, in ``workers`` processes when > 1, with a progress bar."""
+    bar = progress_bar(len(jobs), desc, progress)
+    results: list = []
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for result in pool.map(fn, jobs, chunksize=4):
+                results.append(result)
+                if bar is not None:
+                    bar.update(1)
+    else:
+        for job in jobs:
+            results.append(fn(job))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return results
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 

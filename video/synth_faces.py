@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +56,8 @@ from .synth import (
     key,
     npz_bytes,
     prepare_root,
-    progress_bar,
     rng_for,
+    run_jobs,
     write_dataset_record,
     write_frame_dir,
     write_lines,
@@ -514,21 +513,7 @@ def generate_faces(
 
     labels = balanced_schedule(n, len(CLASSES), rng_for(seed, key("labels")))
     jobs = [_Job(str(root), i, seed, int(labels[i]), size, (num_frames, hi), codec, videos) for i in range(n)]
-    bar = progress_bar(n, "face clips", progress)
-    results: list[dict] = []
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(_make_clip, jobs, chunksize=4):
-                results.append(result)
-                if bar is not None:
-                    bar.update(1)
-    else:
-        for job in jobs:
-            results.append(_make_clip(job))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    results: list[dict] = run_jobs(_make_clip, jobs, workers, "face clips", progress)
 
     # folds of whole blocks of 7 clips (one of each class), so every fold is balanced
     fold_of = [(i // len(CLASSES)) % folds for i in range(n)]

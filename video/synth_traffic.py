@@ -53,7 +53,6 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,8 +67,8 @@ from .synth import (
     encode_mp4,
     key,
     prepare_root,
-    progress_bar,
     rng_for,
+    run_jobs,
     write_dataset_record,
     write_frame_dir,
     write_lines,
@@ -626,21 +625,7 @@ def generate_trafficqa(
              int(u_event[i]), int(r_form[i]))
         for i in range(n)
     ]
-    bar = progress_bar(n, "trafficqa clips", progress)
-    clips: list[dict] = []
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(_make_clip, jobs, chunksize=4):
-                clips.append(result)
-                if bar is not None:
-                    bar.update(1)
-    else:
-        for job in jobs:
-            clips.append(_make_clip(job))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    clips: list[dict] = run_jobs(_make_clip, jobs, workers, "trafficqa clips", progress)
 
     n_test = int(round(n * test_fraction))
     test_clips = set(int(i) for i in rng_for(seed, key("test-split")).permutation(n)[:n_test])
