@@ -240,3 +240,21 @@ def test_evaluator_zeroshot_and_tem_adapter(qa_root, tmp_path):
         evaluate_videoqa(VideoQAConfig(method="tem-adapter", **base))
     with pytest.raises(UnreadableVideoError, match="broken.mp4"):
         evaluate_videoqa(VideoQAConfig(method="zeroshot", on_error="fail", output=None, **base))
+
+
+def test_videoqa_command_line(qa_root, tmp_path, capsys):
+    import json
+
+    from mmadapters.eval.cli import main
+
+    out = tmp_path / "cli.json"
+    args = ["videoqa", "--annotations", str(qa_root / "test.jsonl"), "--method", "tem-adapter", "--train-annotations",
+            str(qa_root / "train.jsonl"), "--epochs", "2", "--batch-size", "4", "--num-frames", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--output", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert 0.0 <= results["metrics"]["acc"] <= 1.0 and f"accuracy {results['metrics']['acc']:.4f}" in printed
+    assert results["counts"]["evaluated"] == results["counts"]["questions"] - results["counts"]["skipped"] > 0
+    assert main(["videoqa", "--annotations", str(qa_root / "test.jsonl")]) == 2  # tem-adapter without a train split
+    assert "--train-annotations" in capsys.readouterr().err
