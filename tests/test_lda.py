@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_speech_train import make_corpus, make_model, small
+from test_speech_train import make_corpus, make_model, one_thread, small  # noqa: F401  (one_thread: autouse fixture)
 
 import mmadapters as mma
 from mmadapters.speech import lda
@@ -18,14 +18,6 @@ from mmadapters.speech.tokenizer import CharTokenizer
 from mmadapters.speech.train import pad_waves
 
 LANGS = ["xx", "yy", "zz"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
