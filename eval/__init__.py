@@ -10,7 +10,8 @@ package and import their heavy dependencies only when they run.
 - :mod:`~mmadapters.eval.fewshot_compare` — ``mmadapters fewshot-compare``: zero-shot vs Tip / Tip-F / CapS on generated tasks;
 - :mod:`~mmadapters.eval.asr_eval` — ``mmadapters asr eval|transcribe``: per-language WER/CER, relative reduction,
   real-time factor and first-partial latency;
-- :mod:`~mmadapters.eval.videoqa_eval` — multiple-choice VideoQA accuracy (Tem-Adapter);
+- :mod:`~mmadapters.eval.videoqa_eval` — multiple-choice VideoQA accuracy (Tem-Adapter); its settings and the
+  ``mmadapters videoqa`` command line are in :mod:`~mmadapters.eval.videoqa_config` (no torch import);
 - :mod:`~mmadapters.eval.cli` — the ``mmadapters`` console script.
 
 Still to come: VQA accuracy, BLEU/CIDEr and their benchmark readers.

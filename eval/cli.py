@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .asr_eval import add_asr_parser
 
     add_asr_parser(sub)
-    from .videoqa_eval import add_videoqa_parser
+    from .videoqa_config import add_videoqa_parser
 
     add_videoqa_parser(sub)
     return parser
