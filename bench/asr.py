@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -42,12 +41,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import mmadapters as mma
+from mmadapters.eval.results_io import write_bench_report
 from mmadapters.speech.decode import SAMPLE_RATE, StreamingStats, StreamingTranscriber, transcribe
 
 LANGS = ["de", "es", "fr", "it", "nl", "pl", "pt", "sv"]
@@ -324,19 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "per_language_parameters": info.per_language_parameters, "per_language_percent": 100 * info.fraction},
         "streaming": streaming, "mixed": mixed, "wall_seconds": round(time.time() - start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md = markdown(result)
-    tmp_json, tmp_md = out.with_suffix(".json.tmp"), out.with_suffix(".md.tmp")
-    tmp_json.write_text(json.dumps(result, indent=2))
-    tmp_md.write_text(md)
-    os.replace(tmp_json, out.with_suffix(".json"))
-    os.replace(tmp_md, out.with_suffix(".md"))
-    print(md)
-    if args.append_results:
-        with open(args.append_results, "a") as f:
-            f.write(f"\n### ASR speed benchmark ({time.strftime('%Y-%m-%d')})\n\nCommand: `{result['command']}` "
-                    f"(wall {result['wall_seconds']} s)\n\n{md}")
+    write_bench_report(args.out, result, markdown(result), title="ASR speed benchmark", append_to=args.append_results)
     return result
 
 

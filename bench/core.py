@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -27,12 +26,12 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import mmadapters as mma
+from mmadapters.eval.results_io import write_bench_report
 
 TARGETS = ["c_fc", "c_proj"]
 
@@ -353,16 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training": {"B": args.train_batch, "seconds": train_t, "peak_bytes": train_m},
         "wall_seconds": round(time.time() - start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    md = markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    if args.append_results:
-        with open(args.append_results, "a") as f:
-            f.write(f"\n### Core benchmark ({time.strftime('%Y-%m-%d')}, {args.device})\n\nCommand: `{result['command']}` "
-                    f"(wall {result['wall_seconds']} s)\n\n{md}")
+    write_bench_report(args.out, result, markdown(result), title=f"Core benchmark, {args.device}", append_to=args.append_results)
     return result
 
 

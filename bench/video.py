@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmadapters.eval.results_io import write_bench_report
+
 REPO = Path(__file__).resolve().parents[1]
 PEER = "pyav decode-all"
 TARGET = ("ours decord", 3.0)
@@ -237,16 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["target"]["met"] = result["variants"][TARGET[0]]["ratio"] >= TARGET[1]
     result["wall_seconds"] = round(time.time() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    if args.append_results:
-        with open(args.append_results, "a") as f:
-            f.write(f"\n### Video loading benchmark ({time.strftime('%Y-%m-%d')})\n\nCommand: `{result['command']}` "
-                    f"(wall {result['wall_seconds']} s)\n\n{md}")
+    write_bench_report(args.out, result, markdown(result), title="Video loading benchmark", append_to=args.append_results)
     return result
 
 

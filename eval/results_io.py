@@ -52,3 +52,22 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json_bytes(results))
     results["output"] = str(path)
+
+
+def write_bench_report(out: str | Path, result: dict[str, Any], md: str, *, title: str,
+                       append_to: str | Path | None = None) -> None:
+    """A benchmark's outputs: ``out``.json and ``out``.md written atomically, the markdown printed, and,
+    with ``append_to``, a dated section (command, wall time, table) appended to that file."""
+    import time
+
+    from mmadapters.io import atomic_write_bytes
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out.with_suffix(".json"), json_bytes(result))
+    atomic_write_bytes(out.with_suffix(".md"), md.encode())
+    print(md)
+    if append_to:
+        with open(append_to, "a", encoding="utf-8") as f:
+            f.write(f"\n### {title} ({time.strftime('%Y-%m-%d')})\n\nCommand: `{result['command']}` "
+                    f"(wall {result['wall_seconds']} s)\n\n{md}")
