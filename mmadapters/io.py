@@ -260,6 +260,19 @@ def _unused_name(model: nn.Module, name: str) -> str:
     return f"{name}__incoming{i}"
 
 
+def _declared_batch_dims(model: nn.Module) -> dict[str, int]:
+    """Module name -> batch dimension, for every module an adapter point with a ``batch_dim`` covers."""
+    from .points import declared_points
+    from .targets import resolve_targets
+
+    dims: dict[str, int] = {}
+    for point in declared_points(model):
+        for target in resolve_targets(model, [f"@{point}"]):
+            if target.batch_dim is not None:
+                dims[target.name] = target.batch_dim
+    return dims
+
+
 def _install(model: nn.Module, name: str, meta: dict, config: AdapterConfig, tensors: dict, directory: Path) -> None:
     # Re-resolving patterns could pick other modules on another model: inject exactly where it was saved.
     modules = {n: m for n, m, _, _ in iter_logical_modules(model)}
@@ -269,6 +282,11 @@ def _install(model: nn.Module, name: str, meta: dict, config: AdapterConfig, ten
             targets.append(Target(t["name"], modules[t["name"]], t.get("dim"), set(t.get("parts", [])), t.get("batch_dim")))
         except (KeyError, TypeError):
             raise ValueError(f"{directory / CONFIG_NAME}: field 'targets[{i}]' is not a valid target {t!r}") from None
+    if any(t.batch_dim is None for t in targets):  # files written before targets recorded it: ask the points
+        declared = _declared_batch_dims(model)
+        for t in targets:
+            if t.batch_dim is None:
+                t.batch_dim = declared.get(t.name)
     add_adapter(model, name, config, _targets=targets)
     try:
         _copy_in(model, name, tensors, directory / WEIGHTS_NAME)

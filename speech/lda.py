@@ -329,8 +329,6 @@ def merge_best(checkpoints: Sequence[str | Path], dev_wers: Sequence[Mapping[str
     best = best_checkpoints(checkpoints, dev_wers, languages)
     sources = {lang: path for lang, (path, _) in best.items()}
     out = mma.select_from_checkpoints(sources, model, output_dir=output_dir, overwrite=overwrite)
-    if model is not None:
-        restore_batch_dims(model)
     return MergeResult({k: v[0] for k, v in best.items()}, {k: v[1] for k, v in best.items()},
                        model=model, output_dir=Path(output_dir) if output_dir is not None else (None if model is not None else out))
 
@@ -339,28 +337,7 @@ def load_language_adapters(model: nn.Module, directory: str | Path, languages: S
                            replace: bool = False) -> list[str]:
     """Load language adapters saved by :func:`mmadapters.save_adapters` (e.g. :func:`merge_best`'s ``output_dir``)
     onto a foundation model, ready for per-sample routing. Returns the languages loaded."""
-    names = mma.load_adapters(model, directory, languages, replace=replace)
-    restore_batch_dims(model)
-    return names
-
-
-def restore_batch_dims(model: nn.Module) -> None:
-    """Give every adapted module the batch dimension its adapter point declares (time-major second pass: 1).
-
-    Adapters saved before ``mmadapters.io`` recorded each target's batch dimension load with none, and per-sample
-    routing through them would look for the batch in dim 0; for newer saves this is a no-op."""
-    from mmadapters.model import wrappers
-    from mmadapters.points import declared_points
-    from mmadapters.targets import resolve_targets
-
-    dims: dict[str, int] = {}
-    for point in declared_points(model):
-        for target in resolve_targets(model, [f"@{point}"]):
-            if target.batch_dim is not None:
-                dims[target.name] = target.batch_dim
-    for w in wrappers(model):
-        if w.batch_dim is None and w.module_name in dims:
-            w.batch_dim = dims[w.module_name]
+    return mma.load_adapters(model, directory, languages, replace=replace)
 
 
 def read_dev_wers(directory: str | Path) -> tuple[list[Path], list[dict[str, float]]]:
@@ -406,5 +383,5 @@ __all__ = [
     "AdapterCheckpoints", "DEFAULT_POINTS", "LanguageAdapters", "LdaRun", "MergeResult", "PseudoLabels", "TARGET_FRACTION",
     "adapter_config", "add_language_adapters", "best_checkpoints", "full_finetune", "language_router", "load_language_adapters",
     "merge_best",
-    "noisy_student", "pseudo_label", "read_dev_wers", "restore_batch_dims", "sequence_confidence", "width_for_fraction",
+    "noisy_student", "pseudo_label", "read_dev_wers", "sequence_confidence", "width_for_fraction",
 ]

@@ -199,6 +199,19 @@ def test_nested_adapters_and_time_major_batch_dim_survive_save_and_load(tmp_path
     mma.set_active(fresh, "inner")
     with torch.no_grad():
         torch.testing.assert_close(y[2:], fresh(x[2:]))
+    # files written before targets recorded batch_dim: the model's declared points supply it on load
+    import json
+
+    for n in ("outer", "inner"):
+        cfg_path = tmp_path / "ad" / n / "adapter_config.json"
+        meta = json.loads(cfg_path.read_text())
+        for t in meta["targets"]:
+            t.pop("batch_dim", None)
+        cfg_path.write_text(json.dumps(meta))
+    older = make()
+    mma.load_adapters(older, tmp_path / "ad")
+    with torch.no_grad(), mma.route(older, ["outer", None, "inner"]):
+        torch.testing.assert_close(older(x), ref)
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
