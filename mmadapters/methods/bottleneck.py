@@ -2,10 +2,18 @@
 
 ``h + s * Up(act(Down(LN(src))))`` where ``src`` is the module's output (series placement) or its input
 (parallel placement). Up is zero-initialized so a new adapter leaves the model's output unchanged.
+
+Half-shared adapters (VL-Adapter, Sung et al. 2022): adapters whose configs name the same ``share_down``
+(or ``share_up``) group use one Down (or Up) projection at each adapted module, while the other projection
+stays per adapter. The shared projection lives once at the model root (``model.mma_shared``, key
+``bottleneck_down__<group>__<module>``) and the units only reference it, so its parameters are counted,
+trained and saved once; a saved adapter carries the shared projections it uses, and loading it onto a
+model that already has them overwrites them (as for a Hyperformer hypernetwork).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +22,8 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, check_choice, check_positive, register_method, target_modules_field
 from ..units import AdapterUnit, NotMergeable, channel_dim, feature_dims, on_channels
 from ._common import BuildContext, bottleneck_size, init_last_layer, make_activation, require_dims
+
+_GROUP_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 @dataclass
@@ -35,10 +45,20 @@ class BottleneckConfig(AdapterConfig):
         "help": "LayerNorm on the branch output; its scale starts at zero so the adapter starts as identity."})
     scaling: float = field(default=1.0, metadata={"help": "Residual scaling s of the adapter branch."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the bottleneck activations."})
+    share_down: str | None = field(default=None, metadata={
+        "help": "Group name: adapters with the same group share the Down projection at each adapted module "
+                "(half-shared adapters); None keeps it per adapter."})
+    share_up: str | None = field(default=None, metadata={
+        "help": "Group name: adapters with the same group share the Up projection at each adapted module."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self, "placement", ("series", "parallel"))
+        for name in ("share_down", "share_up"):
+            group = getattr(self, name)
+            if group is not None and (not isinstance(group, str) or not _GROUP_RE.match(group)):
+                raise ValueError(f"BottleneckConfig.{name}: expected None or a group name of letters, digits, '_' "
+                                 f"or '-', got {group!r}")
         check_positive(self, "bottleneck_dim", allow_none=True)
         check_positive(self, "reduction_factor", allow_none=True)
         if not 0.0 <= self.dropout < 1.0:
@@ -59,20 +79,45 @@ class BottleneckConfig(AdapterConfig):
 
 
 class BottleneckUnit(AdapterUnit):
-    def __init__(self, in_dim: int, out_dim: int, bottleneck: int, config: BottleneckConfig, chdim: int = -1):
+    """``shared_down`` / ``shared_up``: projections owned by the model root (half-shared adapters). They are
+    referenced, not registered, so the unit's own ``named_parameters()`` (what the core saves under the
+    unit) leave them out; :meth:`parameters` includes them, since routing and training need every tensor
+    the unit computes with."""
+
+    def __init__(self, in_dim: int, out_dim: int, bottleneck: int, config: BottleneckConfig, chdim: int = -1,
+                 shared_down: nn.Linear | None = None, shared_up: nn.Linear | None = None):
         super().__init__(gate=config.gate)
         self.kind = config.placement
         self.channel_dim = chdim
         self.scaling = config.scaling
         self.norm = nn.LayerNorm(in_dim) if config.pre_norm else None
-        self.down = nn.Linear(in_dim, bottleneck)
+        if shared_down is None:
+            self.down = nn.Linear(in_dim, bottleneck)
+        else:
+            object.__setattr__(self, "down", shared_down)  # a plain reference: registered at the model root
         self.act = make_activation(config.activation, "BottleneckConfig")
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.up = nn.Linear(bottleneck, out_dim)
+        if shared_up is None:
+            self.up = nn.Linear(bottleneck, out_dim)
+            init_last_layer(self.up, zero=not (config.gate or config.post_norm))
+        else:
+            object.__setattr__(self, "up", shared_up)
         self.post_norm = nn.LayerNorm(out_dim) if config.post_norm else None
-        init_last_layer(self.up, zero=not (config.gate or config.post_norm))
         if self.post_norm is not None and not config.gate:
             nn.init.zeros_(self.post_norm.weight)
+
+    def shared_modules(self) -> list[nn.Module]:
+        """The root-owned projections this unit uses (empty for a plain adapter)."""
+        return [m for m in (self.__dict__.get("down"), self.__dict__.get("up")) if m is not None]
+
+    def parameters(self, recurse: bool = True):
+        # Per-sample routing checks the parameters of a unit to decide whether a cached pool slot is stale
+        # and whether to stack live (trainable) tensors: the shared projections count for both.
+        seen = set()
+        for p in (*super().parameters(recurse), *(q for m in self.shared_modules() for q in m.parameters())):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
 
     def branch(self, t: Tensor) -> Tensor:
         if self.norm is not None:
@@ -149,6 +194,28 @@ class BottleneckUnit(AdapterUnit):
         return out
 
 
+def _shared_projection(ctx: BuildContext, field_name: str, group: str, target, in_dim: int, out_dim: int,
+                       zero: bool) -> nn.Linear:
+    """The projection ``in_dim -> out_dim`` of ``group`` at ``target``, created by the first adapter that asks."""
+    which = field_name.split("_")[1]  # "down" | "up"
+    alias = f"bottleneck_{which}__{group}__{target.name.replace('.', '-')}"
+
+    def make() -> nn.Linear:
+        layer = nn.Linear(in_dim, out_dim)
+        if zero:
+            init_last_layer(layer, zero=True)
+        ref = next((p for p in target.module.parameters() if p.is_floating_point()), None)
+        return layer if ref is None else layer.to(ref.device, ref.dtype)
+
+    layer = ctx.shared(alias, make, False)
+    if not isinstance(layer, nn.Linear) or (layer.in_features, layer.out_features) != (in_dim, out_dim):
+        have = (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else type(layer).__name__
+        raise ValueError(f"BottleneckConfig.{field_name}: group {group!r} already has a {which} projection of shape "
+                         f"(in, out) = {have} at module {target.name!r}; adapter {ctx.adapter!r} needs {(in_dim, out_dim)} "
+                         "(adapters sharing a projection need the same bottleneck width and placement)")
+    return layer
+
+
 def build(ctx: BuildContext):
     config: BottleneckConfig = ctx.config
     for target in ctx.targets:
@@ -159,7 +226,14 @@ def build(ctx: BuildContext):
         if config.placement == "parallel" and isinstance(target.module, nn.Embedding):
             raise ValueError(f"BottleneckConfig: a parallel adapter needs float inputs; {target.name!r} is an Embedding")
         bn = bottleneck_size(config, in_dim)
-        yield target.name, "bottleneck", BottleneckUnit(in_dim, out_dim, bn, config, channel_dim(target.module))
+        down = up = None
+        if config.share_down is not None:
+            down = _shared_projection(ctx, "share_down", config.share_down, target, in_dim, bn, zero=False)
+        if config.share_up is not None:
+            # a shared Up starts at zero like a private one (with a gate or post-norm it is random so gradients flow)
+            up = _shared_projection(ctx, "share_up", config.share_up, target, bn, out_dim,
+                                    zero=not (config.gate or config.post_norm))
+        yield target.name, "bottleneck", BottleneckUnit(in_dim, out_dim, bn, config, channel_dim(target.module), down, up)
 
 
 register_method("bottleneck", BottleneckConfig, build)
