@@ -150,3 +150,10 @@ def cer(references, hypotheses) -> float:
     edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps, strict=True))
     chars = sum(len(r) for r in refs)
     return math.nan if chars == 0 else edits / chars
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vision-language: VQA accuracy, GQA/NLVR2 exact match, captioning BLEU-4/CIDEr (standard library only;
+# pycocoevalcap is imported when caption_scores runs)
+
+from .vl_metrics import caption_scores, exact_match_accuracy, vqa_accuracy, vqa_normalize  # noqa: E402, F401
