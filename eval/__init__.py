@@ -12,7 +12,9 @@ package and import their heavy dependencies only when they run.
   real-time factor and first-partial latency;
 - :mod:`~mmadapters.eval.videoqa_eval` — multiple-choice VideoQA accuracy (Tem-Adapter); its settings and the
   ``mmadapters videoqa`` command line are in :mod:`~mmadapters.eval.videoqa_config` (no torch import);
+- :mod:`~mmadapters.eval.vl_metrics` — the official VQA accuracy (answer normalization, leave-one-out), exact match
+  (GQA, NLVR2), captioning BLEU-4 and CIDEr (pycocoevalcap's scorers with a Python PTB-like tokenizer);
+- :mod:`~mmadapters.eval.vl_readers` — VQAv2 Karpathy, GQA, NLVR2 and COCO Karpathy readers and image-feature
+  sources (h5, a folder of safetensors, images encoded on demand);
 - :mod:`~mmadapters.eval.cli` — the ``mmadapters`` console script.
-
-Still to come: VQA accuracy, BLEU/CIDEr and their benchmark readers.
 """
