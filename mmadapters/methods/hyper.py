@@ -9,10 +9,16 @@ embedding, so ``set_active`` and per-sample routing select tasks by adapter name
 carries the hypernetwork with it; loading it onto a model that already has that hypernetwork
 overwrites the shared weights with the saved ones (they are the same when the tasks were trained
 together).
+
+``hypernet_groups`` splits the adapted modules into groups with one hypernetwork (and one set of layer
+embeddings) each, all driven by the task's one embedding: VL-Adapter's Hyperformer has one hypernetwork
+for the encoder and one for the decoder, e.g.
+``{"encoder": ["@enc_attn_out", "@enc_ffn_out"], "decoder": ["@dec_attn_out", "@dec_cross_out", "@dec_ffn_out"]}``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_positive, register_method, target_modules_field
+from ..targets import resolve_targets
 from ..units import AdapterUnit, channel_dim, feature_dims, on_channels
 from ._common import BuildContext, bottleneck_size, make_activation, require_dims
 
@@ -36,12 +43,31 @@ class HyperAdapterConfig(AdapterConfig):
     reduction_factor: float | None = field(default=None, metadata={"help": "Used when bottleneck_dim is unset (default 16)."})
     activation: str = field(default="relu", metadata={"help": "Non-linearity of the generated adapter."})
     placement: str = field(default="series", metadata={"help": "'series' or 'parallel'."})
+    hypernet_groups: dict[str, list[str]] | None = field(default=None, metadata={
+        "help": "Group name -> target patterns (as target_modules): each group of adapted modules gets its own "
+                "hypernetwork and layer embeddings (e.g. one for the encoder, one for the decoder); the task "
+                "embedding is shared. None: one hypernetwork for all targets."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("task_embedding_dim", "layer_embedding_dim", "hidden_dim"):
             check_positive(self, name)
         make_activation(self.activation, "HyperAdapterConfig")
+        if self.hypernet_groups is not None:
+            if not isinstance(self.hypernet_groups, dict) or not self.hypernet_groups:
+                raise ValueError("HyperAdapterConfig.hypernet_groups: expected None or a non-empty dict "
+                                 f"{{group name: target patterns}}, got {self.hypernet_groups!r}")
+            groups = {}
+            for group, patterns in self.hypernet_groups.items():
+                if not isinstance(group, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", group):
+                    raise ValueError(f"HyperAdapterConfig.hypernet_groups: group name {group!r} must be letters, "
+                                     "digits, '_' or '-'")
+                patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+                if not patterns or not all(isinstance(p, str) for p in patterns):
+                    raise ValueError(f"HyperAdapterConfig.hypernet_groups[{group!r}]: expected target patterns, "
+                                     f"got {patterns!r}")
+                groups[group] = patterns
+            self.hypernet_groups = groups
 
 
 class HyperNetwork(nn.Module):
@@ -112,15 +138,42 @@ class HyperAdapterUnit(AdapterUnit):
         return on_channels(lambda t: F.linear(self.act(F.linear(t, dw, db)), uw, ub), src, self.channel_dim)
 
 
+def _grouped_targets(ctx: BuildContext) -> dict[str, list]:
+    """Hypernetwork alias -> the targets it generates adapters for, in model order."""
+    config: HyperAdapterConfig = ctx.config
+    if config.hypernet_groups is None:
+        return {f"hypernet_{config.hypernet}": list(ctx.targets)}
+    owner: dict[str, str] = {}
+    for group, patterns in config.hypernet_groups.items():
+        for t in resolve_targets(ctx.model, patterns, what=f"HyperAdapterConfig.hypernet_groups[{group!r}]"):
+            if t.name in owner and owner[t.name] != group:
+                raise ValueError(f"HyperAdapterConfig.hypernet_groups: module {t.name!r} is in groups "
+                                 f"{owner[t.name]!r} and {group!r}; each adapted module needs exactly one")
+            owner[t.name] = group
+    out: dict[str, list] = {f"hypernet_{config.hypernet}_{g}": [] for g in config.hypernet_groups}
+    for t in ctx.targets:
+        if t.name not in owner:
+            raise ValueError(f"HyperAdapterConfig.hypernet_groups: adapted module {t.name!r} is in no group "
+                             f"(groups: {sorted(config.hypernet_groups)})")
+        out[f"hypernet_{config.hypernet}_{owner[t.name]}"].append(t)
+    return {alias: targets for alias, targets in out.items() if targets}
+
+
 def build(ctx: BuildContext):
     config: HyperAdapterConfig = ctx.config
-    n = len(ctx.targets)
-    hypernet = ctx.shared(f"hypernet_{config.hypernet}", lambda: HyperNetwork(config, n), False)
-    if hypernet.num_layers != n:
-        raise ValueError(f"HyperAdapterConfig: hypernetwork {config.hypernet!r} was built for {hypernet.num_layers} "
-                         f"adapted modules, this adapter targets {n}")
     task = ctx.shared("task_embedding", lambda: TaskEmbedding(config.task_embedding_dim), True)
-    for layer, target in enumerate(ctx.targets):
+    for alias, targets in _grouped_targets(ctx).items():
+        yield from _build_group(ctx, alias, targets, task)
+
+
+def _build_group(ctx: BuildContext, alias: str, targets: list, task: TaskEmbedding):
+    config: HyperAdapterConfig = ctx.config
+    n = len(targets)
+    hypernet = ctx.shared(alias, lambda: HyperNetwork(config, n), False)
+    if hypernet.num_layers != n:
+        raise ValueError(f"HyperAdapterConfig: hypernetwork {alias[len('hypernet_'):]!r} was built for {hypernet.num_layers} "
+                         f"adapted modules, this adapter targets {n}")
+    for layer, target in enumerate(targets):
         in_dim, out_dim = feature_dims(target.module, target.dim)
         if config.placement == "series":
             in_dim = out_dim

@@ -1,0 +1,221 @@
+"""VL-Adapter recipe on a tiny random VL-T5 with random image features (every variant, a few steps each)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import mmadapters as mma
+from mmadapters.eval.vl_readers import VLSample
+from mmadapters.vision.vl_adapter import (
+    TASK_PREFIX,
+    VARIANTS,
+    VLAdapterConfig,
+    average_score,
+    evaluate,
+    parameter_report,
+    run_variant,
+    setup_variant,
+    train_multitask,
+)
+from mmadapters.vision.vl_variants import ADAPTER_POINTS, SHARED_NAME
+from mmadapters.vision.vlt5 import tiny_vlt5
+
+VISUAL_DIM, N_TOKENS = 16, 4
+WORDS = ["what", "color", "is", "the", "cube", "ball", "red", "blue", "green", "left", "of", "a", "true", "false",
+         "how", "many", "two", "three", "there", "small", "big", *(p.strip() for p in TASK_PREFIX.values())]
+
+
+def _samples() -> dict[str, list[VLSample]]:
+    g = torch.Generator().manual_seed(0)
+    colors = ["red", "blue", "green"]
+    vqa, gqa, nlvr, cap = [], [], [], []
+    for i in range(6):
+        c = colors[int(torch.randint(3, (1,), generator=g))]
+        vqa.append(VLSample("vqa", f"q{i}", [f"img{i}"], "what color is the cube", [c, "blue"], answers=[c] * 7 + ["blue"] * 3,
+                            label={c: 1.0}))
+        gqa.append(VLSample("gqa", f"g{i}", [f"img{i}"], "what is left of the ball", ["cube"], label={"cube": 1.0}))
+        nlvr.append(VLSample("nlvr", f"n{i}", [f"img{i}", f"img{(i + 1) % 6}"], "there are two cubes",
+                             ["true" if i % 2 else "false"]))
+        cap.append(VLSample("caption", f"{i}", [f"img{i}"], "", [f"a {c} cube left of a ball", f"a small {c} cube"]))
+    return {"vqa": vqa, "gqa": gqa, "nlvr": nlvr, "caption": cap}
+
+
+SAMPLES = _samples()
+FEATS = {f"img{i}": torch.randn(N_TOKENS, VISUAL_DIM, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+
+
+def features(img_id: str) -> torch.Tensor:
+    if img_id not in FEATS:
+        raise KeyError(f"test features: no image {img_id!r}")
+    return FEATS[img_id]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    torch.set_num_threads(1)
+    return tiny_vlt5(tmp_path_factory.mktemp("vlt5"), [" ".join(WORDS)], visual_dim=VISUAL_DIM, num_visual_tokens=N_TOKENS,
+                     d_model=32, d_ff=64, num_layers=2, num_heads=2)
+
+
+def cfg(variant: str, **kw) -> VLAdapterConfig:
+    kw.setdefault("steps", 2)
+    kw.setdefault("batch_size", 3)
+    return VLAdapterConfig(variant=variant, progress=False, **kw)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_sets_up_trains_and_only_its_parameters_change(base_model, variant):
+    model = copy.deepcopy(base_model)
+    config = cfg(variant, steps=3)
+    setup = setup_variant(model, config)
+    report = parameter_report(model, setup)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter_ids = mma.model._all_adapter_param_ids(model)
+    if variant == "full_ft":
+        assert report.trainable == report.backbone and report.adapters == 0 and report.trainable_pct == 100.0
+    else:
+        # numbers add up: adapters (shared parts once) + LayerNorms and visual projection
+        assert report.trainable == report.adapters + report.extras
+        assert math.isclose(report.trainable_pct, 100.0 * report.trainable / report.backbone)
+        assert 0 < report.trainable_pct < 100.0
+        extras = {n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids}
+        assert extras and all(("layer_norm" in n or n.startswith("visual_proj.")) for n in extras), extras
+        assert "t5.encoder.final_layer_norm.weight" in extras and "visual_proj.feat_proj.weight" in extras
+        assert not model.t5.shared.weight.requires_grad
+        assert report.extras == sum(p.numel() for n, p in model.named_parameters() if n in extras)
+    history = train_multitask(model, setup, SAMPLES, features, config)
+    assert len(history.losses) == 3 and all(math.isfinite(loss) for _, _, loss in history.losses)
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and changed <= trainable  # nothing frozen moved
+    if variant != "full_ft":
+        assert any(id(after[n]) in adapter_ids for n in changed)  # the adapters themselves trained
+
+
+def test_loss_goes_down_on_a_repeated_batch(base_model):
+    model = copy.deepcopy(base_model)
+    data = {"vqa": SAMPLES["vqa"][:3]}
+    config = cfg("shared_adapter", steps=25, lr=1e-2, tasks=("vqa",), warmup_ratio=0.0)
+    setup = setup_variant(model, config)
+    history = train_multitask(model, setup, data, features, config)
+    first, last = history.losses[0][2], sum(loss for _, _, loss in history.losses[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+
+
+def test_shared_adapter_is_one_module_set_for_every_task(base_model):
+    model = copy.deepcopy(base_model)
+    setup = setup_variant(model, "shared_adapter")
+    assert mma.adapter_names(model) == [SHARED_NAME]
+    assert set(setup.adapter_for.values()) == {SHARED_NAME}
+    n_points = sum(len(mma.targets.resolve_targets(model, [p])) for p in ADAPTER_POINTS)
+    assert n_points == 2 * 2 + 2 * 3  # 2 encoder blocks x 2 points, 2 decoder blocks x 3 points
+    units = [w for w in mma.model.wrappers(model) if SHARED_NAME in w.adapters]
+    assert len(units) == n_points
+
+
+def test_per_task_adapters_are_separate_and_train_apart(base_model):
+    model = copy.deepcopy(base_model)
+    config = cfg("multiple_adapters", steps=6, tasks=("vqa", "gqa"), lr=1e-2)
+    setup = setup_variant(model, config)
+    assert setup.adapter_for == {"vqa": "vqa", "gqa": "gqa"}
+    train_multitask(model, setup, {t: SAMPLES[t] for t in ("vqa", "gqa")}, features, config)
+    vqa, gqa = mma.adapter_parameters(model, "vqa"), mma.adapter_parameters(model, "gqa")
+    assert vqa.keys() == gqa.keys()
+    ups = [k for k in vqa if k.endswith("up.weight")]
+    assert all(vqa[k] is not gqa[k] for k in vqa)
+    assert all(vqa[k].abs().sum() > 0 and gqa[k].abs().sum() > 0 for k in ups)  # both trained (Up starts at zero)
+    assert any(not torch.allclose(vqa[k], gqa[k]) for k in ups)
+
+
+@pytest.mark.parametrize("variant, shared", [("half_shared_down", "down"), ("half_shared_up", "up")])
+def test_half_shared_variants_share_one_projection(base_model, variant, shared):
+    model = copy.deepcopy(base_model)
+    setup_variant(model, variant, tasks=("vqa", "nlvr"))
+    private = "up" if shared == "down" else "down"
+    for w in mma.model.wrappers(model):
+        a, b = w.adapters["vqa"]["bottleneck"], w.adapters["nlvr"]["bottleneck"]
+        assert getattr(a, shared) is getattr(b, shared) and getattr(a, private) is not getattr(b, private)
+
+
+def test_hyperformer_has_an_encoder_and_a_decoder_hypernetwork(base_model):
+    model = copy.deepcopy(base_model)
+    setup_variant(model, "hyperformer", tasks=("vqa", "gqa", "caption"))
+    keys = sorted(model.mma_shared.keys())
+    assert "hypernet_vl_encoder" in keys and "hypernet_vl_decoder" in keys
+    assert model.mma_shared["hypernet_vl_encoder"].num_layers == 4 and model.mma_shared["hypernet_vl_decoder"].num_layers == 6
+    assert sum(k.endswith("__task_embedding") for k in keys) == 3  # one task embedding per task
+
+
+def test_hypernet_groups_must_cover_every_target(base_model):
+    model = copy.deepcopy(base_model)
+    config = mma.HyperAdapterConfig(target_modules=ADAPTER_POINTS, hidden_dim=8, task_embedding_dim=8, layer_embedding_dim=8,
+                                    bottleneck_dim=4, hypernet_groups={"encoder": ["@enc_attn_out", "@enc_ffn_out"]})
+    with pytest.raises(ValueError, match="hypernet_groups: adapted module 't5.decoder.block.0.*in no group"):
+        mma.add_adapter(model, "vqa", config)
+    assert not mma.adapter_names(model)
+
+
+def test_compacter_and_phm_adapter_are_named_for_what_they_are(base_model):
+    comp, phm = copy.deepcopy(base_model), copy.deepcopy(base_model)
+    setup_variant(comp, "compacter")
+    setup_variant(phm, "phm_adapter")
+    comp_names = [n for n, _ in comp.named_parameters()]
+    phm_names = [n for n, _ in phm.named_parameters()]
+    assert any("phm_left" in n for n in comp_names) and any("mma_shared" in n and "phm_rule" in n for n in comp_names)
+    assert any("phm_weight" in n for n in phm_names) and not any("mma_shared" in n for n in phm_names)
+    assert parameter_report(comp, setup_variant(copy.deepcopy(base_model), "compacter")).adapters < \
+        parameter_report(phm, setup_variant(copy.deepcopy(base_model), "phm_adapter")).adapters
+
+
+def test_lora_and_prompt_sizes_scale_with_the_model(base_model):
+    lora = setup_variant(copy.deepcopy(base_model), "lora")
+    assert lora.sizes["lora_r"] == 5 and lora.sizes["lora_alpha"] == 1.25  # d / 6, r / 4 (paper: 128, 32 at d = 768)
+    model = copy.deepcopy(base_model)
+    setup_variant(model, "prompt", prompt_tokens=7)
+    ids, mask = model.encode_text(["vqa: what color"])
+    embeds, full_mask = model.encoder_inputs(ids, mask, features("img0")[None])
+    assert embeds.shape[1] == 7 + N_TOKENS + ids.shape[1] and full_mask.shape == embeds.shape[:2]
+
+
+def test_evaluate_returns_each_task_metric_and_counts_bad_samples(base_model):
+    model = copy.deepcopy(base_model)
+    setup = setup_variant(model, "shared_adapter")
+    bad = VLSample("vqa", "missing", ["no_such_image"], "what color", ["red"], answers=["red"] * 10)
+    unscorable = VLSample("vqa", "noanswers", ["img0"], "what color", ["red"])
+    out = evaluate(model, [*SAMPLES["vqa"], bad, unscorable], features, "vqa", setup=setup, max_new_tokens=4,
+                   return_predictions=True)
+    assert out["count"] == 6 and out["skipped"] == 2 and 0.0 <= out["vqa"] <= 1.0 and out["metric"] == "vqa_accuracy"
+    assert {uid for uid, _ in out["skipped_examples"]} == {"missing", "noanswers"}
+    assert set(out["predictions"]) == {s.uid for s in SAMPLES["vqa"]}
+    for task, metric in (("gqa", "accuracy"), ("nlvr", "accuracy"), ("caption", "cider")):
+        res = evaluate(model, SAMPLES[task], features, task, setup=setup, max_new_tokens=4)
+        assert res["metric"] == metric and res["count"] == 6 and res["skipped"] == 0 and math.isfinite(res["score"])
+    caption = evaluate(model, SAMPLES["caption"], features, "caption", setup=setup, max_new_tokens=4)
+    assert {"bleu4", "cider"} <= set(caption["metrics"])
+
+
+def test_validation_picks_the_best_checkpoint_and_run_variant_reports_everything(base_model, tmp_path):
+    config = cfg("multiple_adapters", steps=4, eval_every=2, tasks=("vqa", "nlvr"), max_new_tokens=3)
+    data = {t: SAMPLES[t] for t in ("vqa", "nlvr")}
+    result = run_variant(lambda: copy.deepcopy(base_model), config, data, data, features, val=data, output_dir=tmp_path / "run")
+    h = result.history
+    assert [v["step"] for v in h.validations] == [2, 4]
+    assert h.best_average == max(v["average"] for v in h.validations)
+    assert set(result.test) == {"vqa", "nlvr"} and math.isclose(result.average, average_score(result.test))
+    assert h.train_seconds > 0 and result.eval_seconds > 0 and result.config["learning_rate"] == 3e-4
+    assert (tmp_path / "run" / "adapters" / "vqa" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "trained_backbone.safetensors").is_file()
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="VariantConfig.variant"):
+        VLAdapterConfig(variant="adapterdrop")
+    with pytest.raises(ValueError, match="VariantConfig.per_task"):
+        VLAdapterConfig(variant="multiple_adapters", per_task=False)
+    with pytest.raises(ValueError, match="VLAdapterConfig.warmup_ratio"):
+        VLAdapterConfig(variant="lora", warmup_ratio=1.5)

@@ -1,0 +1,259 @@
+"""VL-Adapter's parameter-efficient variants on VL-T5: what is added, what trains, what it costs.
+
+Sung et al. 2022 (VL-Adapter), Section 3 and Table 1, on :class:`~mmadapters.vision.vlt5.VLT5`:
+
+- **Adapters** sit in each encoder layer after self-attention and after the FFN, and in each decoder layer
+  after self-attention, cross-attention and the FFN (VL-T5's adapter points ``enc_attn_out``,
+  ``enc_ffn_out``, ``dec_attn_out``, ``dec_cross_out``, ``dec_ffn_out``): ``h + Up(act(Down(h)))`` with
+  reduction factor 8.
+- **Weight sharing** across the four tasks: ``multiple_adapters`` (one set per task), ``half_shared_down``
+  / ``half_shared_up`` (per-task adapters sharing the Down or the Up projection,
+  :class:`~mmadapters.methods.bottleneck.BottleneckConfig` ``share_down`` / ``share_up``) and
+  ``shared_adapter`` (one set for every task; the task prefix tells tasks apart).
+- **Hyperformer**: each task is a task embedding; with layer embeddings it drives one hypernetwork for the
+  encoder and one for the decoder, which generate every adapter
+  (:class:`~mmadapters.methods.hyper.HyperAdapterConfig` ``hypernet_groups``).
+- **Compacter** (PHM projections with rank-1 factorized ``B_i`` and the ``A_i`` shared across layers) and
+  the **plain PHM adapter** (full ``B_i``, one ``A`` per layer) — the released VL-Adapter scripts train the
+  latter under the name "Compacter"; here each has its own name.
+- Baselines: **LoRA** on the query and value projections of every attention (self- and cross-), and
+  **prompt tuning**: 40 prompts prepended to the encoder input (``@encoder_input``), produced by an MLP
+  (reparameterized).
+- **Also trained** in every variant, as in the paper: all LayerNorms of the backbone (T5's RMS-style
+  ``T5LayerNorm`` and the visual projection's LayerNorm) and the visual projection. These are shared by
+  all tasks. ``T5LayerNorm`` is not one of the norm types the core's ``train_norms`` knows (and
+  ``train_norms`` would give each adapter private deltas), so :func:`setup_variant` unfreezes them
+  directly.
+- ``full_ft``: everything trains, no adapter.
+
+Sizes where the paper's are too big for a tiny model are scaled with the model width ``d`` (the paper's
+backbone has ``d = 768``) and can be overridden: LoRA ``r = d / 6`` with ``alpha = r / 4`` (the paper's
+``r = 128``, ``alpha = 32``: the same ``alpha / r``); Hyperformer task and layer embeddings ``2d / 3`` (512)
+and hypernetwork width ``d / 6`` (128); prompt MLP width ``d``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import nn
+
+import mmadapters as mma
+from mmadapters.config import check_adapter_name
+from mmadapters.methods.tuning import NORM_TYPES
+from mmadapters.model import _all_adapter_param_ids
+from mmadapters.targets import iter_logical_modules
+
+TASKS = ("vqa", "gqa", "nlvr", "caption")
+VARIANTS = ("full_ft", "multiple_adapters", "half_shared_down", "half_shared_up", "shared_adapter", "hyperformer",
+            "compacter", "phm_adapter", "lora", "prompt")
+ENCODER_POINTS = ["@enc_attn_out", "@enc_ffn_out"]
+DECODER_POINTS = ["@dec_attn_out", "@dec_cross_out", "@dec_ffn_out"]
+ADAPTER_POINTS = ENCODER_POINTS + DECODER_POINTS
+SHARED_NAME = "shared"  # the adapter every task uses in the single-set variants
+# Variants whose adapters are one set for all tasks unless VariantConfig.per_task says otherwise.
+_SINGLE_BY_DEFAULT = ("shared_adapter", "compacter", "phm_adapter", "lora", "prompt")
+_PER_TASK_ONLY = ("multiple_adapters", "half_shared_down", "half_shared_up", "hyperformer")
+
+
+def _help(text: str, default=None, **kw):
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class VariantConfig:
+    """What a VL-Adapter variant adds to VL-T5. ``None`` sizes are scaled with the model width (module docstring)."""
+
+    variant: str = _help(f"One of {VARIANTS}.", "shared_adapter")
+    tasks: tuple[str, ...] = _help("Tasks trained together (each gets its prefix and, per variant, its adapter).", TASKS)
+    reduction_factor: float = _help("Bottleneck adapters, Hyperformer, Compacter, PHM: d / bottleneck width.", 8.0)
+    activation: str = _help("Non-linearity of the bottleneck adapters and Hyperformer's generated adapters.", "gelu")
+    per_task: bool | None = _help(
+        "Compacter, PHM, LoRA, prompt: one set per task (True) or one for all tasks (False, the default). "
+        "Fixed by the variant for the others.")
+    lora_r: int | None = _help("LoRA rank (paper: 128 at d=768; default d / 6).")
+    lora_alpha: float | None = _help("LoRA alpha (paper: 32 with r=128; default r / 4, the same alpha / r).")
+    prompt_tokens: int = _help("Prompt tuning: number of encoder prompts.", 40)
+    prompt_hidden: int | None = _help("Prompt tuning: width of the reparameterization MLP (default d).")
+    phm_dim: int = _help("Compacter / PHM: n, the number of Kronecker summands.", 4)
+    phm_rank: int = _help("Compacter: rank of the factorized B_i.", 1)
+    hyper_task_dim: int | None = _help("Hyperformer: task embedding size (paper 512; default 2d / 3).")
+    hyper_layer_dim: int | None = _help("Hyperformer: layer embedding size (paper 512; default 2d / 3).")
+    hyper_hidden: int | None = _help("Hyperformer: hypernetwork width (paper 128; default d / 6).")
+    train_extras: bool = _help("Also train all LayerNorms and the visual projection (the paper does).", True)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"VariantConfig.variant: expected one of {VARIANTS}, got {self.variant!r}")
+        self.tasks = tuple(self.tasks)
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"VariantConfig.tasks: expected distinct task names, got {self.tasks!r}")
+        for t in self.tasks:
+            check_adapter_name(t)
+        if self.per_task is not None and self.variant not in ("compacter", "phm_adapter", "lora", "prompt"):
+            raise ValueError(f"VariantConfig.per_task: variant {self.variant!r} fixes its sharing; per_task applies to "
+                             "compacter, phm_adapter, lora and prompt")
+        for name in ("reduction_factor", "prompt_tokens", "phm_dim", "phm_rank"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"VariantConfig.{name}: expected a positive number, got {getattr(self, name)!r}")
+
+
+@dataclass
+class VariantSetup:
+    """What :func:`setup_variant` did: the adapter each task runs with and what trains."""
+
+    variant: str
+    tasks: tuple[str, ...]
+    adapter_for: dict[str, str | None]  # task -> adapter name to activate (None: no adapter, full fine-tuning)
+    adapters: list[str]  # every adapter added
+    extras: list[str]  # base parameters that train besides the adapters (LayerNorms, visual projection)
+    sizes: dict[str, float] = field(default_factory=dict)  # the resolved sizes (LoRA r, Hyperformer dims, ...)
+
+    def activate(self, model: nn.Module, task: str) -> None:
+        """Make ``task``'s adapter the active one (before a forward pass on a batch of that task)."""
+        if task not in self.adapter_for:
+            raise KeyError(f"task {task!r} was not set up; this {self.variant} setup has tasks {list(self.adapter_for)}")
+        name = self.adapter_for[task]
+        if name is not None and mma.get_active(model) != name:
+            mma.set_active(model, name)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # transformers' T5LayerNorm is a plain nn.Module (RMS norm without bias); match it by name too.
+    return isinstance(module, NORM_TYPES) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def unfreeze_extras(model: nn.Module) -> list[str]:
+    """Make every LayerNorm of the backbone and the whole visual projection trainable (shared by all tasks).
+
+    Returns the parameter names (logical names: adapter wrappers seen through)."""
+    names: list[str] = []
+    for name, module, _parent, _attr in iter_logical_modules(model):
+        in_proj = name == "visual_proj" or name.startswith("visual_proj.")
+        if not (_is_norm(module) or in_proj):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            p.requires_grad_(True)
+            names.append(f"{name}.{pname}")
+    return names
+
+
+def _sizes(config: VariantConfig, d: int) -> dict[str, float]:
+    r = config.lora_r or max(1, round(d / 6))
+    return {
+        "d_model": d,
+        "lora_r": r,
+        "lora_alpha": config.lora_alpha if config.lora_alpha is not None else r / 4,
+        "prompt_hidden": config.prompt_hidden or d,
+        "hyper_task_dim": config.hyper_task_dim or max(4, round(2 * d / 3)),
+        "hyper_layer_dim": config.hyper_layer_dim or max(4, round(2 * d / 3)),
+        "hyper_hidden": config.hyper_hidden or max(8, round(d / 6)),
+    }
+
+
+def _adapter_configs(config: VariantConfig, sizes: dict[str, float]) -> tuple[dict[str, mma.AdapterConfig], bool]:
+    """(adapter name -> config, one adapter per task?) for the variant."""
+    v, rf = config.variant, config.reduction_factor
+    bottleneck = dict(target_modules=ADAPTER_POINTS, reduction_factor=rf, activation=config.activation)
+    if v in ("multiple_adapters", "shared_adapter"):
+        make = lambda: mma.BottleneckConfig(**bottleneck)  # noqa: E731
+    elif v == "half_shared_down":
+        make = lambda: mma.BottleneckConfig(**bottleneck, share_down="vl_tasks")  # noqa: E731
+    elif v == "half_shared_up":
+        make = lambda: mma.BottleneckConfig(**bottleneck, share_up="vl_tasks")  # noqa: E731
+    elif v == "hyperformer":
+        make = lambda: mma.HyperAdapterConfig(  # noqa: E731
+            target_modules=ADAPTER_POINTS, hypernet="vl", reduction_factor=rf, activation=config.activation,
+            task_embedding_dim=int(sizes["hyper_task_dim"]), layer_embedding_dim=int(sizes["hyper_layer_dim"]),
+            hidden_dim=int(sizes["hyper_hidden"]),
+            hypernet_groups={"encoder": list(ENCODER_POINTS), "decoder": list(DECODER_POINTS)})
+    elif v in ("compacter", "phm_adapter"):
+        preset = mma.CompacterConfig.compacter if v == "compacter" else mma.CompacterConfig.phm_adapter
+        kw = dict(target_modules=ADAPTER_POINTS, reduction_factor=rf, phm_dim=config.phm_dim)
+        if v == "compacter":
+            kw["phm_rank"] = config.phm_rank
+        make = lambda: preset(**kw)  # noqa: E731
+    elif v == "lora":
+        make = lambda: mma.LoRAConfig(r=int(sizes["lora_r"]), alpha=float(sizes["lora_alpha"]),  # noqa: E731
+                                      target_modules=["@attn_q", "@attn_v"])
+    elif v == "prompt":
+        make = lambda: mma.PromptConfig(target_modules="@encoder_input", num_tokens=config.prompt_tokens,  # noqa: E731
+                                        reparameterize=True, reparam_hidden=int(sizes["prompt_hidden"]))
+    else:  # full_ft
+        return {}, False
+    per_task = v in _PER_TASK_ONLY or (v in _SINGLE_BY_DEFAULT and bool(config.per_task))
+    if per_task:
+        return {t: make() for t in config.tasks}, True
+    return {SHARED_NAME: make()}, False
+
+
+def setup_variant(model: nn.Module, config: VariantConfig | str, tasks: tuple[str, ...] | list[str] | None = None,
+                  **overrides) -> VariantSetup:
+    """Add the variant's adapters to a VL-T5 ``model`` and set what trains. Returns the :class:`VariantSetup`.
+
+    ``config``: a :class:`VariantConfig` (or subclass) or a variant name; ``overrides`` replace its fields;
+    ``tasks`` overrides ``config.tasks``. The model must carry no adapters yet. Afterwards exactly the
+    variant's parameters have ``requires_grad`` (everything for ``full_ft``), the first task's adapter is
+    active, and the model stays on the device it was on.
+    """
+    if isinstance(config, str):
+        config = VariantConfig(variant=config, **overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    if tasks is not None:
+        config = dataclasses.replace(config, tasks=tuple(tasks))
+    if mma.adapter_names(model):
+        raise ValueError(f"setup_variant: the model already has adapters {mma.adapter_names(model)}; start from a fresh VL-T5")
+    if not hasattr(model, "t5"):
+        raise TypeError(f"setup_variant: expected a VLT5 model (with .t5), got {type(model).__name__}")
+    ref = next(model.parameters())
+    sizes = _sizes(config, int(model.t5.config.d_model))
+    configs, per_task = _adapter_configs(config, sizes)
+    for name, adapter_config in configs.items():
+        mma.add_adapter(model, name, adapter_config)
+    model.to(ref.device)  # modules shared at the root (hypernetworks, PHM rules) are created on the CPU
+    if config.variant == "full_ft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        extras = [n for n, _ in model.named_parameters()]
+    else:
+        mma.freeze_base(model, adapters=list(configs))
+        extras = unfreeze_extras(model) if config.train_extras else []
+    adapter_for = {t: (t if per_task else SHARED_NAME) if configs else None for t in config.tasks}
+    setup = VariantSetup(config.variant, config.tasks, adapter_for, list(configs), extras, sizes)
+    setup.activate(model, config.tasks[0])
+    return setup
+
+
+@dataclass
+class VariantParameters:
+    """Parameter counts of one variant; percentages are of the backbone (T5 + visual projection)."""
+
+    variant: str
+    backbone: int  # parameters of VL-T5 without adapters (tied embeddings counted once)
+    trainable: int  # everything that trains: adapters (shared parts once) + extras
+    adapters: int  # all adapter parameters, shared parts once
+    extras: int  # trainable backbone parameters (LayerNorms + visual projection; everything for full_ft)
+    per_task: dict[str, int] = field(default_factory=dict)  # parameters a task's adapter uses (shared parts included)
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable / self.backbone
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "trainable_pct": self.trainable_pct}
+
+
+def parameter_report(model: nn.Module, setup: VariantSetup) -> VariantParameters:
+    """Count what trains under ``setup`` (each tensor once, however many tasks or layers share it)."""
+    core = mma.parameter_report(model)
+    adapter_ids = _all_adapter_param_ids(model)
+    params = {id(p): p for p in model.parameters()}
+    extras = sum(p.numel() for i, p in params.items() if p.requires_grad and i not in adapter_ids)
+    per_task = {t: core.per_adapter[a] for t, a in setup.adapter_for.items() if a is not None}
+    return VariantParameters(setup.variant, core.base, core.trainable, core.adapters, extras, per_task)
+
+
+__all__ = ["ADAPTER_POINTS", "DECODER_POINTS", "ENCODER_POINTS", "SHARED_NAME", "TASKS", "VARIANTS", "VariantConfig",
+           "VariantParameters", "VariantSetup", "parameter_report", "setup_variant", "unfreeze_extras"]
