@@ -294,27 +294,36 @@ def render_vl(scene: VLScene, image_size: int = 64, rng: np.random.Generator | N
     rng = rng if rng is not None else np.random.default_rng(0)
     ss = max(2, math.ceil(128 / image_size))
     side = image_size * ss
-    bg = np.clip(np.asarray(BACKGROUNDS[scene.background], dtype=np.float32) + rng.normal(0, 8, size=3), 0, 255)
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    bg = np.clip(np.asarray(BACKGROUNDS[scene.background], dtype=np.float32) + rng.normal(0, 5, size=3), 0, 255)
+    yy = np.mgrid[0:side, 0:side][0].astype(np.float32) / side
     light = (1.0 + 0.10 * (0.5 - yy) + 0.05 * _smooth_field(rng, side, 4))[..., None]
     canvas = np.broadcast_to(bg, (side, side, 3)).astype(np.float32)
     if scene.bg_texture != "plain":
         # a faint pattern: the background stays one colour for the colour questions
         canvas = 0.8 * canvas + 0.2 * _texture(scene.bg_texture, side, bg, rng, scale=side / 9)
     canvas = canvas * light
+    # Each object is drawn in a box around it (shadow and outline included): the canvas is padded so a box
+    # never leaves it, and every per-object filter runs on the box only.
+    pad = math.ceil(1.25 * max(VL_SIZES.values()) * 1.07 * side + 3 * ss)
+    canvas = np.pad(canvas, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
     for obj in scene.objects:
         colour = np.clip(np.asarray(COLOURS[obj.colour], dtype=np.float32) + rng.normal(0, 8, size=3), 0, 255)
         r = VL_SIZES[obj.size] * float(rng.uniform(0.93, 1.07)) * side
-        cx, cy = obj.x * side, obj.y * side
-        mask_img = _shape_mask(obj.shape, side, cx, cy, r, float(rng.uniform(-0.2, 0.2)))
+        x0, y0 = int(obj.x * side), int(obj.y * side)  # corner of the box (side 2 * pad) in padded coordinates
+        cx, cy = obj.x * side + pad - x0, obj.y * side + pad - y0  # centre inside the box
+        box = 2 * pad
+        mask_img = _shape_mask(obj.shape, box, cx, cy, r, float(rng.uniform(-0.2, 0.2)))
         mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
         shadow_img = mask_img.transform(mask_img.size, Image.AFFINE, (1, 0, -ss, 0, 1, -ss)).filter(ImageFilter.GaussianBlur(ss))
-        canvas = canvas * (1 - 0.3 * np.asarray(shadow_img, dtype=np.float32)[..., None] / 255.0)
-        lx, ly = (cx - 0.35 * r) / side, (cy - 0.35 * r) / side
-        shade = np.clip(1.12 - 0.6 * np.sqrt((xx - lx) ** 2 + (yy - ly) ** 2)[..., None] / max(1e-6, 2 * r / side), 0.8, 1.12)
-        canvas = canvas * (1 - mask) + colour * shade * mask
+        region = canvas[y0 : y0 + box, x0 : x0 + box]
+        region = region * (1 - 0.3 * np.asarray(shadow_img, dtype=np.float32)[..., None] / 255.0)
+        by, bx = np.mgrid[0:box, 0:box].astype(np.float32)
+        lx, ly = cx - 0.35 * r, cy - 0.35 * r
+        shade = np.clip(1.12 - 0.6 * np.sqrt((bx - lx) ** 2 + (by - ly) ** 2)[..., None] / max(1e-6, 2 * r), 0.8, 1.12)
+        region = region * (1 - mask) + colour * shade * mask
         outline = np.asarray(_edge(mask_img, ss), dtype=np.float32)[..., None] / 255.0
-        canvas = canvas * (1 - 0.35 * outline) + 30.0 * 0.35 * outline
+        canvas[y0 : y0 + box, x0 : x0 + box] = region * (1 - 0.35 * outline) + 30.0 * 0.35 * outline
+    canvas = canvas[pad : pad + side, pad : pad + side]
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB").resize((image_size, image_size), Image.LANCZOS)
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 2.5, size=(image_size, image_size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
