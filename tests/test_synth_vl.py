@@ -261,12 +261,15 @@ def test_vqa_metric_scores_the_right_answer_one_when_available(data: Path) -> No
 
 def test_gqa_answers_match_the_scenes(data: Path) -> None:
     scenes = _scenes(data)
-    types = Counter()
+    answers: dict[str, Counter] = {"what": Counter(), "is": Counter(), "do": Counter(), "are": Counter()}
     for name in ("train.json", "valid.json", "testdev.json"):
         for r in json.loads((data / "gqa" / name).read_text()):
             assert list(r["label"]) == [_gqa_answer(scenes[r["img_id"]], r["sent"])], r
-            types[r["sent"].split()[0]] += 1
-    assert set(types) >= {"what", "is", "do", "are"} or set(types) >= {"what", "is"}
+            answers[r["sent"].split()[0]][list(r["label"])[0]] += 1
+    record = json.loads((data / "dataset.json").read_text())
+    assert set(record["question_types"]["gqa"]) == {"rel_object", "rel_color", "rel_verify", "rel_exist", "same_attr"}
+    yes_no = answers["is"] + answers["do"] + answers["are"]
+    assert 0.35 < yes_no["yes"] / (yes_no["yes"] + yes_no["no"]) < 0.65  # no answer prior to exploit
 
 
 def test_nlvr_is_balanced_and_true_to_the_scenes(data: Path) -> None:
@@ -288,11 +291,14 @@ def test_captions_describe_the_objects_and_a_true_relation(data: Path) -> None:
             for colour, shape in re.findall(r"(\w+) (circle|square|triangle|star|cross|diamond)\b", s["raw"]):
                 if colour in synth_vl.VL_COLOURS:
                     assert any(o.colour == colour and o.shape == shape for o in scene.objects), s["raw"]
-        rel = im["sentences"][3]["raw"]  # "there is .... the red circle is to the left of the blue square."
-        m = re.search(rf"the (\w+) (\w+) is {REL} the (\w+) (\w+)\.$", rel)
-        assert m, rel
-        pairs = [(a, b) for a in scene.objects for b in scene.objects if a is not b]
-        assert any((a.colour, a.shape, b.colour, b.shape) == (m[1], m[2], m[4], m[5]) and _related(a, m[3], b) for a, b in pairs), rel
+        # captions 4 and 5 state one relation between two objects named by referring expressions
+        second = im["sentences"][3]["raw"].split(". ")[1]
+        m = re.fullmatch(rf"(the .+?) is {REL} (the .+)\.", second)
+        assert m, second
+        assert _related(_resolve(scene, m[1]), m[2], _resolve(scene, m[3])), second
+        m = re.fullmatch(rf"a picture of (\w+) objects, with (the .+?) {REL} (the .+)\.", im["sentences"][4]["raw"])
+        assert m and NUMBERS[m[1]] == len(scene.objects), im["sentences"][4]["raw"]
+        assert _related(_resolve(scene, m[2]), m[3], _resolve(scene, m[4]))
 
 
 def test_objects_are_visible_in_their_colour(data: Path) -> None:

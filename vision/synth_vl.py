@@ -533,28 +533,39 @@ def _gqa_one(scene: VLScene, qtype: str, rng: np.random.Generator) -> tuple[str,
                 return f"is {_pick(rng, refs_a)} {RELATIONS[rel]} {_pick(rng, refs_b)}?", "yes" if want else "no"
         return None
     if qtype == "rel_exist":
-        cands = _referable(scene)
+        # yes and no equally often: a "yes" needs a reference with something in that direction
+        want = bool(rng.random() < 0.5)
+        cands = []
+        for ref_obj, refs in _referable(scene):
+            for rel, fn in _REL_FN.items():
+                there = sorted({o.shape for o in objs if o is not ref_obj and fn(o, ref_obj)})
+                if bool(there) or not want:
+                    cands.append((refs, rel, there))
         if not cands:
             return None
-        ref_obj, refs = _pick(rng, cands)
-        rel = _pick(rng, tuple(RELATIONS))
-        there = sorted({o.shape for o in objs if o is not ref_obj and _REL_FN[rel](o, ref_obj)})
-        want = bool(rng.random() < 0.5) and bool(there)
-        shape = _pick(rng, there) if want else _pick(rng, [s for s in VL_SHAPES if s not in there])
+        refs, rel, there = _pick(rng, cands)
+        if want:
+            shape = _pick(rng, there)
+        else:  # half the time a shape the scene has elsewhere: the relation, not the shape, decides
+            elsewhere = sorted({o.shape for o in objs} - set(there))
+            shape = _pick(rng, elsewhere) if elsewhere and rng.random() < 0.5 else _pick(rng, [x for x in VL_SHAPES if x not in there])
         return f"is there a {shape} {RELATIONS[rel]} {_pick(rng, refs)}?", "yes" if want else "no"
     if qtype == "same_attr":
         attr = _pick(rng, ("colour", "size", "shape"))
         referable = _referable(scene, exclude=(attr,))
-        if len(referable) < 2:
+        pairs = [(a, b) for k, a in enumerate(referable) for b in referable[k + 1 :]]
+        if not pairs:
             return None
-        i, j = rng.choice(len(referable), size=2, replace=False)
-        (a, refs_a), (b, refs_b) = referable[int(i)], referable[int(j)]
+        want = bool(rng.random() < 0.5)
+        fitting = [(a, b) for a, b in pairs if (getattr(a[0], attr) == getattr(b[0], attr)) == want]
+        (a, refs_a), (b, refs_b) = _pick(rng, fitting or pairs)
+        if rng.random() < 0.5:
+            (a, refs_a), (b, refs_b) = (b, refs_b), (a, refs_a)
         same = getattr(a, attr) == getattr(b, attr)
         ra, rb = _pick(rng, refs_a), _pick(rng, refs_b)
-        word = {"colour": "color", "size": "size", "shape": "shape"}[attr]
         if attr == "size":
             return f"are {ra} and {rb} the same size?", "yes" if same else "no"
-        return f"do {ra} and {rb} have the same {word}?", "yes" if same else "no"
+        return f"do {ra} and {rb} have the same {'color' if attr == 'colour' else 'shape'}?", "yes" if same else "no"
     raise ValueError(f"gqa question type {qtype!r} is not one of {[t for t, _ in GQA_TYPES]}")
 
 
@@ -648,11 +659,17 @@ def _join(phrases: Sequence[str]) -> str:
 
 
 def captions_for(scene: VLScene, rng: np.random.Generator) -> list[str]:
-    """Five reference captions of ``scene`` (five templates; each names the objects, one also the background)."""
+    """Five reference captions of ``scene`` (five templates): the objects, the background, one spatial relation."""
     objs = list(scene.objects)
     pairs = [(a, b) for a in objs for b in objs if a is not b]
-    a, b = pairs[int(rng.integers(len(pairs)))]
+    named = [(a, b) for a, b in pairs if _unique_refs(scene, a) and _unique_refs(scene, b)]
+    a, b = _pick(rng, named or pairs)
     rel = _pick(rng, [r for r, fn in _REL_FN.items() if fn(a, b)])
+
+    def ref(o: VLObject) -> str:  # the shortest expression naming only ``o`` ("the circle", "the red star")
+        refs = _unique_refs(scene, o)
+        return refs[0] if refs else f"the {o.colour} {o.shape}"
+
     rest = [o for o in objs if o is not a and o is not b]
 
     def listing(order: Sequence[VLObject]) -> str:
@@ -666,8 +683,8 @@ def captions_for(scene: VLScene, rng: np.random.Generator) -> list[str]:
         f"{listing(shuffled)}.",
         f"{_noun_phrase(a, rng)} {RELATIONS[rel]} {_noun_phrase(b, rng)}" + (f", and {listing(rest)}." if rest else "."),
         f"{count} shapes on a {pattern}{scene.background} background: {listing(reading)}.",
-        f"there is {listing(shuffled)}. the {a.colour} {a.shape} is {RELATIONS[rel]} the {b.colour} {b.shape}.",
-        f"a picture of {count} objects, with the {a.shape} {RELATIONS[rel]} the {b.shape}.",
+        f"there is {listing(shuffled)}. {ref(a)} is {RELATIONS[rel]} {ref(b)}.",
+        f"a picture of {count} objects, with {ref(a)} {RELATIONS[rel]} {ref(b)}.",
     ]
     return caps
 
