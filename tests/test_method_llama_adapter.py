@@ -136,7 +136,9 @@ def test_v2_unlocks_bias_scale_and_norms_identity_at_init_and_all_learn():
     model = _tiny()
     x = _tokens()
     y0 = model(x)
-    mma.add_adapter(model, "a", LlamaAdapterConfig(**{**V2, "visual_dim": None}))
+    config = LlamaAdapterConfig.v2(["mlp.fc1", "mlp.fc2", "@attn"], target_modules="@attn", num_prompts=4)
+    assert config == LlamaAdapterConfig(**{**V2, "visual_dim": None})
+    mma.add_adapter(model, "a", config)
     torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
     names = mma.adapter_parameters(model, "a")
     assert {"blocks.0.mlp.fc1.bias_scale.scale", "blocks.0.mlp.fc1.bias_scale.bias", "blocks.1.attn.bias_scale.scale",

@@ -9,7 +9,9 @@ output (through the output projection)::
     out = base_attention(x) + W_o [ g_h * softmax(q_h k_p,h^T * s) v_p,h ]_heads
 
 so the adapter is the identity at initialization and the pretrained attention is never disturbed by
-random prompts. The original adapts the top ``L`` layers only (``num_layers``).
+random prompts. The gate ``g`` is one raw scalar per head (V1 used ``tanh`` of one scalar per layer); at
+zero it blocks the prompts' gradients but receives its own, so training opens it. The original adapts the
+top ``L`` layers only (``num_layers``).
 
 V2 adds, without touching the prompts:
 
@@ -28,7 +30,9 @@ V2 adds, without touching the prompts:
       with llama_adapter.visual_tokens(model, clip_image_features):  # (B, 512) or (B, V, 512)
           logits = model(tokens)
 
-  Without visual tokens the adapter runs text-only.
+  Without visual tokens the adapter runs text-only. The tokens' batch must be the forward's batch (put
+  the early layers where the batch is not expanded, e.g. a T5 encoder rather than a beam-searched decoder).
+  ``LlamaAdapterConfig.v2(bias_scale, ...)`` presets the V2 unlocking (``train_norms=True``).
 
 Supported attention modules (dispatch by type): ``nn.MultiheadAttention`` (the toy transformer, open_clip's
 CLIP towers: ``"@attn"``), and transformers' ``T5Attention`` / ``MT5Attention`` (VL-T5). Prompts see no
@@ -97,6 +101,12 @@ class LlamaAdapterConfig(AdapterConfig):
             raise ValueError("LlamaAdapterConfig.gate: the adaptation prompts always carry their own zero-init "
                              "per-head gates; leave gate=False")
 
+    @classmethod
+    def v2(cls, bias_scale: list[str] | str, **kwargs) -> LlamaAdapterConfig:
+        """LLaMA-Adapter V2's unlocking: prompts plus bias/scale on the ``bias_scale`` Linears and norm deltas
+        (``train_norms=True``); add ``visual_dim=...`` for early fusion."""
+        return cls(bias_scale=bias_scale, **{"train_norms": True, **kwargs})
+
 
 # -- early fusion ------------------------------------------------------------------------------------------
 
@@ -115,7 +125,8 @@ class VisualProjection(nn.Module):
         """(B, V, D) projected visual tokens, or None when none are set."""
         if self.tokens is None:
             return None
-        return self.proj(self.tokens.to(self.proj.weight.dtype)).to(dtype)
+        w = self.proj.weight
+        return self.proj(self.tokens.to(device=w.device, dtype=w.dtype)).to(dtype)
 
 
 def _visual_projections(model: nn.Module, adapter: str | None) -> dict[str, VisualProjection]:
