@@ -265,6 +265,18 @@ def test_stack_merge_and_compose_add_the_differences_exactly():
         mma.set_active(model, "both")
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
         assert mma.get_config(model, "both").num_params == sum(int(m.sum()) for m in union.values())
+        # weighted: W + 0.5 dW_lang + 2 dW_task, at run time (Average) and as one adapter
+        deltas = {n: sft.dense_deltas(model, n) for n in ("lang", "task")}
+        sft.compose(model, ["lang", "task"], weights=[0.5, 2.0])
+        assert mma.get_active(model) == mma.Average("lang", "task", weights=[0.5, 2.0])
+        weighted = model(x)
+        sft.compose(model, ["lang", "task"], new_name="weighted", weights=[0.5, 2.0])
+        got = sft.dense_deltas(model, "weighted")
+        for k, d in got.items():
+            want = 0.5 * deltas["lang"].get(k, torch.zeros_like(d)) + 2.0 * deltas["task"].get(k, torch.zeros_like(d))
+            torch.testing.assert_close(d, want, rtol=0, atol=1e-6)
+        mma.set_active(model, "weighted")
+        torch.testing.assert_close(model(x), weighted, rtol=0, atol=1e-5)
 
 
 # -- saving -----------------------------------------------------------------------------------------------

@@ -501,12 +501,15 @@ def _unused(model: nn.Module, name: str) -> str:
 
 # -- composition ---------------------------------------------------------------------------------------------
 
-def compose(model: nn.Module, names: Sequence[str], new_name: str | None = None) -> nn.Module:
-    """Compose sparse fine-tunings by addition: ``W + sum_i dW_i``.
+def compose(model: nn.Module, names: Sequence[str], new_name: str | None = None, *,
+            weights: Sequence[float] | None = None) -> nn.Module:
+    """Compose sparse fine-tunings by addition: ``W + sum_i dW_i`` (``W + sum_i w_i dW_i`` with ``weights``).
 
-    Without ``new_name``: activate ``Stack(*names)`` (runs with the sum; :func:`mmadapters.merge` folds it
-    in). With ``new_name``: add one adapter holding the sum, its mask the union of the masks (the sources
-    stay; the new one is not activated unless nothing was active). Returns ``model``."""
+    Without ``new_name``: activate ``Stack(*names)`` (or ``Average(*names, weights=weights)``), which runs
+    with the sum; :func:`mmadapters.merge` then folds it in exactly. With ``new_name``: add one adapter
+    holding the (weighted) sum, its mask the union of the masks (the sources stay; the new one is not
+    activated unless nothing was active). Returns ``model``."""
+    from ..composition import Average
     from ..model import add_adapter, delete_adapter, get_config, set_active, state_of
 
     names = list(names)
@@ -518,9 +521,17 @@ def compose(model: nn.Module, names: Sequence[str], new_name: str | None = None)
     for n, c in zip(names, configs, strict=True):
         if not isinstance(c, SparseFTConfig):
             raise TypeError(f"compose: adapter {n!r} is a {c.method!r} adapter, not a sparse fine-tuning")
+    if weights is not None:
+        coefs = [float(w) for w in weights]
+        if len(coefs) != len(names) or not all(math.isfinite(w) for w in coefs):
+            raise ValueError(f"compose: argument 'weights' must be {len(names)} finite numbers, got {list(weights)}")
     if new_name is None:
-        set_active(model, Stack(*names) if len(names) > 1 else names[0])
+        if weights is not None:
+            set_active(model, Average(*names, weights=coefs))
+        else:
+            set_active(model, Stack(*names) if len(names) > 1 else names[0])
         return model
+    coefs = coefs if weights is not None else [1.0] * len(names)
     for n, c in zip(names, configs, strict=True):
         if c.train_norms or c.train_biases != "none":
             raise ValueError(f"compose: adapter {n!r} also learns dense bias/norm deltas (train_biases/train_norms); "
@@ -537,9 +548,9 @@ def compose(model: nn.Module, names: Sequence[str], new_name: str | None = None)
     sizes = {_key(t.name, p): v.numel() for t in targets for p, v in target_tensors(t, include_biases).items()}
     sums: dict[str, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
-        for n in names:
+        for n, coef in zip(names, coefs, strict=True):
             for key, t in _tensors_of(model, n).items():
-                idx, val = t.flat_indices(), t.values.detach().reshape(-1)
+                idx, val = t.flat_indices(), t.values.detach().reshape(-1) * coef
                 if key in sums:
                     idx, val = torch.cat([sums[key][0], idx.to(sums[key][0].device)]), torch.cat([sums[key][1], val.to(sums[key][1])])
                 sums[key] = (idx, val)
