@@ -45,6 +45,10 @@ GQA-like (one answer; answers: shapes, colours, yes/no):
     rel_exist    is there a square below the blue object?  (yes 50%)                   0.10
     same_attr    do the circle and the star have the same color? / ... the same size?  0.10
     ===========  =====================================================================  ======
+    rel_object / rel_color are asked only where exactly one object is in that direction. Yes/no types aim
+    at 50% yes; same_attr reaches it for sizes, but colour / shape comparisons are about 30% yes (few
+    scenes have two objects of one colour or shape). A type that does not fit a scene is redrawn, so the
+    realized mix is about rel_object 30%, rel_verify 26%, rel_color 26%, rel_exist 11%, same_attr 6%.
 
 NLVR-like: pairs of images of the same split (``nlvr_per_image`` pairs per image of the split, rounded up
 to an even number) with a statement about both; exactly half of each split is true. Templates (drawn
@@ -551,14 +555,15 @@ def _gqa_one(scene: VLScene, qtype: str, rng: np.random.Generator) -> tuple[str,
             shape = _pick(rng, elsewhere) if elsewhere and rng.random() < 0.5 else _pick(rng, [x for x in VL_SHAPES if x not in there])
         return f"is there a {shape} {RELATIONS[rel]} {_pick(rng, refs)}?", "yes" if want else "no"
     if qtype == "same_attr":
+        # yes and no equally often for each attribute: a scene without a fitting pair gets another question type
         attr = _pick(rng, ("colour", "size", "shape"))
+        want = bool(rng.random() < 0.5)
         referable = _referable(scene, exclude=(attr,))
         pairs = [(a, b) for k, a in enumerate(referable) for b in referable[k + 1 :]]
-        if not pairs:
-            return None
-        want = bool(rng.random() < 0.5)
         fitting = [(a, b) for a, b in pairs if (getattr(a[0], attr) == getattr(b[0], attr)) == want]
-        (a, refs_a), (b, refs_b) = _pick(rng, fitting or pairs)
+        if not fitting:
+            return None
+        (a, refs_a), (b, refs_b) = _pick(rng, fitting)
         if rng.random() < 0.5:
             (a, refs_a), (b, refs_b) = (b, refs_b), (a, refs_a)
         same = getattr(a, attr) == getattr(b, attr)
