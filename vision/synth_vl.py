@@ -136,7 +136,7 @@ __all__ = [
     "vqa_soft_score",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump when scenes, rendering or texts change: older folders are regenerated
 GRID = 3
 VL_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 VL_COLOURS: tuple[str, ...] = ("red", "yellow", "green", "blue", "purple", "white")
