@@ -68,7 +68,8 @@ class AdapterConfig:
 
     train_norms: bool = _help(
         "Also learn per-adapter deltas for the weight and bias of every normalization layer "
-        "(LayerNorm, GroupNorm, BatchNorm, RMSNorm). Deltas start at zero, so outputs are unchanged.",
+        "(LayerNorm, GroupNorm, BatchNorm, RMSNorm, and leaf classes named *LayerNorm / *RMSNorm such as T5LayerNorm). "
+        "Deltas start at zero, so outputs are unchanged.",
         False,
     )
     train_biases: str = _help(

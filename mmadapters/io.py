@@ -105,19 +105,26 @@ def _comparable(fingerprint: dict[str, list[int]]) -> dict[str, list[int]]:
     return {n.replace("base_layer.", ""): s for n, s in fingerprint.items() if ".adapters." not in f".{n}"}
 
 
+def _state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers (a sparse fine-tuning's mask indices), by their state-dict names."""
+    return [(n, t) for n, t in module.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
+
+
 def adapter_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, list[int]]]]:
-    """(tensors keyed by ``module.role.param`` / ``mma_shared.alias.param``, base fingerprint)."""
+    """(tensors keyed by ``module.role.param`` / ``mma_shared.alias.param``, base fingerprint).
+
+    Persistent buffers of the units count as state too (a sparse fine-tuning keeps its mask indices in one)."""
     tensors: dict[str, torch.Tensor] = {}
     fingerprint: dict[str, dict[str, list[int]]] = {}
     for w in wrappers(model):
         if name not in w.adapters:
             continue
         fingerprint[w.module_name] = _module_fingerprint(w.base_layer)
-        for pname, p in w.adapters[name].named_parameters():
+        for pname, p in _state(w.adapters[name]):
             tensors[f"{w.module_name}.{pname}"] = p.detach()
     shared = model._modules.get(SHARED_ATTR)
     for alias, key in state_of(model).shared.get(name, {}).items():
-        for pname, p in shared[key].named_parameters():
+        for pname, p in _state(shared[key]):
             tensors[f"{SHARED_ATTR}.{alias}.{pname}"] = p.detach()
     return tensors, fingerprint
 

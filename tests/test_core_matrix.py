@@ -33,8 +33,22 @@ def _configs(toy: str) -> dict[str, tuple[mma.AdapterConfig, bool]]:
         "phm_adapter": (mma.CompacterConfig.phm_adapter(bottleneck_dim=4, phm_dim=2, target_modules=pts), False),
         "hyper": (mma.HyperAdapterConfig(task_embedding_dim=8, layer_embedding_dim=8, hidden_dim=8,
                                          bottleneck_dim=4, target_modules=pts), False),
+        "mosa": (mma.MoSAConfig(bottleneck_dim=4, num_modules=2, target_modules=pts), False),
+        "mosa_linear_parallel_gate": (mma.MoSAConfig(placement="parallel", activation="identity", bottleneck_dim=4,
+                                                     num_modules=4, active_modules=2, gate=True, target_modules=pts),
+                                      toy == "mlp"),
+        "sorsa": (mma.SORSAConfig(r=4, target_modules=lora), True),
+        "sorsa_alpha_bitfit": (mma.SORSAConfig(r=2, alpha=4.0, target_modules=lora, train_biases="adapted"), True),
         "bitfit_only": (mma.LoRAConfig(r=1, target_modules=lora[:1], train_biases="adapted"), True),
+        "sparse_ft": (mma.SparseFTConfig(density=0.1, target_modules=lora), True),
+        "sparse_ft_k_biases": (mma.SparseFTConfig(num_params=40, include_biases=True, target_modules=lora,
+                                                  train_norms=True), True),
     }
+    if toy == "transformer":
+        out["llama_adapter"] = (mma.LlamaAdapterConfig(target_modules="@attn", num_prompts=3), False)
+        out["llama_adapter_v2"] = (mma.LlamaAdapterConfig(target_modules="@attn", num_prompts=2, num_layers=2, train_norms=True,
+                                                          bias_scale=["mlp.fc1", "mlp.fc2", "@attn"], train_biases="adapted",
+                                                          visual_dim=6, visual_layers=1), False)
     return out
 
 

@@ -17,6 +17,16 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer: torch's own, or a model library's leaf class named like one (transformers'
+    ``T5LayerNorm``, ``LlamaRMSNorm``) that has a ``weight`` parameter."""
+    if isinstance(module, NORM_TYPES):
+        return True
+    name = type(module).__name__
+    return (name.endswith(("LayerNorm", "RMSNorm")) and isinstance(getattr(module, "weight", None), nn.Parameter)
+            and next(module.children(), None) is None)
+
+
 class ParamDelta(AdapterUnit):
     kind = "weight"
 
@@ -40,7 +50,7 @@ def tuned_parameters(model_modules, target_names: set[str], train_norms: bool, t
         if isinstance(module, nn.MultiheadAttention):
             own += [f"out_proj.{n}" for n, _ in module.out_proj.named_parameters(recurse=False)]
         picked: list[str] = []
-        if train_norms and isinstance(module, NORM_TYPES):
+        if train_norms and is_norm(module):
             picked += own
         if train_biases == "all" or (train_biases == "adapted" and name in target_names):
             picked += [n for n in own if n.split(".")[-1].endswith("bias") and n not in picked]
