@@ -219,3 +219,57 @@ def test_config_errors_name_the_field():
         VLAdapterConfig(variant="multiple_adapters", per_task=False)
     with pytest.raises(ValueError, match="VLAdapterConfig.warmup_ratio"):
         VLAdapterConfig(variant="lora", warmup_ratio=1.5)
+
+
+def test_a_saved_hyperformer_task_carries_both_hypernetworks(base_model, tmp_path):
+    model = copy.deepcopy(base_model)
+    config = cfg("hyperformer", steps=3, tasks=("vqa", "gqa"), lr=1e-2, train_extras=False)  # only the adapters change
+    setup = setup_variant(model, config)
+    train_multitask(model, setup, {t: SAMPLES[t] for t in setup.tasks}, features, config)
+    mma.save_adapter(model, "gqa", tmp_path / "gqa")
+    fresh = copy.deepcopy(base_model)
+    mma.load_adapter(fresh, tmp_path / "gqa")
+    assert sorted(fresh.mma_shared.keys()) == ["gqa__task_embedding", "hypernet_vl_decoder", "hypernet_vl_encoder"]
+    model.eval()
+    setup.activate(model, "gqa")
+    ids, mask = model.encode_text(["gqa: what is left of the ball"])
+    feats, labels = features("img1")[None], model.encode_targets(["cube"])
+    with torch.no_grad():
+        assert torch.allclose(model(ids, mask, feats, labels=labels).logits, fresh(ids, mask, feats, labels=labels).logits, atol=1e-5)
+
+
+def test_run_script_on_generated_data_writes_json_and_markdown(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from mmadapters.eval.vl_readers import read_coco_karpathy, read_gqa, read_nlvr2, read_vqa
+    from mmadapters.vision.synth_vl import generate_vl
+
+    data = tmp_path / "data"
+    generate_vl(data, n_images=20, seed=1, progress=False)
+    texts = ["vqa: gqa: nlvr: caption: true false"]
+    rows = [*read_vqa(data / "vqa/karpathy_train.json"), *read_gqa(data / "gqa/train.json"), *read_nlvr2(data / "nlvr/train.json"),
+            *read_coco_karpathy(data / "coco/dataset_coco.json", ("train", "val", "test"))]
+    texts += [f"{s.text} {' '.join(s.targets)}" for s in rows]
+    tiny_vlt5(tmp_path / "vlt5", texts, visual_dim=8, num_visual_tokens=4, d_model=16, d_ff=32, num_layers=1, num_heads=2)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for i, png in enumerate(sorted((data / "images").glob("*.png"))):
+        save_file({"features": torch.randn(4, 8, generator=torch.Generator().manual_seed(i))}, str(feats / f"{png.stem}.safetensors"))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "run_vl_adapter.py"
+    spec = importlib.util.spec_from_file_location("_script_run_vl_adapter", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    assert script.main(["--data", str(data), "--model", str(tmp_path / "vlt5"), "--features", str(feats), "--out", str(out),
+                        "--variants", "full_ft,half_shared_down", "--steps", "2", "--batch-size", "4", "--max-val", "2",
+                        "--max-test", "3", "--max-new-tokens", "3", "--quiet"]) == 0
+    result = json.loads((out / "vl_adapter_results.json").read_text())
+    assert [r["variant"] for r in result["runs"]] == ["full_ft", "half_shared_down"]
+    assert all(set(r["test"]) == {"vqa", "gqa", "nlvr", "caption"} for r in result["runs"])
+    assert result["runs"][0]["parameters"]["trainable_pct"] == 100.0
+    table = (out / "vl_adapter_results.md").read_text()
+    assert "| half_shared_down |" in table and "| full_ft |" in table and "CIDEr" in table
