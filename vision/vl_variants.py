@@ -21,9 +21,9 @@ Sung et al. 2022 (VL-Adapter), Section 3 and Table 1, on :class:`~mmadapters.vis
   (reparameterized).
 - **Also trained** in every variant, as in the paper: all LayerNorms of the backbone (T5's RMS-style
   ``T5LayerNorm`` and the visual projection's LayerNorm) and the visual projection. These are shared by
-  all tasks. ``T5LayerNorm`` is not one of the norm types the core's ``train_norms`` knows (and
-  ``train_norms`` would give each adapter private deltas), so :func:`setup_variant` unfreezes them
-  directly.
+  all tasks, so :func:`setup_variant` unfreezes the base's own parameters; the core's ``train_norms``
+  option would instead give each adapter private, zero-initialized deltas (per-task LayerNorms, which
+  is not what the paper trains).
 - ``full_ft``: everything trains, no adapter.
 
 Sizes where the paper's are too big for a tiny model are scaled with the model width ``d`` (the paper's
@@ -41,7 +41,7 @@ from torch import nn
 
 import mmadapters as mma
 from mmadapters.config import check_adapter_name
-from mmadapters.methods.tuning import NORM_TYPES
+from mmadapters.methods.tuning import is_norm
 from mmadapters.model import _all_adapter_param_ids
 from mmadapters.targets import iter_logical_modules
 
@@ -119,11 +119,6 @@ class VariantSetup:
             mma.set_active(model, name)
 
 
-def _is_norm(module: nn.Module) -> bool:
-    # transformers' T5LayerNorm is a plain nn.Module (RMS norm without bias); match it by name too.
-    return isinstance(module, NORM_TYPES) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
 def unfreeze_extras(model: nn.Module) -> list[str]:
     """Make every LayerNorm of the backbone and the whole visual projection trainable (shared by all tasks).
 
@@ -131,7 +126,7 @@ def unfreeze_extras(model: nn.Module) -> list[str]:
     names: list[str] = []
     for name, module, _parent, _attr in iter_logical_modules(model):
         in_proj = name == "visual_proj" or name.startswith("visual_proj.")
-        if not (_is_norm(module) or in_proj):
+        if not (is_norm(module) or in_proj):  # is_norm knows T5LayerNorm
             continue
         for pname, p in module.named_parameters(recurse=False):
             p.requires_grad_(True)
