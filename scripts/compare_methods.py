@@ -3,8 +3,9 @@
 Task: a generated classification task with domain shift (default ``shapes-sketch``: 10 shapes drawn as
 sketches, a style that is rare in the tiny CLIP's pretraining) on the shipped tiny CLIP. Each method
 adapts the image tower; the head is the frozen zero-shot text classifier (logits = 100 * f(x) . W),
-the loss cross-entropy, the optimizer AdamW; the best epoch is picked on the val split only, and the
-test split is scored once with that epoch's adapter, reloaded from disk onto a fresh copy of the model
+the loss cross-entropy, the optimizer AdamW. Each method runs at every learning rate of ``--lr`` and
+every seed; the best epoch and then the learning rate (mean over seeds) are picked on the val split
+only, and the test split is scored with that epoch's adapter, reloaded from disk onto a fresh copy of the model
 (so the storage column is the real file and the score is what a user who loads it gets).
 
 Methods (``--methods``; default all):
@@ -114,7 +115,10 @@ def _methods(args) -> dict[str, Method]:
 
         out["llama_adapter"] = Method("llama_adapter", lambda p: llama_adapter.LlamaAdapterConfig(
             num_prompts=p, target_modules=TOP_ATTN), tuple(range(1, 65)),
-            "LLaMA-Adapter V2: gated prompts in the top 2 attention layers")
+            "LLaMA-Adapter (V1): gated prompts in the top 2 attention layers")
+        out["llama_adapter_v2"] = Method("llama_adapter_v2", lambda p: llama_adapter.LlamaAdapterConfig.v2(
+            bias_scale=["@image_attn", "@image_mlp_in", FFN], num_prompts=p, target_modules=TOP_ATTN), tuple(range(1, 65)),
+            "LLaMA-Adapter V2: + bias/scale of every linear layer and norms")
     except ImportError:
         pass
     return out
@@ -164,8 +168,9 @@ def pick_size(base, method: Method, budget: int) -> tuple[int, int]:
 class Trainer:
     """The common loop: AdamW, cross-entropy against the frozen text head, val-selected best state."""
 
-    def __init__(self, model, name: str, weights, data, args, method: Method, seed: int):
+    def __init__(self, model, name: str, weights, data, args, method: Method, seed: int, lr: float):
         self.model, self.name, self.weights, self.data, self.args, self.method = model, name, weights, data, args, method
+        self.lr = lr
         self.gen = torch.Generator().manual_seed(seed)
 
     def batches(self):
@@ -176,7 +181,7 @@ class Trainer:
 
     def steps(self, params: list[torch.Tensor], steps: int, select: bool = True) -> tuple[float, int]:
         """Train ``params`` for ``steps`` steps; with ``select``, evaluate on val every epoch and restore the best."""
-        opt = torch.optim.AdamW(params, lr=self.args.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         per_epoch = -(-len(self.data["train"][0]) // self.args.batch_size)
         best, best_step, best_state = -1.0, 0, None
         it = self.batches()
@@ -202,7 +207,7 @@ class Trainer:
         return best, best_step
 
 
-def run_one(base, name: str, method: Method, size: int, weights, data, args, seed: int) -> dict:
+def run_one(base, name: str, method: Method, size: int, weights, data, args, seed: int, lr: float) -> dict:
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
     per_epoch = -(-len(data["train"][0]) // args.batch_size)
@@ -211,7 +216,7 @@ def run_one(base, name: str, method: Method, size: int, weights, data, args, see
     if method.procedure == "lottery_ticket":
         from mmadapters.methods import sparse_ft
 
-        trainer = Trainer(model, name, weights, data, args, method, seed)
+        trainer = Trainer(model, name, weights, data, args, method, seed, lr)
         config = method.make(size)
         results = {}
 
@@ -225,7 +230,7 @@ def run_one(base, name: str, method: Method, size: int, weights, data, args, see
         mma.add_adapter(model, name, method.make(size))
         mma.set_active(model, name)
         mma.freeze_base(model)
-        trainer = Trainer(model, name, weights, data, args, method, seed)
+        trainer = Trainer(model, name, weights, data, args, method, seed, lr)
         val, best_step = trainer.steps([p for p in model.parameters() if p.requires_grad], total)
     if method.after_training is not None:
         method.after_training(model, name)
@@ -238,7 +243,7 @@ def run_one(base, name: str, method: Method, size: int, weights, data, args, see
         mma.load_adapter(fresh, Path(tmp) / name)
         mma.set_active(fresh, name)
         test = accuracy(fresh, weights, *data["test"])
-    return {"method": name, "family": method.family, "size": size, "seed": seed, "trainable": trainable,
+    return {"method": name, "family": method.family, "size": size, "seed": seed, "lr": lr, "trainable": trainable,
             "storage_bytes": stored, "val_acc": val, "best_epoch": best_step / per_epoch, "test_acc": test,
             "train_seconds": round(train_s, 1)}
 
@@ -246,23 +251,27 @@ def run_one(base, name: str, method: Method, size: int, weights, data, args, see
 def summarize(rows: list[dict], backbone: int, methods: dict[str, Method]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == name]
+        runs = [r for r in rows if r["method"] == name]
+        lrs = sorted({r["lr"] for r in runs})
+        best_lr = max(lrs, key=lambda lr: statistics.mean(r["val_acc"] for r in runs if r["lr"] == lr))
+        rs = [r for r in runs if r["lr"] == best_lr]
         accs = [r["test_acc"] for r in rs]
         out.append({"method": name, "note": methods[name].note if name in methods else "", "size": rs[0]["size"],
                     "trainable": rs[0]["trainable"], "trainable_pct": 100 * rs[0]["trainable"] / backbone,
-                    "storage_bytes": rs[0]["storage_bytes"], "test_mean": statistics.mean(accs),
+                    "storage_bytes": rs[0]["storage_bytes"], "lr": best_lr,
+                    "val_mean": statistics.mean(r["val_acc"] for r in rs), "test_mean": statistics.mean(accs),
                     "test_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                     "train_seconds": statistics.mean(r["train_seconds"] for r in rs)})
     return out
 
 
 def markdown(summary: list[dict], zeroshot: float) -> str:
-    lines = ["| method | size | trainable | % of image tower | storage bytes | test acc | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|",
-             f"| zero-shot (no adapter) | — | 0 | 0 | — | {zeroshot:.3f} | — |"]
+    lines = ["| method | size | trainable | % of image tower | storage bytes | lr (val) | test acc | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|",
+             f"| zero-shot (no adapter) | — | 0 | 0 | — | — | {zeroshot:.3f} | — |"]
     for s in summary:
         lines.append(f"| {s['method']} — {s['note']} | {s['size']} | {s['trainable']:,} | {s['trainable_pct']:.2f} | "
-                     f"{s['storage_bytes']:,} | {s['test_mean']:.3f} ± {s['test_std']:.3f} | {s['train_seconds']:.0f} |")
+                     f"{s['storage_bytes']:,} | {s['lr']:g} | {s['test_mean']:.3f} ± {s['test_std']:.3f} | {s['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,9 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-per-class", type=int, default=40)
     ap.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
     ap.add_argument("--budget", type=int, default=9216, help="trainable parameters each budget-matched method aims at")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", default="3e-3,1e-2", help="comma-separated learning rates; the best is picked on val")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--mosa-modules", type=int, default=4)
     ap.add_argument("--sorsa-gamma", type=float, default=1e-3)
@@ -309,11 +318,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         method = methods[name]
         size, n = pick_size(base, method, args.budget)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            row = run_one(base, name, method, size, weights, data, args, seed)
-            rows.append(row)
-            print(f"{name} size={size} trainable={row['trainable']:,} seed={seed}: val {row['val_acc']:.3f} "
-                  f"test {row['test_acc']:.3f} ({row['train_seconds']:.0f} s)", flush=True)
+        for lr in (float(v) for v in args.lr.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                row = run_one(base, name, method, size, weights, data, args, seed, lr)
+                rows.append(row)
+                print(f"{name} size={size} trainable={row['trainable']:,} lr={lr:g} seed={seed}: val {row['val_acc']:.3f} "
+                      f"test {row['test_acc']:.3f} ({row['train_seconds']:.0f} s)", flush=True)
     summary = summarize(rows, backbone, methods)
     text = markdown(summary, zeroshot)
     print(text)
