@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", default="3e-3,1e-2", help="comma-separated learning rates; the best is picked on val")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--mosa-modules", type=int, default=4)
-    ap.add_argument("--sorsa-gamma", type=float, default=1e-3)
+    ap.add_argument("--sorsa-gamma", type=float, default=4e-4, help="weight of the orthonormal regularizer (official default)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default="out/compare_methods.json")
     ap.add_argument("--markdown", default=None)
