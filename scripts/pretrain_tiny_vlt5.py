@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=400, help="held-out test images to caption at the end")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--grounding-images", type=int, default=200, help="fresh downstream-stream images for the grounding check")
+    p.add_argument("--grounding-seed", type=int, default=4242)
+    p.add_argument("--evaluate-only", type=Path, default=None, metavar="DIR",
+                   help="skip training: run the grounding check on the model in DIR and add it to DIR/README.md")
     return p.parse_args(argv)
 
 
@@ -211,10 +215,76 @@ def caption_eval(model: VLT5, batcher: Batcher, indices: list[int], ids_of: list
     return result
 
 
+@torch.no_grad()
+def grounding(model: VLT5, n_images: int, seed: int) -> dict:
+    """Do greedy captions of *unseen* scenes name what is in them? Fresh images of the downstream stream
+    (``pretrain=False``, ``seed``; pretraining never saw that stream), captioned with ``"caption: "``; for the
+    colour words, shape words and "N objects/shapes" counts the captions name: the share that is true of the
+    captioned image, and of another image (the captions of the next image's scene: a chance baseline)."""
+    import re
+    import tempfile
+
+    from PIL import Image
+
+    from mmadapters.vision.clip import load_clip
+    from mmadapters.vision.synth_vl import NUM_WORDS, VL_COLOURS, VL_SHAPES, generate_vl
+    from mmadapters.vision.vl_features import clip_grid_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_vl(tmp, n_images=n_images, seed=seed, progress=False)
+        scenes = [json.loads(line) for line in (Path(tmp) / "scenes.jsonl").read_text().splitlines()]
+        clip = load_clip()
+        captions: list[str] = []
+        for s in range(0, len(scenes), 64):
+            chunk = scenes[s:s + 64]
+            images = torch.stack([clip.preprocess(Image.open(Path(tmp) / "images" / f"{x['img_id']}.png").convert("RGB"))
+                                  for x in chunk])
+            ids, mask = model.encode_text(["caption: "] * len(chunk))
+            captions += model.decode(model.generate(ids, mask, clip_grid_features(clip.model, images), max_new_tokens=48))
+
+    def share(truths: list[dict]) -> dict:
+        out = {}
+        for key, vocab in (("colour", VL_COLOURS), ("shape", VL_SHAPES)):
+            named = [(w, {o[key] for o in t["objects"]}) for c, t in zip(captions, truths, strict=True)
+                     for w in re.findall(rf"\b({'|'.join(vocab)})s?\b", c)]
+            out[key] = round(sum(w in present for w, present in named) / max(len(named), 1), 3)
+            out[f"{key}_mentions"] = len(named)
+        counts = [(NUM_WORDS.index(m.group(1)), len(t["objects"])) for c, t in zip(captions, truths, strict=True)
+                  if (m := re.search(rf"\b({'|'.join(NUM_WORDS)}) (?:objects|shapes)\b", c))]
+        out["count"] = round(sum(a == b for a, b in counts) / max(len(counts), 1), 3)
+        out["count_mentions"] = len(counts)
+        return out
+
+    return {"images": len(scenes), "seed": seed, "stream": "downstream (pretrain=False)", "captioned_image": share(scenes),
+            "other_image_baseline": share(scenes[1:] + scenes[:1]), "examples": captions[:5]}
+
+
+def grounding_markdown(g: dict, command: str) -> str:
+    rows = "\n".join(f"| {k} | {g['captioned_image'][k]} | {g['other_image_baseline'][k]} | {g['captioned_image'][k + '_mentions']} |"
+                     for k in ("colour", "shape", "count"))
+    examples = "\n".join(f"- {c}" for c in g["examples"])
+    return f"""
+## Grounding on unseen scenes
+
+`{command}`: greedy captions of {g['images']} fresh images of the *downstream* stream
+(`generate_vl(..., seed={g['seed']})`, never seen in pretraining). Share of the colour words, shape words and
+"N objects" counts the captions name that are true of the captioned image, against the same captions judged
+on another image (chance baseline):
+
+| named | captioned image | other image | mentions |
+|---|---|---|---|
+{rows}
+
+{examples}
+"""
+
+
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.evaluate_only is not None:
+        return evaluate_only(args, argv)
     from tqdm.auto import tqdm
     from transformers import T5ForConditionalGeneration
 
@@ -306,7 +376,26 @@ def main(argv: list[str] | None = None) -> int:
     if size_mb > MAX_MB:
         print(f"warning: {args.output} is {size_mb:.1f} MB (> {MAX_MB} MB)", file=sys.stderr)
     write_readme(args, record, size_mb)
+    add_grounding(args.output, args, f"python scripts/pretrain_tiny_vlt5.py --evaluate-only {args.output}")
     print(f"saved {args.output} ({size_mb:.2f} MB) in {(time.time() - t_start) / 60:.1f} min", flush=True)
+    return 0
+
+
+def add_grounding(directory: Path, args: argparse.Namespace, command: str) -> dict:
+    """Run :func:`grounding` on the model in ``directory`` and (re)write that section of its README."""
+    model = VLT5.from_pretrained(directory)
+    g = grounding(model, args.grounding_images, args.grounding_seed)
+    print(json.dumps(g, indent=1), flush=True)
+    readme = directory / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    text = text.split("\n## Grounding on unseen scenes")[0].rstrip("\n") + "\n" + grounding_markdown(g, command)
+    atomic_write_bytes(readme, text.encode())
+    return g
+
+
+def evaluate_only(args: argparse.Namespace, argv: list[str] | None) -> int:
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    add_grounding(args.evaluate_only, args, command)
     return 0
 
 

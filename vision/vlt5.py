@@ -366,7 +366,9 @@ def declare_vlt5_points(model: VLT5) -> VLT5:
 
 def tiny_t5_config(vocab_size: int, *, d_model: int = 32, d_ff: int = 64, num_layers: int = 2, num_decoder_layers: int | None = None,
                    num_heads: int = 2, gated: bool = False, **overrides: Any):
-    """A small ``T5Config`` (T5 v1.0 ReLU FFN, tied embeddings; ``gated=True``: v1.1 gated-GELU, untied)."""
+    """A small ``T5Config``: T5 v1.0 (ReLU FFN, decoder output scaled by ``d_model**-0.5``), or with ``gated=True``
+    v1.1 (gated-GELU FFN, no scaling). transformers 5 always ties ``lm_head`` to the embeddings at init and keeps
+    them apart only when a checkpoint stores a different ``lm_head`` (as real v1.1 checkpoints do)."""
     from transformers import T5Config
 
     cfg = {"vocab_size": vocab_size, "d_model": d_model, "d_kv": d_model // num_heads, "d_ff": d_ff, "num_layers": num_layers,
