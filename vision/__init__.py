@@ -8,7 +8,11 @@ Modules (import the one you need; nothing heavy is imported here):
 - :mod:`~mmadapters.vision.zeroshot` — the zero-shot classifier (batched, cached on disk) and image features;
 - :mod:`~mmadapters.vision.fewshot`, ``tip_adapter``, ``caps_adapter`` — Tip-Adapter / Tip-Adapter-F and
   CapS-Adapter on a K-shot support set;
-- :mod:`~mmadapters.vision.synth` — a seeded generator of captioned images (tasks for tests and benchmarks).
-
-Still to come: the VL-T5 backbone and the VL-Adapter recipe (shared adapters, Hyperformer, Compacter).
+- :mod:`~mmadapters.vision.synth` — a seeded generator of captioned images (tasks for tests and benchmarks);
+- :mod:`~mmadapters.vision.synth_vl` — generated multi-object scenes with VQA-, GQA-, NLVR2- and COCO-format tasks;
+- :mod:`~mmadapters.vision.vlt5` — VL-T5: stock transformers T5 plus a visual projection of CLIP grid features,
+  with adapter points (``vl_tokenizer``: word-level T5-layout tokenizers; ``vl_features``: CLIP grid features);
+- :mod:`~mmadapters.vision.vl_variants`, :mod:`~mmadapters.vision.vl_adapter` — VL-Adapter: full fine-tuning,
+  per-task / half-shared / shared adapters, Hyperformer, Compacter, PHM, LoRA, prompt tuning; multi-task
+  training and per-task evaluation.
 """
