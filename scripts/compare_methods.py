@@ -40,13 +40,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import mmadapters as mma
 from mmadapters.io import atomic_write_bytes
 from mmadapters.vision import synth
 from mmadapters.vision.clip import load_clip
 from mmadapters.vision.zeroshot import build_classifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lowbit_accuracy import accuracy as _accuracy  # noqa: E402  (the same task loading and scoring)
+from lowbit_accuracy import load_split  # noqa: E402
 
 ATTN, FFN = "@image_attn_out", "@image_ffn_out"
 PLACES = {"attn": [ATTN], "ffn": [FFN], "both": [ATTN, FFN]}
@@ -124,25 +127,10 @@ def _methods(args) -> dict[str, Method]:
     return out
 
 
-def load_split(root: Path, split: str, preprocess) -> tuple[torch.Tensor, torch.Tensor]:
-    folders = sorted(p for p in (root / split).iterdir() if p.is_dir())
-    xs, ys = [], []
-    for label, folder in enumerate(folders):
-        for path in sorted(folder.glob("*.png")):
-            with Image.open(path) as im:
-                xs.append(preprocess(im.convert("RGB")))
-            ys.append(label)
-    return torch.stack(xs), torch.tensor(ys)
-
-
 @torch.no_grad()
-def accuracy(model, weights, x, y, batch: int = 256) -> float:
+def accuracy(model, weights, x, y) -> float:
     model.eval()
-    correct = 0
-    for i in range(0, len(x), batch):
-        f = F.normalize(model.encode_image(x[i : i + batch]), dim=-1)
-        correct += ((100 * f @ weights).argmax(-1) == y[i : i + batch]).sum().item()
-    return correct / len(x)
+    return _accuracy(model, weights, x, y)
 
 
 def count_trainable(base, method: Method, size: int) -> int:
