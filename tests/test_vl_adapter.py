@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -11,6 +12,7 @@ import torch
 import mmadapters as mma
 from mmadapters.eval.vl_readers import VLSample
 from mmadapters.vision.vl_adapter import (
+    DEFAULT_LR,
     TASK_PREFIX,
     VARIANTS,
     VLAdapterConfig,
@@ -273,3 +275,80 @@ def test_run_script_on_generated_data_writes_json_and_markdown(tmp_path):
     assert result["runs"][0]["parameters"]["trainable_pct"] == 100.0
     table = (out / "vl_adapter_results.md").read_text()
     assert "| half_shared_down |" in table and "| full_ft |" in table and "CIDEr" in table
+
+
+# -- LLaMA-Adapter V2 (gated prompts + bias/scale + early fusion of the global visual feature) --------------------
+
+def _llama_units(model):
+    from mmadapters.methods.llama_adapter import AdaptionPrompt, BiasScale
+
+    prompts = {w.module_name: u for w in mma.model.wrappers(model) for u in w.units(SHARED_NAME) if isinstance(u, AdaptionPrompt)}
+    biases = {w.module_name for w in mma.model.wrappers(model) for u in w.units(SHARED_NAME) if isinstance(u, BiasScale)}
+    return prompts, biases
+
+
+def test_llama_adapter_v2_sets_up_prompts_bias_scale_and_early_fusion(base_model):
+    from mmadapters.vision.vl_variants import global_visual_feature
+
+    model = copy.deepcopy(base_model).eval()
+    setup = setup_variant(model, "llama_adapter_v2", llama_prompts=5)
+    assert setup.visual_tokens and set(setup.adapter_for.values()) == {SHARED_NAME} and mma.adapter_names(model) == [SHARED_NAME]
+    prompts, biases = _llama_units(model)
+    assert sorted(prompts) == [f"t5.encoder.block.{i}.layer.0.SelfAttention" for i in range(2)]  # every encoder layer
+    assert [prompts[n].fused for n in sorted(prompts)] == [True, False]  # visual tokens join the first layer only
+    assert len(biases) == 2 * 2 + 2 * 3 and "t5.decoder.block.1.layer.1.EncDecAttention.o" in biases
+    report = parameter_report(model, setup)
+    d = 32
+    expected = 2 * (5 * d + 2) + (VISUAL_DIM * d + d) + len(biases) * 2 * d  # prompts + gates, projection, scale + bias
+    assert report.adapters == expected and report.trainable == report.adapters + report.extras
+    assert math.isclose(report.trainable_pct, 100.0 * report.trainable / report.backbone)
+    assert DEFAULT_LR["llama_adapter_v2"] == 1e-3
+    # the global feature: mean over every grid token of the sample's image(s)
+    pair = torch.stack([torch.stack([features("img0"), features("img1")])])  # (1, 2, N, D)
+    assert torch.allclose(global_visual_feature(pair)[0], torch.cat([features("img0"), features("img1")]).mean(0))
+
+    ids, mask = model.encode_text(["vqa: what color is the cube", "gqa: what is left of the ball"])
+    feats, labels = torch.stack([features("img0"), features("img3")]), model.encode_targets(["red", "cube"])
+
+    def logits(fused: bool) -> torch.Tensor:
+        ctx = setup.fusion(model, feats) if fused else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            return model(ids, mask, feats, labels=labels).logits
+
+    with torch.no_grad():
+        reference = base_model.eval()(ids, mask, feats, labels=labels).logits
+    assert torch.allclose(logits(True), reference, atol=1e-5)  # identity at init: zero gates, scale 1, bias 0
+    first, second = (prompts[f"t5.encoder.block.{i}.layer.0.SelfAttention"] for i in range(2))
+    with torch.no_grad():
+        first.prompt_gate.fill_(0.5)
+        second.prompt_gate.fill_(0.5)
+    assert not torch.allclose(logits(True), logits(False), atol=1e-4)  # the fused image changes the output ...
+    assert first._visual.tokens is None  # ... and is gone after the call
+    with torch.no_grad():
+        first.prompt_gate.zero_()
+    assert not torch.allclose(logits(False), reference, atol=1e-4)  # the second layer's prompts still act ...
+    assert torch.allclose(logits(True), logits(False), atol=1e-6)  # ... but only the first layer's carry the image
+
+
+def test_llama_adapter_v2_learns_a_repeated_batch_and_evaluates_with_the_image(base_model):
+    model = copy.deepcopy(base_model)
+    config = cfg("llama_adapter_v2", steps=25, lr=1e-2, tasks=("vqa", "nlvr"), warmup_ratio=0.0)
+    setup = setup_variant(model, config)
+    history = train_multitask(model, setup, {"vqa": SAMPLES["vqa"][:3]}, features, config)
+    first, last = history.losses[0][2], sum(loss for _, _, loss in history.losses[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    prompts, _ = _llama_units(model)
+    assert all(u.prompt_gate.abs().sum() > 0 for u in prompts.values())  # the gates opened
+    fusion = next(u._visual for u in prompts.values() if u.fused)
+    seen = []
+    generate = model.generate
+
+    def spy(input_ids, *args, **kw):
+        seen.append(None if fusion.tokens is None else tuple(fusion.tokens.shape))
+        return generate(input_ids, *args, **kw)
+
+    model.generate = spy
+    for task in ("vqa", "nlvr"):  # NLVR2: the global feature of both images
+        out = evaluate(model, SAMPLES[task], features, task, setup=setup, batch_size=4, max_new_tokens=3)
+        assert out["count"] == 6 and math.isfinite(out["score"])
+    assert seen == [(4, 1, VISUAL_DIM), (2, 1, VISUAL_DIM)] * 2 and fusion.tokens is None

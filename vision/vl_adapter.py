@@ -20,12 +20,19 @@ The method, in the paper's order:
 
 Learning rates (:data:`DEFAULT_LR`) are the paper's: full fine-tuning 1e-4, a single shared adapter 1e-3,
 multiple adapters 3e-4, Hyperformer 1e-3, Compacter 1e-3. Not given there: half-shared adapters take the
-per-task adapters' 3e-4, the plain PHM adapter Compacter's 1e-3, LoRA and prompt tuning the single
+per-task adapters' 3e-4, the plain PHM adapter Compacter's 1e-3, LoRA, prompt tuning and LLaMA-Adapter V2
+(one adapter for all tasks, like the shared adapter; its own paper's schedule is for a 7B LLaMA) the single
 adapter's 1e-3.
+
+LLaMA-Adapter V2's early fusion needs each sample's image inside the adapters, not only in the encoder
+input: every forward (training) and generate (evaluation) call runs inside
+:meth:`VariantSetup.fusion`, which feeds the batch's global visual features for that call only (a no-op
+for the other variants). Pass ``setup`` to :func:`evaluate` for such a model, or it runs text-only prompts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,7 +68,7 @@ if TYPE_CHECKING:
 TASK_PREFIX = {"vqa": "vqa: ", "gqa": "gqa: ", "nlvr": "nlvr: ", "caption": "caption: "}
 DEFAULT_LR = {"full_ft": 1e-4, "multiple_adapters": 3e-4, "half_shared_down": 3e-4, "half_shared_up": 3e-4,
               "shared_adapter": 1e-3, "hyperformer": 1e-3, "compacter": 1e-3, "phm_adapter": 1e-3, "lora": 1e-3,
-              "prompt": 1e-3}
+              "prompt": 1e-3, "llama_adapter_v2": 1e-3}
 HEADLINE = {"vqa": "vqa_accuracy", "gqa": "accuracy", "nlvr": "accuracy", "caption": "cider"}
 
 
@@ -239,7 +246,8 @@ def evaluate(model: nn.Module, samples: Sequence[VLSample], features: Callable[[
                            skipped=skipped)
         if batch is None:
             continue
-        with torch.no_grad():
+        fusion = setup.fusion(model, batch.visual_feats) if setup is not None else contextlib.nullcontext()
+        with torch.no_grad(), fusion:
             ids = model.generate(batch.input_ids, batch.attention_mask, batch.visual_feats, max_new_tokens=max_new_tokens)
         for s, pred in zip(batch.samples, model.decode(ids), strict=True):
             predictions[s.uid] = pred
@@ -352,7 +360,8 @@ def train_multitask(model: nn.Module, setup: VariantSetup, train: Mapping[str, S
                 raise ValueError(f"train_multitask: a whole epoch without a usable sample; e.g. {history.skipped_examples[:3]}")
             continue
         empty_in_a_row = 0
-        loss = model(batch.input_ids, batch.attention_mask, batch.visual_feats, labels=batch.labels).loss
+        with setup.fusion(model, batch.visual_feats):  # early fusion (LLaMA-Adapter V2), for this batch only
+            loss = model(batch.input_ids, batch.attention_mask, batch.visual_feats, labels=batch.labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()

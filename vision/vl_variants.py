@@ -19,6 +19,17 @@ Sung et al. 2022 (VL-Adapter), Section 3 and Table 1, on :class:`~mmadapters.vis
 - Baselines: **LoRA** on the query and value projections of every attention (self- and cross-), and
   **prompt tuning**: 40 prompts prepended to the encoder input (``@encoder_input``), produced by an MLP
   (reparameterized).
+- **LLaMA-Adapter V2** (Gao et al. 2023, :mod:`mmadapters.methods.llama_adapter`; not in VL-Adapter's
+  table): ``llama_prompts`` zero-init gated adaptation prompts in the self-attention of every encoder layer
+  (``llama_layers`` keeps only the top ones; the tiny VL-T5 has 3 encoder layers, so "all" is the
+  counterpart of the paper's top 30 of 32), V2's unlocked bias and scale on the attention and FFN output
+  projections of encoder and decoder (the five adapter points above), and *early fusion*: each sample's
+  global visual feature (the mean of its CLIP grid tokens over its image(s), ``(B, D_v)``) passes through
+  the adapter's own projection and is added to the prompts of the first adapted encoder layer only
+  (``visual_layers=1``). :meth:`VariantSetup.fusion` feeds it around each forward / generate call and
+  clears it after. One adapter for all tasks; the norms train as in the other variants (the shared
+  LayerNorms below, not the core's per-adapter ``train_norms`` deltas). The decoder gets no prompts: a
+  beam-searched decoder's batch is not the samples' batch.
 - **Also trained** in every variant, as in the paper: all LayerNorms of the backbone (T5's RMS-style
   ``T5LayerNorm`` and the visual projection's LayerNorm) and the visual projection. These are shared by
   all tasks, so :func:`setup_variant` unfreezes the base's own parameters; the core's ``train_norms``
@@ -34,26 +45,31 @@ and hypernetwork width ``d / 6`` (128); prompt MLP width ``d``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 import mmadapters as mma
 from mmadapters.config import check_adapter_name
+from mmadapters.methods import llama_adapter
+from mmadapters.methods.llama_adapter import LlamaAdapterConfig
 from mmadapters.methods.tuning import is_norm
 from mmadapters.model import _all_adapter_param_ids
 from mmadapters.targets import iter_logical_modules
 
 TASKS = ("vqa", "gqa", "nlvr", "caption")
 VARIANTS = ("full_ft", "multiple_adapters", "half_shared_down", "half_shared_up", "shared_adapter", "hyperformer",
-            "compacter", "phm_adapter", "lora", "prompt")
+            "compacter", "phm_adapter", "lora", "prompt", "llama_adapter_v2")
 ENCODER_POINTS = ["@enc_attn_out", "@enc_ffn_out"]
 DECODER_POINTS = ["@dec_attn_out", "@dec_cross_out", "@dec_ffn_out"]
 ADAPTER_POINTS = ENCODER_POINTS + DECODER_POINTS
 SHARED_NAME = "shared"  # the adapter every task uses in the single-set variants
+LLAMA_ATTENTION = "t5.encoder.block.*.layer.0.SelfAttention"  # LLaMA-Adapter V2's prompts: encoder self-attention
 # Variants whose adapters are one set for all tasks unless VariantConfig.per_task says otherwise.
-_SINGLE_BY_DEFAULT = ("shared_adapter", "compacter", "phm_adapter", "lora", "prompt")
+_SINGLE_BY_DEFAULT = ("shared_adapter", "compacter", "phm_adapter", "lora", "prompt", "llama_adapter_v2")
+_FUSES_VISUAL_TOKENS = ("llama_adapter_v2",)  # variants fed each sample's global visual feature (VariantSetup.fusion)
 _PER_TASK_ONLY = ("multiple_adapters", "half_shared_down", "half_shared_up", "hyperformer")
 
 
@@ -81,6 +97,9 @@ class VariantConfig:
     hyper_task_dim: int | None = _help("Hyperformer: task embedding size (paper 512; default 2d / 3).")
     hyper_layer_dim: int | None = _help("Hyperformer: layer embedding size (paper 512; default 2d / 3).")
     hyper_hidden: int | None = _help("Hyperformer: hypernetwork width (paper 128; default d / 6).")
+    llama_prompts: int = _help("LLaMA-Adapter V2: adaptation prompts per adapted encoder self-attention.", 10)
+    llama_layers: int | None = _help("LLaMA-Adapter V2: adapt the top N encoder layers only (None: all of them; "
+                                     "the visual tokens join the first adapted one).")
     train_extras: bool = _help("Also train all LayerNorms and the visual projection (the paper does).", True)
 
     def __post_init__(self) -> None:
@@ -94,7 +113,9 @@ class VariantConfig:
         if self.per_task is not None and self.variant not in ("compacter", "phm_adapter", "lora", "prompt"):
             raise ValueError(f"VariantConfig.per_task: variant {self.variant!r} fixes its sharing; per_task applies to "
                              "compacter, phm_adapter, lora and prompt")
-        for name in ("reduction_factor", "prompt_tokens", "phm_dim", "phm_rank"):
+        if self.llama_layers is not None and self.llama_layers <= 0:
+            raise ValueError(f"VariantConfig.llama_layers: expected None or a positive integer, got {self.llama_layers!r}")
+        for name in ("reduction_factor", "prompt_tokens", "phm_dim", "phm_rank", "llama_prompts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"VariantConfig.{name}: expected a positive number, got {getattr(self, name)!r}")
 
@@ -109,6 +130,7 @@ class VariantSetup:
     adapters: list[str]  # every adapter added
     extras: list[str]  # base parameters that train besides the adapters (LayerNorms, visual projection)
     sizes: dict[str, float] = field(default_factory=dict)  # the resolved sizes (LoRA r, Hyperformer dims, ...)
+    visual_tokens: bool = False  # the adapters take each sample's global visual feature (early fusion): see fusion()
 
     def activate(self, model: nn.Module, task: str) -> None:
         """Make ``task``'s adapter the active one (before a forward pass on a batch of that task)."""
@@ -117,6 +139,23 @@ class VariantSetup:
         name = self.adapter_for[task]
         if name is not None and mma.get_active(model) != name:
             mma.set_active(model, name)
+
+    def fusion(self, model: nn.Module, visual_feats: Tensor) -> contextlib.AbstractContextManager[None]:
+        """Context for one forward or generate call on a batch with ``visual_feats`` (B, N, D_v) or
+        (B, I, N, D_v): for a variant with early fusion (``visual_tokens``), the batch's
+        :func:`global_visual_feature` is fed to the adapters' first layer inside the block, and removed on exit;
+        otherwise nothing happens."""
+        if not self.visual_tokens:
+            return contextlib.nullcontext()
+        return llama_adapter.visual_tokens(model, global_visual_feature(visual_feats))
+
+
+def global_visual_feature(visual_feats: Tensor) -> Tensor:
+    """Each sample's global image feature for early fusion: ``(B, N, D_v)`` or ``(B, I, N, D_v)`` -> ``(B, D_v)``,
+    the mean over the grid tokens of all the sample's images (both images of an NLVR2 pair)."""
+    if visual_feats.dim() not in (3, 4):
+        raise ValueError(f"visual_feats: expected (B, N, D) or (B, I, N, D), got shape {tuple(visual_feats.shape)}")
+    return visual_feats.reshape(visual_feats.shape[0], -1, visual_feats.shape[-1]).float().mean(dim=1)
 
 
 def unfreeze_extras(model: nn.Module) -> list[str]:
@@ -147,7 +186,8 @@ def _sizes(config: VariantConfig, d: int) -> dict[str, float]:
     }
 
 
-def _adapter_configs(config: VariantConfig, sizes: dict[str, float]) -> tuple[dict[str, mma.AdapterConfig], bool]:
+def _adapter_configs(config: VariantConfig, sizes: dict[str, float],
+                     visual_dim: int) -> tuple[dict[str, mma.AdapterConfig], bool]:
     """(adapter name -> config, one adapter per task?) for the variant."""
     v, rf = config.variant, config.reduction_factor
     bottleneck = dict(target_modules=ADAPTER_POINTS, reduction_factor=rf, activation=config.activation)
@@ -175,6 +215,10 @@ def _adapter_configs(config: VariantConfig, sizes: dict[str, float]) -> tuple[di
     elif v == "prompt":
         make = lambda: mma.PromptConfig(target_modules="@encoder_input", num_tokens=config.prompt_tokens,  # noqa: E731
                                         reparameterize=True, reparam_hidden=int(sizes["prompt_hidden"]))
+    elif v == "llama_adapter_v2":  # norms: the shared LayerNorms of unfreeze_extras, as in every variant
+        make = lambda: LlamaAdapterConfig.v2(  # noqa: E731
+            bias_scale=list(ADAPTER_POINTS), train_norms=False, target_modules=LLAMA_ATTENTION,
+            num_prompts=config.llama_prompts, num_layers=config.llama_layers, visual_dim=visual_dim, visual_layers=1)
     else:  # full_ft
         return {}, False
     per_task = v in _PER_TASK_ONLY or (v in _SINGLE_BY_DEFAULT and bool(config.per_task))
@@ -204,7 +248,7 @@ def setup_variant(model: nn.Module, config: VariantConfig | str, tasks: tuple[st
         raise TypeError(f"setup_variant: expected a VLT5 model (with .t5), got {type(model).__name__}")
     ref = next(model.parameters())
     sizes = _sizes(config, int(model.t5.config.d_model))
-    configs, per_task = _adapter_configs(config, sizes)
+    configs, per_task = _adapter_configs(config, sizes, int(model.visual_dim))
     for name, adapter_config in configs.items():
         mma.add_adapter(model, name, adapter_config)
     model.to(ref.device)  # modules shared at the root (hypernetworks, PHM rules) are created on the CPU
@@ -216,7 +260,8 @@ def setup_variant(model: nn.Module, config: VariantConfig | str, tasks: tuple[st
         mma.freeze_base(model, adapters=list(configs))
         extras = unfreeze_extras(model) if config.train_extras else []
     adapter_for = {t: (t if per_task else SHARED_NAME) if configs else None for t in config.tasks}
-    setup = VariantSetup(config.variant, config.tasks, adapter_for, list(configs), extras, sizes)
+    setup = VariantSetup(config.variant, config.tasks, adapter_for, list(configs), extras, sizes,
+                         visual_tokens=config.variant in _FUSES_VISUAL_TOKENS)
     setup.activate(model, config.tasks[0])
     return setup
 
@@ -250,5 +295,5 @@ def parameter_report(model: nn.Module, setup: VariantSetup) -> VariantParameters
     return VariantParameters(setup.variant, core.base, core.trainable, core.adapters, extras, per_task)
 
 
-__all__ = ["ADAPTER_POINTS", "DECODER_POINTS", "ENCODER_POINTS", "SHARED_NAME", "TASKS", "VARIANTS", "VariantConfig",
-           "VariantParameters", "VariantSetup", "parameter_report", "setup_variant", "unfreeze_extras"]
+__all__ = ["ADAPTER_POINTS", "DECODER_POINTS", "ENCODER_POINTS", "LLAMA_ATTENTION", "SHARED_NAME", "TASKS", "VARIANTS", "VariantConfig",
+           "VariantParameters", "VariantSetup", "global_visual_feature", "parameter_report", "setup_variant", "unfreeze_extras"]
