@@ -2,6 +2,8 @@
 
     python scripts/run_vl_adapter.py --data DATA --model VLT5_DIR --out out/vl_adapter
     python scripts/run_vl_adapter.py --data DATA --variants full_ft,shared_adapter --steps 20   # a quick check
+    python scripts/run_vl_adapter.py --merge A/vl_adapter_results.json B/vl_adapter_results.json --out OUT
+        # one table from runs made in parallel processes (same data, model and training settings required)
 
 ``DATA`` is a folder written by ``python -m mmadapters.vision.synth_vl`` (VQAv2 Karpathy JSON, GQA JSON,
 NLVR2 JSONL, COCO Karpathy ``dataset_coco.json``, ``images/``); it is read with
@@ -32,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mmadapters.vision.vl_adapter import VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="generated VL data folder (python -m mmadapters.vision.synth_vl)")
+    p.add_argument("--data", type=Path, help="generated VL data folder (python -m mmadapters.vision.synth_vl)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="instead of training: merge the runs of these results files into OUT (first run of a variant wins)")
     p.add_argument("--model", type=Path, default=None, help="VL-T5 directory (default: the shipped tiny VL-T5)")
     p.add_argument("--features", type=Path, default=None, help="image features: .h5 file or folder of <img_id>.safetensors "
                    "(default: extracted with the shipped tiny CLIP into OUT/features.h5)")
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-checkpoints", action="store_true", help="write each variant's trained parameters under OUT/<variant>/")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.merge is None and args.data is None:
+        p.error("--data is required (unless --merge)")
     args.variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -131,8 +137,59 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SAME_SETTINGS = ("--data", "--model", "--features", "--epochs", "--steps", "--batch-size", "--eval-every", "--max-val",
+                 "--max-test", "--lr-scale", "--reduction-factor", "--per-task", "--max-new-tokens", "--seed", "--device")
+
+
+def _settings(argv: list[str]) -> dict[str, str]:
+    """The training settings a results file was made with (flags of SAME_SETTINGS -> value)."""
+    out, i = {}, 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in SAME_SETTINGS:
+            if "=" in argv[i]:
+                out[flag] = argv[i].split("=", 1)[1]
+            elif flag == "--per-task":
+                out[flag] = "on"
+            elif i + 1 < len(argv):
+                out[flag], i = argv[i + 1], i + 1
+        i += 1
+    return out
+
+
+def merge(files: list[Path], out: Path) -> int:
+    """One table from several results files whose runs share data, model and settings (else a named error)."""
+    import json
+
+    from mmadapters.eval.results_io import write_results
+    from mmadapters.io import atomic_write_bytes
+
+    payloads = [(f, json.loads(f.read_text(encoding="utf-8"))) for f in files]
+    ref_file, ref = payloads[0]
+    runs, seen = [], set()
+    for f, payload in payloads:
+        for key in ("data", "model", "backbone_params", "counts"):
+            if payload["meta"].get(key) != ref["meta"].get(key):
+                raise SystemExit(f"--merge: {f}: meta field {key!r} differs from {ref_file}'s")
+        a, b = _settings(ref["meta"]["argv"]), _settings(payload["meta"]["argv"])
+        diff = sorted(k for k in set(a) | set(b) if k != "--features" and a.get(k) != b.get(k))
+        if diff:
+            raise SystemExit(f"--merge: {f}: settings {diff} differ from {ref_file}'s ({[a.get(k) for k in diff]} vs "
+                             f"{[b.get(k) for k in diff]})")
+        runs += [r for r in payload["runs"] if r["variant"] not in seen]
+        seen |= {r["variant"] for r in payload["runs"]}
+    meta = {**ref["meta"], "merged_from": [str(f) for f in files]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out / "vl_adapter_results.json", {"meta": meta, "runs": runs})
+    atomic_write_bytes(out / "vl_adapter_results.md", markdown(runs, meta).encode())
+    print(markdown(runs, meta))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge is not None:
+        return merge(args.merge, args.out)
     from mmadapters.eval.results_io import jsonable, write_results
     from mmadapters.io import atomic_write_bytes
     from mmadapters.vision.vl_adapter import DEFAULT_LR, FeatureCache, VLAdapterConfig, run_variant
