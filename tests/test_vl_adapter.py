@@ -275,6 +275,18 @@ def test_run_script_on_generated_data_writes_json_and_markdown(tmp_path):
     assert result["runs"][0]["parameters"]["trainable_pct"] == 100.0
     table = (out / "vl_adapter_results.md").read_text()
     assert "| half_shared_down |" in table and "| full_ft |" in table and "CIDEr" in table
+    # --merge: runs of another process with the same settings join the table; other settings are refused
+    other = json.loads((out / "vl_adapter_results.json").read_text())
+    other["runs"] = [{**other["runs"][1], "variant": "lora"}]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert script.main(["--merge", str(out / "vl_adapter_results.json"), str(tmp_path / "other.json"),
+                        "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "vl_adapter_results.json").read_text())
+    assert [r["variant"] for r in merged["runs"]] == ["full_ft", "half_shared_down", "lora"]
+    other["meta"]["argv"] = [a if a != "2" else "5" for a in other["meta"]["argv"]]  # --steps 2 -> 5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="--steps"):
+        script.main(["--merge", str(out / "vl_adapter_results.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "m2")])
 
 
 # -- LLaMA-Adapter V2 (gated prompts + bias/scale + early fusion of the global visual feature) --------------------
