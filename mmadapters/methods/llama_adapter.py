@@ -61,7 +61,6 @@ from ..units import AdapterUnit, NotMergeable
 from ._common import BuildContext
 
 VISUAL_ALIAS = "visual_proj"
-_T5_CLASSES = ("T5Attention", "MT5Attention")  # transformers classes with q/k/v/o Linears, n_heads, key_value_proj_dim
 
 
 @dataclass
@@ -207,7 +206,7 @@ class AdaptionPrompt(AdapterUnit):
 
     def __init__(self, base: nn.Module, config: LlamaAdapterConfig, visual: VisualProjection | None):
         super().__init__(gate=False)
-        self.flavor = "mha" if isinstance(base, nn.MultiheadAttention) else "t5"
+        self.flavor = "mha" if isinstance(base, nn.MultiheadAttention) else "qkvo"
         heads = base.num_heads if self.flavor == "mha" else base.n_heads
         prompt_dim = _prompt_dim(base)
         # Not registered as submodules: the base belongs to the model, the projection to mma_shared.
@@ -233,7 +232,7 @@ class AdaptionPrompt(AdapterUnit):
         return p + vis
 
     def change(self, x: Tensor, h: Tensor) -> Tensor:
-        return self._mha_change(x) if self.flavor == "mha" else self._t5_change(x)
+        return self._mha_change(x) if self.flavor == "mha" else self._qkvo_change(x)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         return h + self.change(x, h).to(h.dtype)
@@ -268,7 +267,7 @@ class AdaptionPrompt(AdapterUnit):
             return out.squeeze(0)
         return out if m.batch_first else out.transpose(0, 1)
 
-    def _t5_change(self, x: Tensor) -> Tensor:
+    def _qkvo_change(self, x: Tensor) -> Tensor:
         m = self._base
         b, length = x.shape[0], x.shape[1]
         heads, d = m.n_heads, m.key_value_proj_dim
@@ -314,18 +313,22 @@ def _prompt_dim(module: nn.Module) -> int:
     return module.k.in_features
 
 
-def _is_t5_attention(module: nn.Module) -> bool:
-    return any(c.__name__ in _T5_CLASSES for c in type(module).__mro__) and all(
-        isinstance(getattr(module, a, None), nn.Module) for a in ("q", "k", "v", "o"))
+def _is_qkvo_attention(module: nn.Module) -> bool:
+    """An attention with separate ``q``/``k``/``v``/``o`` projections, ``n_heads`` and ``key_value_proj_dim``
+    (transformers' T5Attention and its copies); scores are scaled by its ``scaling`` attribute, else 1 (T5
+    folds the scale into its weights). Found by structure, not class name: the core knows no backbone."""
+    return all(isinstance(getattr(module, a, None), nn.Module) for a in ("q", "k", "v", "o")) and all(
+        isinstance(getattr(module, a, None), int) for a in ("n_heads", "key_value_proj_dim"))
 
 
 def build(ctx: BuildContext):
     config: LlamaAdapterConfig = ctx.config
     targets = ctx.targets[-config.num_layers:] if config.num_layers is not None else ctx.targets
     for t in targets:
-        if not (isinstance(t.module, nn.MultiheadAttention) or _is_t5_attention(t.module)):
+        if not (isinstance(t.module, nn.MultiheadAttention) or _is_qkvo_attention(t.module)):
             raise ValueError(f"LlamaAdapterConfig.target_modules: module {t.name!r} is a {type(t.module).__name__}; "
-                             "adaptation prompts support nn.MultiheadAttention and transformers' T5Attention/MT5Attention")
+                             "adaptation prompts support nn.MultiheadAttention and attentions with q/k/v/o projections, "
+                             "n_heads and key_value_proj_dim (e.g. transformers' T5Attention)")
     visual = None
     if config.visual_dim is not None:
         if config.visual_layers > len(targets):
