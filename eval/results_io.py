@@ -1,4 +1,4 @@
-"""Results files shared by the evaluators: run keys, the overwrite guard, JSON encoding, atomic writes."""
+"""Results files shared by the evaluators: run keys, the overwrite guard, JSON encoding, atomic writes (torch-free)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def results_key(payload: dict[str, Any]) -> str:
@@ -29,7 +27,7 @@ def check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
 
 def jsonable(value: Any) -> Any:
     """Tensors and numpy scalars as plain JSON values (hyperparameters come in all kinds)."""
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "detach") and hasattr(value, "tolist"):  # a tensor (torch is not imported here)
         return value.tolist()
     if hasattr(value, "item") and callable(value.item):
         return value.item()

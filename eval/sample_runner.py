@@ -1,0 +1,247 @@
+"""Resumable, rank-sharded evaluation one sample at a time.
+
+Every evaluated sample leaves a JSON line in ``<output>.samples.jsonl`` (one file per rank under torchrun:
+``<output>.samples.rank<r>.jsonl``) as soon as its batch is done, flushed and fsynced. A run that crashes,
+is killed or loses its machine leaves those lines behind; the rerun (same settings, hence the same
+``run_key``) reads them, evaluates only the samples that are missing and computes the metrics over all
+records, so a resumed evaluation gives the numbers an uninterrupted one gives. Once the results file is
+written the evaluator removes the logs (:meth:`SampleLog.remove`).
+
+A record is whatever the task's metric needs (label and top-5, hypothesis and reference, scores of the
+candidates...), normalized through JSON so a fresh record and one read back from a log are identical. A
+skipped sample is recorded too (``{"id", "skipped": reason}``) and is not retried on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .results_schema import _clean
+
+T = TypeVar("T")
+LOG_SCHEMA = "mmadapters.samples/1"
+
+
+def _json_line(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=True)
+
+
+def canonical(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as it reads back from a log (plain JSON types)."""
+    return json.loads(_json_line(_clean(record)))
+
+
+def _dist():
+    from mmadapters import distributed
+
+    return distributed
+
+
+class SampleLog:
+    """The samples log of one results file (see the module docstring)."""
+
+    def __init__(self, output: Path, run_key: str, done: dict[str, dict], path: Path):
+        self.output, self.run_key, self.done, self.path = output, run_key, done, path
+        self._file = None
+
+    @staticmethod
+    def paths(output: str | os.PathLike) -> list[Path]:
+        """Every samples log of ``output`` on disk (all ranks of all earlier runs)."""
+        output = Path(output)
+        parent = output.parent if str(output.parent) else Path(".")
+        if not parent.is_dir():
+            return []
+        return sorted(p for p in parent.glob(f"{output.name}.samples*.jsonl") if p.is_file())
+
+    @classmethod
+    def open(cls, output: str | os.PathLike, run_key: str, *, restart: bool = False) -> SampleLog:
+        """Read the logs left by earlier runs of ``output``; ``restart`` discards them instead.
+
+        A log of a different run (another ``run_key``: other settings, another model...) is an error
+        unless ``restart``: mixing samples of two runs would give a number neither run measured.
+        """
+        dist = _dist()
+        output = Path(output)
+        done: dict[str, dict] = {}
+        existing = cls.paths(output)
+        if not restart:
+            for path in existing:
+                cls._read(path, run_key, done)
+        dist.barrier()
+        if restart and dist.is_main():
+            for path in existing:
+                path.unlink(missing_ok=True)
+        dist.barrier()
+        suffix = f".samples.rank{dist.rank()}.jsonl" if dist.is_distributed() else ".samples.jsonl"
+        return cls(output, run_key, done, output.with_name(output.name + suffix))
+
+    @staticmethod
+    def _read(path: Path, run_key: str, done: dict[str, dict]) -> None:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        if not lines or not lines[0].strip():
+            return  # created, nothing written yet
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            raise ValueError(f"{path}: line 1: not a samples-log header (expected JSON with schema {LOG_SCHEMA!r}); "
+                             "remove the file or pass --restart") from None
+        if not isinstance(header, dict) or header.get("schema") != LOG_SCHEMA:
+            raise ValueError(f"{path}: line 1: expected a samples-log header with schema {LOG_SCHEMA!r}; "
+                             "remove the file or pass --restart")
+        if header.get("run_key") != run_key:
+            raise ValueError(f"{path}: samples of another run (run_key {header.get('run_key')!r}, this run {run_key!r}); "
+                             "pass --restart to discard them, or choose another --output")
+        body = lines[1:]
+        for n, line in enumerate(body, start=2):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if n == len(lines) or all(not rest.strip() for rest in body[n - 1:]):
+                    break  # the line being written when the previous run died
+                raise ValueError(f"{path}: line {n}: not a JSON record; the log is damaged "
+                                 "(pass --restart to evaluate everything again)") from None
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise ValueError(f"{path}: line {n}: expected a record with a string 'id'")
+            done[record["id"]] = record
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        """Add ``records`` (each with an ``id``) to this rank's log, durably."""
+        if not records:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            if not fresh:
+                with open(self.path, "rb+") as f:  # drop a torn last line so new lines start clean
+                    data = f.read()
+                    if not data.endswith(b"\n"):
+                        f.truncate(data.rfind(b"\n") + 1)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across batches
+            if fresh:
+                self._file.write(_json_line({"schema": LOG_SCHEMA, "run_key": self.run_key}) + "\n")
+        self._file.write("".join(_json_line(r) + "\n" for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        """Delete the logs of this output (call after the results file is safely written)."""
+        dist = _dist()
+        self.close()
+        dist.barrier()
+        if dist.is_main():
+            for path in self.paths(self.output):
+                path.unlink(missing_ok=True)
+        dist.barrier()
+
+
+@dataclass
+class SampleOutcome:
+    """All records of an evaluation, gathered from every rank and every (resumed) run, in sample order."""
+
+    records: dict[str, dict] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    resumed: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.records) + len(self.skipped)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def run_samples(samples: Sequence[T], *, sample_id: Callable[[T], str],
+                predict: Callable[[list[T]], list[dict[str, Any] | BaseException]], batch_size: int,
+                log: SampleLog | None = None, fail_fast: bool = False, progress: bool = True,
+                desc: str = "evaluating") -> SampleOutcome:
+    """Evaluate every sample not already in ``log``; see the module docstring.
+
+    ``predict(batch)`` returns one entry per sample: its record, or an exception instance for a sample that
+    could not be evaluated (skipped with the reason ``"Type: message"``). When ``predict`` raises, the batch
+    is retried one sample at a time so one bad sample does not take its neighbours down (``fail_fast``
+    re-raises instead). Under torchrun each rank takes every world-th pending sample and the outcome is
+    gathered on all ranks.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    dist = _dist()
+    ids = [str(sample_id(s)) for s in samples]
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"sample id {i!r} appears twice; sample ids must be unique to record and resume an evaluation")
+        seen.add(i)
+    done = log.done if log is not None else {}
+    pending = [(i, s) for i, s in zip(ids, samples, strict=True) if i not in done]
+    mine = dist.shard(pending)
+
+    def one_batch(batch: list[tuple[str, T]]) -> list[dict[str, Any]]:
+        items = [s for _, s in batch]
+        try:
+            outs = predict(items)
+            if len(outs) != len(items):
+                raise RuntimeError(f"predict returned {len(outs)} results for a batch of {len(items)} samples")
+        except Exception as error:
+            if fail_fast or len(items) == 1:
+                if fail_fast:
+                    raise
+                outs = [error]
+            else:
+                outs = [one_batch([pair])[0] for pair in batch]
+                return outs
+        records = []
+        for (i, _), out in zip(batch, outs, strict=True):
+            if isinstance(out, BaseException):
+                if fail_fast:
+                    raise out
+                records.append({"id": i, "skipped": _reason(out)})
+            else:
+                records.append(canonical({**out, "id": i}))
+        return records
+
+    new: list[dict[str, Any]] = []
+    bar = None
+    if progress and dist.is_main() and mine:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc=desc, unit="sample", dynamic_ncols=True)
+    try:
+        for start in range(0, len(mine), batch_size):
+            records = one_batch(mine[start:start + batch_size])
+            if log is not None:
+                log.append(records)
+            new.extend(records)
+            if bar is not None:
+                bar.update(len(records))
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    everything = dict(done)
+    for part in dist.gather_objects(new):
+        everything.update({r["id"]: r for r in part})
+    outcome = SampleOutcome(resumed=sum(1 for i in ids if i in done))
+    for i in ids:
+        record = everything.get(i)
+        if record is None:
+            raise RuntimeError(f"sample {i!r} was neither evaluated nor skipped (a rank lost its records)")
+        if "skipped" in record:
+            outcome.skipped.append({"id": i, "reason": str(record["skipped"])})
+        else:
+            outcome.records[i] = record
+    return outcome

@@ -1,0 +1,147 @@
+"""The shared results schema and the resumable, sharded sample runner."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mmadapters.eval.results_schema import SCHEMA, ResultsFormatError, build_results, read_results, validate_results, write_results
+from mmadapters.eval.sample_runner import SampleLog, run_samples
+
+
+def _results(**overrides):
+    kwargs = dict(dataset="d", model="m", pretrained=None, task="vqa", metrics={"acc": 0.5},
+                  counts={"total": 3, "evaluated": 2, "skipped": 1}, skipped=[{"id": "x", "reason": "bad"}],
+                  settings={"batch_size": 4, "root": Path("/data")}, timings={"total_s": 1.0})
+    kwargs.update(overrides)
+    return build_results(**kwargs)
+
+
+def test_build_results_has_the_schema_keys():
+    r = _results(parameters={"trainable": 10, "total": 1000}, per_group={"en": {"wer": 0.1}})
+    assert r["schema"] == SCHEMA
+    for key in ("dataset", "model", "pretrained", "task", "metrics", "counts", "skipped", "settings", "timings",
+                "library", "git_commit", "created", "run_key", "per_group", "parameters"):
+        assert key in r
+    assert r["settings"]["root"] == "/data"  # paths as strings
+    assert r["library"]["name"] == "mmadapters"
+    # the same identification and settings give the same run key
+    assert _results()["run_key"] == r["run_key"]
+    assert _results(settings={"batch_size": 8})["run_key"] != r["run_key"]
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("metrics", {"acc": "high"}, "metrics.acc"),
+    ("metrics", {}, "metrics"),
+    ("counts", {"total": 3, "evaluated": 1, "skipped": 1}, "evaluated + skipped == total"),
+    ("counts", {"total": 3, "evaluated": 2}, "counts.skipped"),
+    ("skipped", [{"id": "x"}], "skipped[0]"),
+    ("skipped", [], "counts.skipped"),
+    ("task", "", "task"),
+])
+def test_validation_names_the_field(field, value, fragment):
+    good = _results()
+    bad = dict(good, **{field: value})
+    with pytest.raises(ResultsFormatError, match="results.json") as info:
+        validate_results(bad, "results.json")
+    assert fragment in str(info.value)
+
+
+def test_write_read_round_trip_and_overwrite_guard(tmp_path):
+    path = tmp_path / "r.json"
+    r = _results()
+    write_results(path, r)
+    assert read_results(path)["metrics"] == {"acc": 0.5}
+    write_results(path, _results())  # same run: fine
+    other = _results(settings={"batch_size": 99})
+    with pytest.raises(FileExistsError, match="different run"):
+        write_results(path, other)
+    assert read_results(path)["run_key"] == r["run_key"]  # untouched
+    write_results(path, other, overwrite=True)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ResultsFormatError, match="bad.json: line 1"):
+        read_results(tmp_path / "bad.json")
+
+
+def _predict_factory(calls, fail_after=None, bad=()):
+    def predict(batch):
+        calls.append(list(batch))
+        if fail_after is not None and len(calls) > fail_after:
+            raise KeyboardInterrupt  # a crash in the middle of the run
+        if any(s in bad for s in batch):
+            raise OSError("cannot read")
+        return [{"pred": s * 2, "score": s / 3} for s in batch]
+    return predict
+
+
+def test_run_samples_skips_bad_samples_and_keeps_order():
+    calls = []
+    out = run_samples(list(range(10)), sample_id=str, predict=_predict_factory(calls, bad={3}), batch_size=4, progress=False)
+    assert list(out.records) == [str(i) for i in range(10) if i != 3]
+    assert out.skipped == [{"id": "3", "reason": "OSError: cannot read"}]
+    assert out.records["4"] == {"pred": 8, "score": 4 / 3, "id": "4"}
+    with pytest.raises(OSError):
+        run_samples(list(range(10)), sample_id=str, predict=_predict_factory([], bad={3}), batch_size=4, progress=False,
+                    fail_fast=True)
+    with pytest.raises(ValueError, match="appears twice"):
+        run_samples([1, 1], sample_id=str, predict=_predict_factory([]), batch_size=2, progress=False)
+
+
+def test_crashed_run_resumes_from_its_log(tmp_path):
+    output = tmp_path / "res.json"
+    samples = list(range(23))
+    with pytest.raises(KeyboardInterrupt):
+        run_samples(samples, sample_id=str, predict=_predict_factory([], fail_after=2, bad={13}), batch_size=4,
+                    log=SampleLog.open(output, "key"), progress=False)
+    log_file = SampleLog.paths(output)[0]
+    with open(log_file, "a") as f:
+        f.write('{"id": "torn", "pre')  # the line being written when the process died
+    calls = []
+    log = SampleLog.open(output, "key")
+    assert len(log.done) == 8
+    resumed = run_samples(samples, sample_id=str, predict=_predict_factory(calls, bad={13}), batch_size=4, log=log,
+                          progress=False)
+    assert resumed.resumed == 8 and {s for c in calls for s in c} == set(range(8, 23))
+    fresh = run_samples(samples, sample_id=str, predict=_predict_factory([], bad={13}), batch_size=4, progress=False)
+    assert resumed.records == fresh.records and resumed.skipped == fresh.skipped
+    for line in log_file.read_text().splitlines():
+        json.loads(line)  # the torn line was dropped before appending
+    with pytest.raises(ValueError, match="another run"):
+        SampleLog.open(output, "other-key")
+    assert SampleLog.open(output, "other-key", restart=True).done == {}
+    assert SampleLog.paths(output) == []
+
+
+def test_two_ranks_shard_and_gather(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        from mmadapters import distributed
+        from mmadapters.eval.sample_runner import SampleLog, run_samples
+        distributed.init_from_env("cpu")
+        seen = []
+        def predict(batch):
+            seen.extend(batch)
+            return [{{"pred": s * s}} for s in batch]
+        log = SampleLog.open({str(tmp_path / "out.json")!r}, "k")
+        out = run_samples(list(range(11)), sample_id=str, predict=predict, batch_size=3, log=log, progress=False)
+        row = {{"rank": distributed.rank(), "seen": seen, "n": len(out.records),
+               "sum": sum(r["pred"] for r in out.records.values())}}
+        with open({str(tmp_path)!r} + f"/rank{{distributed.rank()}}.result", "w") as f:  # not stdout: ranks interleave
+            json.dump(row, f)
+        distributed.cleanup()
+    """))
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.result"))]
+    assert len(rows) == 2
+    assert sorted(s for r in rows for s in r["seen"]) == list(range(11))  # each sample on exactly one rank
+    assert all(r["n"] == 11 and r["sum"] == sum(i * i for i in range(11)) for r in rows)  # gathered everywhere
+    assert len(list(tmp_path.glob("out.json.samples.rank*.jsonl"))) == 2
+    assert math.isfinite(rows[0]["sum"])
