@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from torch.utils.data import Dataset
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
 _LABEL_COLUMNS = ("label", "class", "classname", "target", "class_id")
+_INDEX_RE = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,37 @@ def read_lines(path: str | os.PathLike, what: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in _read_text(path, f"one {what} per line").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"{path}: expected one {what} per line, found none")
     return lines
 
 
+def _read_text(path: Path, expected: str) -> str:
+    """The UTF-8 text of ``path``; a file in another encoding raises ``ValueError`` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); expected {expected}") from None
+
+
+def check_unique_classnames(classnames: Sequence[str], where: str) -> None:
+    """Raise ``ValueError`` naming the first repeated class name and its positions: two classes with one name
+    give two identical zero-shot classifier columns, and the second could never be predicted."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(classnames):
+        if name in first:
+            raise ValueError(f"{where}: class name {name!r} appears twice (classes {first[name]} and {i}); expected "
+                             "distinct class names")
+        first[name] = i
+
+
 def read_classnames(path: str | os.PathLike) -> list[str]:
-    return read_lines(path, "class name")
+    """Class names, one per line, in label order; repeated names raise naming the file."""
+    names = read_lines(path, "class name")
+    check_unique_classnames(names, str(path))
+    return names
 
 
 def read_templates(path: str | os.PathLike) -> list[str]:
@@ -80,7 +104,12 @@ def _inside(root: Path, relative: str, where: str) -> Path:
     """``root / relative``, refusing paths that leave ``root`` (``..``, absolute paths, symlinked escapes)."""
     if not relative:
         raise ValueError(f"{where}: empty path")
-    path = (root / relative).resolve()
+    if "\x00" in relative:
+        raise ValueError(f"{where}: path {relative!r} contains a NUL byte; expected a file path")
+    try:
+        path = (root / relative).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise ValueError(f"{where}: path {relative!r} cannot be resolved ({e})") from None
     if not path.is_relative_to(root.resolve()):
         raise ValueError(f"{where}: path {relative!r} escapes the dataset root {root}")
     return path
@@ -140,9 +169,11 @@ class ImageFolderDataset(ImageDataset):
                     samples.append((str(file), label))
         if not samples:
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        names = list(classnames) if classnames is not None else [folder_classname(f) for f in folders]
+        check_unique_classnames(names, f"{root}: class names" + (" (from folder names)" if classnames is None else ""))
         self.root = root
         self.folders = folders
-        super().__init__(samples, classnames or [folder_classname(f) for f in folders], transform)
+        super().__init__(samples, names, transform)
 
 
 class CsvDataset(ImageDataset):
@@ -157,8 +188,14 @@ class CsvDataset(ImageDataset):
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise FileNotFoundError(f"CSV file not found: {csv_path}")
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = [(i, row) for i, row in enumerate(csv.reader(f), 1) if any(cell.strip() for cell in row)]
+        try:
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f)
+                rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{csv_path}: not UTF-8 text ({e}); expected rows 'path,label'") from None
+        except csv.Error as e:
+            raise ValueError(f"{csv_path}: row {reader.line_num}: not readable CSV ({e})") from None
         if not rows:
             raise ValueError(f"{csv_path}: empty CSV; expected rows 'path,label'")
         header = [c.strip().lower() for c in rows[0][1]]
@@ -174,15 +211,16 @@ class CsvDataset(ImageDataset):
                 raise ValueError(f"{csv_path}: row {line}: expected fields 'path,label', got {row!r}")
             path = _inside(root, row[path_col].strip(), f"{csv_path}: row {line} field 'path'")
             parsed.append((path, row[label_col].strip(), line))
-        all_int = all(label.lstrip("-").isdigit() for _, label, _ in parsed)
+        all_int = all(_INDEX_RE.fullmatch(label) for _, label, _ in parsed)
         if classnames is None:
             if all_int:
                 raise ValueError(f"{csv_path}: labels are class indices; give the class names (a classnames file)")
             classnames = sorted({label for _, label, _ in parsed})
+        check_unique_classnames(classnames, f"{csv_path}: class names")
         index = {name: i for i, name in enumerate(classnames)}
         samples = []
         for path, label, line in parsed:
-            if label.lstrip("-").isdigit() and label not in index:
+            if _INDEX_RE.fullmatch(label) and label not in index:
                 value = int(label)
                 if not 0 <= value < len(classnames):
                     raise ValueError(f"{csv_path}: row {line} field 'label': class index {value} is outside "
@@ -220,10 +258,11 @@ class CoopSplitDataset(ImageDataset):
     def __init__(self, root: str | os.PathLike, split: str = "test", transform: Callable | None = None,
                  image_root: str | os.PathLike | None = None):
         split_file = find_coop_split(root)
+        text = _read_text(split_file, "CoOp's split JSON")
         try:
-            data = json.loads(split_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{split_file}: not valid JSON ({e})") from e
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:  # also JSON nested too deeply, integers of > 4300 digits
+            raise ValueError(f"{split_file}: not valid JSON ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict) or split not in data:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{split_file}: no split {split!r}; expected keys train/val/test, found {keys}")
@@ -241,17 +280,20 @@ class CoopSplitDataset(ImageDataset):
                                      f"{names[entry[1]]!r} and {entry[2]!r}")
         if sorted(names) != list(range(len(names))):
             raise ValueError(f"{split_file}: labels must be 0..C-1, found {sorted(names)}")
+        classnames = [names[i] for i in range(len(names))]
+        check_unique_classnames(classnames, f"{split_file}: field 'classname'")
         entries = data[split]
         if not entries:
             raise ValueError(f"{split_file}: split {split!r} is empty")
         if image_root is None:
+            first = entries[0][0]
             candidates = [split_file.parent] + sorted(d for d in split_file.parent.iterdir() if d.is_dir())
-            image_root = next((c for c in candidates if (c / entries[0][0]).exists()), split_file.parent)
+            image_root = next((c for c in candidates if "\x00" not in first and (c / first).exists()), split_file.parent)
         image_root = Path(image_root)
         samples = [(str(_inside(image_root, rel, f"{split_file}: {split}[{i}] field 'path'")), label)
                    for i, (rel, label, _) in enumerate(entries)]
         self.split_file, self.image_root = split_file, image_root
-        super().__init__(samples, [names[i] for i in range(len(names))], transform)
+        super().__init__(samples, classnames, transform)
 
 
 @dataclass(frozen=True)
@@ -302,16 +344,17 @@ class WdsDataset(ImageDataset):
                             raise ValueError(f"{where}: no image member (.webp, .jpg, .jpeg or .png)")
                         if "cls" not in files:
                             raise ValueError(f"{where}: no label member {key}.cls")
-                        text = tar.extractfile(files["cls"]).read().decode().strip()
-                        if not text.lstrip("-").isdigit() or not 0 <= int(text) < len(classnames):
+                        raw = tar.extractfile(files["cls"]).read()
+                        text = raw.decode("utf-8", errors="replace").strip()
+                        if not _INDEX_RE.fullmatch(text) or not 0 <= int(text) < len(classnames):
                             raise ValueError(f"{where} field 'cls': expected a class index in [0, {len(classnames)}), "
                                              f"got {text!r}")
                         info = files[image_ext]
                         self.members.append(_TarMember(str(shard), info.name, -1 if compressed else info.offset_data,
                                                        info.size))
                         samples.append((f"{shard}/{info.name}", int(text)))
-            except tarfile.TarError as e:
-                raise ValueError(f"{shard}: not a readable tar shard ({e})") from e
+            except (tarfile.TarError, EOFError, OSError) as e:  # EOFError: a truncated compressed shard
+                raise ValueError(f"{shard}: not a readable tar shard ({type(e).__name__}: {e})") from e
         if not samples:
             raise ValueError(f"{root / split}: the shards hold no samples")
         self.root = root

@@ -102,7 +102,12 @@ def _inside(root: Path, relative: str, what: str) -> Path:
     """``root / relative`` resolved; ``ValueError`` when it leaves ``root`` (``..``, absolute paths, symlinks out)."""
     if not relative or not relative.strip():
         raise _RowError(f"{what}: empty path")
-    path = (root / relative).resolve()
+    if "\x00" in relative:
+        raise _RowError(f"{what}: path {relative!r} contains a NUL byte; expected a file path")
+    try:
+        path = (root / relative).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise _RowError(f"{what}: path {relative!r} cannot be resolved ({e})") from None
     if not path.is_relative_to(root.resolve()):
         raise _RowError(f"{what}: path {relative!r} escapes the root {root}")
     return path
@@ -149,9 +154,13 @@ def _soft_label(row: Mapping, name: str = "label") -> dict[str, float] | None:
         raise _RowError(f"field {name!r}: expected {{answer: score}}, got {type(value).__name__}")
     label = {}
     for answer, score in value.items():
-        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score) or score < 0:
+        try:  # float() of a 400-digit JSON integer overflows
+            as_float = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else math.nan
+        except OverflowError:
+            as_float = math.inf
+        if not math.isfinite(as_float) or as_float < 0:
             raise _RowError(f"field {name!r}: score of answer {answer!r} must be a finite number >= 0, got {score!r}")
-        label[answer] = float(score)
+        label[answer] = as_float
     return label
 
 
@@ -180,16 +189,35 @@ def _human_answers(row: Mapping) -> list[str] | None:
 # ------------------------------------------------------------------------------------------ file reading
 
 
+def _read_text(path: Path, expected: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); expected {expected}") from None
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, where JSON nested deeper than Python's recursion limit and integers of more digits than
+    Python converts (4300) are a ``JSONDecodeError`` like any other syntax error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError) as e:
+        raise json.JSONDecodeError(f"nested too deeply ({type(e).__name__})" if isinstance(e, RecursionError)
+                                   else str(e), text[:80], 0) from None
+
+
 def _records(path: Path, what: str, *, jsonl: bool) -> list[tuple[int, str, Any]]:
     """``(index, where, record or _RowError)`` for a JSON list file (or a JSON-lines file when ``jsonl``)."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} annotation file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, f"{what} rows in JSON")
     if not text.strip():
         raise ValueError(f"{path}: empty file; expected {what} rows")
     if not jsonl or text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = _loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); expected a list of {what} rows") from e
         if not isinstance(data, list):
@@ -202,7 +230,7 @@ def _records(path: Path, what: str, *, jsonl: bool) -> list[tuple[int, str, Any]
         if not line.strip():
             continue
         try:
-            out.append((number, f"line {number}", json.loads(line)))
+            out.append((number, f"line {number}", _loads(line)))
         except json.JSONDecodeError as e:
             out.append((number, f"line {number}", _RowError(f"not valid JSON ({e.msg})")))
     return out
@@ -330,11 +358,11 @@ def read_coco_karpathy(path: str | os.PathLike, splits: str | Sequence[str] = ("
         wanted.add("restval")
     if not path.is_file():
         raise FileNotFoundError(f"COCO Karpathy file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, "Karpathy's dataset_coco.json")
     if not text.strip():
         raise ValueError(f"{path}: empty file; expected Karpathy's dataset_coco.json")
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
@@ -409,8 +437,12 @@ class _Features:
         raise NotImplementedError
 
     def _check(self, img_id: str, value) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
-        t = t.detach().to("cpu", torch.float32)
+        try:
+            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            t = t.detach().to("cpu", torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:  # strings, objects, complex numbers
+            raise ValueError(f"{self}: features of image {img_id!r} are not numeric ({type(e).__name__}: {e}); "
+                             "expected a float (N, D) array") from None
         if t.ndim != 2:
             raise ValueError(f"{self}: features of image {img_id!r} have shape {tuple(t.shape)}; expected (N, D)")
         if self._shape is not None and tuple(t.shape) != self._shape:
@@ -495,7 +527,11 @@ class H5Features(_Features):
         key = self._keys.get(img_id)
         if key is None:
             raise self._missing(img_id)
-        return self._check(img_id, self._handle()[key][()])
+        try:
+            value = self._handle()[key][()]
+        except (OSError, TypeError, ValueError) as e:  # a corrupt chunk, an unreadable dtype
+            raise ValueError(f"{self}: dataset {key!r} of image {img_id!r} cannot be read ({type(e).__name__}: {e})") from None
+        return self._check(img_id, value)
 
 
 class SafetensorsDirFeatures(_Features):
@@ -510,12 +546,15 @@ class SafetensorsDirFeatures(_Features):
         first = next(iter(sorted(self.directory.glob("*.safetensors"))), None)
         if first is None:
             raise ValueError(f"{self}: no <img_id>.safetensors files")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(first), framework="pt") as f:
-            if self.KEY not in f.keys():
-                raise ValueError(f"{first}: no tensor {self.KEY!r} (has {sorted(f.keys())})")
-            shape = tuple(f.get_slice(self.KEY).get_shape())
+        try:
+            with safe_open(str(first), framework="pt") as f:
+                if self.KEY not in f.keys():
+                    raise ValueError(f"{first}: no tensor {self.KEY!r} (has {sorted(f.keys())})")
+                shape = tuple(f.get_slice(self.KEY).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{first}: not a readable safetensors file ({e}); expected the tensor {self.KEY!r} (N, D)") from None
         if len(shape) != 2:
             raise ValueError(f"{first}: tensor {self.KEY!r} has shape {shape}; expected (N, D)")
         self._shape = (int(shape[0]), int(shape[1]))
@@ -551,7 +590,7 @@ class SafetensorsDirFeatures(_Features):
                 if self.KEY not in f.keys():
                     raise ValueError(f"{self}: {path.name} has no tensor {self.KEY!r} (has {sorted(f.keys())})")
                 value = f.get_tensor(self.KEY)
-        except SafetensorError as e:
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{self}: {path.name} is not a readable safetensors file ({e})") from e
         return self._check(img_id, value)
 

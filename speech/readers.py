@@ -73,7 +73,11 @@ def resolve_audio_path(value: str, root: Path, *, source: Path, line: int | None
     if "\x00" in value:
         raise SpeechDataError(f"{where}: field {field!r} contains a NUL byte; expected an audio file path")
     raw = Path(value)
-    resolved = (raw if raw.is_absolute() else root / raw).resolve()
+    try:
+        resolved = (raw if raw.is_absolute() else root / raw).resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise SpeechDataError(f"{where}: field {field!r} = {value!r} cannot be resolved ({err}); expected an audio "
+                              "file path") from None
     if allow_absolute:
         return str(resolved)
     root_resolved = root.resolve()
@@ -93,6 +97,11 @@ def _kind_name(kind) -> str:
     return "a " + " or ".join(t.__name__ for t in getattr(kind, "__args__", (kind,)))
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _field(obj: dict, key: str, kind, where: str, *, required: bool = True, default=None):
     if key not in obj or obj[key] is None:
         if required:
@@ -100,11 +109,15 @@ def _field(obj: dict, key: str, kind, where: str, *, required: bool = True, defa
         return default
     value = obj[key]
     if kind == "number":
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise SpeechDataError(f"{where}: field {key!r} = {value!r}; expected a non-negative number of seconds")
-        return float(value)
+        try:  # float() of a 400-digit JSON integer overflows
+            seconds = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds) or seconds < 0:
+            raise SpeechDataError(f"{where}: field {key!r} = {_short(value)}; expected a non-negative number of seconds")
+        return seconds
     if not isinstance(value, kind):
-        raise SpeechDataError(f"{where}: field {key!r} is {type(value).__name__} ({value!r}); expected {_kind_name(kind)}")
+        raise SpeechDataError(f"{where}: field {key!r} is {type(value).__name__} ({_short(value)}); expected {_kind_name(kind)}")
     return value
 
 
@@ -136,6 +149,9 @@ def read_manifest(path: str | os.PathLike, *, allow_absolute: bool = False, root
         except json.JSONDecodeError as e:
             raise SpeechDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
                                   "per line") from None
+        except (ValueError, RecursionError) as e:  # nested too deeply, an integer of > 4300 digits
+            raise SpeechDataError(f"{where}: invalid JSON ({type(e).__name__}: {e}); expected one JSON object per "
+                                  "line") from None
         if not isinstance(obj, dict):
             raise SpeechDataError(f"{where}: a JSON {type(obj).__name__}; expected an object with audio_filepath, "
                                   "text, lang")
@@ -201,6 +217,8 @@ def _tsv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             raise SpeechDataError(f"{path}: empty file; expected a header line of tab-separated column names") from None
         except UnicodeDecodeError as e:
             raise SpeechDataError(f"{path}: not UTF-8 text ({e})") from None
+        except csv.Error as e:
+            raise SpeechDataError(f"{path}:1: not a readable TSV header ({e})") from None
         header = [h.strip() for h in header]
         try:
             for row in reader:
@@ -212,11 +230,17 @@ def _tsv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
                 yield reader.line_num, dict(zip(header, row, strict=True))
         except UnicodeDecodeError as e:
             raise SpeechDataError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({e})") from None
+        except csv.Error as e:  # e.g. a field longer than csv's field size limit
+            raise SpeechDataError(f"{path}:{reader.line_num}: not readable TSV ({e})") from None
 
 
 def _tsv_header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return [h.strip() for h in f.readline().rstrip("\r\n").split("\t")]
+    with open(path, "rb") as f:
+        first = f.readline()  # bytes: decoding only this line, so a bad byte further down is reported at its line
+    try:
+        return [h.strip() for h in first.decode("utf-8").rstrip("\r\n").split("\t")]
+    except UnicodeDecodeError as e:
+        raise SpeechDataError(f"{path}:1: not UTF-8 text ({e}); expected a header of tab-separated column names") from None
 
 
 def _clip_durations(root: Path) -> dict[str, float]:

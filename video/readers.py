@@ -88,8 +88,13 @@ def resolve_inside(root: str | os.PathLike, relative: str, where: str) -> Path:
     """``root / relative`` resolved; an :class:`AnnotationError` when it leaves ``root``."""
     if not relative or not relative.strip():
         raise AnnotationError(f"{where}: empty path")
+    if "\x00" in relative:
+        raise AnnotationError(f"{where}: path {relative!r} contains a NUL byte; expected a file path")
     root = Path(root).resolve()
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise AnnotationError(f"{where}: path {relative!r} cannot be resolved ({e})") from None
     if not path.is_relative_to(root):
         raise AnnotationError(f"{where}: path {relative!r} escapes the root {root}")
     return path
@@ -109,33 +114,46 @@ def read_trafficqa(path: str | os.PathLike, *, video_root: str | os.PathLike | N
         raise FileNotFoundError(f"SUTD-TrafficQA annotation file not found: {path}")
     rows: list[TrafficQARow] = []
     columns: tuple[str, ...] = TRAFFICQA_HEADER
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            where = f"{path}: line {number}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise AnnotationError(f"{where}: not valid JSON ({e.msg})") from e
-            if isinstance(record, list) and record and all(isinstance(v, str) for v in record) and "answer" in record:
-                missing = [c for c in ("vid_id", "vid_filename", "q_body", "answer") if c not in record]
-                if missing:
-                    raise AnnotationError(f"{where}: header line lacks columns {missing}")
-                columns = tuple(record)
-                continue
-            if isinstance(record, list):
-                if len(record) != len(columns):
-                    raise AnnotationError(f"{where}: expected a list of {len(columns)} values ({', '.join(columns)}), "
-                                          f"got {len(record)}")
-                record = dict(zip(columns, record, strict=True))
-            elif not isinstance(record, dict):
-                raise AnnotationError(f"{where}: expected a JSON list or object, got {type(record).__name__}")
-            rows.append(_trafficqa_row(record, where, number))
+    for number, text in _lines(path):
+        if not text.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"{where}: not valid JSON ({e.msg})") from e
+        except (ValueError, RecursionError) as e:  # nested too deeply, an integer of > 4300 digits
+            raise AnnotationError(f"{where}: not valid JSON ({type(e).__name__}: {e})") from None
+        if isinstance(record, list) and record and all(isinstance(v, str) for v in record) and "answer" in record:
+            missing = [c for c in ("vid_id", "vid_filename", "q_body", "answer") if c not in record]
+            if missing:
+                raise AnnotationError(f"{where}: header line lacks columns {missing}")
+            columns = tuple(record)
+            continue
+        if isinstance(record, list):
+            if len(record) != len(columns):
+                raise AnnotationError(f"{where}: expected a list of {len(columns)} values ({', '.join(columns)}), "
+                                      f"got {len(record)}")
+            record = dict(zip(columns, record, strict=True))
+        elif not isinstance(record, dict):
+            raise AnnotationError(f"{where}: expected a JSON list or object, got {type(record).__name__}")
+        rows.append(_trafficqa_row(record, where, number))
     if video_root is not None:
         for row in rows:
             resolve_inside(video_root, row.vid_filename, f"{path}: line {row.line} field 'vid_filename'")
     return rows
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based number, text) of the lines of a UTF-8 file; another encoding raises naming the line."""
+    out = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                out.append((number, raw.decode("utf-8")))
+            except UnicodeDecodeError as e:
+                raise AnnotationError(f"{path}: line {number}: not UTF-8 text ({e})") from None
+    return out
 
 
 def trafficqa_video_path(row: TrafficQARow, video_root: str | os.PathLike) -> Path:
@@ -218,39 +236,38 @@ def read_dfer_annotation(path: str | os.PathLike, dataset: str, *, root: str | o
         raise FileNotFoundError(f"{dataset} annotation file not found: {path}")
     root = Path(root) if root is not None else path.parent
     clips: list[DferAnnotation] = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            parts = text.split()
-            if not parts:
-                continue
-            where = f"{path}: line {number}"
-            if len(parts) == 3:
-                folder, count, raw = parts
-                try:
-                    num_frames = int(count)
-                except ValueError:
-                    raise AnnotationError(f"{where} field 'num_frames': expected an integer, got {count!r}") from None
-                if num_frames < 1:
-                    raise AnnotationError(f"{where} field 'num_frames': expected >= 1, got {num_frames}")
-                try:
-                    label = int(raw) - label_base
-                except ValueError:
-                    raise AnnotationError(f"{where} field 'label': expected an integer {first}..{last}, "
-                                          f"got {raw!r}") from None
-                if not 0 <= label < len(classes):
-                    raise AnnotationError(f"{where} field 'label': expected {first}..{last} ({key}, label_base="
-                                          f"{label_base}), got {raw}")
-            elif len(parts) == 2 and key == "ferv39k":
-                folder, raw = parts
-                num_frames = 0  # FERV39k's own lists do not count frames
-                label = _FERV39K_NAMES.get(raw.lower(), -1)
-                if label < 0:
-                    raise AnnotationError(f"{where} field 'label': expected one of {sorted(_FERV39K_NAMES)}, got {raw!r}")
-            else:
-                expected = "'<frame_dir> <num_frames> <label>'" + (" or '<clip_dir> <Emotion>'" if key == "ferv39k" else "")
-                raise AnnotationError(f"{where}: expected {expected}, got {len(parts)} fields")
-            clips.append(DferAnnotation(_frame_dir(root, folder, strip_prefix, f"{where} field 'frame_dir'"),
-                                  num_frames, label, raw, number))
+    for number, text in _lines(path):
+        parts = text.split()
+        if not parts:
+            continue
+        where = f"{path}: line {number}"
+        if len(parts) == 3:
+            folder, count, raw = parts
+            try:
+                num_frames = int(count)
+            except ValueError:
+                raise AnnotationError(f"{where} field 'num_frames': expected an integer, got {count!r}") from None
+            if num_frames < 1:
+                raise AnnotationError(f"{where} field 'num_frames': expected >= 1, got {num_frames}")
+            try:
+                label = int(raw) - label_base
+            except ValueError:
+                raise AnnotationError(f"{where} field 'label': expected an integer {first}..{last}, "
+                                      f"got {raw!r}") from None
+            if not 0 <= label < len(classes):
+                raise AnnotationError(f"{where} field 'label': expected {first}..{last} ({key}, label_base="
+                                      f"{label_base}), got {raw}")
+        elif len(parts) == 2 and key == "ferv39k":
+            folder, raw = parts
+            num_frames = 0  # FERV39k's own lists do not count frames
+            label = _FERV39K_NAMES.get(raw.lower(), -1)
+            if label < 0:
+                raise AnnotationError(f"{where} field 'label': expected one of {sorted(_FERV39K_NAMES)}, got {raw!r}")
+        else:
+            expected = "'<frame_dir> <num_frames> <label>'" + (" or '<clip_dir> <Emotion>'" if key == "ferv39k" else "")
+            raise AnnotationError(f"{where}: expected {expected}, got {len(parts)} fields")
+        clips.append(DferAnnotation(_frame_dir(root, folder, strip_prefix, f"{where} field 'frame_dir'"),
+                              num_frames, label, raw, number))
     if not clips:
         raise AnnotationError(f"{path}: no clips")
     return clips
@@ -262,7 +279,12 @@ def _frame_dir(root: Path, folder: str, strip_prefix: str | None, where: str) ->
         if not folder:
             raise AnnotationError(f"{where}: nothing left after stripping {strip_prefix!r}")
     elif os.path.isabs(folder):
-        resolved = Path(folder).resolve()
+        if "\x00" in folder:
+            raise AnnotationError(f"{where}: path {folder!r} contains a NUL byte; expected a folder path")
+        try:
+            resolved = Path(folder).resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            raise AnnotationError(f"{where}: path {folder!r} cannot be resolved ({e})") from None
         if not resolved.is_relative_to(Path(root).resolve()):
             raise AnnotationError(f"{where}: absolute path {folder!r} is outside the root {root}; pass strip_prefix "
                                   "(the leading part to drop) to read it relative to the root")
