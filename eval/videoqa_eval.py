@@ -101,8 +101,7 @@ def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.P
     from mmadapters.video.data import FrameFeatureCache
     from mmadapters.video.io import VideoError
     from mmadapters.video.readers import read_trafficqa, trafficqa_video_path
-    from mmadapters.video.tem_adapter import VideoQAFeatures, fuse_question_answer
-    from mmadapters.vision.zeroshot import encode_texts
+    from mmadapters.video.tem_adapter import VideoQAFeatures
 
     t0 = time.perf_counter()
     annotations = Path(annotations)
@@ -132,15 +131,8 @@ def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.P
     frames = torch.nn.functional.normalize(frames.float(), dim=-1) if kept_names else frames
 
     kept = [row for row in rows if row.vid_filename in kept_videos]
-    k = len(kept[0].options) if kept else 4
-    texts = [fuse_question_answer(row.question, option, template) for row in kept for option in row.options]
-    at_limit = 0
-    if texts:
-        tokens = clip.tokenizer(texts)
-        at_limit = int(((tokens != 0).sum(1) >= tokens.shape[1]).sum())
-        text_feats = encode_texts(clip.model, clip.tokenizer, texts, device=device).reshape(len(kept), k, -1)
-    else:
-        text_feats = torch.zeros(0, k, frames.shape[-1] if frames.ndim == 3 else 1)
+    text_feats, mask, at_limit = encode_candidates(clip, kept, template=template, device=device,
+                                                   dim=frames.shape[-1] if frames.ndim == 3 else 1)
     if not kept_names:
         frames = torch.zeros(0, num_frames, text_feats.shape[-1])
     features = VideoQAFeatures(
@@ -148,11 +140,36 @@ def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.P
         video_index=torch.tensor([kept_videos[r.vid_filename] for r in kept], dtype=torch.long),
         candidates=text_feats,
         answers=torch.tensor([r.answer for r in kept], dtype=torch.long),
-        mask=torch.tensor([r.option_mask for r in kept], dtype=torch.bool).reshape(len(kept), k))
-    features.candidates[~features.mask] = 0.0  # empty options carry no text
+        mask=mask)
     return EncodedSplit(features, [r.line for r in kept], [r.q_type for r in kept], [r.vid_filename for r in kept],
                         len(rows), len(paths), skipped, at_limit, time.perf_counter() - t0,
                         frames_cached=stats.hits, frames_computed=stats.computed)
+
+
+@torch.inference_mode()
+def encode_candidates(clip, rows, *, template: str = "{question} {answer}", device: str = "cpu",
+                      dim: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Frozen-CLIP text features of every question+candidate of ``rows`` (TrafficQA rows).
+
+    Returns (features (N, K, D) L2-normalized with empty options zeroed, mask (N, K) True for real options,
+    the number of fused texts at the tokenizer's context limit). ``dim`` sizes the empty result (N = 0).
+    """
+    from mmadapters.video.tem_adapter import fuse_question_answer
+    from mmadapters.vision.zeroshot import encode_texts
+
+    rows = list(rows)
+    k = len(rows[0].options) if rows else 4
+    texts = [fuse_question_answer(row.question, option, template) for row in rows for option in row.options]
+    at_limit = 0
+    if texts:
+        tokens = clip.tokenizer(texts)
+        at_limit = int(((tokens != 0).sum(1) >= tokens.shape[1]).sum())
+        feats = encode_texts(clip.model, clip.tokenizer, texts, device=device).reshape(len(rows), k, -1)
+    else:
+        feats = torch.zeros(0, k, dim)
+    mask = torch.tensor([r.option_mask for r in rows], dtype=torch.bool).reshape(len(rows), k)
+    feats[~mask] = 0.0  # empty options carry no text
+    return feats, mask, at_limit
 
 
 def score_split(method: str, test: EncodedSplit, train: EncodedSplit | None = None, *,
