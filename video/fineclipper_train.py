@@ -1,0 +1,323 @@
+"""FineCLIPER on the training engine: ``mmadapters train fineclipper --config configs/fineclipper.yaml``.
+
+The task wraps :class:`~mmadapters.video.fineclipper.FineClipper` (CLIP frozen, bottleneck adapters on the
+image tower, cue encoders, temporal encoder, positive/negative class descriptions) and the data code of
+:mod:`mmadapters.video.dfer`: a DFEW/MAFW/FERV39k fold file is read once into memory with its cues
+(masks, landmarks, descriptions from :class:`~mmadapters.video.cues.PrecomputedCues`), every batch
+samples TSN frames (a random frame per segment, from torch's global generator, whose state the engine
+checkpoints), and the loss is the cross-entropy over the description scores, as
+:func:`~mmadapters.video.dfer.train_fineclipper` computes it. Validation is UAR (selection metric) and WAR.
+
+Validation never reads the test split: ``val_annotation`` names a file, or ``val_fraction`` of the training
+clips of every class (seeded with ``split_seed``) is held out.
+
+A saved run directory (``best/``, ``last/``) holds
+
+- ``fineclipper/`` — the image-tower adapters in the core format (:func:`mmadapters.save_adapters`), when
+  ``adapter_dim > 0``;
+- ``fineclipper_head.safetensors`` — the rest of the trainable parts (temporal encoder, cue encoders, gates,
+  α and τ);
+- ``fineclipper.json`` — the classes, the :class:`FineClipperConfig`, the CLIP and the frame count.
+
+:func:`load_fineclipper_run` rebuilds the model from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fineclipper import FineClipper, FineClipperConfig
+
+RECIPE_NAME = "fineclipper"
+ADAPTER_NAME = "fineclipper"
+HEAD_NAME = "fineclipper_head.safetensors"
+META_NAME = "fineclipper.json"
+
+
+@dataclass
+class FineClipperRecipeConfig:
+    """The ``recipe:`` section of ``mmadapters train fineclipper`` (paths are relative to the working directory)."""
+
+    data_dir: str = field(default="", metadata={
+        "help": "dataset root: frame folders are resolved against it; holds annotation/ (and cues/ for PrecomputedCues)"})
+    dataset: Literal["dfew", "mafw", "ferv39k"] = field(default="dfew", metadata={"help": "label set and file naming"})
+    fold: int = field(default=1, metadata={"help": "fold of the annotation files (DFEW/MAFW 1..5; FERV39k 1)"})
+    train_annotation: str | None = field(default=None, metadata={
+        "help": "training list (default: DATA_DIR/annotation/<DATASET>_set_<fold>_train.txt)"})
+    val_annotation: str | None = field(default=None, metadata={
+        "help": "validation list (default: hold out val_fraction of each class of the training list)"})
+    val_fraction: float = field(default=0.2, metadata={"help": "share of each class's training clips held out for validation"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the held-out clip choice"})
+    label_base: Literal[0, 1] = field(default=1, metadata={"help": "number of the first class in the lists (1 DFEW; 0 DFER-CLIP)"})
+    strip_prefix: str | None = field(default=None, metadata={"help": "leading part of absolute frame paths to drop"})
+    cues_root: str | None = field(default=None, metadata={"help": "root of the precomputed cues (default: data_dir)"})
+    model: str | None = field(default=None, metadata={
+        "help": "CLIP: open_clip name, local-dir:DIR or hf-hub:org/repo (default: the shipped tiny CLIP)"})
+    pretrained: str | None = field(default=None, metadata={"help": "pretrained tag or weights file for a built-in name"})
+    cache_dir: str | None = field(default=None, metadata={"help": "weights cache (default: $MMADAPTERS_CACHE or ~/.cache/mmadapters)"})
+    num_frames: int = field(default=16, metadata={"help": "TSN segments (one frame each) per clip"})
+    cues: tuple[str, ...] = field(default=("masks", "landmarks", "description"), metadata={
+        "help": "cue levels used: masks, landmarks (middle), description (high); drop one to ablate it"})
+    adapter_dim: int = field(default=16, metadata={"help": "bottleneck width of the image-tower adapters (0: none)"})
+    adapter_points: tuple[str, ...] = field(default=("@image_attn_out", "@image_ffn_out"), metadata={
+        "help": "CLIP adapter points that get a bottleneck adapter"})
+    temporal_layers: int = field(default=1, metadata={"help": "layers of the temporal transformer"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout of the temporal transformer"})
+    negative_weight_init: float = field(default=1.0, metadata={"help": "initial α weighing the negative descriptions"})
+    eval_batch_size: int = field(default=32, metadata={"help": "clips per batch in validation"})
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.cues if c not in ("masks", "landmarks", "description")]
+        if unknown:
+            raise ValueError(f"recipe.cues: unknown cue(s) {unknown}; expected among masks, landmarks, description")
+        if self.val_annotation is None and not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"recipe.val_fraction: expected a number in (0, 1) when no val_annotation is given, "
+                             f"got {self.val_fraction}")
+        for name in ("num_frames", "eval_batch_size", "temporal_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe.{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.adapter_dim < 0:
+            raise ValueError(f"recipe.adapter_dim: expected >= 0, got {self.adapter_dim}")
+
+    def model_config(self, num_landmarks: int | None) -> FineClipperConfig:
+        return FineClipperConfig(cues=tuple(self.cues), adapter_dim=self.adapter_dim, adapter_points=tuple(self.adapter_points),
+                                 temporal_layers=self.temporal_layers, num_landmarks=num_landmarks,
+                                 max_frames=max(64, self.num_frames), negative_weight_init=self.negative_weight_init,
+                                 dropout=self.dropout)
+
+
+def hold_out_per_class(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: ``ceil(fraction · n_c)`` clips of each class with n_c >= 2 go to val (seeded)."""
+    rng = random.Random(seed)
+    val: set[int] = set()
+    for c in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == c]
+        if len(members) < 2:
+            continue
+        rng.shuffle(members)
+        val.update(members[:min(math.ceil(fraction * len(members)), len(members) - 1)])
+    return [i for i in range(len(labels)) if i not in val], sorted(val)
+
+
+def annotation_rows(path: str | Path, config: FineClipperRecipeConfig) -> list[tuple[str, int]]:
+    """(frame folder, 0-based label) rows of a DFER list, folders resolved against ``data_dir``."""
+    from .readers import read_dfer_annotation
+
+    clips = read_dfer_annotation(path, config.dataset, root=config.data_dir, strip_prefix=config.strip_prefix,
+                                 label_base=config.label_base)
+    return [(str(a.frame_dir), a.label) for a in clips]
+
+
+def default_annotation(config: FineClipperRecipeConfig, split: str) -> Path:
+    from .readers import dfer_annotation_path
+
+    fold = config.fold if config.dataset != "ferv39k" else None
+    return dfer_annotation_path(config.dataset, Path(config.data_dir) / "annotation", split, fold)
+
+
+def clip_identity(info: dict[str, Any], model: str | None, pretrained: str | None) -> dict[str, Any]:
+    """The part of a CLIP's description that a saved run records (and checks on load)."""
+    return {"model": model, "pretrained": pretrained, "weights_sha256": info.get("weights_sha256"), "seed": info.get("seed")}
+
+
+def save_fineclipper_run(model: FineClipper, directory: str | Path, metadata: dict[str, Any]) -> None:
+    """Write ``model``'s trained parts into ``directory`` (see the module docstring); every file atomic."""
+    from safetensors.torch import save
+
+    import mmadapters as mma
+    from mmadapters.eval.results_io import json_bytes
+    from mmadapters.io import atomic_write_bytes
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if model.config.adapter_dim > 0:
+        mma.save_adapters(model.clip, directory, names=[ADAPTER_NAME])
+    head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    atomic_write_bytes(directory / HEAD_NAME, save(head, metadata={"recipe": RECIPE_NAME}))
+    atomic_write_bytes(directory / META_NAME, json_bytes(metadata))
+
+
+def read_run_metadata(directory: str | Path) -> dict[str, Any]:
+    """The ``fineclipper.json`` of a saved run, checked."""
+    directory = Path(directory)
+    path = directory / META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a FineCLIPER run directory (expected {META_NAME}; "
+                                "`mmadapters train fineclipper` writes it into OUTPUT/best/ and OUTPUT/last/)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("recipe") != RECIPE_NAME:
+        raise ValueError(f"{path}: field 'recipe': expected {RECIPE_NAME!r}")
+    for key, kind in (("classes", list), ("config", dict), ("clip", dict), ("num_frames", int)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{path}: field {key!r}: expected {kind.__name__}, got {meta.get(key)!r}")
+    return meta
+
+
+def load_fineclipper_run(directory: str | Path, *, device: str | torch.device = "cpu",
+                         cache_dir: str | None = None) -> tuple[FineClipper, dict[str, Any]]:
+    """(model in eval mode on ``device``, metadata) of a directory written by :func:`save_fineclipper_run`.
+
+    The CLIP named in the metadata is loaded; its weights must hash as they did in training.
+    """
+    from safetensors.torch import load_file
+
+    import mmadapters as mma
+    from mmadapters.vision.clip import load_clip
+
+    directory = Path(directory)
+    meta = read_run_metadata(directory)
+    clip_meta = meta["clip"]
+    bundle = load_clip(clip_meta.get("model"), clip_meta.get("pretrained"), device=device, cache_dir=cache_dir,
+                       seed=clip_meta.get("seed") or 0)
+    recorded = clip_meta.get("weights_sha256")
+    if recorded and bundle.info.weights_sha256 != recorded:
+        raise ValueError(f"{directory / META_NAME}: field 'clip.weights_sha256': the adapters were trained on CLIP weights "
+                         f"{recorded[:12]}..., but {clip_meta.get('model') or 'the shipped tiny CLIP'} now hashes to "
+                         f"{str(bundle.info.weights_sha256)[:12]}...")
+    cfg = dict(meta["config"])
+    for key in ("cues", "adapter_points"):
+        cfg[key] = tuple(cfg.get(key, ()))
+    model = FineClipper(bundle.model, bundle.tokenizer, meta["classes"], FineClipperConfig(**cfg))
+    if model.config.adapter_dim > 0:
+        mma.load_adapters(model.clip, directory, names=[ADAPTER_NAME], replace=True)
+    head_path = directory / HEAD_NAME
+    if not head_path.is_file():
+        raise FileNotFoundError(f"{directory}: expected {HEAD_NAME} (the trained temporal encoder, cue encoders and gates)")
+    head = load_file(str(head_path))
+    expected = {k for k in model.state_dict() if not k.startswith("clip.")}
+    if set(head) != expected:
+        raise ValueError(f"{head_path}: tensors do not match the model built from {META_NAME}: missing "
+                         f"{sorted(expected - set(head))[:5]}, unexpected {sorted(set(head) - expected)[:5]}")
+    model.load_state_dict(head, strict=False)
+    return model.to(device).eval(), meta
+
+
+class FineClipperTask:
+    """The engine's TrainTask for FineCLIPER: description-score cross-entropy, val UAR / WAR."""
+
+    select_metric = "uar"
+    select_mode = "max"
+
+    def __init__(self, config: FineClipperRecipeConfig, trainer: Any):
+        from mmadapters.distributed import device_for_rank
+        from mmadapters.vision.clip import load_clip
+
+        from .cues import PrecomputedCues
+        from .dfer import Batcher, load_split
+        from .readers import DFER_DATASETS
+
+        if not config.data_dir:
+            raise ValueError("recipe.data_dir: the dataset root (frame folders, annotation/, cues/) is required")
+        self.config = config
+        self.device = device_for_rank(trainer.device)
+        train_file = Path(config.train_annotation) if config.train_annotation else default_annotation(config, "train")
+        rows = annotation_rows(train_file, config)
+        if config.val_annotation:
+            val_rows = annotation_rows(config.val_annotation, config)
+        else:
+            train_idx, val_idx = hold_out_per_class([y for _, y in rows], config.val_fraction, config.split_seed)
+            rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+        cues = PrecomputedCues(config.cues_root or config.data_dir)
+        needed = tuple(config.cues)
+        self.train = load_split(rows, cues=cues, needed=needed, progress=False, desc="train clips")
+        self.val = load_split(val_rows, cues=cues, needed=needed, progress=False, desc="val clips")
+        for name, split, source in (("training", self.train, train_file),
+                                    ("validation", self.val, config.val_annotation or train_file)):
+            if not split.clips:
+                reasons = "; ".join(s["reason"] for s in split.skipped[:3])
+                raise ValueError(f"{source}: the {name} split has no usable clip ({len(split.skipped)} skipped: {reasons})")
+        landmarks = self.train.clips[0].landmarks
+        num_landmarks = int(landmarks.shape[1]) if "landmarks" in needed and landmarks is not None else None
+        bundle = load_clip(config.model, config.pretrained, device=self.device, cache_dir=config.cache_dir, seed=trainer.seed)
+        self.clip_info = clip_identity(bundle.info.as_dict(), config.model, config.pretrained)
+        torch.manual_seed(trainer.seed)  # adapters, temporal encoder and cue encoders
+        model = FineClipper(bundle.model, bundle.tokenizer, DFER_DATASETS[config.dataset], config.model_config(num_landmarks))
+        # parts of an ablated cue never get a gradient: keep them out of the trainable set (DDP reduces exactly those)
+        if "masks" not in needed:
+            model.mask_gate.requires_grad_(False)
+        if "description" not in needed:
+            model.description_proj.requires_grad_(False)
+        self.model: nn.Module = model.to(self.device)
+        self.batcher = Batcher(model, config.num_frames)
+        self.labels = torch.tensor([c.label for c in self.train.clips], dtype=torch.long)
+        self.backbone_parameters = sum(p.numel() for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n)
+        self._train_mode()
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        self.model.clip.eval()  # the backbone keeps eval-mode behaviour (as train_fineclipper)
+
+    def train_size(self) -> int:
+        return len(self.train.clips)
+
+    def get_batch(self, indices: list[int]) -> tuple[dict[str, Tensor], Tensor]:
+        """(model inputs: frames (b, T, 3, H, W) uint8 and the cues, labels (b,)) with random TSN frames."""
+        inputs = self.batcher([self.train.clips[i] for i in indices], training=True)
+        return inputs, self.labels[indices].to(self.device)
+
+    def loss(self, model: nn.Module, batch: tuple[dict[str, Tensor], Tensor]) -> Tensor:
+        """Cross-entropy of the description scores (mean over the batch)."""
+        inputs, labels = batch
+        if not self.model.training or self.model.clip.training:
+            self._train_mode()
+        return F.cross_entropy(model(**inputs), labels)
+
+    def validate(self) -> dict[str, float]:
+        """UAR and WAR on the validation clips (test-time TSN: the middle frame of each segment)."""
+        from .dfer import evaluate_fineclipper
+
+        with torch.random.fork_rng(devices=[]):  # leave the training stream's generator untouched
+            res = evaluate_fineclipper(self.model, self.val, num_frames=self.config.num_frames,
+                                       batch_size=self.config.eval_batch_size, progress=False)
+        self._train_mode()
+        return {"uar": float(res["uar"]), "war": float(res["war"])}
+
+    def save(self, directory: Path) -> None:
+        save_fineclipper_run(self.model, directory, run_metadata(self.config, self.model, self.clip_info))
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": trainable + self.backbone_parameters, "backbone": self.backbone_parameters}
+
+
+def run_metadata(config: FineClipperRecipeConfig, model: FineClipper, clip_info: dict[str, Any]) -> dict[str, Any]:
+    from mmadapters import __version__
+
+    return {"recipe": RECIPE_NAME, "dataset": config.dataset, "classes": list(model.classes), "config": model.config.to_dict(),
+            "clip": clip_info, "num_frames": config.num_frames, "library_version": __version__}
+
+
+def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask:
+    """The engine's entry point: (recipe config, TrainerConfig) -> :class:`FineClipperTask`."""
+    return FineClipperTask(config, trainer)
+
+
+def _recipe():
+    from mmadapters.training.recipe import Recipe
+
+    return Recipe(
+        name=RECIPE_NAME, config_class=FineClipperRecipeConfig, build_task=build_task,
+        trainer_defaults={"lr": 3e-3, "batch_size": 16, "weight_decay": 0.01, "schedule": "cosine", "grad_clip": 1.0,
+                          "select_metric": "uar", "select_mode": "max"},
+        description="FineCLIPER (ACM MM'24): CLIP image-tower adapters + cue levels + pos/neg descriptions, DFER (UAR/WAR)")
+
+
+def __getattr__(name: str) -> Any:
+    # RECIPE is built on first access, so this module imports (and its task can be used) without the engine
+    if name == "RECIPE":
+        recipe = _recipe()
+        globals()["RECIPE"] = recipe
+        return recipe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
