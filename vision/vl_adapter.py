@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 import mmadapters as mma
 from mmadapters.eval.vl_metrics import caption_scores, exact_match_accuracy, vqa_accuracy, vqa_score_from_label
-from mmadapters.io import atomic_write_bytes
+from mmadapters.io import atomic_write_bytes, read_json_object
 from mmadapters.model import _all_adapter_param_ids
 
 from .vl_variants import (
@@ -210,6 +210,13 @@ def steps_per_epoch(train: Mapping[str, Sequence[VLSample]], batch_size: int) ->
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
+def unscorable_reason(sample: VLSample) -> str | None:
+    """Why ``sample`` cannot be scored (no human answers / label for VQA, no target otherwise), else None."""
+    if sample.task == "vqa":
+        return None if sample.answers or sample.label else "no human answers and no label to score against"
+    return None if sample.targets else "no target to score against"
+
+
 def evaluate(model: nn.Module, samples: Sequence[VLSample], features: Callable[[str], Tensor], task: str, *,
              setup: VariantSetup | None = None, batch_size: int = 64, max_new_tokens: int = 20,
              max_text_length: int = 40, return_predictions: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -233,10 +240,9 @@ def evaluate(model: nn.Module, samples: Sequence[VLSample], features: Callable[[
     skipped: list[tuple[str, str]] = []
     usable = []
     for s in samples:
-        if task == "vqa" and not s.answers and not s.label:
-            skipped.append((s.uid, "no human answers and no label to score against"))
-        elif task != "vqa" and not s.targets:
-            skipped.append((s.uid, "no target to score against"))
+        reason = unscorable_reason(s)
+        if reason is not None:
+            skipped.append((s.uid, reason))
         else:
             usable.append(s)
     predictions: dict[str, str] = {}
@@ -406,15 +412,80 @@ def save_trained(model: nn.Module, setup: VariantSetup, directory: str | os.Path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if setup.adapters:
-        mma.save_adapters(model, directory / "adapters", names=setup.adapters)
+        mma.save_adapters(model, directory / TRAINED_ADAPTERS, names=setup.adapters)
     adapter_ids = _all_adapter_param_ids(model)
     backbone = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
                 if p.requires_grad and id(p) not in adapter_ids}
-    atomic_write_bytes(directory / "trained_backbone.safetensors", save(backbone, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / TRAINED_BACKBONE, save(backbone, metadata={"format": "pt"}))
     meta = {"variant": setup.variant, "tasks": list(setup.tasks), "adapter_for": setup.adapter_for,
             "sizes": setup.sizes, **(extra or {})}
-    atomic_write_bytes(directory / "vl_adapter.json", (json.dumps(meta, indent=1, default=str) + "\n").encode())
+    atomic_write_bytes(directory / TRAINED_META, (json.dumps(meta, indent=1, default=str) + "\n").encode())
     return directory
+
+
+TRAINED_BACKBONE = "trained_backbone.safetensors"
+TRAINED_META = "vl_adapter.json"
+TRAINED_ADAPTERS = "adapters"
+
+
+def load_trained(model: nn.Module, directory: str | os.PathLike) -> VariantSetup:
+    """Restore what :func:`save_trained` wrote onto a fresh VL-T5 ``model`` (no adapters yet). Returns the setup.
+
+    The adapters are loaded with :func:`mmadapters.load_adapters` (injected where they were saved, shared parts
+    included), then the trained backbone parameters (LayerNorms and visual projection, or all of them for
+    full fine-tuning) are copied in by name; afterwards exactly the saved parameters have ``requires_grad``
+    and the first task's adapter is active. A missing file, an unknown variant or a tensor that does not match
+    the model raises an error naming the file and the field or tensor.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    from .vl_variants import _FUSES_VISUAL_TOKENS
+
+    directory = Path(directory)
+    meta_path = directory / TRAINED_META
+    meta = read_json_object(meta_path, "a VL-Adapter checkpoint (written by save_trained)")
+    variant = meta.get("variant")
+    if variant not in VARIANTS:
+        raise ValueError(f"{meta_path}: field 'variant' is {variant!r}; expected one of {VARIANTS}")
+    tasks = meta.get("tasks")
+    adapter_for = meta.get("adapter_for")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"{meta_path}: field 'tasks' must be a non-empty list of task names, got {tasks!r}")
+    if not isinstance(adapter_for, dict) or set(adapter_for) != set(tasks):
+        raise ValueError(f"{meta_path}: field 'adapter_for' must map every task of 'tasks' {tasks} to an adapter name or null")
+    if mma.adapter_names(model):
+        raise ValueError(f"load_trained: the model already has adapters {mma.adapter_names(model)}; start from a fresh VL-T5")
+    adapters = sorted({a for a in adapter_for.values() if a is not None})
+    if adapters:
+        mma.load_adapters(model, directory / TRAINED_ADAPTERS, names=adapters)
+    weights = directory / TRAINED_BACKBONE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: trained backbone parameters not found (named by {meta_path})")
+    try:
+        state = st_load(weights.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    live = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(live))
+    if unknown:
+        raise ValueError(f"{weights}: tensors {unknown[:5]} are not parameters of this VL-T5 (with the {variant} adapters)")
+    if adapters:
+        mma.freeze_base(model, adapters=adapters)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    with torch.no_grad():
+        for name, value in state.items():
+            param = live[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{weights}: tensor {name!r} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+            param.requires_grad_(True)
+    setup = VariantSetup(variant, tuple(tasks), dict(adapter_for), adapters, sorted(state), dict(meta.get("sizes") or {}),
+                         visual_tokens=variant in _FUSES_VISUAL_TOKENS)
+    setup.activate(model, setup.tasks[0])
+    return setup
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -456,5 +527,5 @@ def run_variant(load_model: Callable[[], nn.Module], config: VLAdapterConfig, tr
 
 __all__ = ["DEFAULT_LR", "HEADLINE", "TASKS", "TASK_PREFIX", "VARIANTS", "Batch", "FeatureCache", "TrainHistory",
            "VLAdapterConfig", "VariantConfig", "VariantParameters", "VariantResult", "VariantSetup", "average_score",
-           "evaluate", "make_batch", "model_input", "parameter_report", "run_variant", "save_trained", "setup_variant",
-           "task_batches", "train_multitask", "training_target", "visual_input"]
+           "evaluate", "load_trained", "make_batch", "model_input", "parameter_report", "run_variant", "save_trained", "setup_variant",
+           "task_batches", "train_multitask", "training_target", "unscorable_reason", "visual_input"]

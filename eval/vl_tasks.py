@@ -1,0 +1,342 @@
+"""``mmadapters eval vqa|gqa|nlvr|caption``: VL-T5 (+ adapters) on VQAv2, GQA, NLVR2 and COCO captions.
+
+One evaluation, four tasks, in the order it runs:
+
+1. **Samples**: the annotation file is read with :mod:`mmadapters.eval.vl_readers` (malformed rows are skipped
+   and listed with the reader's message, unless ``--on-bad-rows raise``).
+2. **Model**: a VL-T5 directory (default: the one ``--adapters`` was trained on, else the shipped tiny VL-T5),
+   and the ``--adapters``: a ``mmadapters train vl-adapter`` output's ``best/`` (restored with
+   :func:`~mmadapters.vision.vl_adapter.load_trained`: adapters, trained LayerNorms and visual projection,
+   the task's adapter active), a directory of core adapters or one adapter directory.
+3. **Features**: ``--features`` (``.h5`` / folder of ``.safetensors``) or computed from ``--images`` with a CLIP.
+4. **Per-sample records** (:func:`mmadapters.eval.sample_runner.run_samples`: logged as they finish so a
+   crashed run resumes, sharded over torchrun ranks): greedy (or beam) generation with the task prefix; a
+   record holds the prediction and what its metric needs — the human answers or soft label (VQA), the target
+   (GQA, NLVR2), the references (captioning) — plus the question/answer type. A sample whose image has no
+   features, whose features hold NaN/inf or have the wrong shape, or that has nothing to be scored against,
+   is skipped with the reason.
+5. **Metrics from the records**: VQA accuracy (official normalization; VL-T5's soft-label score for rows without
+   human answers), GQA / NLVR2 exact-match accuracy, captioning CIDEr and BLEU-4 computed over all records at
+   the end (CIDEr's IDF depends on the whole set, so it is never averaged over batches). ``per_group``: VQA
+   per answer type and per question type, GQA yes/no vs open questions, NLVR2 per label.
+6. **Results**: :mod:`mmadapters.eval.results_schema`, written by rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmadapters import distributed
+
+from .results_schema import build_results, run_key, write_results
+from .sample_runner import SampleLog, run_samples
+from .vl_metrics import caption_scores, exact_match_accuracy, vqa_accuracy, vqa_score_from_label
+
+RESULT_TASK = {"vqa": "vqa", "gqa": "gqa", "nlvr": "nlvr", "caption": "captioning"}  # the results' "task" field
+YES_NO = frozenset({"yes", "no"})
+
+
+class MissingFeaturesError(LookupError):
+    """A sample's image has no features in the source (the message names the source and the image id)."""
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+# ---------------------------------------------------------------------------------------------- records -> metrics
+
+
+def _vqa_score(record: Mapping[str, Any]) -> float:
+    if record.get("answers"):
+        return vqa_accuracy(record["prediction"], record["answers"])
+    return vqa_score_from_label(record["prediction"], record.get("label") or {})
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def task_metrics(task: str, records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float], dict[str, dict[str, float]] | None]:
+    """``(metrics, per_group)`` of ``task`` over ``records`` (main metric first); NaN metrics when none."""
+    groups: dict[str, list] = defaultdict(list)
+    if task == "vqa":
+        scores = [_vqa_score(r) for r in records]
+        for r, s in zip(records, scores, strict=True):
+            for key in ("answer_type", "question_type"):
+                if r.get(key):
+                    groups[f"{key}={r[key]}"].append(s)
+        metrics = {"vqa_accuracy": _mean(scores)}
+        per_group = {g: {"vqa_accuracy": _mean(v), "count": len(v)} for g, v in sorted(groups.items())}
+    elif task in ("gqa", "nlvr"):
+        metrics = {"accuracy": exact_match_accuracy([r["prediction"] for r in records], [r["targets"] for r in records])}
+        for r in records:
+            if task == "nlvr":
+                groups[f"label={r['targets'][0]}"].append(r)
+            else:
+                groups["answer=yes/no" if r["targets"][0].strip().lower() in YES_NO else "answer=open"].append(r)
+        per_group = {g: {"accuracy": exact_match_accuracy([r["prediction"] for r in v], [r["targets"] for r in v]),
+                         "count": len(v)} for g, v in sorted(groups.items())}
+    elif task == "caption":
+        scores = caption_scores({r["id"]: r["prediction"] for r in records}, {r["id"]: r["references"] for r in records})
+        metrics, per_group = {"cider": scores["cider"], "bleu4": scores["bleu4"]}, None
+    else:
+        raise ValueError(f"task {task!r}: expected one of {list(RESULT_TASK)}")
+    return metrics, per_group or None
+
+
+# ---------------------------------------------------------------------------------------------- model and adapters
+
+
+def _dir_digest(directory: Path) -> str:
+    """sha256 over the relative names and bytes of every file under ``directory`` (identifies the adapters)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def resolve_model_dir(model: str | None, adapters: str | None) -> Path:
+    """``--model``, else the VL-T5 recorded in the adapters' ``vl_adapter.json`` when it exists, else the shipped one."""
+    from mmadapters.vision.vlt5 import resolve_vlt5_dir
+
+    if model is None and adapters is not None:
+        meta_path = Path(adapters) / "vl_adapter.json"
+        if meta_path.is_file():
+            from mmadapters.io import read_json_object
+
+            recorded = read_json_object(meta_path, "VL-Adapter checkpoint metadata").get("model_dir")
+            if isinstance(recorded, str) and Path(recorded).is_dir():
+                return Path(recorded)
+    return resolve_vlt5_dir(model)
+
+
+def load_vl_model(model_dir: Path, adapters: str | None, task: str, *, adapter_name: str | None = None,
+                  device: str | torch.device = "cpu"):
+    """``(model, setup, parameters)``: the VL-T5 with ``adapters`` loaded and ``task``'s adapter active.
+
+    ``setup`` is a :class:`~mmadapters.vision.vl_variants.VariantSetup` (or None without adapters);
+    ``parameters`` = ``{"trainable", "total", ...}`` (trainable: what the adapters' training changed).
+    """
+    import mmadapters as mma
+    from mmadapters.io import CONFIG_NAME, checkpoint_adapter_dirs
+    from mmadapters.vision.vl_adapter import TRAINED_META, load_trained
+    from mmadapters.vision.vl_variants import VariantSetup, parameter_report
+    from mmadapters.vision.vlt5 import VLT5
+
+    model = VLT5.from_pretrained(model_dir, device=device)
+    backbone = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if adapters is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval(), None, {"trainable": 0, "total": backbone, "backbone": backbone, "adapters": 0}
+    directory = Path(adapters)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--adapters: directory not found: {directory}")
+    if (directory / TRAINED_META).is_file():
+        setup = load_trained(model, directory)
+        if task not in setup.adapter_for:
+            raise ValueError(f"{directory / TRAINED_META}: these adapters were trained for tasks {list(setup.tasks)}, "
+                             f"not {task!r}")
+        report = parameter_report(model, setup)
+        if adapter_name is not None:
+            if adapter_name not in setup.adapters:
+                raise ValueError(f"--adapter-name: {adapter_name!r} is not one of {setup.adapters} in {directory}")
+            setup.adapter_for[task] = adapter_name
+        setup.activate(model, task)
+        parameters = {"trainable": report.trainable, "total": report.backbone + report.adapters, "backbone": report.backbone,
+                      "adapters": report.adapters, "extras": report.extras, "variant": setup.variant}
+        return model.eval(), setup, parameters
+    if (directory / CONFIG_NAME).is_file():
+        names = [mma.load_adapter(model, directory)]
+    else:
+        if not checkpoint_adapter_dirs(directory):
+            raise ValueError(f"--adapters: {directory} holds no {TRAINED_META}, no {CONFIG_NAME} and no "
+                             f"<name>/{CONFIG_NAME}; expected a train output's best/ or an adapter checkpoint")
+        names = mma.load_adapters(model, directory)
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise ValueError(f"--adapter-name: {adapter_name!r} is not one of {names} in {directory}")
+        chosen = adapter_name
+    elif task in names:
+        chosen = task
+    elif "shared" in names:
+        chosen = "shared"
+    elif len(names) == 1:
+        chosen = names[0]
+    else:
+        raise ValueError(f"--adapters: {directory} holds adapters {names}; none is named {task!r} or 'shared': pass "
+                         "--adapter-name")
+    mma.freeze_base(model, adapters=names)
+    setup = VariantSetup("adapters", (task,), {task: chosen}, names, [])
+    setup.activate(model, task)
+    core = mma.parameter_report(model)
+    return model.eval(), setup, {"trainable": core.adapters, "total": core.base + core.adapters, "backbone": core.base,
+                                 "adapters": core.adapters}
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+
+class VLPredictor:
+    """``predict(samples) -> [record | exception]`` for :func:`run_samples` (module docstring, step 4)."""
+
+    def __init__(self, model: nn.Module, setup: Any, task: str, features: Callable[[str], torch.Tensor], *,
+                 max_text_length: int = 40, max_new_tokens: int = 20, num_beams: int = 1):
+        self.model, self.setup, self.task, self.features = model, setup, task, features
+        self.max_text_length, self.max_new_tokens, self.num_beams = max_text_length, max_new_tokens, num_beams
+
+    def _visual(self, sample) -> torch.Tensor | BaseException:
+        from mmadapters.vision.vl_adapter import unscorable_reason, visual_input
+
+        reason = unscorable_reason(sample)
+        if reason is not None:
+            return ValueError(f"sample {sample.uid!r}: {reason}")
+        try:
+            return visual_input(sample, self.features)
+        except KeyError as e:
+            return MissingFeaturesError(e.args[0] if e.args else f"no features for {sample.img_ids}")
+        except ValueError as e:
+            return e
+
+    def record(self, sample, prediction: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"prediction": prediction, "img_ids": list(sample.img_ids)}
+        if self.task == "vqa":
+            out.update(answers=sample.answers, label=sample.label, answer_type=sample.meta.get("answer_type"),
+                       question_type=sample.meta.get("question_type"))
+        elif self.task == "caption":
+            out["references"] = list(sample.targets)
+        else:
+            out["targets"] = list(sample.targets)
+        if self.task != "caption":
+            out["question"] = sample.text
+        return out
+
+    def __call__(self, samples: list) -> list[dict[str, Any] | BaseException]:
+        from mmadapters.vision.vl_adapter import model_input
+
+        outs: list[Any] = [self._visual(s) for s in samples]
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for k, v in enumerate(outs):
+            if isinstance(v, torch.Tensor):
+                by_shape[tuple(v.shape)].append(k)
+        device = next(self.model.parameters()).device
+        for positions in by_shape.values():
+            feats = torch.stack([outs[k] for k in positions]).to(device)
+            ids, mask = self.model.encode_text([model_input(samples[k]) for k in positions], max_length=self.max_text_length)
+            fusion = self.setup.fusion(self.model, feats) if self.setup is not None else _null()
+            with torch.no_grad(), fusion:
+                generated = self.model.generate(ids.to(device), mask.to(device), feats, max_new_tokens=self.max_new_tokens,
+                                                num_beams=self.num_beams)
+            for k, text in zip(positions, self.model.decode(generated), strict=True):
+                outs[k] = self.record(samples[k], text)
+        return outs
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def _read_samples(task: str, annotations: Path, split: str | None, on_error: str):
+    from mmadapters.vision.vl_train import read_split
+
+    return read_split(task, annotations, split or "test", on_error=on_error)
+
+
+def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run ``mmadapters eval <vqa|gqa|nlvr|caption>`` (flags of :mod:`mmadapters.eval.eval_vl_args`).
+
+    Returns the results dict on rank 0 (also written to ``--output``), None on the other ranks.
+    """
+    from mmadapters.vision.vl_adapter import FeatureCache
+    from mmadapters.vision.vl_train import open_feature_source
+
+    t_start = time.perf_counter()
+    task = args.vl_task
+    for name in ("batch_size", "max_text_length", "max_new_tokens", "num_beams"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples: expected a positive integer, got {args.max_samples}")
+    if args.features is None and args.images is None:
+        raise ValueError("no image features: give --features (an .h5 file or a folder of .safetensors) or --images")
+    distributed.init_from_env(args.device)
+    device = distributed.device_for_rank(args.device)
+    torch.manual_seed(args.seed)
+    annotations = Path(args.annotations)
+    split = getattr(args, "split", None)
+    rows = _read_samples(task, annotations, split, args.on_bad_rows)
+    samples = list(rows)[: args.max_samples] if args.max_samples else list(rows)
+    bad_rows = [{"id": f"{annotations.name}:{where}", "reason": message} for where, message in rows.skipped]
+    model_dir = resolve_model_dir(args.model, args.adapters)
+    t0 = time.perf_counter()
+    model, setup, parameters = load_vl_model(model_dir, args.adapters, task, adapter_name=args.adapter_name, device=device)
+    load_s = time.perf_counter() - t0
+    source = open_feature_source(args.features, images=args.images, num_tokens=model.num_visual_tokens,
+                                 visual_dim=model.visual_dim, clip_model=args.clip_model,
+                                 clip_pretrained=args.clip_pretrained, image_pattern=args.image_pattern, device=device)
+    dataset = args.dataset or (f"{annotations.stem}[{split}]" if task == "caption" else annotations.stem)
+    settings = {
+        "annotations": str(annotations.resolve()), "split": split, "max_samples": args.max_samples,
+        "on_bad_rows": args.on_bad_rows, "model_dir": str(model_dir.resolve()),
+        "adapters": None if args.adapters is None else str(Path(args.adapters).resolve()),
+        "adapters_sha256": None if args.adapters is None else _dir_digest(Path(args.adapters)),
+        "adapter_name": args.adapter_name, "active_adapter": None if setup is None else setup.adapter_for[task],
+        "features": None if args.features is None else str(Path(args.features).resolve()),
+        "images": None if args.images is None else str(Path(args.images).resolve()), "image_pattern": args.image_pattern,
+        "clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained,
+        "max_text_length": args.max_text_length, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+        "decoding": "greedy" if args.num_beams == 1 else "beam", "batch_size": args.batch_size, "device": str(args.device),
+        "seed": args.seed, "world_size": distributed.world_size(),
+    }
+    model_name = model_dir.name
+    pretrained = None if args.adapters is None else str(args.adapters)
+    key = run_key(dataset=dataset, model=model_name, pretrained=pretrained, task=RESULT_TASK[task], settings=settings)
+    output = Path(args.output)
+    if distributed.is_main():
+        from .results_io import check_overwrite
+
+        check_overwrite(output, key, args.overwrite)  # fail before evaluating, not after
+    log = SampleLog.open(output, key, restart=args.restart)
+    predictor = VLPredictor(model, setup, task, FeatureCache(source), max_text_length=args.max_text_length,
+                            max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    t0 = time.perf_counter()
+    outcome = run_samples(samples, sample_id=lambda s: s.uid, predict=predictor, batch_size=args.batch_size, log=log,
+                          fail_fast=args.fail_fast, progress=args.progress, desc=f"eval {task}")
+    eval_s = time.perf_counter() - t0
+    records = list(outcome.records.values())
+    metrics, per_group = task_metrics(task, records)
+    skipped = bad_rows + outcome.skipped
+    counts = {"total": len(samples) + len(bad_rows), "evaluated": len(records), "skipped": len(skipped),
+              "resumed": outcome.resumed, "bad_rows": len(bad_rows)}
+    if not distributed.is_main():
+        log.remove()
+        return None
+    results = build_results(dataset=dataset, model=model_name, pretrained=pretrained, task=RESULT_TASK[task],
+                            metrics=metrics, counts=counts, skipped=skipped, settings=settings,
+                            timings={"total_s": time.perf_counter() - t_start, "model_load_s": load_s, "eval_s": eval_s},
+                            parameters=parameters, per_group=per_group)
+    if results["run_key"] != key:
+        raise RuntimeError(f"run key changed while evaluating ({key} -> {results['run_key']}); settings are not JSON-stable")
+    write_results(output, results, overwrite=args.overwrite)
+    log.remove()
+    return {**results, "output": str(output)}
+
+
+__all__ = ["RESULT_TASK", "MissingFeaturesError", "VLPredictor", "evaluate_vl_task", "load_vl_model",
+           "resolve_model_dir", "task_metrics"]
