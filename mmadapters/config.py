@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -113,20 +115,86 @@ class AdapterConfig:
         method = data.pop("method", None)
         if method is None:
             raise ValueError(f"{source}: field 'method' is missing (expected one of {registered_methods()})")
+        if not isinstance(method, str):
+            raise ValueError(f"{source}: field 'method' is {type(method).__name__} ({method!r}); expected one of "
+                             f"{registered_methods()}")
         try:
             spec = get_method(method)
         except KeyError as err:
             raise ValueError(f"{source}: field 'method': {err.args[0]}") from None
         known = {f.name for f in dataclasses.fields(spec.config_cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(
                 f"{source}: unknown field(s) {unknown} for method {method!r}; known fields: {sorted(known)}"
             )
-        return spec.config_cls(**data)
+        hints = _field_types(spec.config_cls)
+        for name, value in data.items():
+            if name in hints and not _matches(value, hints[name]):
+                raise ValueError(f"{source}: field {name!r} = {_short(value)}; expected {_type_name(hints[name])} "
+                                 f"(method {method!r})")
+        try:
+            return spec.config_cls(**data)
+        except (TypeError, ValueError) as err:  # the method's own checks (a positive rank, a known placement, ...)
+            raise ValueError(f"{source}: {err}") from None
 
     def help(self) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(self)}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation of a config dataclass (empty when annotations cannot be resolved)."""
+    try:
+        return typing.get_type_hints(cls)  # each class's annotations resolved in its own module
+    except Exception:  # an annotation naming something not importable here: skip the type checks
+        return {}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits an annotation (bool is not an int; an int is a float; a list is a tuple).
+    Annotations this does not understand accept anything (the config's own checks still run)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}.get(hint.__name__,
+                                                                                                      hint.__name__)
+    return str(hint).replace("typing.", "")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_positive(config: AdapterConfig, name: str, allow_none: bool = False) -> None:

@@ -3,7 +3,9 @@
 The JSON holds the method and its hyperparameters, the adapted modules, a fingerprint of the base
 (each adapted module's parameter names and shapes), the library version and a SHA-256 of the weights
 file. Files are written to a temporary name and renamed, so an interrupted save never leaves a
-half-written file under the real name; the checksum catches a weights file from another save.
+half-written file under the real name; both files are complete before either is replaced, and a save that
+fails midway puts the previous weights back, so an adapter saved there before stays loadable. The checksum
+catches a weights file from another save.
 Weights are read with safetensors only (nothing is unpickled).
 
 ``save_adapter(..., bits=8|4|2|1)`` stores the weights low-bit (see :mod:`mmadapters.quant` for the
@@ -148,11 +150,17 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike, bits
     try:
         save_file(contiguous, tmp, metadata={"format": "pt", "mmadapters_adapter": name})
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        os.replace(tmp, directory / WEIGHTS_NAME)
+        meta = _adapter_meta(model, name, config, fingerprint, digest, quantization)
+        _replace_pair(directory, Path(tmp), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return directory
+
+
+def _adapter_meta(model: nn.Module, name: str, config: AdapterConfig, fingerprint: dict, digest: str,
+                  quantization: dict | None) -> dict:
     meta = {
         # Full-precision saves stay version 1 so that older readers still load them.
         "format_version": 1 if quantization is None else 2,
@@ -165,8 +173,40 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike, bits
     }
     if quantization is not None:
         meta["quantization"] = quantization
-    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return directory
+    return meta
+
+
+def _replace_pair(directory: Path, weights_tmp: Path, config_bytes: bytes) -> None:
+    """Put a finished weights file and its config in place together: the config is written (to a temporary
+    name) before anything is replaced, and if replacing fails midway the previous weights are put back, so an
+    adapter already saved in ``directory`` stays loadable (its config's checksum matches its weights)."""
+    fd, config_tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=directory)
+    backup = None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(config_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        weights = directory / WEIGHTS_NAME
+        if weights.is_file():
+            backup = Path(tempfile.mkdtemp(prefix=f".{WEIGHTS_NAME}.old-", dir=directory)) / WEIGHTS_NAME
+            try:
+                os.link(weights, backup)  # a second name for the old weights; nothing is copied
+            except OSError:  # a file system without hard links
+                shutil.copy2(weights, backup)
+        os.replace(weights_tmp, weights)
+        try:
+            os.replace(config_tmp, directory / CONFIG_NAME)
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, weights)
+            raise
+    finally:
+        if os.path.exists(config_tmp):
+            os.unlink(config_tmp)
+        if backup is not None:
+            shutil.rmtree(backup.parent, ignore_errors=True)
 
 
 def read_json_object(path: Path, missing: str) -> dict:
@@ -174,8 +214,10 @@ def read_json_object(path: Path, missing: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {missing}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err}); expected a JSON object") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, nesting too deep, integers of > 4300 digits
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
@@ -188,6 +230,19 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[dict, AdapterConf
     for key in ("config", "fingerprint", "name", "weights_sha256"):
         if key not in meta:
             raise ValueError(f"{path}: field {key!r} is missing")
+    for key, kind, what in (("name", str, "a string"), ("weights_sha256", str, "a string"),
+                            ("fingerprint", dict, "an object {module: {parameter: shape}}"),
+                            ("targets", list, "a list of targets"), ("quantization", dict, "an object")):
+        if key in meta and not isinstance(meta[key], kind):
+            raise ValueError(f"{path}: field {key!r} is {type(meta[key]).__name__}; expected {what}")
+    for module_name, params in meta["fingerprint"].items():
+        if not isinstance(params, dict) or not all(isinstance(s, list) and all(isinstance(d, int) for d in s)
+                                                   for s in params.values()):
+            raise ValueError(f"{path}: field 'fingerprint.{module_name}': expected {{parameter: [dim, ...]}}, "
+                             f"got {params!r}"[:300])
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path}: field 'format_version' is {version!r}; expected an integer")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: field 'format_version' is {meta['format_version']}; this library reads "
                          f"up to {FORMAT_VERSION} (upgrade mmadapters)")

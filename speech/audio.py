@@ -10,8 +10,8 @@ kind                    the file …
 ``missing``             does not exist (or is not a regular file)
 ``unsupported_format``  is in a container/codec libsndfile cannot decode (m4a, aac, wma, …, or mp3 with
                         a libsndfile older than 1.1)
-``corrupt``             cannot be decoded, is truncated (fewer samples than its header declares) or
-                        holds non-finite samples
+``corrupt``             cannot be decoded, is truncated (fewer samples than its header declares),
+                        holds non-finite samples or declares a sample rate outside 1 kHz..768 kHz
 ``empty``               decodes to 0 samples
 ``silent``              has a peak amplitude below :data:`SILENCE_PEAK` (all ~0)
 ``channels``            has more than one channel and ``mono="error"``
@@ -34,6 +34,10 @@ import torch
 SAMPLE_RATE = 16000
 DEFAULT_MAX_SECONDS = 60.0
 SILENCE_PEAK = 1e-4  # ~ -80 dBFS; below 16-bit dither level x3: nothing audible is left
+# Sample rates a header may plausibly declare (telephone 8 kHz is common, 1 kHz is not speech; 768 kHz is the
+# highest rate audio interfaces record). Outside, the header is corrupt: a 1 Hz rate would resample one
+# second of samples into hours (gigabytes), a 2 GHz rate a minute of speech into a few samples.
+SAMPLE_RATE_RANGE = (1000, 768000)
 MONO_MODES = ("error", "mix")
 KINDS = ("missing", "unsupported_format", "corrupt", "empty", "silent", "channels", "too_long")
 
@@ -155,6 +159,9 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE, max_s
     try:
         with sf.SoundFile(str(path)) as f:
             sr, channels, declared = f.samplerate, f.channels, f.frames
+            if not SAMPLE_RATE_RANGE[0] <= sr <= SAMPLE_RATE_RANGE[1]:  # before reading (and the duration check)
+                raise AudioError(path, "corrupt", f"declares a sample rate of {sr} Hz; expected {SAMPLE_RATE_RANGE[0]} "
+                                 f"to {SAMPLE_RATE_RANGE[1]} Hz (the header is corrupt)")
             if channels > 1 and mono == "error":
                 raise AudioError(path, "channels", f"has {channels} channels; expected mono (1 channel) — "
                                  "pass mono='mix' (--mono mix) to average the channels")
@@ -166,8 +173,6 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE, max_s
         raise
     except (sf.LibsndfileError, RuntimeError) as err:
         raise _open_error(path, err) from None
-    if sr <= 0:
-        raise AudioError(path, "corrupt", f"declares a sample rate of {sr} Hz; expected a positive rate")
     frames = data.shape[0]
     if frames == 0:
         raise AudioError(path, "empty", "decodes to 0 samples; expected speech audio")

@@ -80,8 +80,8 @@ def read_all_frames(path: str | os.PathLike) -> Tensor:
             try:
                 with Image.open(f) as im:
                     frames.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
-            except OSError as e:
-                raise ValueError(f"{f}: unreadable frame image ({e})") from e
+            except Exception as e:  # PIL raises OSError, ValueError, SyntaxError (broken PNG chunks), ...
+                raise ValueError(f"{f}: unreadable frame image ({type(e).__name__}: {e})") from e
         if len({tuple(x.shape) for x in frames}) != 1:
             raise ValueError(f"{path}: frames differ in size")
         return torch.stack(frames)

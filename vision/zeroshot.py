@@ -97,12 +97,26 @@ def _encode_trimmed(model: nn.Module, tokens: Tensor, length: int) -> Tensor:
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
+def check_classnames(classnames: Sequence[str]) -> None:
+    """Class names must be distinct non-empty strings: a repeated name gives two identical classifier columns,
+    and argmax would never pick the second class (its images would all count as errors)."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(classnames):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"classnames[{i}]: expected a non-empty class name, got {name!r}")
+        if name in first:
+            raise ValueError(f"classnames[{i}]: class name {name!r} repeats classnames[{first[name]}]; expected "
+                             "distinct class names")
+        first[name] = i
+
+
 def build_classifier(model: nn.Module, tokenizer: Callable[[list[str]], Tensor], classnames: Sequence[str],
                      templates: Sequence[str], *, device: str | torch.device = "cpu", batch_size: int = 512,
                      progress: bool = True) -> Tensor:
     """Zero-shot weights W (D, C): mean of normalized template embeddings per class, re-normalized."""
     if not classnames or not templates:
         raise ValueError(f"need class names and templates, got {len(classnames)} and {len(templates)}")
+    check_classnames(classnames)
     texts = [fill_template(t, c) for c in classnames for t in templates]  # class-major: (C · T)
     feats = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size, progress=progress,
                          desc="classifier")
@@ -141,6 +155,7 @@ def cached_classifier(model: nn.Module, tokenizer: Callable[[list[str]], Tensor]
     from mmadapters.io import atomic_write_bytes
 
     t0 = time.perf_counter()
+    check_classnames(classnames)  # before a cache hit too: a cached classifier of repeated names is as wrong
     key = classifier_key(model_name, weights_identity, classnames, templates)
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
