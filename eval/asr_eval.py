@@ -59,6 +59,7 @@ DECODES = ("greedy", "beam")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_MS = 160.0
 MAX_LISTED_SKIPS = 1000
+_SCORE_KEYS = ("word_edits", "ref_words", "char_edits", "ref_chars")
 
 
 # -- adapters --------------------------------------------------------------------------------------------
@@ -117,15 +118,22 @@ def read_baseline(source: str | os.PathLike | Mapping) -> tuple[dict[str, float]
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e}); expected an `mmadapters asr eval` results file") from None
-    per = data.get("metrics", {}).get("per_language") if isinstance(data, Mapping) and isinstance(data.get("metrics"), Mapping) else None
+    if isinstance(data, Mapping) and "schema" in data:  # `mmadapters eval asr` (the shared results schema)
+        field = "per_group"
+        per = data.get("per_group") if data.get("task") == "asr" else None
+    else:  # `mmadapters asr eval`
+        field = "metrics.per_language"
+        per = data.get("metrics", {}).get("per_language") if isinstance(data, Mapping) and isinstance(data.get("metrics"), Mapping) else None
     if not isinstance(per, Mapping) or not per:
-        raise ValueError(f"{where}: field 'metrics.per_language' missing or empty; expected an `mmadapters asr eval` "
-                         "results file")
+        raise ValueError(f"{where}: field '{field}' missing or empty; expected an `mmadapters asr eval` or "
+                         "`mmadapters eval asr` results file")
     wers = {}
     for lang, entry in per.items():
         value = entry.get("wer") if isinstance(entry, Mapping) else None
+        if value is None and field == "per_group":
+            value = math.nan  # the shared schema writes NaN as null
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where}: field 'metrics.per_language.{lang}.wer' is {value!r}; expected a number")
+            raise ValueError(f"{where}: field '{field}.{lang}.wer' is {value!r}; expected a number")
         wers[str(lang)] = float(value)
     info = {"source": where, "run_key": data.get("run_key"), "model": data.get("model"), "dataset": data.get("dataset")}
     return wers, info
@@ -150,6 +158,41 @@ def _latency_summary(values: list[float]) -> dict[str, Any]:
     p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
     return {"mean": round(statistics.fmean(values), 4), "median": round(statistics.median(values), 4),
             "p90": round(p90, 4), "max": round(ordered[-1], 4), "count": len(values)}
+
+
+# -- scoring from per-utterance records ----------------------------------------------------------------------
+
+def utterance_scores(reference: str, hypothesis: str) -> dict[str, int]:
+    """Edit counts of one utterance on :func:`~mmadapters.eval.metrics.normalize_text`'ed text: ``word_edits``,
+    ``ref_words``, ``char_edits``, ``ref_chars`` (spaces count). Summed over utterances they give corpus WER/CER."""
+    from .metrics import edit_distance, normalize_text
+
+    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    ref_words, hyp_words = ref.split(), hyp.split()
+    return {"word_edits": edit_distance(ref_words, hyp_words), "ref_words": len(ref_words),
+            "char_edits": edit_distance(ref, hyp), "ref_chars": len(ref)}
+
+
+def corpus_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Corpus WER/CER of utterance records carrying :func:`utterance_scores`' counts: total edits / total
+    reference words (characters); NaN without reference words. Also the totals and ``utterances``."""
+    word_edits = sum(int(r["word_edits"]) for r in records)
+    words = sum(int(r["ref_words"]) for r in records)
+    char_edits = sum(int(r["char_edits"]) for r in records)
+    chars = sum(int(r["ref_chars"]) for r in records)
+    return {"wer": word_edits / words if words else math.nan, "cer": char_edits / chars if chars else math.nan,
+            "utterances": len(records), "words": words, "chars": chars, "word_edits": word_edits, "char_edits": char_edits}
+
+
+def decode_texts(bundle, waves: Sequence, names: Sequence[str | None], *, decode: str, beam: int, routed: bool,
+                 pass_: str = "second") -> list[str]:
+    """Offline transcripts of 1-D waves (one batch), each through ``names[i]`` (its language's adapter, None: the
+    base) when ``routed`` (with adapters, every batch is routed: None entries run the base even if an adapter is
+    active); ``pass_``: the encoder pass decoded."""
+    from mmadapters.speech.decode import transcribe
+
+    return transcribe(bundle, list(waves), decode=decode, pass_=pass_, batch_size=max(1, len(waves)), beam=beam,
+                      adapters=list(names) if routed else None)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------
@@ -213,10 +256,9 @@ def evaluate_asr(bundle, utterances: Sequence, *, adapters: str | os.PathLike | 
 
     from mmadapters import __version__
     from mmadapters.speech.audio import SAMPLE_RATE
-    from mmadapters.speech.decode import transcribe
     from mmadapters.speech.readers import Utterance, iter_audio_batches
 
-    from .metrics import cer, normalize_text, wer
+    from .metrics import normalize_text, wer
 
     t_start = time.perf_counter()
     if decode not in DECODES:
@@ -250,9 +292,7 @@ def evaluate_asr(bundle, utterances: Sequence, *, adapters: str | os.PathLike | 
         audio_s += batch.seconds
         if runner is None:
             t0 = time.perf_counter()
-            # With adapters, every batch is routed (None entries run the base even if an adapter is active).
-            texts = transcribe(bundle, waves, decode=decode, batch_size=len(waves), beam=beam,
-                               adapters=names if lang_map else None)
+            texts = decode_texts(bundle, waves, names, decode=decode, beam=beam, routed=bool(lang_map))
             decode_s += time.perf_counter() - t0
             firsts = [None] * len(texts)
         else:
@@ -272,7 +312,8 @@ def evaluate_asr(bundle, utterances: Sequence, *, adapters: str | os.PathLike | 
                                 "audio_s": w.shape[0] / SAMPLE_RATE,
                                 "reference": u.text, "hypothesis": text, "first_pass": first,
                                 "ref_norm": normalize_text(u.text), "hyp_norm": normalize_text(text),
-                                "first_norm": None if first is None else normalize_text(first)})
+                                "first_norm": None if first is None else normalize_text(first),
+                                **utterance_scores(u.text, text)})
     bar.close()
     loop_s = time.perf_counter() - t_loop
     if not predictions:
@@ -284,10 +325,11 @@ def evaluate_asr(bundle, utterances: Sequence, *, adapters: str | os.PathLike | 
     per_language: dict[str, dict[str, Any]] = {}
     for lang in langs:
         preds = [p for p in predictions if p["lang"] == lang]
-        refs, hyps = [p["ref_norm"] for p in preds], [p["hyp_norm"] for p in preds]
-        entry = {"wer": wer(refs, hyps) if preds else math.nan, "cer": cer(refs, hyps) if preds else math.nan,
+        refs = [p["ref_norm"] for p in preds]
+        scores = corpus_scores(preds)
+        entry = {"wer": scores["wer"], "cer": scores["cer"],
                  "utterances": len(preds), "skipped": sum(1 for s in skipped if s.utterance.lang == lang),
-                 "words": sum(len(r.split()) for r in refs), "chars": sum(len(r) for r in refs),
+                 "words": scores["words"], "chars": scores["chars"],
                  "audio_s": round(sum(p["audio_s"] for p in preds), 3), "adapter": lang_map.get(lang)}
         if streaming and preds:
             entry["wer_first_pass"] = wer(refs, [p["first_norm"] for p in preds])
@@ -295,11 +337,11 @@ def evaluate_asr(bundle, utterances: Sequence, *, adapters: str | os.PathLike | 
         if lang in base_wer:
             entry["relative_wer_reduction"] = relative_reduction(base_wer[lang], entry["wer"])
         per_language[lang] = entry
-    all_refs, all_hyps = [p["ref_norm"] for p in predictions], [p["hyp_norm"] for p in predictions]
+    pooled = corpus_scores(predictions)
     metrics: dict[str, Any] = {
         "wer": _nanmean(e["wer"] for e in per_language.values()),
         "cer": _nanmean(e["cer"] for e in per_language.values()),
-        "wer_pooled": wer(all_refs, all_hyps), "cer_pooled": cer(all_refs, all_hyps),
+        "wer_pooled": pooled["wer"], "cer_pooled": pooled["cer"],
         "languages": len(langs), "per_language": per_language,
     }
     if baseline_info is not None:
@@ -345,7 +387,8 @@ def evaluate_asr(bundle, utterances: Sequence, *, adapters: str | os.PathLike | 
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if return_predictions:
-        results["predictions"] = [{k: v for k, v in p.items() if not k.endswith("_norm")} for p in predictions]
+        results["predictions"] = [{k: v for k, v in p.items() if not k.endswith("_norm") and k not in _SCORE_KEYS}
+                                  for p in predictions]
     return results
 
 

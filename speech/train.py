@@ -332,8 +332,9 @@ def decode_batch(model: nn.Module, waves: Tensor, lengths: Tensor, *, pass_: str
 
 def evaluate(model: nn.Module, tokenizer, utterances: Sequence[Utterance], *, adapter_for: AdapterFor | None = None,
              pass_: str = "second", decode: str = "greedy", batch_seconds: float = 120.0, device: str | torch.device = "cpu",
-             max_audio_seconds: float = 30.0, progress: bool | None = None, desc: str = "dev") -> EvalResult:
-    """Corpus WER/CER per language (``Utterance.lang``) of ``model`` decoding ``utterances``.
+             max_audio_seconds: float = 30.0, progress: bool | None = None, desc: str = "dev", beam: int = 4) -> EvalResult:
+    """Corpus WER/CER per language (``Utterance.lang``) of ``model`` decoding ``utterances`` (``beam``: the beam
+    size when ``decode="beam"``).
 
     References and hypotheses pass through :func:`normalize_text` before scoring. Unreadable audio is
     skipped and counted. With ``adapter_for`` each sample runs through its own adapter (per-sample
@@ -354,7 +355,8 @@ def evaluate(model: nn.Module, tokenizer, utterances: Sequence[Utterance], *, ad
                 continue
             waves, lengths = pad_waves([w for _, w in keep])
             names = [adapter_for(utterances[i]) for i, _ in keep] if adapter_for is not None else None
-            ids, _, _ = decode_batch(model, waves.to(device), lengths.to(device), pass_=pass_, decode=decode, adapters=names)
+            ids, _, _ = decode_batch(model, waves.to(device), lengths.to(device), pass_=pass_, decode=decode, beam=beam,
+                                     adapters=names)
             for (i, _), tok in zip(keep, ids, strict=True):
                 u = utterances[i]
                 text = tokenizer.decode(list(tok))
