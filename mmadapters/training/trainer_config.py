@@ -1,0 +1,69 @@
+"""``TrainerConfig``: the ``trainer:`` section of a training YAML (torch-free; re-exported by ``trainer``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Fields that may change between a run and its --resume: they do not change what is computed.
+RESUMABLE_CHANGES = ("steps", "progress", "log_every", "eval_every", "checkpoint_every")
+
+
+@dataclass
+class TrainerConfig:
+    """How adapters are trained; the recipe decides what is trained (its own ``recipe:`` section)."""
+
+    steps: int = field(default=1000, metadata={"help": "Optimizer steps (0: only validate and save the initial adapters)."})
+    batch_size: int = field(default=32, metadata={
+        "help": "GLOBAL batch size: the items of one optimizer step, split evenly over the ranks under torchrun."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of the steps with a linear warmup from ~0 to lr."})
+    schedule: Literal["constant", "linear", "cosine"] = field(default="linear", metadata={
+        "help": "Learning rate after the warmup: constant, linear decay to 0, or cosine decay to 0."})
+    grad_clip: float | None = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (null: no clipping)."})
+    eval_every: int = field(default=100, metadata={"help": "Validate every this many steps (and at the end); 0: only at the end."})
+    checkpoint_every: int = field(default=100, metadata={
+        "help": "Write train_state.pt every this many steps (and at the end); 0: only at the end."})
+    log_every: int = field(default=10, metadata={"help": "Record the training loss in history.jsonl every this many steps."})
+    seed: int = field(default=0, metadata={"help": "Seeds the data order, dropout and every other random choice."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ... (under torchrun, cuda means each rank's GPU)."})
+    select_metric: str | None = field(default=None, metadata={
+        "help": "Validation metric that picks best/ (default: the recipe's)."})
+    select_mode: Literal["max", "min"] | None = field(default=None, metadata={
+        "help": "Whether a larger (max) or smaller (min) select_metric is better (default: the recipe's)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar (rank 0)."})
+    find_unused_parameters: bool = field(default=False, metadata={
+        "help": "Under torchrun: set when some trainable parameters get no gradient in a step (DDP must then search "
+                "the graph for them, which costs time)."})
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first out-of-range field."""
+
+        def bad(name: str, expected: str) -> None:
+            raise ValueError(f"trainer.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "eval_every", "checkpoint_every", "seed"):
+            if getattr(self, name) < 0:
+                bad(name, "an integer >= 0")
+        for name in ("batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            bad("lr", "a finite number >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            bad("weight_decay", "a finite number >= 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            bad("warmup_ratio", "a number in [0, 1]")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            bad("grad_clip", "a positive number or null")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            bad("schedule", "'constant', 'linear' or 'cosine'")
+        if self.select_mode not in (None, "max", "min"):
+            bad("select_mode", "'max', 'min' or null")
+        if not self.device:
+            bad("device", "a device name such as cpu or cuda")
