@@ -165,22 +165,31 @@ def read_run_metadata(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_fineclipper_run(directory: str | Path, *, device: str | torch.device = "cpu",
-                         cache_dir: str | None = None) -> tuple[FineClipper, dict[str, Any]]:
+def load_clip_for_run(meta: dict[str, Any], *, device: str | torch.device = "cpu", cache_dir: str | None = None):
+    """The CLIP bundle a saved run names (``meta`` from :func:`read_run_metadata`), with adapter points declared."""
+    from mmadapters.vision.clip import load_clip
+
+    clip_meta = meta["clip"]
+    return load_clip(clip_meta.get("model"), clip_meta.get("pretrained"), device=device, cache_dir=cache_dir,
+                     seed=clip_meta.get("seed") or 0)
+
+
+def load_fineclipper_run(directory: str | Path, *, device: str | torch.device = "cpu", cache_dir: str | None = None,
+                         bundle: Any = None) -> tuple[FineClipper, dict[str, Any]]:
     """(model in eval mode on ``device``, metadata) of a directory written by :func:`save_fineclipper_run`.
 
-    The CLIP named in the metadata is loaded; its weights must hash as they did in training.
+    The CLIP is ``bundle`` (a fresh :class:`~mmadapters.vision.clip.ClipBundle`, used up by the model) or the
+    one the metadata names; its weights must hash as they did in training.
     """
     from safetensors.torch import load_file
 
     import mmadapters as mma
-    from mmadapters.vision.clip import load_clip
 
     directory = Path(directory)
     meta = read_run_metadata(directory)
     clip_meta = meta["clip"]
-    bundle = load_clip(clip_meta.get("model"), clip_meta.get("pretrained"), device=device, cache_dir=cache_dir,
-                       seed=clip_meta.get("seed") or 0)
+    if bundle is None:
+        bundle = load_clip_for_run(meta, device=device, cache_dir=cache_dir)
     recorded = clip_meta.get("weights_sha256")
     if recorded and bundle.info.weights_sha256 != recorded:
         raise ValueError(f"{directory / META_NAME}: field 'clip.weights_sha256': the adapters were trained on CLIP weights "
