@@ -95,28 +95,28 @@ class LdaConfig:
 
     def __post_init__(self) -> None:
         if self.train_manifest is None and self.data_dir is None:
-            raise ValueError("recipe.train_manifest: missing; expected a training manifest, or recipe.data_dir (a dataset folder)")
+            raise ValueError("train_manifest: missing; expected a training manifest, or data_dir (a dataset folder)")
         if self.dev_manifest is None and self.data_dir is None and Path(self.train_manifest).is_file():
-            raise ValueError("recipe.dev_manifest: missing; expected a validation manifest (or recipe.data_dir, a dataset "
+            raise ValueError("dev_manifest: missing; expected a validation manifest (or data_dir, a dataset "
                              "folder with a dev split)")
         if self.languages is not None and (not self.languages or len(set(self.languages)) != len(self.languages)):
-            raise ValueError(f"recipe.languages: {self.languages!r}; expected distinct language codes (or null: every "
+            raise ValueError(f"languages: {self.languages!r}; expected distinct language codes (or null: every "
                              "language of the training data)")
         if self.adapter_dim is not None and self.adapter_dim < 1:
-            raise ValueError(f"recipe.adapter_dim: {self.adapter_dim!r}; expected a positive width (or null)")
+            raise ValueError(f"adapter_dim: {self.adapter_dim!r}; expected a positive width (or null)")
         if not 0 < self.fraction < 1:
-            raise ValueError(f"recipe.fraction: {self.fraction!r}; expected a fraction in (0, 1)")
+            raise ValueError(f"fraction: {self.fraction!r}; expected a fraction in (0, 1)")
         if not self.points:
-            raise ValueError("recipe.points: empty; expected adapter points such as [block_out]")
+            raise ValueError("points: empty; expected adapter points such as [block_out]")
         if self.dev_per_language is not None and self.dev_per_language < 1:
-            raise ValueError(f"recipe.dev_per_language: {self.dev_per_language!r}; expected a positive count (or null)")
+            raise ValueError(f"dev_per_language: {self.dev_per_language!r}; expected a positive count (or null)")
         for name in ("max_audio_seconds", "eval_batch_seconds"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"recipe.{name}: {getattr(self, name)!r}; expected positive seconds")
+                raise ValueError(f"{name}: {getattr(self, name)!r}; expected positive seconds")
         if self.beam < 1:
-            raise ValueError(f"recipe.beam: {self.beam!r}; expected >= 1")
+            raise ValueError(f"beam: {self.beam!r}; expected >= 1")
         if self.noise_snr_db is not None and not math.isfinite(self.noise_snr_db):
-            raise ValueError(f"recipe.noise_snr_db: {self.noise_snr_db!r}; expected a finite SNR in dB (or null)")
+            raise ValueError(f"noise_snr_db: {self.noise_snr_db!r}; expected a finite SNR in dB (or null)")
 
     def source(self, which: Literal["train", "dev"]) -> tuple[str, str]:
         """(dataset path, split) that ``which`` reads."""
@@ -307,7 +307,10 @@ RECIPE = Recipe(
     build_task=build_task,
     trainer_defaults={"steps": 200, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.0, "warmup_ratio": 0.05,
                       "schedule": "cosine", "grad_clip": 5.0, "eval_every": 50, "checkpoint_every": 50,
-                      "select_metric": SELECT_METRIC, "select_mode": "min"},
+                      "select_metric": SELECT_METRIC, "select_mode": "min",
+                      # per-sample routing: a language absent from a rank's share of a step leaves its adapter without
+                      # a gradient, which DDP must be told about
+                      "find_unused_parameters": True},
     description="Language-dependent adapters for a streaming multilingual transducer (LDA): one adapter set per "
                 "language, routed per sample; validation: dev WER per language and their average.",
 )
