@@ -262,11 +262,21 @@ def _read_results(obj: dict[str, Any], source: str) -> Run:
     settings = _dict(obj, "settings")
     return Run(source=source, kind="results", task=obj["task"], dataset=obj["dataset"], model=obj["model"],
                pretrained=_str(obj, "pretrained"),
-               method=_first_str(settings, _METHOD_KEYS), metrics=dict(metrics),
+               method=_results_method(obj, settings, parameters), metrics=dict(metrics),
                evaluated=counts["evaluated"], skipped=counts["skipped"],
                trainable=_as_int(parameters.get("trainable")), total_params=_as_int(parameters.get("total")),
                total_s=_as_float(timings.get("total_s")), git_commit=_commit(obj),
                per_group={str(g): _flat_numbers(v) for g, v in per_group.items() if isinstance(v, dict)})
+
+
+def _results_method(obj: Mapping[str, Any], settings: Mapping[str, Any], parameters: Mapping[str, Any]) -> str | None:
+    """The method of a shared-schema run, where the evaluator recorded one: ``settings.method|variant|kind``
+    (video, few-shot CLIP), the ``adapter.kind`` extra, ``parameters.variant`` (VL-Adapter), else the name of
+    the ``settings.adapters`` directory."""
+    adapters = settings.get("adapters")
+    return (_first_str(settings, _METHOD_KEYS) or _first_str(_dict(obj, "adapter"), ("kind",))
+            or _first_str(parameters, ("variant",))
+            or (Path(adapters).name if isinstance(adapters, str) and adapters else None))
 
 
 def _dict(obj: Mapping[str, Any], key: str) -> dict[str, Any]:

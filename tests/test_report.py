@@ -487,3 +487,41 @@ def test_report_does_not_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "plots" / "params_fewshot_classification_shapes_acc1.png").is_file()
+
+
+# -- the real writers' shapes -----------------------------------------------------------------------------------
+
+def test_reads_what_build_results_writes(tmp_path):
+    from mmadapters.eval.results_schema import build_results
+
+    results = build_results(dataset="shapes", model="tiny-clip", pretrained="w.safetensors", task="asr",
+                            metrics={"wer": 0.25, "cer": 0.1}, counts={"total": 3, "evaluated": 2, "skipped": 1},
+                            skipped=[{"id": "u3", "reason": "corrupt: bad header"}], settings={"adapters": "out/lda/best"},
+                            timings={"total_s": 3.5}, parameters={"trainable": 10, "total": 1010},
+                            per_group={"pl": {"wer": 0.25, "cer": 0.1}})
+    run = read_input(write(tmp_path / "r.json", results))
+    assert (run.kind, run.task, run.pretrained, run.method, run.main_metric) == ("results", "asr", "w.safetensors", "best", "wer")
+    assert (run.evaluated, run.skipped, run.total_s) == (2, 1, 3.5)
+    assert run.trainable_pct == pytest.approx(100 * 10 / 1010)
+    assert run.per_group == {"pl": {"wer": 0.25, "cer": 0.1}}
+    assert run.git_commit == (None if results["git_commit"] is None
+                              else results["git_commit"] + ("-dirty" if results["git_dirty"] else ""))
+
+
+def test_hand_written_train_summary_has_the_engine_fields():
+    from dataclasses import fields
+
+    from mmadapters.training.trainer import TrainSummary
+
+    assert set(train_summary()) - {"schema"} == {f.name for f in fields(TrainSummary)}
+
+
+@pytest.mark.parametrize(("changes", "method"), [
+    ({"settings": {"kind": "caps"}}, "caps"),  # few-shot CLIP
+    ({"settings": {}, "adapter": {"kind": "tip-f"}}, "tip-f"),  # the few-shot CLIP extra
+    ({"settings": {}, "parameters": {"trainable": 1, "total": 2, "variant": "hyperformer"}}, "hyperformer"),  # VL-Adapter
+    ({"settings": {"adapters": "/runs/lda/best"}}, "best"),  # an adapters directory
+    ({"settings": {"adapter": "none"}}, None),
+])
+def test_method_of_a_schema_run(tmp_path, changes, method):
+    assert read_input(write(tmp_path / "r.json", schema_results() | changes)).method == method
