@@ -232,6 +232,9 @@ def read_input(path: str | os.PathLike) -> Run | BenchReport:
     except json.JSONDecodeError as e:
         raise ReportInputError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                                f"expected {EXPECTED_SHAPES}") from e
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; nesting deeper than the parser's stack
+        raise ReportInputError(f"{source}: JSON not readable ({type(e).__name__}: {str(e)[:120]}); "
+                               f"expected {EXPECTED_SHAPES}") from e
     kind = detect_kind(obj)
     if kind is None:
         what = f"a JSON {type(obj).__name__}" + (f" with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else "")
@@ -717,8 +720,8 @@ def plot_metric_vs_params(runs: Sequence[Run], directory: str | os.PathLike, *, 
         if name is None:
             mains = [r.main_metric for r in group if r.main_metric]
             name = max(dict.fromkeys(mains), key=mains.count) if mains else None
-        points = [r for r in group if r.trainable is not None and _is_number(r.metrics.get(name))
-                  and not math.isnan(r.metrics[name])]
+        points = [r for r in group if r.trainable is not None and r.trainable >= 0 and _is_number(r.metrics.get(name))
+                  and math.isfinite(r.metrics[name])]
         if name is None or not points:
             continue
         fig = _new_figure(7.0, 4.5)
@@ -783,10 +786,13 @@ def plot_bench_ratios(benches: Sequence[BenchReport], directory: str | os.PathLi
     directory, used = Path(directory), used if used is not None else set()
     written = []
     for bench in benches:
-        fig = _new_figure(8.0, 1.2 + 0.35 * len(bench.ratios))
+        ratios = [r for r in bench.ratios if math.isfinite(r.value)]
+        if not ratios:
+            continue
+        fig = _new_figure(8.0, 1.2 + 0.35 * len(ratios))
         ax = fig.add_subplot()
-        labels = [r.label for r in bench.ratios]
-        values = [r.value for r in bench.ratios]
+        labels = [r.label for r in ratios]
+        values = [r.value for r in ratios]
         ax.barh(range(len(values)), values, zorder=3)
         ax.set_yticks(range(len(values)), labels, fontsize=8)
         ax.invert_yaxis()  # first ratio on top, as in the report

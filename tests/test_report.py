@@ -220,6 +220,25 @@ def test_bad_file_gives_a_named_error(tmp_path, content, message):
     assert isinstance(info.value, ResultsFormatError | ValueError)
 
 
+def test_unparsable_json_is_named(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"metrics": {"acc": ' + "9" * 5000 + "}}", encoding="utf-8")
+    for path in (deep, huge):
+        with pytest.raises(ReportInputError, match=f"{path.name}: JSON not readable"):
+            read_input(path)
+
+
+def test_non_finite_values_are_left_out_of_plots(tmp_path):
+    files = [write(tmp_path / "a.json", schema_results(model="a", metrics={"acc1": math.inf})),
+             write(tmp_path / "b.json", bench_core() | {"rows": [{"section": "s", "ratios": {"x / y": math.nan}}]})]
+    outcome = make_report(files, plots=tmp_path / "plots")
+    assert outcome.written["plots"] == []
+    runs_table, bench_table = (_table(part) for part in outcome.markdown.split("Benchmark ratios"))
+    assert runs_table[2][6] == "inf" and bench_table[2] == ["b", "s: x / y", "nan"]
+
+
 def test_binary_file_is_named(tmp_path):
     path = tmp_path / "weights.json"
     path.write_bytes(b"\xff\xfe\x00binary")
