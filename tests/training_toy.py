@@ -133,6 +133,16 @@ TOY_RECIPE = Recipe(name="toy", config_class=ToyConfig, build_task=build_toy_tas
                     description="toy: LoRA on a frozen MLP regressor (engine tests)")
 
 
+def run_toy(output: str | Path, *, recipe: dict | None = None, resume: bool = False, **trainer: object):
+    """Train the toy in this process the way ``mmadapters train toy`` does. Returns (task, summary)."""
+    from mmadapters.training.trainer import seed_everything, train
+
+    config = TrainerConfig(**{**TOY_RECIPE.trainer_defaults, "steps": 12, "eval_every": 4, "checkpoint_every": 4, **trainer})
+    seed_everything(config.seed, 0)
+    task = build_toy_task(ToyConfig(**(recipe or {})), config)
+    return task, train(task, config, output, resume=resume)
+
+
 def trained_adapter(directory: str | Path) -> dict[str, Tensor]:
     """The saved adapter tensors of a run folder's best/ or last/."""
     from safetensors.torch import load_file

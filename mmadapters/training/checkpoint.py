@@ -173,8 +173,9 @@ def check_resumable(state: dict[str, Any], path: Path, *, comparable: dict[str, 
         raise ValueError(f"{path}: the trainable parameters differ from this model's: {'; '.join(parts)}")
 
 
-def _recover_swapped_dirs(output: Path) -> None:
-    """A kill between the two renames of a directory swap leaves ``.<name>.old-*/<name>``: put it back."""
+def _clean_after_crash(output: Path) -> None:
+    """Put back what a kill -9 interrupted: a directory swap caught between its two renames leaves
+    ``.<name>.old-*/<name>`` (moved back); unfinished temporary files and folders are removed."""
     for name in ("best", "last"):
         if (output / name).exists():
             continue
@@ -183,6 +184,10 @@ def _recover_swapped_dirs(output: Path) -> None:
                 os.replace(old / name, output / name)
                 shutil.rmtree(old, ignore_errors=True)
                 break
+    for name in ("best", "last", STATE_NAME, "history.jsonl", "train_summary.json", "config.yaml"):
+        for tmp in output.glob(f".{name}.*"):
+            if tmp.name.endswith(".tmp") or ".old-" in tmp.name:
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def prepare_output(output: Path, resume: bool) -> Path:
@@ -201,5 +206,6 @@ def prepare_output(output: Path, resume: bool) -> Path:
         raise FileExistsError(f"{output}: holds the training state of an earlier run ({STATE_NAME}); pass --resume to "
                               "continue it, or choose another --output")
     output.mkdir(parents=True, exist_ok=True)
-    _recover_swapped_dirs(output)
+    if resume:
+        _clean_after_crash(output)
     return state
