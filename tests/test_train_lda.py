@@ -127,3 +127,35 @@ class _Trainer:
     device = "cpu"
     seed = 0
     progress = False
+
+
+@pytest.mark.filterwarnings("ignore:skipping utterance")
+def test_resume_after_a_crash_reaches_the_same_adapters(data, tmp_path, monkeypatch):
+    """SpecAugment, dropout and the additive noise all draw from the RNG states the engine checkpoints."""
+    from safetensors.torch import load_file
+
+    def run(output, *extra):
+        return main(["train", "lda", "--config", _config(tmp_path, data, steps=3), "--output", str(output),
+                     "--set", "trainer.eval_every=0", "--set", "trainer.checkpoint_every=1",
+                     "--set", "recipe.noise_snr_db=20", *extra])
+
+    assert run(tmp_path / "whole") == 0
+    real = LdaTask.get_batch
+    calls = {"n": 0}
+
+    def dies_at_the_third_step(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 2
+        return real(self, indices)
+
+    monkeypatch.setattr(LdaTask, "get_batch", dies_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed")
+    monkeypatch.undo()
+    assert (tmp_path / "crashed" / "train_state.pt").is_file() and not (tmp_path / "crashed" / "last").exists()
+    assert run(tmp_path / "crashed", "--resume") == 0
+    for lang in LANGS:
+        a = load_file(tmp_path / "whole" / "last" / lang / "adapter_model.safetensors")
+        b = load_file(tmp_path / "crashed" / "last" / lang / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
