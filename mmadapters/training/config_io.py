@@ -215,8 +215,13 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 def _yaml_error(source: str, err: yaml.YAMLError) -> ConfigError:
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     problem = getattr(err, "problem", None) or str(err)
-    context = getattr(err, "context", None)
-    detail = f"{context}: {problem}" if context and not problem.startswith("duplicate key") else problem
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    detail = problem
+    if context and not problem.startswith("duplicate key"):
+        where = ""
+        if context_mark is not None and mark is not None and context_mark.line != mark.line:
+            where = f" (line {context_mark.line + 1}, column {context_mark.column + 1})"
+        detail = f"{context}{where}: {problem}"
     if mark is not None:
         return ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {detail}")
     return ConfigError(f"{source}: YAML syntax error: {detail}")
