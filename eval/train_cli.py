@@ -117,7 +117,7 @@ def _train(recipe, run, *, resume: bool) -> int:
     from pathlib import Path
 
     from mmadapters import distributed
-    from mmadapters.training.checkpoint import prepare_output
+    from mmadapters.training.checkpoint import check_resumable, comparable_config, load_train_state, prepare_output
     from mmadapters.training.config_io import ConfigError, dump_yaml
     from mmadapters.training.trainer import RankZeroFailed, run_on_main, seed_everything, train
 
@@ -128,8 +128,11 @@ def _train(recipe, run, *, resume: bool) -> int:
         main = distributed.is_main()
         run.trainer.device = str(distributed.device_for_rank(run.trainer.device))
 
-        def prepare() -> None:
-            prepare_output(output, resume)  # refuse before config.yaml is touched
+        def prepare() -> None:  # refuse before config.yaml is touched
+            state_path = prepare_output(output, resume)
+            if resume:
+                comparable = comparable_config(run.to_mapping()["trainer"], run.to_mapping())
+                check_resumable(load_train_state(state_path), state_path, comparable=comparable, params=None)
             dump_yaml(run.to_mapping(), output / "config.yaml")
 
         run_on_main(prepare)

@@ -69,6 +69,7 @@ def test_rerun_without_resume_is_refused_and_leaves_the_run_alone(tmp_path, caps
     assert (tmp_path / "run" / "config.yaml").read_text() == before
     assert cli("toy", "--config", config, "--set", "trainer.lr=0.5", "--resume") == 2
     assert "trainer.lr: 0.01 there, 0.5 here" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -13,6 +13,8 @@ import torch
 from training_toy import main as toy_main
 from training_toy import trained_adapter
 
+from mmadapters.eval import train_cli
+
 TESTS = Path(__file__).resolve().parent
 # dropout off: the ranks' dropout masks cannot match a single process's; everything else is the real path
 ARGS = ["--set", "trainer.steps=6", "--set", "trainer.batch_size=8", "--set", "trainer.eval_every=3",
@@ -28,7 +30,9 @@ def runs(tmp_path_factory):
                            str(TESTS / "training_toy.py"), "--ddp-report", str(root), "--output", str(root / "ddp"), *ARGS],
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert toy_main(["--output", str(root / "single"), *ARGS]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # keep the toy recipe out of the registry other tests see
+        mp.setattr(train_cli, "RECIPES", dict(train_cli.RECIPES))
+        assert toy_main(["--output", str(root / "single"), *ARGS]) == 0
     return root, proc
 
 

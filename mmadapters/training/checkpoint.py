@@ -152,8 +152,8 @@ def load_train_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_resumable(state: dict[str, Any], path: Path, *, comparable: dict[str, Any], params: dict[str, list]) -> None:
-    """Raise ValueError naming what differs between the stored run and this one."""
+def check_resumable(state: dict[str, Any], path: Path, *, comparable: dict[str, Any], params: dict[str, list] | None) -> None:
+    """Raise ValueError naming what differs between the stored run and this one (``params`` None: the config only)."""
     if state["config_fingerprint"] != config_fingerprint(comparable):
         stored = state["config"]
         diffs = [f"{k}: {stored.get(k, '(absent)')!r} there, {comparable.get(k, '(absent)')!r} here"
@@ -163,7 +163,7 @@ def check_resumable(state: dict[str, Any], path: Path, *, comparable: dict[str, 
                          f"only {', '.join('trainer.' + k for k in RESUMABLE_CHANGES)} may change on --resume "
                          "(or choose another --output)")
     stored = state["param_shapes"]
-    if stored != params:
+    if params is not None and stored != params:
         missing = sorted(set(stored) - set(params))
         extra = sorted(set(params) - set(stored))
         shape = sorted(n for n in set(stored) & set(params) if stored[n] != params[n])

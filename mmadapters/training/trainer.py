@@ -89,7 +89,9 @@ BEST_INFO_NAME = "train_best.json"
 @runtime_checkable
 class TrainTask(Protocol):
     """What a recipe gives the engine. ``model`` carries the adapters; exactly its trainable parameters have
-    ``requires_grad``."""
+    ``requires_grad``. The engine calls ``model.train()`` before training steps and ``model.eval()`` (under
+    ``torch.no_grad``) around ``validate``; a task that wants parts of the model in eval mode while training
+    (e.g. a frozen backbone's dropout) sets that in ``loss``."""
 
     model: nn.Module
     select_metric: str  # default validation metric for best-checkpoint selection
