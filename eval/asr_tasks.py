@@ -155,6 +155,25 @@ def _timings(records: Sequence[Mapping[str, Any]], *, load_s: float, total_s: fl
 def run_eval_asr(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run ``mmadapters eval asr`` (flags: :mod:`mmadapters.eval.eval_asr_args`). Returns the results on rank 0 (the
     one that writes ``--output``), None on the other ranks under torchrun."""
+    from mmadapters import distributed
+
+    t_start = time.perf_counter()
+    if args.decode not in DECODES:
+        raise ValueError(f"--decode {args.decode!r}: expected one of {', '.join(DECODES)}")
+    if args.beam < 1 or args.batch_size < 1 or not args.chunk_ms > 0:
+        raise ValueError(f"--beam ({args.beam}) and --batch-size ({args.batch_size}) must be >= 1 and --chunk-ms "
+                         f"({args.chunk_ms}) > 0")
+    if args.streaming and args.pass_ != "second":
+        raise ValueError("--streaming decodes the first pass as it streams and the second pass at the end; drop --pass")
+    joined = not distributed.is_distributed() and distributed.init_from_env(args.device)  # this call started the group
+    try:
+        return _evaluate(args, t_start)
+    finally:
+        if joined:
+            distributed.cleanup()
+
+
+def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None:
     import torch
 
     from mmadapters import distributed
@@ -165,15 +184,6 @@ def run_eval_asr(args: argparse.Namespace) -> dict[str, Any] | None:
     from .results_schema import build_results, run_key, write_results
     from .sample_runner import SampleLog, run_samples
 
-    t_start = time.perf_counter()
-    if args.decode not in DECODES:
-        raise ValueError(f"--decode {args.decode!r}: expected one of {', '.join(DECODES)}")
-    if args.beam < 1 or args.batch_size < 1 or not args.chunk_ms > 0:
-        raise ValueError(f"--beam ({args.beam}) and --batch-size ({args.batch_size}) must be >= 1 and --chunk-ms "
-                         f"({args.chunk_ms}) > 0")
-    if args.streaming and args.pass_ != "second":
-        raise ValueError("--streaming decodes the first pass as it streams and the second pass at the end; drop --pass")
-    distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
     torch.manual_seed(args.seed)
 

@@ -140,3 +140,16 @@ def _dies_after(batches: int):
         return real(self, batch)
 
     return predict
+
+
+def test_streaming_scores_both_passes_as_asr_eval_does(manifest, tmp_path):
+    offline, streaming = tmp_path / "offline.json", tmp_path / "streaming.json"
+    assert _eval(manifest, offline) == 0
+    assert _eval(manifest, streaming, "--streaming", "--chunk-ms", "320") == 0
+    a, b = read_results(offline), read_results(streaming)
+    reference = evaluate_asr(load_asr(), read_manifest(manifest), streaming=True, chunk_ms=320, progress=False)
+    for lang in LANGS:
+        assert b["per_group"][lang]["wer"] == reference["metrics"]["per_language"][lang]["wer"]
+        assert b["per_group"][lang]["wer_first_pass"] == reference["metrics"]["per_language"][lang]["wer_first_pass"]
+    assert b["metrics"]["wer_first_pass"] >= 0 and b["timings"]["first_partial_latency_mean_s"] > 0
+    assert b["settings"]["chunk_ms"] == 320 and a["settings"]["chunk_ms"] is None and a["run_key"] != b["run_key"]
