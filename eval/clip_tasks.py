@@ -132,17 +132,12 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def _prepare_root(config, cache_dir: Path) -> tuple[str, Path]:
-    """``zeroshot_eval.prepare_dataset_root`` with a generated task written by rank 0 only."""
-    from mmadapters import distributed
+    """``zeroshot_eval.prepare_dataset_root``; under torchrun rank 0 alone generates a missing task."""
+    from mmadapters.training.trainer import run_on_main
 
     from .zeroshot_eval import prepare_dataset_root
 
-    if distributed.is_main():
-        fmt, root = prepare_dataset_root(config, cache_dir)
-    distributed.barrier()
-    if not distributed.is_main():
-        fmt, root = prepare_dataset_root(config, cache_dir)
-    return fmt, root
+    return run_on_main(lambda: prepare_dataset_root(config, cache_dir))
 
 
 def _clip_parameters(model: torch.nn.Module) -> int:

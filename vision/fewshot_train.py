@@ -200,8 +200,11 @@ def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu",
         raise ValueError(f"recipe.shots: expected an integer >= 1, got {config.shots!r}")
     if config.feature_batch_size < 1 or config.num_workers < 0:
         raise ValueError("recipe.feature_batch_size must be >= 1 and recipe.num_workers >= 0")
+    from mmadapters.training.trainer import run_on_main
+
     cache_dir = _cache_dir(config)
-    fmt, root, name = resolve_dataset(config, cache_dir, progress=progress)
+    # under torchrun rank 0 alone generates a missing task; the other ranks take its answer
+    fmt, root, name = run_on_main(lambda: resolve_dataset(config, cache_dir, progress=progress))
     lookup = ZeroShotConfig(classnames=config.classnames, templates=config.templates)
     classnames, classnames_source = resolve_classnames(lookup, root)
     templates, templates_source = resolve_templates(lookup, root)
