@@ -41,6 +41,11 @@ Definitions.
 
 Results files are written atomically and never silently replace a different run's results (``run_key``,
 see :mod:`~mmadapters.eval.results_io`).
+
+``mmadapters eval asr`` (:mod:`~mmadapters.eval.asr_tasks`) is the same evaluation in the shared results
+schema, resumable and sharded over ranks; it scores per-utterance records with :func:`utterance_scores` /
+:func:`corpus_scores` and decodes with :func:`decode_texts`, which this evaluator uses too, so both commands
+give the same WER/CER.
 """
 
 from __future__ import annotations
@@ -123,7 +128,8 @@ def read_baseline(source: str | os.PathLike | Mapping) -> tuple[dict[str, float]
         per = data.get("per_group") if data.get("task") == "asr" else None
     else:  # `mmadapters asr eval`
         field = "metrics.per_language"
-        per = data.get("metrics", {}).get("per_language") if isinstance(data, Mapping) and isinstance(data.get("metrics"), Mapping) else None
+        metrics = data.get("metrics") if isinstance(data, Mapping) else None
+        per = metrics.get("per_language") if isinstance(metrics, Mapping) else None
     if not isinstance(per, Mapping) or not per:
         raise ValueError(f"{where}: field '{field}' missing or empty; expected an `mmadapters asr eval` or "
                          "`mmadapters eval asr` results file")

@@ -23,6 +23,10 @@ ASR" (the paper has no public code). The method, in the paper's order:
    that language's dev WER was lowest: selection, not averaging (:func:`merge_best`).
 
 Baseline: full fine-tuning of a copy of the whole model per language (:func:`full_finetune`).
+
+``mmadapters train lda --config configs/lda.yaml`` runs steps 1-3 on the shared training engine (typed YAML,
+DDP, resumable checkpoints, best/ by average dev WER with every language's dev WER in the history):
+:mod:`mmadapters.speech.lda_train`.
 """
 
 from __future__ import annotations
