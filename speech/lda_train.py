@@ -62,7 +62,8 @@ class LdaConfig:
     """The ``recipe:`` section of ``mmadapters train lda --config FILE.yaml``."""
 
     data_dir: str | None = field(default=None, metadata={"help": (
-        "Dataset folder: generated speech (python -m mmadapters.speech.synth --out DIR), a folder of <split>.jsonl NeMo "
+        "Dataset folder (paths relative to the working directory): generated speech (python -m mmadapters.speech.synth "
+        "--out DIR), a folder of <split>.jsonl NeMo "
         "manifests, Common Voice or MLS. Training reads split train_split, validation dev_split.")})
     train_manifest: str | None = field(default=None, metadata={"help": "NeMo JSONL manifest (or dataset folder) to train on; "
                                                                        "overrides data_dir for training."})
