@@ -125,6 +125,20 @@ def records_metrics(records: Sequence[dict], classnames: Sequence[str]) -> tuple
     return metrics, per_class
 
 
+def write_predictions(path: Path, ids: Sequence[str], records: dict[str, dict], classnames: Sequence[str]) -> None:
+    """One JSON line per evaluated image, in dataset order: id, label, prediction, top5 (indices) and their names."""
+    import json
+
+    from mmadapters.io import atomic_write_bytes
+
+    lines = [json.dumps({"id": i, "label": r["label"], "prediction": r["top5"][0], "top5": r["top5"],
+                         "top5_names": [classnames[c] for c in r["top5"]]}, ensure_ascii=False)
+             for i in ids if (r := records.get(i)) is not None]
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
 def _cache_dir(args: argparse.Namespace) -> Path:
     from .zeroshot_eval import default_cache_dir
 
@@ -188,12 +202,40 @@ def evaluate_samples(*, args: argparse.Namespace, dataset, ids: list[str], clip,
     if distributed.is_main():
         write_results(output, results, overwrite=args.overwrite)
         results["output"] = str(output)
+        if getattr(args, "predictions", None):
+            write_predictions(Path(args.predictions), ids, outcome.records, classnames)
+            results["predictions"] = str(args.predictions)
     log.remove()
     return results if distributed.is_main() else None
 
 
+def _in_group(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Run ``run(args)`` in torchrun's process group, leaving it afterwards when this call joined it."""
+    from mmadapters import distributed
+
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    joined = not distributed.is_distributed() and distributed.init_from_env(args.device)
+    try:
+        return run(args)
+    finally:
+        if joined:
+            distributed.cleanup()
+
+
 def run_zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``mmadapters eval zeroshot``: returns the results (rank 0) after writing them."""
+    """``mmadapters eval zeroshot``: returns the results on rank 0 (which writes them), None on other ranks."""
+    return _in_group(args, _zeroshot)
+
+
+def run_fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``mmadapters eval fewshot --adapters DIR``: a saved Tip / Tip-F / CapS cache model on a split."""
+    return _in_group(args, _fewshot)
+
+
+def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmadapters import distributed
     from mmadapters.vision.clip import load_clip
     from mmadapters.vision.zeroshot import cached_classifier, zeroshot_logits
@@ -201,11 +243,6 @@ def run_zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
     from .zeroshot_eval import ZeroShotConfig, open_split, resolve_classnames, resolve_templates
 
     t_start = time.perf_counter()
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
     cache_dir = _cache_dir(args)
     config = ZeroShotConfig(model=args.model, pretrained=args.pretrained, dataset=args.dataset,
@@ -247,8 +284,7 @@ def run_zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
         extra={"classifier_cache_hit": classifier.cache_hit})
 
 
-def run_fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``mmadapters eval fewshot --adapters DIR``: a saved Tip / Tip-F / CapS cache model on a split."""
+def _fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmadapters import distributed
     from mmadapters.vision.clip import load_clip
     from mmadapters.vision.fewshot_train import CACHE_CONFIG, CACHE_WEIGHTS, load_cache_model
@@ -256,11 +292,6 @@ def run_fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
     from .zeroshot_eval import ZeroShotConfig, open_split
 
     t_start = time.perf_counter()
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
     cache_dir = _cache_dir(args)
     adapters = Path(args.adapters)

@@ -45,6 +45,7 @@ def _dataset_args(p: argparse.ArgumentParser, *, default_dataset: str | None) ->
     add("--dataset-root", default=None, help="dataset location (generated tasks: a folder in the cache dir by default)")
     add("--split", default="test", help="split to evaluate (default: test)")
     add("--cache-dir", default=None, help="classifier/dataset/weights cache (default: $MMADAPTERS_CACHE or ~/.cache/mmadapters)")
+    add("--predictions", default=None, help="also write one JSON line per image (id, label, prediction, top5) here")
 
 
 def register(sub) -> None:

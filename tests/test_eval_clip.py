@@ -164,9 +164,9 @@ def test_fewshot_eval_scores_the_saved_cache_model(fitted, task_root, cache, tmp
     from mmadapters.vision.fewshot_train import load_cache_model
     from mmadapters.vision.zeroshot import extract_image_features
 
-    out = tmp_path / "fs.json"
+    out, preds = tmp_path / "fs.json", tmp_path / "preds.jsonl"
     assert main(["eval", "fewshot", "--adapters", str(fitted), "--cache-dir", str(cache), "--output", str(out),
-                 "--batch-size", "6", "--no-progress"]) == 0
+                 "--batch-size", "6", "--no-progress", "--predictions", str(preds)]) == 0
     results = read_results(out)
     assert results["task"] == "fewshot_classification" and results["dataset"] == "shapes-sketch"
     assert results["counts"]["total"] == results["counts"]["evaluated"] == 20
@@ -180,6 +180,8 @@ def test_fewshot_eval_scores_the_saved_cache_model(fitted, task_root, cache, tmp
     logits = loaded.model.logits(feats.features)
     assert results["parameters"]["trainable"] == 20 * feats.features.shape[1]  # the keys: 2 shots x 10 classes, (N, D)
     assert results["metrics"]["acc1"] == pytest.approx((logits.argmax(1) == feats.labels).double().mean().item())
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [p["prediction"] for p in lines] == logits.argmax(1).tolist() and [p["label"] for p in lines] == feats.labels.tolist()
 
 
 def test_fewshot_eval_refuses_another_clip(fitted, cache, tmp_path, capsys):
