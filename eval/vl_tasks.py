@@ -253,7 +253,7 @@ def _null():
 
 
 def _read_samples(task: str, annotations: Path, split: str | None, on_error: str):
-    from mmadapters.vision.vl_train import read_split
+    from mmadapters.vision.vl_adapter import read_split
 
     return read_split(task, annotations, split or "test", on_error=on_error)
 
@@ -263,8 +263,7 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
 
     Returns the results dict on rank 0 (also written to ``--output``), None on the other ranks.
     """
-    from mmadapters.vision.vl_adapter import FeatureCache
-    from mmadapters.vision.vl_train import open_feature_source
+    from mmadapters.vision.vl_adapter import FeatureCache, open_feature_source
 
     t_start = time.perf_counter()
     task = args.vl_task

@@ -24,6 +24,11 @@ per-task adapters' 3e-4, the plain PHM adapter Compacter's 1e-3, LoRA, prompt tu
 (one adapter for all tasks, like the shared adapter; its own paper's schedule is for a 7B LLaMA) the single
 adapter's 1e-3.
 
+**Inputs** (:func:`read_split`, :func:`open_feature_source`, shared by ``mmadapters train vl-adapter`` and
+``mmadapters eval vqa|gqa|nlvr|caption``): one task's annotation file through :mod:`mmadapters.eval.vl_readers`
+(:data:`SYNTH_FILES`: where ``python -m mmadapters.vision.synth_vl`` puts them), and per-image CLIP grid
+features from an ``.h5`` file or a folder of ``.safetensors`` or computed from the images with a CLIP.
+
 LLaMA-Adapter V2's early fusion needs each sample's image inside the adapters, not only in the encoder
 input: every forward (training) and generate (evaluation) call runs inside
 :meth:`VariantSetup.fusion`, which feeds the batch's global visual features for that call only (a no-op
@@ -48,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 import mmadapters as mma
+from mmadapters import distributed
 from mmadapters.eval.vl_metrics import caption_scores, exact_match_accuracy, vqa_accuracy, vqa_score_from_label
 from mmadapters.io import atomic_write_bytes, read_json_object
 from mmadapters.model import _all_adapter_param_ids
@@ -206,6 +212,133 @@ def task_batches(train: Mapping[str, Sequence[VLSample]], batch_size: int, rng: 
 
 def steps_per_epoch(train: Mapping[str, Sequence[VLSample]], batch_size: int) -> int:
     return sum(math.ceil(len(s) / batch_size) for s in train.values())
+
+
+# ---------------------------------------------------------------------------------------------- data files and features
+
+# The data folder of python -m mmadapters.vision.synth_vl (VL-T5's file names): task -> {split: relative path}.
+SYNTH_FILES: dict[str, dict[str, str]] = {
+    "vqa": {"train": "vqa/karpathy_train.json", "val": "vqa/karpathy_val.json", "test": "vqa/karpathy_test.json"},
+    "gqa": {"train": "gqa/train.json", "val": "gqa/valid.json", "test": "gqa/testdev.json"},
+    "nlvr": {"train": "nlvr/train.json", "val": "nlvr/valid.json", "test": "nlvr/test.json"},
+    "caption": {"train": "coco/dataset_coco.json", "val": "coco/dataset_coco.json", "test": "coco/dataset_coco.json"},
+}
+
+
+def read_split(task: str, path: str | Path, split: str, *, on_error: str = "skip"):
+    """One task's annotation file as a ``VLSplit`` (captioning: the Karpathy ``split`` of a dataset_coco.json)."""
+    from mmadapters.eval import vl_readers
+
+    if task == "caption":
+        return vl_readers.read_coco_karpathy(path, (split,), on_error=on_error)
+    reader = {"vqa": vl_readers.read_vqa, "gqa": vl_readers.read_gqa, "nlvr": vl_readers.read_nlvr2}[task]
+    return reader(path, on_error=on_error)
+
+
+def clip_encoder(clip_model: str | None, clip_pretrained: str | None, num_tokens: int,
+                 device: str | torch.device = "cpu") -> Callable[[list], Tensor]:
+    """``encode(list of PIL images) -> (B, num_tokens, width)`` CLIP grid features (:mod:`.vl_features`)."""
+    from .clip import load_clip
+    from .vl_features import clip_grid_features
+
+    bundle = load_clip(clip_model, clip_pretrained, device=device)
+
+    def encode(images: list) -> Tensor:
+        batch = torch.stack([bundle.preprocess(im) for im in images]).to(device)
+        return clip_grid_features(bundle.model, batch, num_tokens).cpu()
+
+    return encode
+
+
+def open_feature_source(features: str | Path | None, *, images: str | Path | None, num_tokens: int, visual_dim: int,
+                        clip_model: str | None = None, clip_pretrained: str | None = None,
+                        image_pattern: str = "{img_id}.png", cache: str | Path | None = None,
+                        image_ids: Sequence[str] = (), device: str | torch.device = "cpu", progress: bool = False):
+    """The per-image feature source a VL-T5 of ``(num_tokens, visual_dim)`` reads.
+
+    ``features``: an ``.h5`` file or a folder of ``<img_id>.safetensors``. Without it the features are
+    computed from ``images`` with the CLIP: into ``cache`` (``.h5`` or a folder; for the ``image_ids`` whose
+    image files exist; rank 0 writes, the others wait) when given, else in memory on first use. A source whose
+    shape differs from the model's raises ``ValueError`` naming both.
+    """
+    from mmadapters.eval.vl_readers import ImageFeatures, load_features
+
+    if features is None and cache is not None and Path(cache).exists():
+        features = cache
+    if features is not None:
+        source = load_features(features)
+    else:
+        if images is None:
+            raise ValueError("no feature source: give features (an .h5 file or a folder of .safetensors) or images")
+        images = Path(images)
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder not found: {images}")
+        encode = clip_encoder(clip_model, clip_pretrained, num_tokens, device)
+        if cache is None:
+            return ImageFeatures(images, encode, image_pattern, dim=visual_dim, num_tokens=num_tokens)
+        if distributed.is_main():
+            _extract(images, image_pattern, image_ids, encode, Path(cache), progress)
+        distributed.barrier()
+        source = load_features(cache)
+    if (source.num_tokens, source.dim) != (num_tokens, visual_dim):
+        raise ValueError(f"{source}: features are {source.num_tokens} tokens x {source.dim}, the VL-T5 expects "
+                         f"{num_tokens} x {visual_dim} (its vlt5.json)")
+    return source
+
+
+def _extract(images: Path, pattern: str, image_ids: Sequence[str], encode: Callable[[list], Tensor], out: Path,
+             progress: bool, batch_size: int = 32) -> None:
+    """Write the features of the ``image_ids`` whose files exist to ``out`` (``.h5``: one file, renamed into place)."""
+    import os
+    import tempfile
+
+    from PIL import Image
+    from safetensors.torch import save
+    from tqdm.auto import tqdm
+
+    from mmadapters.io import atomic_write_bytes
+
+    paths = {i: images / pattern.replace("{img_id}", i) for i in dict.fromkeys(image_ids)}
+    paths = {i: p for i, p in paths.items() if p.is_file() and "/" not in i and "\\" not in i and i not in (".", "..")}
+    if not paths:
+        raise FileNotFoundError(f"{images}: none of the {len(set(image_ids))} images named by the annotations is there "
+                                f"(pattern {pattern!r})")
+    as_h5 = out.suffix.lower() in (".h5", ".hdf5")
+    ids = sorted(paths)
+    h5 = tmp = None
+    if as_h5:
+        import h5py
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+        h5 = h5py.File(tmp, "w")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        for start in tqdm(range(0, len(ids), batch_size), desc=f"CLIP features -> {out.name}", disable=not progress):
+            chunk = ids[start:start + batch_size]
+            pil = []
+            for i in chunk:
+                with Image.open(paths[i]) as img:
+                    pil.append(img.convert("RGB"))
+            feats = encode(pil).float()
+            for i, f in zip(chunk, feats, strict=True):
+                if h5 is not None:
+                    h5.create_dataset(i, data=f.numpy())
+                else:
+                    atomic_write_bytes(out / f"{i}.safetensors", save({"features": f.contiguous()}))
+        if h5 is not None:
+            h5.close()
+            h5 = None
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+    finally:
+        if h5 is not None:
+            h5.close()
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -528,4 +661,5 @@ def run_variant(load_model: Callable[[], nn.Module], config: VLAdapterConfig, tr
 __all__ = ["DEFAULT_LR", "HEADLINE", "TASKS", "TASK_PREFIX", "VARIANTS", "Batch", "FeatureCache", "TrainHistory",
            "VLAdapterConfig", "VariantConfig", "VariantParameters", "VariantResult", "VariantSetup", "average_score",
            "evaluate", "load_trained", "make_batch", "model_input", "parameter_report", "run_variant", "save_trained", "setup_variant",
-           "task_batches", "train_multitask", "training_target", "unscorable_reason", "visual_input"]
+           "task_batches", "train_multitask", "training_target", "unscorable_reason", "visual_input", "SYNTH_FILES",
+           "clip_encoder", "open_feature_source", "read_split"]
