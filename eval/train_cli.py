@@ -148,6 +148,10 @@ def _train(recipe, run, *, resume: bool) -> int:
             print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     finally:
+        if distributed.is_distributed():
+            import gc
+
+            gc.collect()  # release DDP objects before their process group goes
         distributed.cleanup()
     if main:
         _print_summary(summary, run)

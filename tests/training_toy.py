@@ -167,6 +167,7 @@ def _ddp_report(directory: Path) -> None:
               "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
               "all_tensors": len(list(task.model.parameters()))}
     (directory / f"ddp.rank{distributed.rank()}.json").write_text(json.dumps(report))
+    del ddp
 
 
 def main(argv: list[str]) -> int:

@@ -44,6 +44,7 @@ Only rank 0 writes files.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -518,6 +519,10 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
         evaluate(config.steps)
     if last_ckpt != config.steps:
         checkpoint(config.steps)
+    # Free DDP's reducer (it holds the process group) now: one left to the interpreter's teardown can outlive
+    # destroy_process_group and abort the process on exit.
+    del module
+    gc.collect()
 
     def finish() -> TrainSummary:
         t0 = time.perf_counter()
