@@ -301,7 +301,7 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
         "clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained,
         "max_text_length": args.max_text_length, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
         "decoding": "greedy" if args.num_beams == 1 else "beam", "batch_size": args.batch_size, "device": str(args.device),
-        "seed": args.seed, "world_size": distributed.world_size(),
+        "seed": args.seed,
     }
     model_name = model_dir.name
     pretrained = None if args.adapters is None else str(args.adapters)
@@ -329,7 +329,7 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
     results = build_results(dataset=dataset, model=model_name, pretrained=pretrained, task=RESULT_TASK[task],
                             metrics=metrics, counts=counts, skipped=skipped, settings=settings,
                             timings={"total_s": time.perf_counter() - t_start, "model_load_s": load_s, "eval_s": eval_s},
-                            parameters=parameters, per_group=per_group)
+                            parameters=parameters, per_group=per_group, extra={"world_size": distributed.world_size()})
     if results["run_key"] != key:
         raise RuntimeError(f"run key changed while evaluating ({key} -> {results['run_key']}); settings are not JSON-stable")
     write_results(output, results, overwrite=args.overwrite)

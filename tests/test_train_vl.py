@@ -33,8 +33,7 @@ def data(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vl") / "data"
     generate_vl(root, n_images=20, seed=0)
-    ids = sorted(p.stem for p in (root / "images").glob("*.png"))
-    open_feature_source(None, images=root / "images", num_tokens=16, visual_dim=96, cache=root / "features.h5", image_ids=ids)
+    open_feature_source(None, images=root / "images", num_tokens=16, visual_dim=96, cache=root / "features.h5")
     return root
 
 
@@ -154,3 +153,32 @@ def test_config_errors_name_the_field(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="VQA annotation file not found"):
         VLTrainTask(VLTrainConfig(data=str(data), features=str(data / "features.h5"),
                                   train_files={"vqa": str(tmp_path / "nope.json")}), progress=False)
+
+
+def test_resume_after_a_crash_reaches_the_same_weights(data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    def run(name, *extra):
+        return main(["train", "vl-adapter", "--config", _config(data, tmp_path, tasks=["vqa", "nlvr", "caption"],
+                                                                  max_val_samples=2, max_new_tokens=4),
+                     "--output", str(tmp_path / name), "--set", "trainer.steps=5", "--set", "trainer.eval_every=0", *extra])
+
+    assert run("straight") == 0
+    calls = {"n": 0}
+    get_batch = VLTrainTask.get_batch
+
+    def crash_at_step_5(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 5:  # train_state.pt holds step 4 (checkpoint_every 2)
+            raise KeyboardInterrupt
+        return get_batch(self, indices)
+
+    monkeypatch.setattr(VLTrainTask, "get_batch", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run("crashed")
+    monkeypatch.setattr(VLTrainTask, "get_batch", get_batch)
+    assert run("crashed", "--resume") == 0
+    assert json.loads((tmp_path / "crashed" / "train_summary.json").read_text())["resumed_from"] == 4
+    for rel in ("trained_backbone.safetensors", "adapters/shared/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / "last" / rel), load_file(tmp_path / "crashed" / "last" / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel

@@ -253,12 +253,13 @@ def clip_encoder(clip_model: str | None, clip_pretrained: str | None, num_tokens
 def open_feature_source(features: str | Path | None, *, images: str | Path | None, num_tokens: int, visual_dim: int,
                         clip_model: str | None = None, clip_pretrained: str | None = None,
                         image_pattern: str = "{img_id}.png", cache: str | Path | None = None,
-                        image_ids: Sequence[str] = (), device: str | torch.device = "cpu", progress: bool = False):
+                        image_ids: Sequence[str] | None = None, device: str | torch.device = "cpu", progress: bool = False):
     """The per-image feature source a VL-T5 of ``(num_tokens, visual_dim)`` reads.
 
     ``features``: an ``.h5`` file or a folder of ``<img_id>.safetensors``. Without it the features are
     computed from ``images`` with the CLIP: into ``cache`` (``.h5`` or a folder; for the ``image_ids`` whose
-    image files exist; rank 0 writes, the others wait) when given, else in memory on first use. A source whose
+    image files exist, default every image of the folder, so one cache serves training and every test split;
+    rank 0 writes, the others wait) when given, else in memory on first use. A source whose
     shape differs from the model's raises ``ValueError`` naming both.
     """
     from mmadapters.eval.vl_readers import ImageFeatures, load_features
@@ -286,9 +287,14 @@ def open_feature_source(features: str | Path | None, *, images: str | Path | Non
     return source
 
 
-def _extract(images: Path, pattern: str, image_ids: Sequence[str], encode: Callable[[list], Tensor], out: Path,
+def _extract(images: Path, pattern: str, image_ids: Sequence[str] | None, encode: Callable[[list], Tensor], out: Path,
              progress: bool, batch_size: int = 32) -> None:
-    """Write the features of the ``image_ids`` whose files exist to ``out`` (``.h5``: one file, renamed into place)."""
+    """Write the features of the ``image_ids`` (None: every image matching ``pattern``) whose files exist to ``out``
+    (``.h5``: one file, renamed into place; a folder: one ``<img_id>.safetensors`` each)."""
+    if image_ids is None:
+        from mmadapters.eval.vl_readers import ImageFeatures
+
+        image_ids = ImageFeatures(images, lambda ims: torch.zeros(0), pattern).ids
     import os
     import tempfile
 
@@ -301,7 +307,7 @@ def _extract(images: Path, pattern: str, image_ids: Sequence[str], encode: Calla
     paths = {i: images / pattern.replace("{img_id}", i) for i in dict.fromkeys(image_ids)}
     paths = {i: p for i, p in paths.items() if p.is_file() and "/" not in i and "\\" not in i and i not in (".", "..")}
     if not paths:
-        raise FileNotFoundError(f"{images}: none of the {len(set(image_ids))} images named by the annotations is there "
+        raise FileNotFoundError(f"{images}: none of the {len(set(image_ids))} images asked for is there "
                                 f"(pattern {pattern!r})")
     as_h5 = out.suffix.lower() in (".h5", ".hdf5")
     ids = sorted(paths)

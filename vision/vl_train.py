@@ -103,8 +103,9 @@ class VLTrainConfig(VariantConfig):
                                  "num_visual_tokens x visual_dim per image). None: computed from `images` with `clip_model`.")
     images: str | None = _help("Image folder for computed features (default: <data>/images).")
     image_pattern: str = _help("File name of an image inside `images`, with {img_id}.", "{img_id}.png")
-    features_cache: str | None = _help("Computed features are written once to this .h5 file (or folder of "
-                                       ".safetensors) and read from it afterwards; None: kept in memory only.")
+    features_cache: str | None = _help("Computed features of every image in `images` are written once to this .h5 "
+                                       "file (or folder of .safetensors) and read from it afterwards (also by `mmadapters "
+                                       "eval --features`); None: computed per use and kept in memory only.")
     clip_model: str | None = _help("open_clip model computing the features (default: the shipped tiny CLIP).")
     clip_pretrained: str | None = _help("Pretrained tag or weights file for `clip_model`.")
     model: str | None = _help("VL-T5 directory (default: the shipped tiny VL-T5).")
@@ -225,12 +226,11 @@ class VLTrainTask:
                 if rows.skipped:
                     self.data_report["rows_skipped"][f"{path}[{split}]"] = len(rows.skipped)
                 store[task] = rows
-        image_ids = [i for store in splits.values() for rows in store.values() for s in rows for i in s.img_ids]
         images = config.images if config.images is not None else (Path(config.data) / "images" if config.data else None)
         self.source = open_feature_source(
             config.features, images=images, num_tokens=self.model.num_visual_tokens, visual_dim=self.model.visual_dim,
             clip_model=config.clip_model, clip_pretrained=config.clip_pretrained, image_pattern=config.image_pattern,
-            cache=config.features_cache, image_ids=image_ids, device=self.device, progress=progress)
+            cache=config.features_cache, device=self.device, progress=progress)
         self.features = FeatureCache(self.source)
         for split, store in splits.items():
             for task, rows in store.items():
