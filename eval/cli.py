@@ -163,21 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval_cli import add_eval_parser
 
     add_eval_parser(sub)
-    _add_optional(sub, "mmadapters.eval.train_cli", "add_train_parser")
-    _add_optional(sub, "mmadapters.eval.report_args", "add_report_parser")
+    from .train_cli import add_train_parser
+
+    add_train_parser(sub)
+    from .report_args import add_report_parser
+
+    add_report_parser(sub)
     return parser
-
-
-def _add_optional(sub, module: str, attr: str) -> None:
-    import importlib
-
-    try:  # DEVELOPMENT ONLY (issue 8 in progress): modules being written; made strict before landing
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return
-    getattr(mod, attr)(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

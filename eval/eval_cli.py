@@ -75,10 +75,4 @@ def add_eval_parser(sub) -> None:
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     tasks.required = True
     for module, _ in TASK_MODULES:
-        try:  # DEVELOPMENT ONLY (issue 8 in progress): modules being written; made strict before landing
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(tasks)
+        importlib.import_module(module).register(tasks)

@@ -18,7 +18,7 @@ def check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
         return
     try:
         previous = json.loads(path.read_text(encoding="utf-8")).get("run_key")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         previous = None
     if previous != run_key:
         raise FileExistsError(f"{path} holds the results of a different run (run_key {previous!r}, this run "

@@ -197,6 +197,8 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ResultsFormatError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # integers over Python's digit limit; absurdly deep nesting
+        raise ResultsFormatError(f"{path}: not a readable results file ({type(e).__name__}: {str(e)[:120]})") from None
     return validate_results(obj, str(path))
 
 

@@ -138,7 +138,7 @@ def _train(recipe, run, *, resume: bool) -> int:
         run_on_main(prepare)
         seed_everything(run.trainer.seed, 0)  # every rank builds the same base and the same initial adapters
         task = recipe.build_task(run.recipe, run.trainer)
-        summary = train(task, run.trainer, output, resume=resume, run_config=run.to_mapping())
+        summary = train(task, run.trainer, output, resume=resume, run_config={**run.to_mapping(), "recipe_name": recipe.name})
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
         return _error(str(err)) if main else 2
     except RankZeroFailed:

@@ -70,7 +70,7 @@ def comparable_config(trainer: dict[str, Any], run: dict[str, Any] | None) -> di
     rest of the run's config (the recipe section) when given."""
     out = {f"trainer.{k}": v for k, v in trainer.items() if k not in RESUMABLE_CHANGES}
     for section, value in (run or {}).items():
-        if section in ("trainer", "output"):
+        if section in ("trainer", "output", "recipe_name"):  # the recipe section itself is compared
             continue
         if isinstance(value, dict):
             out.update({f"{section}.{k}": v for k, v in _flatten(value).items()})

@@ -337,9 +337,10 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     check_batch_split(config.batch_size, world)
     sampler = StepSampler(train_size, config.batch_size, config.seed)
     trainable = _trainable(task.model)
-    if not trainable:
+    if not trainable and config.steps > 0:
         raise ValueError("task.model has no trainable parameters (none has requires_grad): add adapters and "
-                         "freeze the base with mmadapters.freeze_base before training")
+                         "freeze the base with mmadapters.freeze_base before training (or set trainer.steps: 0 for "
+                         "a training-free recipe: validate and save only)")
     params = [p for _, p in trainable]
     shapes = parameter_fingerprint(trainable)
     trainer_dict = to_mapping(config)
@@ -352,10 +353,12 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     if dist_utils.is_distributed():
         _check_same_base(task.model)
     seed_everything(config.seed, rank)
-    module = wrap_for_training(task, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # A training-free recipe (trainer.steps 0, e.g. Tip-Adapter's cache) may have nothing to optimize: AdamW and
+    # DDP both refuse an empty parameter list, and the loop below never runs.
+    module = wrap_for_training(task, config) if params else None
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
     factor = lr_lambda(config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor) if optimizer is not None else None
 
     start, history, timings_before = 0, [], {}
     loss_sum, loss_count = 0.0, 0  # the training loss since the last history entry
@@ -373,10 +376,11 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
         with torch.no_grad():
             for n, p in trainable:
                 p.copy_(state["params"][n].to(p.device))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base_lr * factor(scheduler.last_epoch)  # trainer.steps may have changed
+        if optimizer is not None and scheduler is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * factor(scheduler.last_epoch)  # trainer.steps may have changed
         rng = state["rng"]
         if len(rng) != world:
             warnings.warn(f"{state_path}: written by {len(rng)} rank(s), resumed with {world}: the data order is the same "
@@ -436,8 +440,8 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
             save_train_state(state_path, {
                 "step": step,
                 "params": {n: p.detach().to("cpu", copy=True) for n, p in trainable},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "rng": rngs,
                 "best": best,
                 "history": history,
