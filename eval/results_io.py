@@ -44,7 +44,7 @@ def json_bytes(obj: Any) -> bytes:
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
     """Write ``results`` as JSON to ``path`` atomically (creating its folder); records it under ``output``."""
-    from mmadapters.io import atomic_write_bytes
+    from mmadapters.atomic import atomic_write_bytes
 
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def write_bench_report(out: str | Path, result: dict[str, Any], md: str, *, titl
     with ``append_to``, a dated section (command, wall time, table) appended to that file."""
     import time
 
-    from mmadapters.io import atomic_write_bytes
+    from mmadapters.atomic import atomic_write_bytes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -208,6 +208,8 @@ def is_finite_number(value: Any) -> bool:
 
 def write_results(path: str | os.PathLike, results: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Validate and write ``results`` atomically; an existing file of another run is kept unless ``overwrite``."""
+    from mmadapters.atomic import atomic_write_bytes
+
     from .results_io import check_overwrite, json_bytes
 
     path = Path(path)
@@ -215,24 +217,5 @@ def write_results(path: str | os.PathLike, results: dict[str, Any], *, overwrite
     check_overwrite(path, results["run_key"], overwrite)
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json_bytes(results))
+    atomic_write_bytes(path, json_bytes(results))
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A torch-free twin of mmadapters.io.atomic_write_bytes (that module imports torch at the top).
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -34,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 from torch import nn
 
+from .atomic import atomic_write_bytes  # noqa: F401 - atomic_write_bytes is re-exported
+from .atomic import umask as _umask
 from .config import AdapterConfig
 from .model import SHARED_ATTR, adapter_names, add_adapter, delete_adapter, get_active, get_config, set_active, state_of, wrappers
 from .quant import CODES, OFFSET, SCALE, check_bits, dequantize_state, quantize_state
@@ -48,29 +50,6 @@ def _library_version() -> str:
     from . import __version__
 
     return __version__
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _module_fingerprint(module: nn.Module) -> dict[str, list[int]]:
