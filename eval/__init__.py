@@ -16,5 +16,12 @@ package and import their heavy dependencies only when they run.
   (GQA, NLVR2), captioning BLEU-4 and CIDEr (pycocoevalcap's scorers with a Python PTB-like tokenizer);
 - :mod:`~mmadapters.eval.vl_readers` — VQAv2 Karpathy, GQA, NLVR2 and COCO Karpathy readers and image-feature
   sources (h5, a folder of safetensors, images encoded on demand);
+- :mod:`~mmadapters.eval.results_schema` — the one results schema of ``mmadapters eval <task>`` (torch-free);
+- :mod:`~mmadapters.eval.sample_runner` — per-sample records for resumable, rank-sharded evaluation;
+- :mod:`~mmadapters.eval.eval_cli` — ``mmadapters eval``; its tasks: ``eval_clip_args``/``clip_tasks`` (zeroshot,
+  fewshot), ``eval_vl_args``/``vl_tasks`` (vqa, gqa, nlvr, caption), ``eval_video_args``/``video_tasks``
+  (videoqa, dfer), ``eval_asr_args``/``asr_tasks`` (asr);
+- :mod:`~mmadapters.eval.train_cli` — ``mmadapters train <recipe> --config FILE.yaml`` (the recipe registry);
+- :mod:`~mmadapters.eval.report`, ``report_args`` — ``mmadapters report``: results files to markdown/CSV and PNG plots;
 - :mod:`~mmadapters.eval.cli` — the ``mmadapters`` console script.
 """

@@ -8,5 +8,6 @@
 - :mod:`.audio`, :mod:`.readers` — audio loading with named errors; Common Voice, MLS and NeMo manifests.
 - :mod:`.train`, :mod:`.lda` — the training loop and the LDA recipe (per-language adapters routed per
   sample, noisy student, per-language best-checkpoint merge).
+- :mod:`.lda_train` — ``mmadapters train lda`` (the LDA recipe on the training engine).
 - :mod:`.synth` — generated multilingual speech with espeak-ng (``python -m mmadapters.speech.synth``).
 """

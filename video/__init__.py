@@ -7,6 +7,7 @@
 - :mod:`.readers` — SUTD-TrafficQA jsonl and DFEW / MAFW / FERV39k annotation files.
 - :mod:`.tem_adapter` — Tem-Adapter (Semantic and Temporal Aligners) for multiple-choice VideoQA.
 - :mod:`.fineclipper`, :mod:`.cues`, :mod:`.dfer` — FineCLIPER for dynamic facial expression recognition.
+- :mod:`.tem_train`, :mod:`.fineclipper_train` — ``mmadapters train tem-adapter | fineclipper``.
 - :mod:`.synth` — generated moving-shape QA videos and cartoon expression clips.
 
 (``mmadapters.video.load_clip`` loads a *video clip*; ``mmadapters.vision.clip.load_clip`` loads a CLIP model.)

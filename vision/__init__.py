@@ -14,5 +14,7 @@ Modules (import the one you need; nothing heavy is imported here):
   with adapter points (``vl_tokenizer``: word-level T5-layout tokenizers; ``vl_features``: CLIP grid features);
 - :mod:`~mmadapters.vision.vl_variants`, :mod:`~mmadapters.vision.vl_adapter` — VL-Adapter: full fine-tuning,
   per-task / half-shared / shared adapters, Hyperformer, Compacter, PHM, LoRA, prompt tuning; multi-task
-  training and per-task evaluation.
+  training and per-task evaluation;
+- :mod:`~mmadapters.vision.fewshot_train`, :mod:`~mmadapters.vision.vl_train` — ``mmadapters train tip-adapter |
+  caps-adapter | vl-adapter`` (the recipes on the training engine).
 """
