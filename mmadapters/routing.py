@@ -143,12 +143,22 @@ class AdapterCache:
                 dst[tuple(slice(0, n) for n in v.shape)] = v
             pool.owners[slot] = version
             self.stats.uploads += 1
+        if pool is None:
+            raise RoutingError(f"route: no adapter of the batch has a unit in group {key!r}")
+        if len(pool.owners) < need:  # a slot given to an adapter with no unit here must still index a zero row
+            pool = _grow(pool, need)
         self._pools[key] = pool
         return pool.tensors
 
 
 def _versions(unit: nn.Module) -> tuple:
     return tuple((id(p), p._version) for p in unit.parameters())
+
+
+def _grow(pool: _Pool, slots: int) -> _Pool:
+    """``pool`` with zero rows appended up to ``slots`` slots."""
+    grown = {k: torch.cat([t, t.new_zeros(slots - t.shape[0], *t.shape[1:])]) for k, t in pool.tensors.items()}
+    return _Pool(grown, pool.owners + [None] * (slots - len(pool.owners)))
 
 
 def _fit(pool: _Pool | None, tensors: dict[str, Tensor], pad: dict[str, int], slots: int, device) -> _Pool:
