@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 from torch import nn
 
 from .atomic import atomic_write_bytes  # noqa: F401 - atomic_write_bytes is re-exported
@@ -127,15 +127,31 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike, bits
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        save_file(contiguous, tmp, metadata={"format": "pt", "mmadapters_adapter": name})
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() would
+        data = canonical_safetensors(save(contiguous, metadata={"format": "pt", "mmadapters_adapter": name}))
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = hashlib.sha256(data).hexdigest()
         meta = _adapter_meta(model, name, config, fingerprint, digest, quantization)
+        meta["dtypes"] = {k: _dtype_name(v.dtype) for k, v in sorted(contiguous.items())}
         _replace_pair(directory, Path(tmp), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return directory
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes ``__metadata__`` in hash
+    order, so two saves of one adapter differed in bytes (and in ``weights_sha256``). Offsets are unchanged."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the data section stays 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def _adapter_meta(model: nn.Module, name: str, config: AdapterConfig, fingerprint: dict, digest: str,
@@ -188,16 +204,46 @@ def _replace_pair(directory: Path, weights_tmp: Path, config_bytes: bytes) -> No
             shutil.rmtree(backup.parent, ignore_errors=True)
 
 
+class _NonFinite(str):
+    """Stands in for NaN / Infinity while a file is parsed, so the error can name the field that holds it."""
+
+
+def _first_non_finite(data: Any, where: str = "") -> str | None:
+    if isinstance(data, _NonFinite):
+        return where or "(top level)"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def loads_finite(text: str | bytes, source: str) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity (Python's json accepts them; JSON has no such
+    numbers, and one in a hyperparameter silently collapses results): the error names ``source`` and the field."""
+    data = json.loads(text, parse_constant=_NonFinite)
+    where = _first_non_finite(data)
+    if where is not None:
+        raise ValueError(f"{source}: field {where!r} is not a finite number; expected a finite JSON number")
+    return data
+
+
 def read_json_object(path: Path, missing: str) -> dict:
-    """The JSON object in ``path``; errors name the file (``missing``: what to say when it is absent)."""
+    """The JSON object in ``path``; errors name the file (``missing``: what to say when it is absent).
+    NaN and Infinity are refused (:func:`loads_finite`)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {missing}")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = loads_finite(path.read_bytes().decode("utf-8"), str(path))
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err}); expected a JSON object") from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, nesting too deep, integers of > 4300 digits
+    except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except ValueError as err:  # a non-finite number (message names the field), or an integer of > 4300 digits
+        raise ValueError(str(err) if str(err).startswith(str(path)) else f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
@@ -264,9 +310,32 @@ def read_adapter_weights(directory: str | os.PathLike) -> tuple[dict, AdapterCon
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    check_stored_tensors(tensors, meta, weights, directory / CONFIG_NAME)
     if "quantization" in meta:
         tensors = dequantize_state(tensors, meta["quantization"], str(directory / CONFIG_NAME))
     return meta, config, tensors
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_stored_tensors(tensors: dict[str, torch.Tensor], meta: dict, weights: Path, config_path: Path) -> None:
+    """Refuse tensors a save could not have written: NaN/inf values, and dtypes the config does not declare.
+
+    Files since ``dtypes`` was recorded declare each stored tensor's dtype; in older files a tensor must at least
+    be of the parameter's kind (floating or integer), checked when it is copied in (:func:`_copy_in`)."""
+    declared = meta.get("dtypes")
+    if declared is not None and (not isinstance(declared, dict) or not all(isinstance(v, str) for v in declared.values())):
+        raise ValueError(f"{config_path}: field 'dtypes' is {type(declared).__name__}; expected {{tensor: dtype name}}")
+    for key, t in tensors.items():
+        stored = _dtype_name(t.dtype)
+        if declared is not None and key in declared:  # an unlisted tensor is reported as unexpected when copied in
+            if declared[key] != stored:
+                raise ValueError(f"{weights}: tensor {key!r} is stored as {stored} but field 'dtypes' of {config_path} "
+                                 f"declares {declared[key]}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{weights}: tensor {key!r} holds NaN or infinite values; expected finite weights")
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
@@ -348,6 +417,9 @@ def _copy_in(model: nn.Module, name: str, tensors: dict, source: Path) -> None:
             value = tensors[key]
             if value.shape != param.shape:
                 raise ValueError(f"{source}: tensor {key!r} has shape {list(value.shape)}, expected {list(param.shape)}")
+            if value.is_floating_point() != param.is_floating_point() or (value.dtype == torch.bool) != (param.dtype == torch.bool):
+                raise ValueError(f"{source}: tensor {key!r} is stored as {_dtype_name(value.dtype)}; the adapter's "
+                                 f"parameter is {_dtype_name(param.dtype)}")
             param.copy_(value.to(param.dtype))
 
 

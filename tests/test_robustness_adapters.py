@@ -150,16 +150,8 @@ def test_failed_save_over_an_existing_adapter_keeps_it_loadable(tmp_path, monkey
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    if fail_in == "weights":
-        real = mio.save_file
-
-        def half_then_boom(tensors, filename, metadata=None):
-            real(tensors, filename, metadata=metadata)
-            with open(filename, "r+b") as f:
-                f.truncate(50)
-            boom()
-
-        monkeypatch.setattr(mio, "save_file", half_then_boom)
+    if fail_in == "weights":  # the weights' temporary file is written, then syncing it fails
+        monkeypatch.setattr(mio.os, "fsync", boom)
     else:
         real_replace = mio.os.replace
 
