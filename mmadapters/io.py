@@ -589,6 +589,14 @@ def _report_dir(directory: Path) -> StorageReport:
         raise FileNotFoundError(f"{weights}: adapter weights not found")
     quant = meta.get("quantization") or {}
     record = quant.get("tensors", {}) if isinstance(quant, dict) else {}
+    if not isinstance(record, dict):
+        raise ValueError(f"{directory / CONFIG_NAME}: field 'quantization.tensors' is {type(record).__name__}; "
+                         "expected an object of tensor name -> {shape, dtype}")
+    for key, info in record.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"{directory / CONFIG_NAME}: field 'quantization.tensors[{key!r}].shape' is {shape!r}; "
+                             "expected a list of non-negative integers")
     num, quantized, dtypes = 0, 0, set()
     try:
         with safe_open(str(weights), framework="pt") as f:

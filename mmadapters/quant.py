@@ -164,7 +164,10 @@ def dequantize_state(tensors: dict[str, Tensor], meta: object, source: str) -> d
     field = f"{source}: field 'quantization'"
     if not isinstance(meta, dict):
         raise ValueError(f"{field}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("version", 1) > QUANT_FORMAT_VERSION:
+    version = meta.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{field}.version: expected a positive integer, got {version!r}")
+    if version > QUANT_FORMAT_VERSION:
         raise ValueError(f"{field}: version {meta['version']} is newer than this library reads "
                          f"({QUANT_FORMAT_VERSION}); upgrade mmadapters")
     bits = meta.get("bits")

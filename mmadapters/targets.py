@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import regex
 from torch import nn
 
 from .points import AdapterPoint, declared_points
@@ -57,9 +58,18 @@ def iter_logical_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[s
     yield from walk(model, prefix, None, "")
 
 
+REGEX_TIMEOUT_S = 1.0  # a pattern that backtracks catastrophically (e.g. "(.*)*x") is stopped, not waited for
+
+
 def _match(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        try:
+            return regex.fullmatch(pattern[3:], name, timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise ValueError(f"target pattern {pattern!r} took over {REGEX_TIMEOUT_S:g} s on module name {name!r} "
+                             "(catastrophic backtracking); expected a regular expression without nested repetition") from None
+        except regex.error as err:
+            raise ValueError(f"target pattern {pattern!r}: not a valid regular expression ({err})") from None
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(name, pattern)
     return name == pattern or name.endswith("." + pattern)
@@ -76,6 +86,14 @@ def resolve_targets(model: nn.Module, patterns: str | list[str] | None, what: st
     modules = [(n, m, p) for n, m, p, _ in iter_logical_modules(model)]
     points = declared_points(model)
 
+    seen: dict[str, int] = {}
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ValueError(f"{what}[{i}]: {pattern!r} is not a pattern; expected a module name, suffix, glob, "
+                             "'re:' regex or '@point'")
+        if pattern in seen:
+            raise ValueError(f"{what}[{i}]: {pattern!r} repeats {what}[{seen[pattern]}]; list each pattern once")
+        seen[pattern] = i
     chosen: dict[str, Target] = {}
     for pattern in patterns:
         expanded: list[tuple[str, AdapterPoint | None]]

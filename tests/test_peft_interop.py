@@ -285,3 +285,29 @@ def test_import_refuses_dora_weights_rank_mismatch_and_missing_files(tmp_path):
         mma.import_peft(model, directory, "p")
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json"):
         mma.import_peft(model, tmp_path / "missing", "p")
+
+
+def test_catastrophic_target_modules_regex_is_stopped_not_waited_for(tmp_path, monkeypatch):
+    """A peft target_modules string that backtracks exponentially (in Python's re) on long module names hung
+    import_peft for > 60 s. Patterns now run in the `regex` engine, under a timeout."""
+    import time
+
+    from mmadapters import targets
+
+    directory = _peft_dir(tmp_path)
+    cfg_path = directory / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["target_modules"] = r"((\w+\.?)+)+X"
+    cfg_path.write_text(json.dumps(cfg))
+    model = make_toy("mlp")
+    t0 = time.perf_counter()
+    assert mma.import_peft(model, directory, "p") == "p"  # the weights name the modules; the pattern is not kept
+    assert time.perf_counter() - t0 < 15
+    assert mma.get_config(model, "p").target_modules == ["fc1", "fc2"]
+
+    def too_slow(*args, **kwargs):
+        raise TimeoutError("regex timed out")
+
+    monkeypatch.setattr(targets.regex, "fullmatch", too_slow)
+    with pytest.raises(ValueError, match=r"target pattern 're:x\+' took over 1 s on module name .*catastrophic"):
+        mma.add_adapter(make_toy("mlp"), "q", mma.LoRAConfig(target_modules="re:x+"))

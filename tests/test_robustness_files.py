@@ -133,3 +133,32 @@ def test_saved_adapter_files_honour_the_umask(tmp_path):
         os.umask(old)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         assert (directory / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("version", ["2", None, 0, True])
+def test_quantization_version_that_is_not_a_positive_integer_is_named(tmp_path, version):
+    _, directory = _saved(tmp_path, bits=4)
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    meta["quantization"]["version"] = version
+    (directory / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"field 'quantization'\.version: expected a positive integer"):
+        mma.load_adapter(_fresh(), directory)
+
+
+def test_storage_report_of_a_quantization_record_without_shape_is_named(tmp_path):
+    _, directory = _saved(tmp_path, bits=4)
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    key = next(iter(meta["quantization"]["tensors"]))
+    del meta["quantization"]["tensors"][key]["shape"]
+    (directory / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"field 'quantization\.tensors\[.*\]\.shape' is None"):
+        mma.storage_report(directory)
+
+
+@pytest.mark.parametrize("targets,message", [
+    ([""], r"target_modules\[0\]: '' is not a pattern"),
+    (["fc1", "fc2", "fc1"], r"target_modules\[2\]: 'fc1' repeats target_modules\[0\]"),
+])
+def test_empty_or_repeated_target_pattern_is_named(targets, message):
+    with pytest.raises(ValueError, match=message):
+        mma.add_adapter(_fresh(), "a", mma.LoRAConfig(r=2, target_modules=targets))
