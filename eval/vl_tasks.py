@@ -2,20 +2,22 @@
 
 One evaluation, four tasks, in the order it runs:
 
-1. **Samples**: the annotation file is read with :mod:`mmadapters.eval.vl_readers` (malformed rows are skipped
+1. **Samples**: the annotation file is read with :mod:`mmadapters.vision.vl_readers` (malformed rows are skipped
    and listed with the reader's message, unless ``--on-bad-rows raise``).
 2. **Model**: a VL-T5 directory (default: the one ``--adapters`` was trained on, else the shipped tiny VL-T5),
    and the ``--adapters``: a ``mmadapters train vl-adapter`` output's ``best/`` (restored with
    :func:`~mmadapters.vision.vl_adapter.load_trained`: adapters, trained LayerNorms and visual projection,
    the task's adapter active), a directory of core adapters or one adapter directory.
 3. **Features**: ``--features`` (``.h5`` / folder of ``.safetensors``) or computed from ``--images`` with a CLIP.
-4. **Per-sample records** (:func:`mmadapters.eval.sample_runner.run_samples`: logged as they finish so a
-   crashed run resumes, sharded over torchrun ranks): greedy (or beam) generation with the task prefix; a
+4. **Per-sample records** (:class:`~mmadapters.vision.vl_adapter.VLPredictor`, the recipe's one prediction
+   path, run by :func:`mmadapters.eval.sample_runner.run_samples`: logged as they finish so a crashed run
+   resumes, sharded over torchrun ranks): greedy (or beam) generation with the task prefix; a
    record holds the prediction and what its metric needs — the human answers or soft label (VQA), the target
    (GQA, NLVR2), the references (captioning) — plus the question/answer type. A sample whose image has no
    features, whose features hold NaN/inf or have the wrong shape, or that has nothing to be scored against,
    is skipped with the reason.
-5. **Metrics from the records**: VQA accuracy (official normalization; VL-T5's soft-label score for rows without
+5. **Metrics from the records** (:func:`~mmadapters.vision.vl_adapter.task_metrics`, which the recipe's
+   validation uses too): VQA accuracy (official normalization; VL-T5's soft-label score for rows without
    human answers), GQA / NLVR2 exact-match accuracy, captioning CIDEr and BLEU-4 computed over all records at
    the end (CIDEr's IDF depends on the whole set, so it is never averaged over batches). ``per_group``: VQA
    per answer type and per question type, GQA yes/no vs open questions, NLVR2 per label.
@@ -26,72 +28,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import time
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mmadapters import distributed
 
 from .results_schema import build_results, run_key, write_results
 from .sample_runner import SampleLog, run_samples
-from .vl_metrics import caption_scores, exact_match_accuracy, vqa_accuracy, vqa_score_from_label
 
 RESULT_TASK = {"vqa": "vqa", "gqa": "gqa", "nlvr": "nlvr", "caption": "captioning"}  # the results' "task" field
-YES_NO = frozenset({"yes", "no"})
-
-
-class MissingFeaturesError(LookupError):
-    """A sample's image has no features in the source (the message names the source and the image id)."""
-
-    def __str__(self) -> str:  # LookupError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-# ---------------------------------------------------------------------------------------------- records -> metrics
-
-
-def _vqa_score(record: Mapping[str, Any]) -> float:
-    if record.get("answers"):
-        return vqa_accuracy(record["prediction"], record["answers"])
-    return vqa_score_from_label(record["prediction"], record.get("label") or {})
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def task_metrics(task: str, records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float], dict[str, dict[str, float]] | None]:
-    """``(metrics, per_group)`` of ``task`` over ``records`` (main metric first); NaN metrics when none."""
-    groups: dict[str, list] = defaultdict(list)
-    if task == "vqa":
-        scores = [_vqa_score(r) for r in records]
-        for r, s in zip(records, scores, strict=True):
-            for key in ("answer_type", "question_type"):
-                if r.get(key):
-                    groups[f"{key}={r[key]}"].append(s)
-        metrics = {"vqa_accuracy": _mean(scores)}
-        per_group = {g: {"vqa_accuracy": _mean(v), "count": len(v)} for g, v in sorted(groups.items())}
-    elif task in ("gqa", "nlvr"):
-        metrics = {"accuracy": exact_match_accuracy([r["prediction"] for r in records], [r["targets"] for r in records])}
-        for r in records:
-            if task == "nlvr":
-                groups[f"label={r['targets'][0]}"].append(r)
-            else:
-                groups["answer=yes/no" if r["targets"][0].strip().lower() in YES_NO else "answer=open"].append(r)
-        per_group = {g: {"accuracy": exact_match_accuracy([r["prediction"] for r in v], [r["targets"] for r in v]),
-                         "count": len(v)} for g, v in sorted(groups.items())}
-    elif task == "caption":
-        scores = caption_scores({r["id"]: r["prediction"] for r in records}, {r["id"]: r["references"] for r in records})
-        metrics, per_group = {"cider": scores["cider"], "bleu4": scores["bleu4"]}, None
-    else:
-        raise ValueError(f"task {task!r}: expected one of {list(RESULT_TASK)}")
-    return metrics, per_group or None
 
 
 # ---------------------------------------------------------------------------------------------- model and adapters
@@ -185,77 +133,7 @@ def load_vl_model(model_dir: Path, adapters: str | None, task: str, *, adapter_n
                                  "adapters": core.adapters}
 
 
-# ---------------------------------------------------------------------------------------------- prediction
-
-
-class VLPredictor:
-    """``predict(samples) -> [record | exception]`` for :func:`run_samples` (module docstring, step 4)."""
-
-    def __init__(self, model: nn.Module, setup: Any, task: str, features: Callable[[str], torch.Tensor], *,
-                 max_text_length: int = 40, max_new_tokens: int = 20, num_beams: int = 1):
-        self.model, self.setup, self.task, self.features = model, setup, task, features
-        self.max_text_length, self.max_new_tokens, self.num_beams = max_text_length, max_new_tokens, num_beams
-
-    def _visual(self, sample) -> torch.Tensor | BaseException:
-        from mmadapters.vision.vl_adapter import unscorable_reason, visual_input
-
-        reason = unscorable_reason(sample)
-        if reason is not None:
-            return ValueError(f"sample {sample.uid!r}: {reason}")
-        try:
-            return visual_input(sample, self.features)
-        except KeyError as e:
-            return MissingFeaturesError(e.args[0] if e.args else f"no features for {sample.img_ids}")
-        except ValueError as e:
-            return e
-
-    def record(self, sample, prediction: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"prediction": prediction, "img_ids": list(sample.img_ids)}
-        if self.task == "vqa":
-            out.update(answers=sample.answers, label=sample.label, answer_type=sample.meta.get("answer_type"),
-                       question_type=sample.meta.get("question_type"))
-        elif self.task == "caption":
-            out["references"] = list(sample.targets)
-        else:
-            out["targets"] = list(sample.targets)
-        if self.task != "caption":
-            out["question"] = sample.text
-        return out
-
-    def __call__(self, samples: list) -> list[dict[str, Any] | BaseException]:
-        from mmadapters.vision.vl_adapter import model_input
-
-        outs: list[Any] = [self._visual(s) for s in samples]
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for k, v in enumerate(outs):
-            if isinstance(v, torch.Tensor):
-                by_shape[tuple(v.shape)].append(k)
-        device = next(self.model.parameters()).device
-        for positions in by_shape.values():
-            feats = torch.stack([outs[k] for k in positions]).to(device)
-            ids, mask = self.model.encode_text([model_input(samples[k]) for k in positions], max_length=self.max_text_length)
-            fusion = self.setup.fusion(self.model, feats) if self.setup is not None else _null()
-            with torch.no_grad(), fusion:
-                generated = self.model.generate(ids.to(device), mask.to(device), feats, max_new_tokens=self.max_new_tokens,
-                                                num_beams=self.num_beams)
-            for k, text in zip(positions, self.model.decode(generated), strict=True):
-                outs[k] = self.record(samples[k], text)
-        return outs
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------- the command
-
-
-def _read_samples(task: str, annotations: Path, split: str | None, on_error: str):
-    from mmadapters.vision.vl_adapter import read_split
-
-    return read_split(task, annotations, split or "test", on_error=on_error)
 
 
 def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -263,7 +141,7 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
 
     Returns the results dict on rank 0 (also written to ``--output``), None on the other ranks.
     """
-    from mmadapters.vision.vl_adapter import FeatureCache, open_feature_source
+    from mmadapters.vision.vl_adapter import FeatureCache, VLPredictor, open_feature_source, read_split, task_metrics
 
     t_start = time.perf_counter()
     task = args.vl_task
@@ -279,7 +157,7 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
     torch.manual_seed(args.seed)
     annotations = Path(args.annotations)
     split = getattr(args, "split", None)
-    rows = _read_samples(task, annotations, split, args.on_bad_rows)
+    rows = read_split(task, annotations, split or "test", on_error=args.on_bad_rows)
     samples = list(rows)[: args.max_samples] if args.max_samples else list(rows)
     bad_rows = [{"id": f"{annotations.name}:{where}", "reason": message} for where, message in rows.skipped]
     model_dir = resolve_model_dir(args.model, args.adapters)
@@ -337,5 +215,4 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
     return {**results, "output": str(output)}
 
 
-__all__ = ["RESULT_TASK", "MissingFeaturesError", "VLPredictor", "evaluate_vl_task", "load_vl_model",
-           "resolve_model_dir", "task_metrics"]
+__all__ = ["RESULT_TASK", "evaluate_vl_task", "load_vl_model", "resolve_model_dir"]

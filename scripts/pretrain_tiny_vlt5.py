@@ -18,7 +18,7 @@ Steps:
    conditioned on the image as VL-T5's visual MLM is. No question answering (the downstream tasks stay
    unseen). AdamW, linear warmup, cosine decay; a wall-clock bound (``--max-minutes``) ends training early.
 5. Evaluation on the pretraining set's held-out test images: loss of both objectives and greedy captions
-   scored by ``mmadapters.eval.vl_metrics.caption_scores`` (BLEU-4, CIDEr).
+   scored by ``mmadapters.eval.metrics.caption_scores`` (BLEU-4, CIDEr).
 6. ``VLT5.save_pretrained(output, fp16=True)`` (the training record goes into ``vlt5.json`` under
    ``"pretraining"``) and ``README.md`` with the command and the measured numbers.
 """
@@ -207,7 +207,7 @@ def caption_eval(model: VLT5, batcher: Batcher, indices: list[int], ids_of: list
     model.train()
     result: dict = {"count": len(preds), "examples": {k: preds[k] for k in list(preds)[:5]}}
     try:
-        from mmadapters.eval.vl_metrics import caption_scores
+        from mmadapters.eval.metrics import caption_scores
     except ImportError as err:  # the metric module is optional for this script
         result["scores_unavailable"] = str(err)
         return result
@@ -460,7 +460,7 @@ Per-token cross-entropy: captioning {final['test_caption_loss']}, span predictio
 (val: {final['val_caption_loss']} / {final['val_span_loss']}).
 
 Greedy captions of {cap['count']} test images (`max_new_tokens=48`) against their 5 references,
-`mmadapters.eval.vl_metrics.caption_scores` (pycocoevalcap BLEU(4) + CIDEr, Python tokenizer): {scores}.
+`mmadapters.eval.metrics.caption_scores` (pycocoevalcap BLEU(4) + CIDEr, Python tokenizer): {scores}.
 
 Examples:
 {examples}

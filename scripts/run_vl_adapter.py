@@ -5,46 +5,56 @@
     python scripts/run_vl_adapter.py --merge A/vl_adapter_results.json B/vl_adapter_results.json --out OUT
         # one table from runs made in parallel processes (same data, model and training settings required)
 
-``DATA`` is a folder written by ``python -m mmadapters.vision.synth_vl`` (VQAv2 Karpathy JSON, GQA JSON,
-NLVR2 JSONL, COCO Karpathy ``dataset_coco.json``, ``images/``); it is read with
-:mod:`mmadapters.eval.vl_readers` (unreadable rows skipped and counted). ``--model`` is a VL-T5 directory
-(default: the shipped tiny VL-T5). Image features come from ``--features`` (an ``.h5`` file or a folder of
-``<img_id>.safetensors``) or are extracted once with the shipped tiny CLIP into ``OUT/features.h5``.
+A sweep over the library's own commands, nothing more. For every variant and seed it runs (in this process,
+through the ``mmadapters`` entry point; each command is printed first, so any run can be repeated by hand)::
 
-Every variant starts from the same fresh model, trains on the four train splits together
-(:func:`mmadapters.vision.vl_adapter.train_multitask`; validation on the val splits picks the best
-checkpoint), and is scored on the test splits: VQA accuracy, GQA and NLVR2 accuracy, COCO CIDEr (all x 100)
-and their average. Writes ``OUT/vl_adapter_results.json`` (all runs, updated after each variant) and
-``OUT/vl_adapter_results.md`` (the table for docs/results.md).
+    mmadapters train vl-adapter --output OUT/runs/<variant>-seed<s> --set recipe.variant=<variant> --set ...
+    mmadapters eval vqa|gqa|nlvr|caption --adapters OUT/runs/<variant>-seed<s>/best --output .../test_<task>.json
+
+and tables what they wrote (``train_summary.json`` and the four results files). ``DATA`` is a folder written
+by ``python -m mmadapters.vision.synth_vl``; ``--model`` a VL-T5 directory (default: the shipped tiny VL-T5).
+Image features come from ``--features`` (an ``.h5`` file or a folder of ``<img_id>.safetensors``) or are
+computed once with the shipped tiny CLIP into ``OUT/features.h5`` by the first training run.
+
+Every run starts from the same fresh model and trains on the four train splits together (the best of its
+validations on the val splits is kept), then each task's test split is scored: VQA accuracy, GQA and NLVR2
+accuracy, COCO CIDEr — fractions in the results files, x 100 in the table — and their average. A rerun with
+the same settings continues interrupted trainings (``--resume``) instead of starting them again. Writes
+``OUT/vl_adapter_results.json`` (all runs, updated after each) and ``OUT/vl_adapter_results.md`` (the table
+for docs/results.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+PER_TASK_OPTIONAL = ("compacter", "phm_adapter", "lora", "prompt")
+EVAL_BATCH_SIZE = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmadapters.vision.vl_adapter import VARIANTS
+    from mmadapters.vision.vl_variants import VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="generated VL data folder (python -m mmadapters.vision.synth_vl)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
-                   help="instead of training: merge the runs of these results files into OUT (first run of a variant wins)")
+                   help="instead of training: merge the runs of these results files into OUT (first run of a variant "
+                        "and seed wins)")
     p.add_argument("--model", type=Path, default=None, help="VL-T5 directory (default: the shipped tiny VL-T5)")
     p.add_argument("--features", type=Path, default=None, help="image features: .h5 file or folder of <img_id>.safetensors "
-                   "(default: extracted with the shipped tiny CLIP into OUT/features.h5)")
-    p.add_argument("--out", type=Path, default=Path("out/vl_adapter"), help="results folder")
+                   "(default: computed with the shipped tiny CLIP into OUT/features.h5)")
+    p.add_argument("--out", type=Path, default=Path("out/vl_adapter"), help="results folder (runs in OUT/runs/)")
     p.add_argument("--variants", default="all", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training data (paper: 20)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (trainer.batch_size)")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: every epoch)")
     p.add_argument("--max-val", type=int, default=200, help="validation samples per task (0: all)")
     p.add_argument("--max-test", type=int, default=0, help="test samples per task (0: all)")
@@ -53,9 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-task", action="store_true", help="compacter, phm_adapter, lora, prompt: one set per task "
                    "(the paper's 'multiple' rows) instead of one for all tasks")
     p.add_argument("--max-new-tokens", type=int, default=20, help="generation length")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--save-checkpoints", action="store_true", help="write each variant's trained parameters under OUT/<variant>/")
+    p.add_argument("--seed", default="0", help="seed, or comma-separated seeds: one run per variant and seed (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.merge is None and args.data is None:
@@ -64,61 +73,120 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    try:
+        args.seeds = [int(s) for s in args.seed.split(",") if s.strip()]
+    except ValueError:
+        args.seeds = []
+    if not args.seeds:
+        p.error(f"--seed: expected an integer or comma-separated integers, got {args.seed!r}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    for name in ("steps", "eval_every", "max_val", "max_test"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            p.error(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value}")
     return args
 
 
-PER_TASK_OPTIONAL = ("compacter", "phm_adapter", "lora", "prompt")
-SPLIT_FILES = {  # task -> (reader, {split: file relative to DATA})
-    "vqa": ("read_vqa", {"train": "vqa/karpathy_train.json", "val": "vqa/karpathy_val.json", "test": "vqa/karpathy_test.json"}),
-    "gqa": ("read_gqa", {"train": "gqa/train.json", "val": "gqa/valid.json", "test": "gqa/testdev.json"}),
-    "nlvr": ("read_nlvr2", {"train": "nlvr/train.json", "val": "nlvr/valid.json", "test": "nlvr/test.json"}),
-}
+def split_counts(data: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """split -> task -> usable samples, and per file how many rows were skipped (the readers' own counts)."""
+    from mmadapters.vision.vl_adapter import SYNTH_FILES, read_split
 
-
-def load_splits(data: Path) -> tuple[dict[str, dict[str, list]], dict[str, Any]]:
-    """split -> task -> samples, and per file how many rows were skipped."""
-    from mmadapters.eval import vl_readers
-
-    splits: dict[str, dict[str, list]] = {"train": {}, "val": {}, "test": {}}
+    counts: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
     skipped: dict[str, int] = {}
-    for task, (reader, files) in SPLIT_FILES.items():
+    for task, files in SYNTH_FILES.items():
         for split, rel in files.items():
-            rows = getattr(vl_readers, reader)(data / rel, on_error="skip")
-            splits[split][task] = list(rows)
-            skipped[rel] = len(rows.skipped)
-    coco = data / "coco" / "dataset_coco.json"
-    for split in ("train", "val", "test"):
-        rows = vl_readers.read_coco_karpathy(coco, (split,), on_error="skip")
-        splits[split]["caption"] = list(rows)
-        skipped[f"coco/dataset_coco.json[{split}]"] = len(rows.skipped)
-    return splits, skipped
+            rows = read_split(task, data / rel, split)
+            counts[split][task] = len(rows)
+            skipped[f"{rel}[{split}]" if task == "caption" else rel] = len(rows.skipped)
+    return counts, skipped
 
 
-def feature_source(args: argparse.Namespace, num_tokens: int, visual_dim: int):
-    from mmadapters.eval.vl_readers import H5Features, SafetensorsDirFeatures
+def schedule(args: argparse.Namespace, n_train: int) -> tuple[int, int]:
+    """(steps, eval_every): --steps or --epochs passes over the ``n_train`` training samples of all tasks."""
+    per_epoch = math.ceil(n_train / args.batch_size)
+    return args.steps or args.epochs * per_epoch, args.eval_every or per_epoch
 
-    path = args.features
-    if path is None:
-        path = args.out / "features.h5"
-        if not path.exists():
-            from mmadapters.vision.clip import load_clip
-            from mmadapters.vision.vl_features import extract_features
 
-            images = {p.stem: p for p in sorted((args.data / "images").glob("*.png"))}
-            if not images:
-                raise FileNotFoundError(f"{args.data / 'images'}: no .png images to extract features from")
-            extract_features(images, load_clip(), path, num_tokens=num_tokens, progress=not args.quiet)
-    source = H5Features(path) if path.suffix in (".h5", ".hdf5") else SafetensorsDirFeatures(path)
-    if (source.num_tokens, source.dim) != (num_tokens, visual_dim):
-        raise ValueError(f"{path}: features are {source.num_tokens} tokens x {source.dim}, the VL-T5 expects "
-                         f"{num_tokens} x {visual_dim} (its vlt5.json)")
-    return source
+def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, steps: int, eval_every: int) -> list[str]:
+    """``mmadapters train vl-adapter`` for one run, every setting a ``--set`` (a value YAML would read as something
+    else than the string meant, e.g. ``yes`` or ``1e-3``, is written as JSON, which YAML reads back exactly)."""
+    import yaml
+
+    from mmadapters.vision.vl_adapter import DEFAULT_LR
+
+    settings: dict[str, Any] = {
+        "trainer.steps": steps, "trainer.batch_size": args.batch_size, "trainer.lr": DEFAULT_LR[variant] * args.lr_scale,
+        "trainer.eval_every": eval_every, "trainer.checkpoint_every": eval_every, "trainer.seed": seed,
+        "trainer.device": args.device, "trainer.progress": not args.quiet,
+        "recipe.data": str(args.data), "recipe.variant": variant, "recipe.reduction_factor": args.reduction_factor,
+        "recipe.max_val_samples": args.max_val or None, "recipe.max_new_tokens": args.max_new_tokens,
+        "recipe.eval_batch_size": EVAL_BATCH_SIZE, "recipe.model": None if args.model is None else str(args.model),
+    }
+    if args.features is not None:
+        settings["recipe.features"] = str(args.features)
+    else:
+        settings["recipe.features_cache"] = str(args.out / "features.h5")
+    if args.per_task and variant in PER_TASK_OPTIONAL:
+        settings["recipe.per_task"] = True
+    cmd = ["train", "vl-adapter", "--output", str(run_dir)]
+    for key, value in settings.items():
+        text = value if isinstance(value, str) and yaml.safe_load(value) == value else json.dumps(value)
+        cmd += ["--set", f"{key}={text}"]
+    return cmd + (["--resume"] if (run_dir / "train_state.pt").is_file() else [])
+
+
+def eval_command(args: argparse.Namespace, task: str, adapters: Path, output: Path) -> list[str]:
+    """``mmadapters eval <task>`` of one run's adapters on the task's test split."""
+    from mmadapters.vision.vl_adapter import SYNTH_FILES
+
+    features = args.features if args.features is not None else args.out / "features.h5"
+    cmd = ["eval", task, "--annotations", str(args.data / SYNTH_FILES[task]["test"]), "--features", str(features),
+           "--adapters", str(adapters), "--output", str(output), "--batch-size", str(EVAL_BATCH_SIZE),
+           "--max-new-tokens", str(args.max_new_tokens), "--device", args.device, "--overwrite"]
+    if args.model is not None:
+        cmd += ["--model", str(args.model)]
+    if args.max_test:
+        cmd += ["--max-samples", str(args.max_test)]
+    return cmd + (["--no-progress"] if args.quiet else [])
+
+
+def mmadapters(cmd: list[str], what: str) -> None:
+    """Run ``mmadapters <cmd>`` in this process; a failure stops the sweep, naming the run."""
+    from mmadapters.eval.cli import main as cli
+
+    print("$ mmadapters " + shlex.join(cmd), flush=True)
+    rc = cli(cmd)
+    if rc != 0:
+        raise SystemExit(f"{what}: `mmadapters {' '.join(cmd[:2])}` failed with exit status {rc} (its error is above)")
+
+
+def run_record(variant: str, seed: int, per_task: bool, run_dir: Path, adapters: Path,
+               results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One table row's data from the run's ``train_summary.json`` and its tasks' results files."""
+    from mmadapters.vision.vl_adapter import HEADLINE
+
+    summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+    params = dict(summary["parameters"])
+    params["trainable_pct"] = 100.0 * params["trainable"] / params["backbone"]
+    test = {task: {"metric": HEADLINE[task], "score": r["metrics"][HEADLINE[task]], "metrics": r["metrics"],
+                   "count": r["counts"]["evaluated"], "skipped": r["counts"]["skipped"], "results_file": r["output"]}
+            for task, r in results.items()}
+    scores = [100.0 * t["score"] for t in test.values() if t["score"] is not None and not math.isnan(t["score"])]
+    return {"variant": variant, "seed": seed, "per_task": per_task, "run_dir": str(run_dir), "adapters": str(adapters),
+            "parameters": params, "test": test, "average": sum(scores) / len(scores) if scores else math.nan,
+            "history": {"total_steps": summary["steps"], "train_seconds": summary["timings"].get("train_s", math.nan),
+                        "best_step": summary["best_step"], "best_metrics": summary["best_metrics"],
+                        "validations": summary["history"]},
+            "config": summary["config"]}
 
 
 def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    full = next((r for r in runs if r["variant"] == "full_ft"), None)
+    several_seeds = len({r.get("seed", 0) for r in runs}) > 1
     lines = [f"VL-Adapter variants on generated data ({meta['data']}), model {meta['model']}, "
-             f"{meta['backbone_params']:,} backbone parameters, device {meta['device']}.", "",
+             f"{meta['backbone_params']:,} backbone parameters, device {meta['device']}. Test scores x 100 (the "
+             "results files hold fractions): VQA accuracy, GQA and NLVR accuracy, COCO CIDEr; average = their mean.", "",
              "| variant | trainable params | trainable % | VQA | GQA | NLVR | CIDEr | average | vs full FT | train s | steps |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -127,18 +195,27 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return "–" if t is None or t["score"] is None or math.isnan(t["score"]) else f"{100 * t['score']:.1f}"
 
     for r in runs:
+        full = next((f for f in runs if f["variant"] == "full_ft" and f.get("seed", 0) == r.get("seed", 0)), None)
         delta = "–" if full is None or r is full else f"{r['average'] - full['average']:+.1f}"
-        h = r["history"]
-        name = r["variant"] + (" (per task)" if r["config"].get("per_task") else "")
-        params = r["parameters"]
+        h, params = r["history"], r["parameters"]
+        name = r["variant"] + (" (per task)" if r.get("per_task") else "") + (f" (seed {r.get('seed', 0)})" if several_seeds else "")
         lines.append(f"| {name} | {params['trainable']:,} | {params['trainable_pct']:.2f} | {score(r, 'vqa')} | {score(r, 'gqa')} | "
                      f"{score(r, 'nlvr')} | {score(r, 'caption')} | {r['average']:.1f} | {delta} | "
                      f"{h['train_seconds']:.0f} | {h['total_steps']} |")
     return "\n".join(lines) + "\n"
 
 
+def write_table(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    from mmadapters.eval.results_io import write_results
+    from mmadapters.io import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out / "vl_adapter_results.json", {"meta": meta, "runs": runs})
+    atomic_write_bytes(out / "vl_adapter_results.md", markdown(runs, meta).encode())
+
+
 SAME_SETTINGS = ("--data", "--model", "--features", "--epochs", "--steps", "--batch-size", "--eval-every", "--max-val",
-                 "--max-test", "--lr-scale", "--reduction-factor", "--per-task", "--max-new-tokens", "--seed", "--device")
+                 "--max-test", "--lr-scale", "--reduction-factor", "--per-task", "--max-new-tokens", "--device")
 
 
 def _settings(argv: list[str]) -> dict[str, str]:
@@ -159,11 +236,6 @@ def _settings(argv: list[str]) -> dict[str, str]:
 
 def merge(files: list[Path], out: Path) -> int:
     """One table from several results files whose runs share data, model and settings (else a named error)."""
-    import json
-
-    from mmadapters.eval.results_io import write_results
-    from mmadapters.io import atomic_write_bytes
-
     payloads = [(f, json.loads(f.read_text(encoding="utf-8"))) for f in files]
     ref_file, ref = payloads[0]
     runs, seen = [], set()
@@ -176,12 +248,10 @@ def merge(files: list[Path], out: Path) -> int:
         if diff:
             raise SystemExit(f"--merge: {f}: settings {diff} differ from {ref_file}'s ({[a.get(k) for k in diff]} vs "
                              f"{[b.get(k) for k in diff]})")
-        runs += [r for r in payload["runs"] if r["variant"] not in seen]
-        seen |= {r["variant"] for r in payload["runs"]}
+        runs += [r for r in payload["runs"] if (r["variant"], r.get("seed", 0)) not in seen]
+        seen |= {(r["variant"], r.get("seed", 0)) for r in payload["runs"]}
     meta = {**ref["meta"], "merged_from": [str(f) for f in files]}
-    out.mkdir(parents=True, exist_ok=True)
-    write_results(out / "vl_adapter_results.json", {"meta": meta, "runs": runs})
-    atomic_write_bytes(out / "vl_adapter_results.md", markdown(runs, meta).encode())
+    write_table(out, meta, runs)
     print(markdown(runs, meta))
     return 0
 
@@ -190,46 +260,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.merge is not None:
         return merge(args.merge, args.out)
-    from mmadapters.eval.results_io import jsonable, write_results
-    from mmadapters.io import atomic_write_bytes
-    from mmadapters.vision.vl_adapter import DEFAULT_LR, FeatureCache, VLAdapterConfig, run_variant
-    from mmadapters.vision.vlt5 import VLT5, resolve_vlt5_dir
+    from mmadapters.eval.results_schema import read_results
+    from mmadapters.vision.vl_adapter import SYNTH_FILES
+    from mmadapters.vision.vlt5 import resolve_vlt5_dir
 
-    model_dir = resolve_vlt5_dir(args.model)
-    probe = VLT5.from_pretrained(model_dir)
-    backbone = sum(p.numel() for p in {id(p): p for p in probe.parameters()}.values())
-    splits, skipped_rows = load_splits(args.data)
-    features = FeatureCache(feature_source(args, probe.num_visual_tokens, probe.visual_dim))
-    del probe
-    if args.max_val:
-        splits["val"] = {t: s[: args.max_val] for t, s in splits["val"].items()}
-    if args.max_test:
-        splits["test"] = {t: s[: args.max_test] for t, s in splits["test"].items()}
-    meta = {"data": str(args.data), "model": str(model_dir), "device": args.device, "backbone_params": backbone,
-            "counts": {split: {t: len(s) for t, s in by_task.items()} for split, by_task in splits.items()},
-            "skipped_rows": skipped_rows, "argv": sys.argv[1:] if argv is None else list(argv)}
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    counts, skipped_rows = split_counts(args.data)
+    steps, eval_every = schedule(args, sum(counts["train"].values()))
+    meta = {"data": str(args.data), "model": str(resolve_vlt5_dir(args.model)), "device": args.device,
+            "backbone_params": None, "counts": counts, "skipped_rows": skipped_rows, "steps": steps, "eval_every": eval_every,
+            "argv": sys.argv[1:] if argv is None else list(argv)}
     runs: list[dict[str, Any]] = []
     t_all = time.perf_counter()
-    for variant in args.variants:
-        config = VLAdapterConfig(variant=variant, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-                                 eval_every=args.eval_every, lr=DEFAULT_LR[variant] * args.lr_scale,
-                                 reduction_factor=args.reduction_factor, seed=args.seed, device=args.device,
-                                 max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                                 per_task=True if args.per_task and variant in PER_TASK_OPTIONAL else None)
-        print(f"[{variant}] lr {config.learning_rate:g}", flush=True)
-        result = run_variant(lambda: VLT5.from_pretrained(model_dir), config, splits["train"], splits["test"], features,
-                             val=splits["val"], output_dir=args.out / variant if args.save_checkpoints else None)
-        run = result.as_dict()
-        run["history"]["losses"] = run["history"]["losses"][-50:]  # the tail is enough for the record
-        runs.append(jsonable(run))
-        print(f"[{variant}] trainable {result.parameters.trainable_pct:.2f}%  average {result.average:.1f}  "
-              f"train {result.history.train_seconds:.0f}s  " +
-              "  ".join(f"{t} {100 * r['score']:.1f}" for t, r in result.test.items()), flush=True)
-        payload = {"meta": {**meta, "seconds": time.perf_counter() - t_all},
-                   "runs": runs}
-        write_results(args.out / "vl_adapter_results.json", payload)
-        atomic_write_bytes(args.out / "vl_adapter_results.md", markdown(runs, meta).encode())
+    for seed in args.seeds:
+        for variant in args.variants:
+            name = f"{variant}-seed{seed}"
+            run_dir = args.out / "runs" / name
+            mmadapters(train_command(args, variant, seed, run_dir, steps, eval_every), name)
+            summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+            adapters = Path(summary["best_dir"] or summary["last_dir"])  # no finite validation score: the last step's
+            results = {}
+            for task in SYNTH_FILES:
+                output = run_dir / f"test_{task}.json"
+                mmadapters(eval_command(args, task, adapters, output), name)
+                results[task] = {**read_results(output), "output": str(output)}
+            run = run_record(variant, seed, args.per_task and variant in PER_TASK_OPTIONAL, run_dir, adapters, results)
+            runs.append(run)
+            meta["backbone_params"] = run["parameters"]["backbone"]
+            print(f"[{name}] trainable {run['parameters']['trainable_pct']:.2f}%  average {run['average']:.1f}  "
+                  f"train {run['history']['train_seconds']:.0f}s  " +
+                  "  ".join(f"{t} {100 * r['score']:.1f}" for t, r in run["test"].items()) + "  (x 100)", flush=True)
+            write_table(args.out, {**meta, "seconds": time.perf_counter() - t_all}, runs)
     print(markdown(runs, meta))
     return 0
 

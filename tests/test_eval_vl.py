@@ -11,11 +11,11 @@ import torch
 
 from mmadapters.eval import vl_tasks
 from mmadapters.eval.cli import main
+from mmadapters.eval.metrics import caption_scores, vqa_accuracy
 from mmadapters.eval.results_schema import read_results
 from mmadapters.eval.sample_runner import SampleLog
-from mmadapters.eval.vl_metrics import caption_scores, vqa_accuracy
 from mmadapters.vision.synth_vl import generate_vl
-from mmadapters.vision.vl_adapter import open_feature_source, save_trained
+from mmadapters.vision.vl_adapter import open_feature_source, save_trained, task_metrics
 from mmadapters.vision.vl_variants import setup_variant
 from mmadapters.vision.vlt5 import VLT5
 
@@ -79,16 +79,16 @@ def test_metrics_come_from_the_records():
     vqa = [{"id": "1", "prediction": "2", "answers": ["2"] * 10, "label": None, "answer_type": "number",
             "question_type": "how many"},
            {"id": "2", "prediction": "red", "answers": None, "label": {"blue": 1.0, "red": 0.3}, "answer_type": "other"}]
-    metrics, groups = vl_tasks.task_metrics("vqa", vqa)
+    metrics, groups = task_metrics("vqa", vqa)
     assert metrics["vqa_accuracy"] == pytest.approx((vqa_accuracy("2", ["2"] * 10) + 0.3) / 2)
     assert groups["answer_type=number"] == {"vqa_accuracy": 1.0, "count": 1}
     assert groups["answer_type=other"]["vqa_accuracy"] == pytest.approx(0.3)
     nlvr = [{"id": "a", "prediction": "true", "targets": ["true"]}, {"id": "b", "prediction": "true", "targets": ["false"]}]
-    metrics, groups = vl_tasks.task_metrics("nlvr", nlvr)
+    metrics, groups = task_metrics("nlvr", nlvr)
     assert metrics == {"accuracy": 0.5} and groups["label=false"]["accuracy"] == 0.0
     caps = [{"id": str(i), "prediction": f"a red circle {i}", "references": [f"a red circle {i}", "a blue square"]}
             for i in range(3)]
-    metrics, _ = vl_tasks.task_metrics("caption", caps)
+    metrics, _ = task_metrics("caption", caps)
     expected = caption_scores({r["id"]: r["prediction"] for r in caps}, {r["id"]: r["references"] for r in caps})
     assert metrics == {"cider": expected["cider"], "bleu4": expected["bleu4"]}
 

@@ -252,7 +252,7 @@ def test_vqa_answers_include_variants_and_wrong_answers(data: Path) -> None:
 
 
 def test_vqa_metric_scores_the_right_answer_one_when_available(data: Path) -> None:
-    metrics = pytest.importorskip("mmadapters.eval.vl_metrics")
+    metrics = pytest.importorskip("mmadapters.eval.metrics")
     for r in json.loads((data / "vqa" / "karpathy_val.json").read_text()):
         answers = [a["answer"] for a in r["answers"]]
         best = max(r["label"], key=r["label"].get)

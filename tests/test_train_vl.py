@@ -47,13 +47,17 @@ def _config(data, tmp_path, **recipe) -> str:
     return str(path)
 
 
-def test_train_cli_end_to_end_best_reloads_with_its_validation_score(data, tmp_path):
+def test_train_cli_end_to_end_best_reloads_with_its_validation_score(data, tmp_path, capsys):
     assert main(["train", "vl-adapter", "--config", _config(data, tmp_path)]) == 0
+    assert "validation scores are fractions" in capsys.readouterr().err  # the output says which scale
     run = tmp_path / "run"
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["select_metric"] == "average" and summary["best_step"] in (2, 4)
-    assert set(summary["best_metrics"]) == {"average", "vqa_accuracy", "gqa_accuracy", "nlvr_accuracy", "caption_bleu4",
-                                            "caption_cider"}
+    best_metrics = summary["best_metrics"]
+    assert set(best_metrics) == {"average", "vqa_accuracy", "gqa_accuracy", "nlvr_accuracy", "caption_bleu4", "caption_cider"}
+    # one scale: the average is the mean of the tasks' headline fractions (as `mmadapters eval` reports them)
+    headlines = [best_metrics[k] for k in ("vqa_accuracy", "gqa_accuracy", "nlvr_accuracy", "caption_cider")]
+    assert best_metrics["average"] == pytest.approx(sum(headlines) / 4) and 0 <= best_metrics["average"] <= 10
     best = run / "best"
     assert (best / "adapters" / "shared" / "adapter_config.json").is_file()
     assert (best / "trained_backbone.safetensors").is_file()

@@ -1,29 +1,28 @@
-"""VL-Adapter recipe on a tiny random VL-T5 with random image features (every variant, a few steps each)."""
+"""VL-Adapter's pieces on a tiny random VL-T5 with random image features: every variant's setup, its batches
+and targets, the one prediction/metrics path, and the sweep script over `mmadapters train` / `mmadapters eval`.
+Training through the engine (`mmadapters train vl-adapter`) is tested in test_train_vl.py."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import random
 
 import pytest
 import torch
 
 import mmadapters as mma
-from mmadapters.eval.vl_readers import VLSample
-from mmadapters.vision.vl_adapter import (
-    DEFAULT_LR,
-    TASK_PREFIX,
+from mmadapters.vision.vl_adapter import DEFAULT_LR, TASK_PREFIX, make_batch, predict_records, task_metrics
+from mmadapters.vision.vl_readers import VLSample
+from mmadapters.vision.vl_variants import (
+    ADAPTER_POINTS,
+    SHARED_NAME,
     VARIANTS,
-    VLAdapterConfig,
-    average_score,
-    evaluate,
+    VariantConfig,
     parameter_report,
-    run_variant,
     setup_variant,
-    train_multitask,
 )
-from mmadapters.vision.vl_variants import ADAPTER_POINTS, SHARED_NAME
 from mmadapters.vision.vlt5 import tiny_vlt5
 
 VISUAL_DIM, N_TOKENS = 16, 4
@@ -63,17 +62,32 @@ def base_model(tmp_path_factory):
                      d_model=32, d_ff=64, num_layers=2, num_heads=2)
 
 
-def cfg(variant: str, **kw) -> VLAdapterConfig:
-    kw.setdefault("steps", 2)
-    kw.setdefault("batch_size", 3)
-    return VLAdapterConfig(variant=variant, progress=False, **kw)
+def train_steps(model, setup, data, steps: int, lr: float = 1e-3, batch_size: int = 3) -> list[float]:
+    """A bare loop over the recipe's batches (one task per batch, tasks in turn): the losses, shape (steps,).
+    Enough to see what trains; the engine's own loop is what `mmadapters train` runs."""
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    order = [(t, s[i:i + batch_size]) for t, s in data.items() for i in range(0, len(s), batch_size)]
+    model.train()
+    losses = []
+    for step in range(steps):
+        task, samples = order[step % len(order)]
+        setup.activate(model, task)
+        batch = make_batch(model, task, samples, features, max_text_length=40, max_target_length=20, rng=rng)
+        with setup.fusion(model, batch.visual_feats):
+            loss = model(batch.input_ids, batch.attention_mask, batch.visual_feats, labels=batch.labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_sets_up_trains_and_only_its_parameters_change(base_model, variant):
     model = copy.deepcopy(base_model)
-    config = cfg(variant, steps=3)
-    setup = setup_variant(model, config)
+    setup = setup_variant(model, variant)
     report = parameter_report(model, setup)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -90,8 +104,11 @@ def test_variant_sets_up_trains_and_only_its_parameters_change(base_model, varia
         assert "t5.encoder.final_layer_norm.weight" in extras and "visual_proj.feat_proj.weight" in extras
         assert not model.t5.shared.weight.requires_grad
         assert report.extras == sum(p.numel() for n, p in model.named_parameters() if n in extras)
-    history = train_multitask(model, setup, SAMPLES, features, config)
-    assert len(history.losses) == 3 and all(math.isfinite(loss) for _, _, loss in history.losses)
+    text = str(report)  # a readable table, not a dataclass repr
+    assert text.startswith(f"VL-Adapter variant {variant!r}") and "VariantParameters(" not in text
+    assert f"{report.trainable:,}" in text and f"{report.trainable_pct:.2f}%" in text
+    losses = train_steps(model, setup, SAMPLES, 3)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert changed and changed <= trainable  # nothing frozen moved
@@ -101,11 +118,9 @@ def test_variant_sets_up_trains_and_only_its_parameters_change(base_model, varia
 
 def test_loss_goes_down_on_a_repeated_batch(base_model):
     model = copy.deepcopy(base_model)
-    data = {"vqa": SAMPLES["vqa"][:3]}
-    config = cfg("shared_adapter", steps=25, lr=1e-2, tasks=("vqa",), warmup_ratio=0.0)
-    setup = setup_variant(model, config)
-    history = train_multitask(model, setup, data, features, config)
-    first, last = history.losses[0][2], sum(loss for _, _, loss in history.losses[-3:]) / 3
+    setup = setup_variant(model, "shared_adapter", tasks=("vqa",))
+    losses = train_steps(model, setup, {"vqa": SAMPLES["vqa"][:3]}, 25, lr=1e-2)
+    first, last = losses[0], sum(losses[-3:]) / 3
     assert last < 0.6 * first, (first, last)
 
 
@@ -122,10 +137,9 @@ def test_shared_adapter_is_one_module_set_for_every_task(base_model):
 
 def test_per_task_adapters_are_separate_and_train_apart(base_model):
     model = copy.deepcopy(base_model)
-    config = cfg("multiple_adapters", steps=6, tasks=("vqa", "gqa"), lr=1e-2)
-    setup = setup_variant(model, config)
+    setup = setup_variant(model, "multiple_adapters", tasks=("vqa", "gqa"))
     assert setup.adapter_for == {"vqa": "vqa", "gqa": "gqa"}
-    train_multitask(model, setup, {t: SAMPLES[t] for t in ("vqa", "gqa")}, features, config)
+    train_steps(model, setup, {t: SAMPLES[t] for t in ("vqa", "gqa")}, 6, lr=1e-2)
     vqa, gqa = mma.adapter_parameters(model, "vqa"), mma.adapter_parameters(model, "gqa")
     assert vqa.keys() == gqa.keys()
     ups = [k for k in vqa if k.endswith("up.weight")]
@@ -184,50 +198,44 @@ def test_lora_and_prompt_sizes_scale_with_the_model(base_model):
     assert embeds.shape[1] == 7 + N_TOKENS + ids.shape[1] and full_mask.shape == embeds.shape[:2]
 
 
-def test_evaluate_returns_each_task_metric_and_counts_bad_samples(base_model):
-    model = copy.deepcopy(base_model)
+def test_one_prediction_path_scores_each_task_and_skips_bad_samples_with_the_reason(base_model):
+    from mmadapters.eval.metrics import vqa_accuracy
+
+    model = copy.deepcopy(base_model).train()
     setup = setup_variant(model, "shared_adapter")
     bad = VLSample("vqa", "missing", ["no_such_image"], "what color", ["red"], answers=["red"] * 10)
     unscorable = VLSample("vqa", "noanswers", ["img0"], "what color", ["red"])
-    out = evaluate(model, [*SAMPLES["vqa"], bad, unscorable], features, "vqa", setup=setup, max_new_tokens=4,
-                   return_predictions=True)
-    assert out["count"] == 6 and out["skipped"] == 2 and 0.0 <= out["vqa"] <= 1.0 and out["metric"] == "vqa_accuracy"
-    assert {uid for uid, _ in out["skipped_examples"]} == {"missing", "noanswers"}
-    assert set(out["predictions"]) == {s.uid for s in SAMPLES["vqa"]}
+    records, skipped = predict_records(model, setup, "vqa", [*SAMPLES["vqa"], bad, unscorable], features, max_new_tokens=4)
+    assert model.training  # validation leaves the model in the mode it found it in
+    assert [r["id"] for r in records] == [s.uid for s in SAMPLES["vqa"]]
+    reasons = dict(skipped)
+    assert set(reasons) == {"missing", "noanswers"}
+    assert reasons["missing"].startswith("MissingFeaturesError") and "no_such_image" in reasons["missing"]
+    assert "no human answers" in reasons["noanswers"]
+    metrics, groups = task_metrics("vqa", records)
+    assert list(metrics) == ["vqa_accuracy"] and groups is None  # these samples carry no answer/question type
+    assert metrics["vqa_accuracy"] == pytest.approx(sum(vqa_accuracy(r["prediction"], r["answers"]) for r in records) / 6)
     for task, metric in (("gqa", "accuracy"), ("nlvr", "accuracy"), ("caption", "cider")):
-        res = evaluate(model, SAMPLES[task], features, task, setup=setup, max_new_tokens=4)
-        assert res["metric"] == metric and res["count"] == 6 and res["skipped"] == 0 and math.isfinite(res["score"])
-    caption = evaluate(model, SAMPLES["caption"], features, "caption", setup=setup, max_new_tokens=4)
-    assert {"bleu4", "cider"} <= set(caption["metrics"])
-
-
-def test_validation_picks_the_best_checkpoint_and_run_variant_reports_everything(base_model, tmp_path):
-    config = cfg("multiple_adapters", steps=4, eval_every=2, tasks=("vqa", "nlvr"), max_new_tokens=3)
-    data = {t: SAMPLES[t] for t in ("vqa", "nlvr")}
-    result = run_variant(lambda: copy.deepcopy(base_model), config, data, data, features, val=data, output_dir=tmp_path / "run")
-    h = result.history
-    assert [v["step"] for v in h.validations] == [2, 4]
-    assert h.best_average == max(v["average"] for v in h.validations)
-    assert set(result.test) == {"vqa", "nlvr"} and math.isclose(result.average, average_score(result.test))
-    assert h.train_seconds > 0 and result.eval_seconds > 0 and result.config["learning_rate"] == 3e-4
-    assert (tmp_path / "run" / "adapters" / "vqa" / "adapter_config.json").is_file()
-    assert (tmp_path / "run" / "trained_backbone.safetensors").is_file()
+        records, skipped = predict_records(model, setup, task, SAMPLES[task], features, max_new_tokens=4)
+        metrics, _ = task_metrics(task, records)
+        assert len(records) == 6 and not skipped and list(metrics)[0] == metric and math.isfinite(metrics[metric])
+    assert set(metrics) == {"cider", "bleu4"}
+    assert math.isnan(task_metrics("gqa", [])[0]["accuracy"])
+    with pytest.raises(ValueError, match="task 'okvqa'"):
+        task_metrics("okvqa", [])
 
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="VariantConfig.variant"):
-        VLAdapterConfig(variant="adapterdrop")
+        VariantConfig(variant="adapterdrop")
     with pytest.raises(ValueError, match="VariantConfig.per_task"):
-        VLAdapterConfig(variant="multiple_adapters", per_task=False)
-    with pytest.raises(ValueError, match="VLAdapterConfig.warmup_ratio"):
-        VLAdapterConfig(variant="lora", warmup_ratio=1.5)
+        VariantConfig(variant="multiple_adapters", per_task=False)
 
 
 def test_a_saved_hyperformer_task_carries_both_hypernetworks(base_model, tmp_path):
     model = copy.deepcopy(base_model)
-    config = cfg("hyperformer", steps=3, tasks=("vqa", "gqa"), lr=1e-2, train_extras=False)  # only the adapters change
-    setup = setup_variant(model, config)
-    train_multitask(model, setup, {t: SAMPLES[t] for t in setup.tasks}, features, config)
+    setup = setup_variant(model, "hyperformer", tasks=("vqa", "gqa"), train_extras=False)  # only the adapters change
+    train_steps(model, setup, {t: SAMPLES[t] for t in setup.tasks}, 3, lr=1e-2)
     mma.save_adapter(model, "gqa", tmp_path / "gqa")
     fresh = copy.deepcopy(base_model)
     mma.load_adapter(fresh, tmp_path / "gqa")
@@ -240,15 +248,17 @@ def test_a_saved_hyperformer_task_carries_both_hypernetworks(base_model, tmp_pat
         assert torch.allclose(model(ids, mask, feats, labels=labels).logits, fresh(ids, mask, feats, labels=labels).logits, atol=1e-5)
 
 
-def test_run_script_on_generated_data_writes_json_and_markdown(tmp_path):
+def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsys):
     import importlib.util
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    from mmadapters.eval.vl_readers import read_coco_karpathy, read_gqa, read_nlvr2, read_vqa
+    from mmadapters.eval.results_schema import read_results
     from mmadapters.vision.synth_vl import generate_vl
+    from mmadapters.vision.vl_adapter import HEADLINE
+    from mmadapters.vision.vl_readers import read_coco_karpathy, read_gqa, read_nlvr2, read_vqa
 
     data = tmp_path / "data"
     generate_vl(data, n_images=20, seed=1, progress=False)
@@ -266,15 +276,26 @@ def test_run_script_on_generated_data_writes_json_and_markdown(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "out"
-    assert script.main(["--data", str(data), "--model", str(tmp_path / "vlt5"), "--features", str(feats), "--out", str(out),
-                        "--variants", "full_ft,half_shared_down", "--steps", "2", "--batch-size", "4", "--max-val", "2",
-                        "--max-test", "3", "--max-new-tokens", "3", "--quiet"]) == 0
+    args = ["--data", str(data), "--model", str(tmp_path / "vlt5"), "--features", str(feats), "--out", str(out),
+            "--variants", "full_ft,half_shared_down", "--steps", "2", "--batch-size", "4", "--max-val", "2",
+            "--max-test", "3", "--max-new-tokens", "3", "--quiet"]
+    assert script.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("$ mmadapters train vl-adapter --output") == 2 and printed.count("$ mmadapters eval ") == 8
+    assert "--set recipe.variant=half_shared_down --set recipe.reduction_factor=8.0" in printed and "--resume" not in printed
     result = json.loads((out / "vl_adapter_results.json").read_text())
     assert [r["variant"] for r in result["runs"]] == ["full_ft", "half_shared_down"]
     assert all(set(r["test"]) == {"vqa", "gqa", "nlvr", "caption"} for r in result["runs"])
     assert result["runs"][0]["parameters"]["trainable_pct"] == 100.0
+    for run in result["runs"]:  # the table's numbers are those of the train summary and the eval results files
+        assert run["history"]["total_steps"] == 2
+        for task, t in run["test"].items():
+            metrics = read_results(t["results_file"])["metrics"]
+            assert t["score"] == metrics[HEADLINE[task]] and t["count"] == min(3, result["meta"]["counts"]["test"][task])
     table = (out / "vl_adapter_results.md").read_text()
     assert "| half_shared_down |" in table and "| full_ft |" in table and "CIDEr" in table
+    row = next(line for line in table.splitlines() if line.startswith("| half_shared_down |"))
+    assert f"| {100 * result['runs'][1]['test']['vqa']['score']:.1f} |" in row
     # --merge: runs of another process with the same settings join the table; other settings are refused
     other = json.loads((out / "vl_adapter_results.json").read_text())
     other["runs"] = [{**other["runs"][1], "variant": "lora"}]
@@ -287,6 +308,14 @@ def test_run_script_on_generated_data_writes_json_and_markdown(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="--steps"):
         script.main(["--merge", str(out / "vl_adapter_results.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "m2")])
+    # a rerun continues the finished training (--resume) instead of starting again, and reproduces its scores
+    capsys.readouterr()
+    assert script.main([*args[:args.index("--variants")], "--variants", "half_shared_down",
+                        *args[args.index("--variants") + 2:]]) == 0
+    assert "--resume" in capsys.readouterr().out
+    again = json.loads((out / "vl_adapter_results.json").read_text())["runs"]
+    assert [r["variant"] for r in again] == ["half_shared_down"]
+    assert {t: r["score"] for t, r in again[0]["test"].items()} == {t: r["score"] for t, r in result["runs"][1]["test"].items()}
 
 
 # -- LLaMA-Adapter V2 (gated prompts + bias/scale + early fusion of the global visual feature) --------------------
@@ -344,10 +373,9 @@ def test_llama_adapter_v2_sets_up_prompts_bias_scale_and_early_fusion(base_model
 
 def test_llama_adapter_v2_learns_a_repeated_batch_and_evaluates_with_the_image(base_model):
     model = copy.deepcopy(base_model)
-    config = cfg("llama_adapter_v2", steps=25, lr=1e-2, tasks=("vqa", "nlvr"), warmup_ratio=0.0)
-    setup = setup_variant(model, config)
-    history = train_multitask(model, setup, {"vqa": SAMPLES["vqa"][:3]}, features, config)
-    first, last = history.losses[0][2], sum(loss for _, _, loss in history.losses[-3:]) / 3
+    setup = setup_variant(model, "llama_adapter_v2", tasks=("vqa", "nlvr"))
+    losses = train_steps(model, setup, {"vqa": SAMPLES["vqa"][:3]}, 25, lr=1e-2)
+    first, last = losses[0], sum(losses[-3:]) / 3
     assert last < 0.6 * first, (first, last)
     prompts, _ = _llama_units(model)
     assert all(u.prompt_gate.abs().sum() > 0 for u in prompts.values())  # the gates opened
@@ -361,6 +389,6 @@ def test_llama_adapter_v2_learns_a_repeated_batch_and_evaluates_with_the_image(b
 
     model.generate = spy
     for task in ("vqa", "nlvr"):  # NLVR2: the global feature of both images
-        out = evaluate(model, SAMPLES[task], features, task, setup=setup, batch_size=4, max_new_tokens=3)
-        assert out["count"] == 6 and math.isfinite(out["score"])
+        records, skipped = predict_records(model, setup, task, SAMPLES[task], features, batch_size=4, max_new_tokens=3)
+        assert len(records) == 6 and not skipped and math.isfinite(list(task_metrics(task, records)[0].values())[0])
     assert seen == [(4, 1, VISUAL_DIM), (2, 1, VISUAL_DIM)] * 2 and fusion.tokens is None

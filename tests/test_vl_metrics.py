@@ -9,8 +9,15 @@ import sys
 
 import pytest
 
-from mmadapters.eval.metrics import caption_scores, exact_match_accuracy, vqa_accuracy, vqa_normalize
-from mmadapters.eval.vl_metrics import VQA_CONTRACTIONS, caption_tokenize, vqa_score_from_label
+from mmadapters.eval.metrics import (
+    VQA_CONTRACTIONS,
+    caption_scores,
+    caption_tokenize,
+    exact_match_accuracy,
+    vqa_accuracy,
+    vqa_normalize,
+    vqa_score_from_label,
+)
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mmadapters.eval.vl_metrics import vqa_accuracy
-from mmadapters.eval.vl_readers import (
+from mmadapters.eval.metrics import vqa_accuracy
+from mmadapters.vision.vl_readers import (
     FeatureSource,
     H5Features,
     ImageFeatures,

@@ -12,9 +12,11 @@ Modules (import the one you need; nothing heavy is imported here):
 - :mod:`~mmadapters.vision.synth_vl` — generated multi-object scenes with VQA-, GQA-, NLVR2- and COCO-format tasks;
 - :mod:`~mmadapters.vision.vlt5` — VL-T5: stock transformers T5 plus a visual projection of CLIP grid features,
   with adapter points (``vl_tokenizer``: word-level T5-layout tokenizers; ``vl_features``: CLIP grid features);
+- :mod:`~mmadapters.vision.vl_readers` — VQAv2 Karpathy, GQA, NLVR2 and COCO Karpathy readers and image-feature
+  sources (h5, a folder of safetensors, images encoded on demand);
 - :mod:`~mmadapters.vision.vl_variants`, :mod:`~mmadapters.vision.vl_adapter` — VL-Adapter: full fine-tuning,
-  per-task / half-shared / shared adapters, Hyperformer, Compacter, PHM, LoRA, prompt tuning; multi-task
-  training and per-task evaluation;
+  per-task / half-shared / shared adapters, Hyperformer, Compacter, PHM, LoRA, prompt tuning; the recipe's
+  inputs and batches, its one prediction + metrics path (``mmadapters eval`` and validation) and checkpoints;
 - :mod:`~mmadapters.vision.fewshot_train`, :mod:`~mmadapters.vision.vl_train` — ``mmadapters train tip-adapter |
   caps-adapter | vl-adapter`` (the recipes on the training engine).
 """

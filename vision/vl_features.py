@@ -12,7 +12,7 @@ average-pooled to ``sqrt(num_tokens) x sqrt(num_tokens)``.
 - a directory of ``<img_id>.safetensors`` files, tensor key ``"features"`` (same shape), metadata
   ``num_tokens``, ``dim``, ``clip``,
 
-the two formats ``mmadapters.eval.vl_readers`` reads (``H5Features``, ``SafetensorsDirFeatures``).
+the two formats ``mmadapters.vision.vl_readers`` reads (``H5Features``, ``SafetensorsDirFeatures``).
 Command line: ``python -m mmadapters.vision.vl_features --images DIR --out FEATS.h5``.
 """
 

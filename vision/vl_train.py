@@ -25,9 +25,10 @@ clipping, DDP, checkpoints, ``--resume``, best-checkpoint selection. This module
     are dropped from the batch and counted in ``skipped_training_items``; samples whose images have no
     features at all are left out when the task is built (reported once);
   * ``validate`` generates greedily on each task's validation split (at most ``max_val_samples`` per task)
-    and returns ``vqa_accuracy``, ``gqa_accuracy``, ``nlvr_accuracy``, ``caption_cider`` and
-    ``caption_bleu4`` (fractions; CIDEr on its 0-10 scale) and ``average``: the paper's average of the
-    tasks' headlines in percent (VQA/GQA/NLVR accuracy x 100, CIDEr x 100; tasks without a score left out).
+    with ``mmadapters eval``'s own predictor and metrics and returns ``vqa_accuracy``, ``gqa_accuracy``,
+    ``nlvr_accuracy``, ``caption_cider`` and ``caption_bleu4`` and ``average``, the mean of the tasks'
+    headlines (tasks without a score left out). All are fractions on ``mmadapters eval``'s scale
+    (accuracies in [0, 1], CIDEr as pycocoevalcap computes it); ``average`` x 100 is the paper's average.
     The best checkpoint is selected on ``average`` (max) — on the validation split only;
   * ``save`` writes :func:`~mmadapters.vision.vl_adapter.save_trained`'s layout: ``adapters/<name>/`` (the
     core's format, :func:`mmadapters.save_adapters`), ``trained_backbone.safetensors`` (the shared LayerNorms
@@ -52,7 +53,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,17 +67,15 @@ from .vl_adapter import (
     TASK_PREFIX,
     Batch,
     FeatureCache,
-    evaluate,
     make_batch,
     open_feature_source,
-    parameter_report,
+    predict_records,
     read_split,
     save_trained,
+    task_metrics,
 )
-from .vl_variants import TASKS, VariantConfig, VariantSetup, setup_variant
-
-if TYPE_CHECKING:
-    from mmadapters.eval.vl_readers import VLSample
+from .vl_readers import VLSample, filter_with_features
+from .vl_variants import TASKS, VariantConfig, VariantSetup, parameter_report, setup_variant
 
 VAL_AVERAGE = "average"
 
@@ -177,21 +176,24 @@ def validation_name(task: str, metric: str) -> str:
 def validation_scores(model: nn.Module, setup: VariantSetup, val: Mapping[str, Sequence[VLSample]],
                       features: Callable[[str], Tensor], config: VLTrainConfig) -> dict[str, float]:
     """``{"average", "vqa_accuracy", ...}`` of ``model`` on the ``val`` samples (task -> samples), as
-    :meth:`VLTrainTask.validate` computes them: greedy generation, each task's metrics, and the average of the
-    tasks' headlines in percent (tasks without a score left out; NaN when none has one)."""
+    :meth:`VLTrainTask.validate` computes them: greedy generation and each task's metrics through the
+    evaluation path of ``mmadapters eval`` (:func:`~mmadapters.vision.vl_adapter.predict_records`,
+    :func:`~mmadapters.vision.vl_adapter.task_metrics`). Every score is a fraction on ``mmadapters eval``'s
+    scale (accuracies in [0, 1], CIDEr as pycocoevalcap computes it); ``average`` is the mean of the tasks'
+    headlines on that scale (x 100: the paper's average), tasks without a score left out, NaN when none has one."""
     metrics: dict[str, float] = {}
     headlines: list[float] = []
     for task in config.tasks:
         samples = val.get(task)
         if not samples:
             continue
-        result = evaluate(model, samples, features, task, setup=setup, batch_size=config.eval_batch_size,
-                          max_new_tokens=config.max_new_tokens, max_text_length=config.max_text_length)
-        for name, value in result["metrics"].items():
-            if name != "count":
-                metrics[validation_name(task, name)] = float(value)
-        if not math.isnan(result["score"]):
-            headlines.append(100.0 * result["score"])
+        records, _ = predict_records(model, setup, task, samples, features, batch_size=config.eval_batch_size,
+                                     max_text_length=config.max_text_length, max_new_tokens=config.max_new_tokens)
+        scores, _ = task_metrics(task, records)
+        for name, value in scores.items():
+            metrics[validation_name(task, name)] = float(value)
+        if not math.isnan(scores[HEADLINE[task]]):
+            headlines.append(scores[HEADLINE[task]])
     return {VAL_AVERAGE: sum(headlines) / len(headlines) if headlines else math.nan, **metrics}
 
 
@@ -202,8 +204,6 @@ class VLTrainTask:
     select_mode = "max"
 
     def __init__(self, config: VLTrainConfig, *, device: str | torch.device = "cpu", seed: int = 0, progress: bool = True):
-        from mmadapters.eval.vl_readers import filter_with_features
-
         from .vlt5 import VLT5, resolve_vlt5_dir
 
         self.config, self.seed = config, seed
@@ -244,8 +244,13 @@ class VLTrainTask:
             raise ValueError(f"vl-adapter: no usable training sample in tasks {list(config.tasks)} "
                              f"(skipped: {self.data_report})")
         self.skipped_training_items = 0
-        if any(self.data_report.values()) and distributed.is_main():
-            print(f"vl-adapter: data left out: {self.data_report}", file=sys.stderr)
+        if distributed.is_main():
+            if any(self.data_report.values()):
+                print(f"vl-adapter: data left out: {self.data_report}", file=sys.stderr)
+            print(f"vl-adapter: validation scores are fractions (accuracies 0-1, CIDEr as pycocoevalcap computes it, "
+                  f"as in `mmadapters eval`); {VAL_AVERAGE} = their mean over the tasks' headlines "
+                  f"({', '.join(validation_name(t, HEADLINE[t]) for t in config.tasks)}), x 100 = the paper's average",
+                  file=sys.stderr)
 
     # -- the engine's protocol ------------------------------------------------------------------------------------
     def train_size(self) -> int:
@@ -282,7 +287,7 @@ class VLTrainTask:
         return loss
 
     def validate(self) -> dict[str, float]:
-        """Per-task validation scores and their average in percent (module docstring)."""
+        """Per-task validation scores and their average, all fractions (module docstring)."""
         return validation_scores(self.model, self.setup, self.val, self.features, self.config)
 
     def save(self, directory: Path) -> None:

@@ -284,6 +284,18 @@ class VariantParameters:
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "trainable_pct": self.trainable_pct}
 
+    def __str__(self) -> str:
+        rows = [("backbone (VL-T5 + visual projection)", self.backbone),
+                ("adapters (shared parts once)", self.adapters),
+                ("trained backbone parameters (LayerNorms, visual projection)" if self.variant != "full_ft"
+                 else "trained backbone parameters (all)", self.extras),
+                ("trainable", self.trainable)]
+        rows += [(f"  used by task {task!r}", count) for task, count in self.per_task.items()]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"VL-Adapter variant {self.variant!r}", f"{'parameters':<{width}}  {'count':>12}  {'% of backbone':>13}"]
+        lines += [f"{name:<{width}}  {count:>12,}  {100.0 * count / max(self.backbone, 1):>12.2f}%" for name, count in rows]
+        return "\n".join(lines)
+
 
 def parameter_report(model: nn.Module, setup: VariantSetup) -> VariantParameters:
     """Count what trains under ``setup`` (each tensor once, however many tasks or layers share it)."""

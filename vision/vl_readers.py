@@ -15,8 +15,8 @@ Formats (those VL-T5 / VL-Adapter train on):
   {answer: score}, answer_type, question_type, answers?}``. ``targets`` are the label's answers by
   decreasing score (empty when the label is empty or absent, as for test-server splits);
   ``answers`` holds the human answers when the row has them (a list of strings or of
-  ``{"answer": ...}`` dicts) for :func:`~mmadapters.eval.vl_metrics.vqa_accuracy`; without them, score
-  with :func:`~mmadapters.eval.vl_metrics.vqa_score_from_label` on ``label`` as VL-T5 does.
+  ``{"answer": ...}`` dicts) for :func:`~mmadapters.eval.metrics.vqa_accuracy`; without them, score
+  with :func:`~mmadapters.eval.metrics.vqa_score_from_label` on ``label`` as VL-T5 does.
 - :func:`read_gqa`: VL-T5's GQA JSON, a list of ``{img_id, sent, question_id, label}``; ``label`` is
   ``{answer: score}`` (or a bare answer string); ``targets`` = ``[best answer]``.
 - :func:`read_nlvr2`: JSON lines (a JSON list is accepted too) of VL-T5's rows ``{identifier, img0,
