@@ -397,6 +397,7 @@ def _install(model: nn.Module, name: str, meta: dict, config: AdapterConfig, ten
         for t in targets:
             if t.batch_dim is None:
                 t.batch_dim = declared.get(t.name)
+    _check_shapes_before_building(model, config, targets, tensors, directory)
     add_adapter(model, name, config, _targets=targets)
     try:
         _copy_in(model, name, tensors, directory / WEIGHTS_NAME)
@@ -405,13 +406,43 @@ def _install(model: nn.Module, name: str, meta: dict, config: AdapterConfig, ten
         raise
 
 
-def _copy_in(model: nn.Module, name: str, tensors: dict, source: Path) -> None:
-    expected, _ = adapter_state(model, name)
+def _check_shapes_before_building(model: nn.Module, config: AdapterConfig, targets: list, tensors: dict,
+                                  directory: Path) -> None:
+    """Build the adapter on the meta device (shapes, no memory) and compare it with the file's tensors, so that a
+    config declaring absurd sizes (``"r": 2e7`` in a 1 KB folder) is refused before gigabytes are allocated."""
+    trial = _unused_name(model, "shape-check")
+    active = get_active(model)
+    try:
+        with torch.device("meta"):
+            add_adapter(model, trial, config, _targets=targets)
+    except Exception:  # a method that cannot build on meta: the real build and _copy_in check the shapes
+        if trial in adapter_names(model):
+            delete_adapter(model, trial)
+        set_active(model, active)
+        return
+    try:
+        built = {k: list(v.shape) for k, v in adapter_state(model, trial)[0].items()}
+    finally:
+        delete_adapter(model, trial)
+        set_active(model, active)
+    for key, shape in built.items():
+        if key in tensors and list(tensors[key].shape) != shape:
+            raise ValueError(f"{directory / CONFIG_NAME}: field 'config' builds tensor {key!r} of shape {shape}, but "
+                             f"{WEIGHTS_NAME} holds {list(tensors[key].shape)}; expected the config the weights were saved with")
+    _check_keys(built, tensors, directory / WEIGHTS_NAME)
+
+
+def _check_keys(expected, tensors: dict, source: Path) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source}: tensors do not match the adapter built from its config; "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _copy_in(model: nn.Module, name: str, tensors: dict, source: Path) -> None:
+    expected, _ = adapter_state(model, name)
+    _check_keys(expected, tensors, source)
     with torch.no_grad():
         for key, param in expected.items():
             value = tensors[key]

@@ -54,7 +54,8 @@ class AdaptedModule(nn.Module):
         param = next(self.base_layer.parameters(), None)
         if param is not None:  # new units live where the base lives, in float32 or the base's float dtype
             dtype = param.dtype if param.dtype.is_floating_point else None
-            unit.to(device=param.device, dtype=dtype)
+            on_meta = any(p.is_meta for p in unit.parameters())  # a shape-only build (load_adapter's dry run)
+            unit.to(device=None if on_meta else param.device, dtype=dtype)
         self.adapters[adapter][role] = unit
 
     def remove_adapter(self, adapter: str) -> None:

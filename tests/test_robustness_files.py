@@ -162,3 +162,21 @@ def test_storage_report_of_a_quantization_record_without_shape_is_named(tmp_path
 def test_empty_or_repeated_target_pattern_is_named(targets, message):
     with pytest.raises(ValueError, match=message):
         mma.add_adapter(_fresh(), "a", mma.LoRAConfig(r=2, target_modules=targets))
+
+
+@pytest.mark.parametrize("r", [20_000_000, 1_000_000_000])
+def test_config_declaring_absurd_sizes_is_refused_before_allocating(tmp_path, r):
+    """adapter_config.json with "r": 2e7 in a 1.3 KB folder allocated 4.6 GB before failing; r = 1e9 gave a bare
+    allocator error. The config is now built on the meta device and compared with the file's tensors first."""
+    import resource
+
+    _, directory = _saved(tmp_path)
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    meta["config"]["r"] = r
+    (directory / CONFIG_NAME).write_text(json.dumps(meta))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = _fresh()
+    with pytest.raises(ValueError, match=rf"field 'config' builds tensor '.*' of shape \[{r}, 10\], but .* holds \[2, 10\]"):
+        mma.load_adapter(model, directory)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: far below the 4.6 GB
+    assert mma.adapter_names(model) == []
