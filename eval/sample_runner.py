@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .results_schema import _clean
+from .results_schema import jsonable
 
 T = TypeVar("T")
 LOG_SCHEMA = "mmadapters.samples/1"
@@ -33,7 +34,7 @@ def _json_line(obj: Any) -> str:
 
 def canonical(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` as it reads back from a log (plain JSON types)."""
-    return json.loads(_json_line(_clean(record)))
+    return json.loads(_json_line(jsonable(record)))
 
 
 def _dist():
@@ -78,7 +79,43 @@ class SampleLog:
                 path.unlink(missing_ok=True)
         dist.barrier()
         suffix = f".samples.rank{dist.rank()}.jsonl" if dist.is_distributed() else ".samples.jsonl"
-        return cls(output, run_key, done, output.with_name(output.name + suffix))
+        log = cls(output, run_key, done, output.with_name(output.name + suffix))
+        log._claim()
+        return log
+
+    def _header(self) -> bytes:
+        return (_json_line({"schema": LOG_SCHEMA, "run_key": self.run_key}) + "\n").encode()
+
+    def _claim(self) -> None:
+        """Create this rank's log with its header now (not at the first append), atomically: the file appears
+        with its header or not at all, so a second run opening the same output sees whose log it is."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._header())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.path)  # fails when the log exists: then it must be this run's
+            except FileExistsError:
+                if self.path.stat().st_size == 0:  # created empty by an older version
+                    with open(self.path, "r+b") as f:
+                        f.write(self._header())
+        finally:
+            os.unlink(tmp)
+        self._check_header()
+
+    def _check_header(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                first = f.readline()
+        except FileNotFoundError:
+            raise ValueError(f"{self.path}: this run's samples log was removed while it ran (another run of the same "
+                             "--output with --restart?); choose another --output") from None
+        if first != self._header():
+            raise ValueError(f"{self.path}: the samples log now belongs to another run (its header is {first[:200]!r}, "
+                             f"this run's run_key is {self.run_key!r}); two evaluations share --output: choose another")
 
     @staticmethod
     def _read(path: Path, run_key: str, done: dict[str, dict]) -> None:
@@ -116,25 +153,28 @@ class SampleLog:
         """Add ``records`` (each with an ``id``) to this rank's log, durably."""
         if not records:
             return
+        self._check_header()  # before every append: another run must not have taken the file over
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not self.path.exists() or self.path.stat().st_size == 0
-            if not fresh:
-                with open(self.path, "rb+") as f:  # drop a torn last line so new lines start clean
-                    data = f.read()
-                    if not data.endswith(b"\n"):
-                        f.truncate(data.rfind(b"\n") + 1)
+            with open(self.path, "rb+") as f:  # drop a torn last line so new lines start clean
+                data = f.read()
+                if not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across batches
-            if fresh:
-                self._file.write(_json_line({"schema": LOG_SCHEMA, "run_key": self.run_key}) + "\n")
         self._file.write("".join(_json_line(r) + "\n" for r in records))
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Close the file; a log that never got a record (the run failed before its first sample) is removed, so
+        it does not claim the output for nothing."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        try:
+            if self.path.stat().st_size == len(self._header()) and self.path.read_bytes() == self._header():
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
 
     def remove(self) -> None:
         """Delete the logs of this output (call after the results file is safely written)."""

@@ -113,7 +113,27 @@ def test_crashed_run_resumes_from_its_log(tmp_path):
     with pytest.raises(ValueError, match="another run"):
         SampleLog.open(output, "other-key")
     assert SampleLog.open(output, "other-key", restart=True).done == {}
-    assert SampleLog.paths(output) == []
+    (claimed,) = SampleLog.paths(output)  # the old log is gone; the new run's log exists with its header
+    assert json.loads(claimed.read_text().splitlines()[0])["run_key"] == "other-key"
+
+
+def test_two_runs_on_one_output_never_resume_on_each_others_records(tmp_path):
+    """Regression: the header was written only at the first append, so a run that opened the log earlier appended
+    under the other run's key, and a resume then took the other run's predictions."""
+    output = tmp_path / "res.json"
+    first = SampleLog.open(output, "key-A")  # opened, nothing evaluated yet
+    with pytest.raises(ValueError, match="samples of another run"):
+        SampleLog.open(output, "key-B")  # a second run with other settings, same --output
+    second = SampleLog.open(output, "key-B", restart=True)  # ... told to discard: it takes the file over
+    with pytest.raises(ValueError, match="belongs to another run"):
+        first.append([{"id": "0", "pred": 1}])
+    second.append([{"id": "0", "pred": 2}])
+    assert SampleLog.open(output, "key-B").done == {"0": {"id": "0", "pred": 2}}
+    second.remove()
+    first_again = SampleLog.open(output, "key-A")
+    second.path.unlink()  # removed under a running evaluation
+    with pytest.raises(ValueError, match="was removed while it ran"):
+        first_again.append([{"id": "1", "pred": 3}])
 
 
 def test_two_ranks_shard_and_gather(tmp_path):
