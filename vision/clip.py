@@ -17,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -48,6 +52,11 @@ class ClipInfo:
         """A file-name friendly model name: the directory/repo name for schema names."""
         name = self.model.split(":", 1)[1] if self.model.startswith(("local-dir:", "hf-hub:")) else self.model
         return Path(name.rstrip("/")).name or name
+
+    @property
+    def random_init(self) -> bool:
+        """True when no weights were loaded: a built-in name without ``pretrained`` (random init from ``seed``)."""
+        return self.seed is not None
 
     def identity(self) -> str:
         """A string that changes whenever the weights may differ (the key of on-disk caches)."""
@@ -170,9 +179,20 @@ def load_clip(model: str | None = None, pretrained: str | None = None, *, device
             f"pretrained {pretrained!r} for model {name!r} is neither a file nor a known tag; known tags: "
             f"{open_clip.list_pretrained_tags_by_model(name.replace('/', '-'))}")
 
+    elif pretrained:
+        _check_weights_reachable(name, pretrained, cache_dir)
+
     torch.manual_seed(seed)  # only matters for a randomly initialized model (no weights)
-    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
-                                                                cache_dir=cache_dir)
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                    cache_dir=cache_dir)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"pretrained {pretrained!r}: the file holds pickled Python objects, which mmadapters never "
+                         f"unpickles (torch.load with weights_only=True refused it: {type(err).__name__}); expected a "
+                         ".safetensors file or a plain state-dict checkpoint") from None
+    if pretrained is None and not name.startswith(("local-dir:", "hf-hub:")):
+        print(f"warning: model {name!r} has no pretrained weights (pass --pretrained TAG|FILE): it is randomly "
+              f"initialized from seed {seed}, so results measure an untrained model", file=sys.stderr)
     clip.eval()
     if declare_points:
         declare_clip_points(clip)
@@ -181,6 +201,43 @@ def load_clip(model: str | None = None, pretrained: str | None = None, *, device
                     weights_path=str(weights_path) if weights_path else None, weights_sha256=digest,
                     seed=None if (digest or pretrained or name.startswith("hf-hub:")) else seed)
     return ClipBundle(clip, preprocess, tokenizer, info)
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_weights_reachable(name: str, tag: str, cache_dir: str | None) -> None:
+    """A pretrained tag whose weights are neither cached nor downloadable fails at once with one line, instead of
+    a minute of retries and a long traceback ending in "Failed to download weights"."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name.replace("/", "-"), tag) or {}
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hub:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in names):
+            return
+        host, source = urlparse(constants.ENDPOINT).hostname or "huggingface.co", f"the Hugging Face hub ({repo})"
+    elif url:
+        cached = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if cached.is_file():
+            return
+        host, source = urlparse(url).hostname or url, url
+    else:
+        return
+    if not _reachable(host):
+        raise FileNotFoundError(
+            f"pretrained {tag!r} for model {name!r}: the weights are not in the cache ({cache_dir or 'default cache'}) and "
+            f"{source} cannot be reached from this machine; download them where there is a network and pass "
+            "--pretrained FILE (or copy them into the cache dir)")
 
 
 def _transformer_points(prefix: str, blocks: nn.Module) -> dict[str, mma.AdapterPoint]:
