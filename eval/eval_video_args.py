@@ -50,6 +50,8 @@ def register(sub) -> None:
     add("--dataset", default=None, help="dataset name in the results (default: the annotation file's stem)")
     add("--cache-dir", default=None, help="frame-feature and weights cache (default: $MMADAPTERS_CACHE or ~/.cache/mmadapters)")
     add("--num-workers", type=int, default=0, help="video decoding worker processes (default: 0)")
+    add("--predictions", default=None, help="also write one JSON line per question (id, scores, prediction, answer, "
+        "options, q_type, video) here")
     add_common_args(p, default_output=VIDEOQA_OUTPUT)
     p.set_defaults(func=_run("videoqa", "run_videoqa"))
 
@@ -74,5 +76,6 @@ def register(sub) -> None:
     add("--pretrained", default=None, help="pretrained tag or weights file for a built-in --model name")
     add("--num-frames", type=int, default=None, help="TSN segments per clip (default: the adapters' setting, else 16)")
     add("--cache-dir", default=None, help="weights cache (default: $MMADAPTERS_CACHE or ~/.cache/mmadapters)")
+    add("--predictions", default=None, help="also write one JSON line per clip (id, pred, label) here")
     add_common_args(p, default_output=DFER_OUTPUT)
     p.set_defaults(func=_run("dfer", "run_dfer"))

@@ -8,7 +8,7 @@ evaluated or skipped; rank 0 writes the :mod:`~mmadapters.eval.results_schema` f
 **videoqa** — a sample is one question (id ``line<N>`` of the jsonl). Its video's frames are sampled and
 encoded by the frozen CLIP through :class:`~mmadapters.video.data.FrameFeatureCache` (the cache training
 used, so a trained run's features are found again), its question+candidate texts by
-:func:`~mmadapters.eval.videoqa_eval.encode_candidates`. Scores: a Tem-Adapter from ``--adapters``
+:func:`~mmadapters.video.qa_features.encode_candidates`. Scores: a Tem-Adapter from ``--adapters``
 (:func:`~mmadapters.video.tem_train.load_tem_run`), else the zero-shot frame-mean cosine. Record:
 ``{"scores", "prediction", "answer", "options", "q_type", "video"}``; metrics ``acc`` and ``chance``, per
 question type in ``per_group``.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -41,20 +42,6 @@ from torch import Tensor
 
 VIDEOQA_TASK = "videoqa_multiple_choice"
 DFER_TASK = "dfer"
-
-
-def output_path(template: str, **fields: str | None) -> Path:
-    """``template`` with ``{dataset} {model} {pretrained} {task} {method}`` filled in (file-name safe)."""
-
-    def slug(value: str | None) -> str:
-        text = "none" if not value else str(value)
-        return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_") or "none"
-
-    try:
-        return Path(template.format(**{k: slug(v) for k, v in fields.items()}))
-    except (KeyError, IndexError, ValueError) as e:
-        names = " ".join(f"{{{k}}}" for k in fields)
-        raise ValueError(f"--output {template!r}: only {names} can be filled in ({e})") from None
 
 
 def files_sha256(paths: Sequence[Path]) -> str:
@@ -78,7 +65,7 @@ def _check_common(args: argparse.Namespace) -> None:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    from .videoqa_eval import default_cache_dir
+    from .results_io import default_cache_dir
 
     return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
@@ -91,13 +78,14 @@ def evaluate_samples(args: argparse.Namespace, *, identity: dict[str, Any], meth
                      desc: str) -> dict[str, Any] | None:
     """The shared second half: resumable sample loop, metrics from the records, results written by rank 0."""
     from mmadapters import distributed
+    from mmadapters.atomic import atomic_write_bytes
 
-    from .results_io import check_overwrite
+    from .results_io import check_overwrite, fill_output
     from .results_schema import build_results, run_key, write_results
     from .sample_runner import SampleLog, run_samples
 
     key = run_key(settings=settings, **identity)
-    output = output_path(args.output, method=method, **identity)
+    output = fill_output(args.output, method=method, **identity)
     if distributed.is_main():
         check_overwrite(output, key, args.overwrite)  # before any work: the file holds another run
     log = SampleLog.open(output, key, restart=args.restart)
@@ -119,6 +107,12 @@ def evaluate_samples(args: argparse.Namespace, *, identity: dict[str, Any], meth
     if distributed.is_main():
         write_results(output, results, overwrite=args.overwrite)
         results["output"] = str(output)
+        if args.predictions:  # one JSON line per evaluated sample, in the annotation file's order
+            lines = [json.dumps({"id": i, **outcome.records[i]}) + "\n" for i in map(sample_id, samples)
+                     if i in outcome.records]
+            Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(args.predictions), "".join(lines).encode())
+            results["predictions"] = str(args.predictions)
     log.remove()
     return results if distributed.is_main() else None
 
@@ -141,21 +135,18 @@ def score_questions(model: torch.nn.Module | None, frames: Tensor, candidates: T
 
 def videoqa_metrics(records: list[dict]) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
     """(``acc`` and ``chance``, per question type ``{acc, questions}``) of question records."""
-    correct = [r["prediction"] == r["answer"] for r in records]
-    metrics = {"acc": sum(correct) / len(correct), "chance": sum(1.0 / r["options"] for r in records) / len(records)}
-    groups: dict[str, list[bool]] = {}
-    for r, ok in zip(records, correct, strict=True):
-        groups.setdefault(str(r.get("q_type")), []).append(ok)
-    return metrics, {t: {"acc": sum(v) / len(v), "questions": len(v)} for t, v in sorted(groups.items())}
+    from mmadapters.video.qa_features import videoqa_accuracy
+
+    return videoqa_accuracy([r["prediction"] == r["answer"] for r in records], [r["options"] for r in records],
+                            [r.get("q_type") for r in records])
 
 
 def make_videoqa_predict(*, cache, clip, model: torch.nn.Module | None, root: Path, template: str,
                          device: torch.device, num_workers: int, fail_fast: bool) -> Callable[[list[Any]], list]:
     """``predict`` for :func:`run_samples`: TrafficQA rows -> question records (or the video's VideoError)."""
     from mmadapters.video.io import VideoError
+    from mmadapters.video.qa_features import encode_candidates
     from mmadapters.video.readers import trafficqa_video_path
-
-    from .videoqa_eval import encode_candidates
 
     def predict(rows: list[Any]) -> list[dict | BaseException]:
         paths = [str(trafficqa_video_path(r, root)) for r in rows]
@@ -168,7 +159,7 @@ def make_videoqa_predict(*, cache, clip, model: torch.nn.Module | None, root: Pa
         videos = list(dict.fromkeys(paths[i] for i in good))
         frames = F.normalize(cache.load(videos).float(), dim=-1)[[videos.index(paths[i]) for i in good]]
         kept = [rows[i] for i in good]
-        candidates, mask, _ = encode_candidates(clip, kept, template=template, device=str(device), dim=frames.shape[-1])
+        candidates, mask = encode_candidates(clip, kept, template=template, device=str(device), dim=frames.shape[-1])
         scores = score_questions(model, frames.to(device), candidates.to(device), mask.to(device)).cpu()
         for i, row, s in zip(good, kept, scores, strict=True):
             out[i] = {"scores": [None if math.isinf(x) else x for x in s.tolist()], "prediction": int(s.argmax()),
@@ -182,8 +173,8 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
     """``mmadapters eval videoqa``: returns the results (rank 0) after writing them."""
     from mmadapters import distributed
     from mmadapters.video.data import FrameFeatureCache
+    from mmadapters.video.qa_features import DEFAULT_TEMPLATE
     from mmadapters.video.readers import read_trafficqa
-    from mmadapters.video.tem_adapter import DEFAULT_TEMPLATE
     from mmadapters.video.tem_train import META_NAME, WEIGHTS_NAME, load_tem_run
     from mmadapters.vision.clip import load_clip
 
@@ -378,7 +369,8 @@ def run_dfer(args: argparse.Namespace) -> dict[str, Any] | None:
     dataset_name = annotation.stem if args.annotation else f"{args.dataset}_fold{args.fold}_{args.split}"
     identity = {"dataset": dataset_name, "model": info.short_name, "pretrained": pretrained, "task": DFER_TASK}
     backbone = sum(p.numel() for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n)
-    trainable = sum(p.numel() for p in model.parameters()) - backbone if adapters_dir else 0
+    # what training trained: the parts of unused cues (and all but the linear probe's head) stay frozen
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if adapters_dir else 0
     predict = make_dfer_predict(model=model, num_frames=num_frames, cues=PrecomputedCues(cues_root), fail_fast=args.fail_fast)
     return evaluate_samples(
         args, identity=identity, method=method, settings=settings, samples=clips,

@@ -71,9 +71,9 @@ def dfer_args(faces_root: Path, clip_dir: Path, output: Path, *extra: str) -> li
             "--num-frames", "3", "--output", str(output), "--batch-size", "3", "--no-progress", *extra]
 
 
-def test_videoqa_zeroshot_schema_and_corrupt_video(qa_root, clip_dir, tmp_path):
-    out = tmp_path / "zs.json"
-    assert eval_main(videoqa_args(qa_root, clip_dir, tmp_path, out)) == 0
+def test_videoqa_zeroshot_schema_and_corrupt_video(qa_root, clip_dir, tmp_path, capsys):
+    out, predictions = tmp_path / "zs.json", tmp_path / "pred" / "zs.jsonl"
+    assert eval_main(videoqa_args(qa_root, clip_dir, tmp_path, out, "--predictions", str(predictions))) == 0
     r = read_results(out)
     assert r["task"] == "videoqa_multiple_choice" and r["settings"]["method"] == "zeroshot"
     assert list(r["metrics"]) == ["acc", "chance"] and 0.0 <= r["metrics"]["acc"] <= 1.0
@@ -85,6 +85,13 @@ def test_videoqa_zeroshot_schema_and_corrupt_video(qa_root, clip_dir, tmp_path):
     assert sum(g["questions"] for g in r["per_group"].values()) == r["counts"]["evaluated"]
     assert r["parameters"]["trainable"] == 0
     assert not list(tmp_path.glob("zs.json.samples*"))  # the log is removed once the results are written
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [p["id"] for p in lines] == [f"line{n}" for n in range(2, len(rows))]  # file order, the broken one left out
+    assert sum(p["prediction"] == p["answer"] for p in lines) / len(lines) == r["metrics"]["acc"]
+    assert {"scores", "options", "q_type", "video"} <= set(lines[0])
+    capsys.readouterr()
+    assert eval_main(videoqa_args(qa_root, clip_dir, tmp_path, tmp_path / "ff.json", "--fail-fast")) == 2
+    assert "broken.mp4" in capsys.readouterr().err
 
 
 def test_videoqa_resumes_after_a_crash(qa_root, clip_dir, tmp_path, monkeypatch):

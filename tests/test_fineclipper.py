@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmadapters.video.cues import CallableCues, CueError, PrecomputedCues, render_masks
-from mmadapters.video.dfer import evaluate_fineclipper, load_split, train_fineclipper, tsn_indices
-from mmadapters.video.fineclipper import DFEW_CLASSES, FineClipper, FineClipperConfig, class_descriptions, parameter_report
+from mmadapters.video.dfer import load_split, tsn_indices
+from mmadapters.video.fineclipper import DFEW_CLASSES, FineClipper, FineClipperConfig, class_descriptions
 from mmadapters.vision.clip import load_clip, tiny_clip_config, write_clip_dir
 
 CLASSES = ("happy", "sad", "angry")
@@ -101,24 +101,41 @@ def test_untrained_model_is_frozen_clip_on_the_frame_mean(clip_dir, tmp_path):
     torch.testing.assert_close(logits, expect, atol=1e-4, rtol=1e-4)
 
 
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_on(model, split, out, *, steps: int = 24, lr: float = 1e-2):
+    """`mmadapters train fineclipper`'s task and engine on in-memory clips (validation on the training clips)."""
+    from mmadapters.training.trainer import TrainerConfig, train
+    from mmadapters.video.fineclipper_train import FineClipperTask
+
+    task = FineClipperTask(model, split, split, num_frames=4, metadata={"recipe": "fineclipper"})
+    summary = train(task, TrainerConfig(steps=steps, batch_size=6, lr=lr, weight_decay=0.01, schedule="cosine",
+                                        eval_every=0, checkpoint_every=0, log_every=1, progress=False), out)
+    losses = [e["loss"] for e in map(json.loads, (out / "history.jsonl").read_text().splitlines()) if e["kind"] == "train"]
+    return summary, losses
+
+
 def test_training_learns_and_leaves_clip_untouched(clip_dir, tmp_path):
     rows = _make_clips(tmp_path, n_per_class=4)
     b = _bundle(clip_dir)
     before = [(p, p.detach().clone()) for p in b.model.parameters()]
+    torch.manual_seed(0)
     model = FineClipper(b.model, b.tokenizer, CLASSES, FineClipperConfig(num_landmarks=5, adapter_dim=4))
-    rep = parameter_report(model)
-    assert 0 < rep["trainable_params"] < rep["backbone_params"]
+    backbone = sum(p.numel() for n, p in model.clip.named_parameters() if "fineclipper" not in n)
+    assert 0 < trainable(model) < backbone
     split = load_split(rows, cues=PrecomputedCues(tmp_path), needed=model.config.cues, progress=False)
-    out = train_fineclipper(model, split, num_frames=4, epochs=12, batch_size=6, lr=1e-2, progress=False)
-    assert out["history"][-1]["loss"] < 0.7 * out["history"][0]["loss"]
-    res = evaluate_fineclipper(model, split, num_frames=4, progress=False)
-    assert res["war"] >= 0.75 and res["n"] == 12 and set(res["per_class_recall"]) == set(CLASSES)
+    summary, losses = train_on(model, split, tmp_path / "run")
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
+    assert summary.final_metrics["war"] >= 0.75 and summary.parameters["trainable"] == trainable(model)
     for p, v in before:  # every backbone tensor is unchanged; only the added modules trained
         torch.testing.assert_close(p.detach(), v, rtol=0, atol=0)
     # a second run with the same seed gives the same weights (CPU determinism)
     b2 = _bundle(clip_dir)
+    torch.manual_seed(0)
     model2 = FineClipper(b2.model, b2.tokenizer, CLASSES, FineClipperConfig(num_landmarks=5, adapter_dim=4))
-    train_fineclipper(model2, split, num_frames=4, epochs=12, batch_size=6, lr=1e-2, progress=False)
+    train_on(model2, split, tmp_path / "run2")
     for (n1, p1), (_, p2) in zip(model.named_parameters(), model2.named_parameters(), strict=True):
         torch.testing.assert_close(p1, p2, msg=n1)
 
@@ -127,7 +144,8 @@ def test_cue_levels_ablate_and_missing_cues_are_named(clip_dir, tmp_path):
     rows = _make_clips(tmp_path, n_per_class=1, with_cues=False)
     b = _bundle(clip_dir)
     frames_only = FineClipper(b.model, b.tokenizer, CLASSES, FineClipperConfig(cues=(), adapter_dim=0))
-    assert parameter_report(frames_only)["trainable_params"] > 0  # temporal encoder, α, τ still train
+    assert trainable(frames_only) > 0  # temporal encoder, α, τ still train
+    assert not frames_only.mask_gate.requires_grad and not frames_only.description_proj.weight.requires_grad
     split = load_split(rows, cues=PrecomputedCues(tmp_path), needed=(), progress=False)
     assert len(split.clips) == 3 and not split.skipped
     # a model that needs masks: the clips without cue files are skipped with the reason named …
@@ -167,12 +185,13 @@ def test_bad_cue_files_get_named_errors(tmp_path):
         PrecomputedCues(tmp_path)(rows[1][0], [0], (32, 32))
 
 
-def test_linear_probe_baseline_runs_on_frozen_features(clip_dir, tmp_path):
-    from mmadapters.video.dfer import linear_probe
-
+def test_linear_probe_trains_only_a_head_on_frozen_frame_means(clip_dir, tmp_path):
     rows = _make_clips(tmp_path, n_per_class=4)
     b = _bundle(clip_dir)
-    model = FineClipper(b.model, b.tokenizer, CLASSES, FineClipperConfig(cues=(), adapter_dim=4))
+    with pytest.raises(ValueError, match="linear_probe.*cues=\\(\\) and adapter_dim=0"):
+        FineClipperConfig(linear_probe=True)
+    model = FineClipper(b.model, b.tokenizer, CLASSES, FineClipperConfig(cues=(), adapter_dim=0, linear_probe=True))
+    assert trainable(model) == 16 * 3 + 3 and all(p.requires_grad == n.startswith("probe.") for n, p in model.named_parameters())
     split = load_split(rows, progress=False)
-    res = linear_probe(model, split, split, num_frames=4, epochs=200)
-    assert res["war"] >= 0.75 and 0 <= res["uar"] <= 1 and res["trainable_params"] == 16 * 3 + 3
+    summary, losses = train_on(model, split, tmp_path / "run", steps=60, lr=3e-2)
+    assert summary.final_metrics["war"] >= 0.75 and losses[-1] < losses[0]

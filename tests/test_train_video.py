@@ -100,6 +100,10 @@ def test_tem_loss_is_the_official_batch_sum(qa_root, clip_dir, tmp_path):
     half = build_task(TemAdapterRecipeConfig(**tem_recipe(qa_root, clip_dir, tmp_path, hinge_reduction="mean")),
                       SimpleNamespace(device="cpu", seed=0, batch_size=4))
     assert half.hinge_scale == 1.0 and task.hinge_scale == 4.0
+    train_file = str(qa_root / "annotations" / "R2_train.jsonl")
+    every = build_task(TemAdapterRecipeConfig(**tem_recipe(qa_root, clip_dir, tmp_path, val_annotations=train_file)),
+                       SimpleNamespace(device="cpu", seed=0, batch_size=4))
+    assert every.val is every.train and every.train_size() > task.train_size()  # validation = training accuracy
 
 
 def test_train_tem_adapter_end_to_end(qa_root, clip_dir, tmp_path):
@@ -131,7 +135,7 @@ def test_train_fineclipper_end_to_end(faces_root, clip_dir, tmp_path):
 
     out = tmp_path / "run"
     recipe = {"data_dir": str(faces_root), "model": f"local-dir:{clip_dir}", "num_frames": 3, "adapter_dim": 4,
-              "val_fraction": 0.3}
+              "val_fraction": 0.3, "cues": ["landmarks", "description"]}  # masks unused: their gate stays frozen
     config = write_config(tmp_path / "fc.yaml", out, {"steps": 4, "batch_size": 4, "lr": 3e-3, "eval_every": 2,
                                                       "checkpoint_every": 2}, recipe)
     assert train_main(["fineclipper", "--config", str(config)]) == 0
@@ -145,6 +149,16 @@ def test_train_fineclipper_end_to_end(faces_root, clip_dir, tmp_path):
     assert task.train_size() + len(task.val.clips) == 14  # fold 1's training list; its test list is never read
     task.model = model
     assert task.validate() == summary["best_metrics"]
+    every = build_task(FineClipperRecipeConfig(**recipe, val_annotation=str(faces_root / "annotation" / "DFEW_set_1_train.txt")),
+                       SimpleNamespace(device="cpu", seed=0, batch_size=4))
+    assert every.val is every.train and every.train_size() == 14
+    # `mmadapters eval dfer` on best/ counts the parameters training trained (not the frozen parts of unused cues)
+    from mmadapters.eval import cli
+    from mmadapters.eval.results_schema import read_results
+
+    assert cli.main(["eval", "dfer", "--data-dir", str(faces_root), "--adapters", str(best), "--no-progress",
+                     "--output", str(tmp_path / "test.json")]) == 0
+    assert read_results(tmp_path / "test.json")["parameters"] == {k: summary["parameters"][k] for k in ("trainable", "total")}
 
 
 def test_recipe_config_errors_name_the_field(qa_root, clip_dir, tmp_path, capsys):
@@ -155,6 +169,10 @@ def test_recipe_config_errors_name_the_field(qa_root, clip_dir, tmp_path, capsys
     bad_cue = write_config(tmp_path / "b.yaml", out, {"steps": 1}, {"data_dir": "x", "cues": ["masks", "voice"]})
     assert train_main(["fineclipper", "--config", str(bad_cue)]) == 2
     assert "recipe.cues" in capsys.readouterr().err
+    probe = write_config(tmp_path / "d.yaml", out, {"steps": 1}, {"data_dir": "x", "linear_probe": True})
+    assert train_main(["fineclipper", "--config", str(probe)]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.linear_probe" in err and "recipe.adapter_dim: 0" in err
     no_data = write_config(tmp_path / "c.yaml", out, {"steps": 1}, {})
     assert train_main(["tem-adapter", "--config", str(no_data)]) == 2
     assert "recipe.train_annotations" in capsys.readouterr().err

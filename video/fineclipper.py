@@ -24,14 +24,16 @@ The method, as its paper describes it (no public code exists; the adapter placem
 
 Because every gate starts at zero and the adapters start as identities, the untrained model *is* frozen
 CLIP scoring the frame-mean feature (plus an identity-initialised temporal residual), which is the zero-shot
-baseline; each cue level can be switched off in :class:`FineClipperConfig` for ablations.
+baseline; each cue level can be switched off in :class:`FineClipperConfig` for ablations, and
+``linear_probe=True`` (no cues, no adapters) trains only a linear classifier on that frozen frame-mean feature
+(the CLIP linear-probe baseline). Training is ``mmadapters train fineclipper`` (:mod:`.fineclipper_train`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,16 @@ class FineClipperConfig:
     max_frames: int = 64
     negative_weight_init: float = 1.0
     dropout: float = 0.1
+    # the CLIP linear-probe baseline: only a linear classifier on frozen CLIP's frame-mean feature trains
+    linear_probe: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.cues if c not in ("masks", "landmarks", "description")]
+        if unknown:
+            raise ValueError(f"FineClipperConfig.cues: unknown cue(s) {unknown}; expected among masks, landmarks, description")
+        if self.linear_probe and (self.cues or self.adapter_dim):
+            raise ValueError(f"FineClipperConfig.linear_probe: the probe reads frozen CLIP's frame mean alone; expected "
+                             f"cues=() and adapter_dim=0, got cues={tuple(self.cues)} and adapter_dim={self.adapter_dim}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,9 +144,6 @@ class FineClipper(nn.Module):
                  config: FineClipperConfig | None = None):
         super().__init__()
         self.config = config = config or FineClipperConfig()
-        for c in config.cues:
-            if c not in ("masks", "landmarks", "description"):
-                raise ValueError(f"FineClipperConfig.cues: unknown cue {c!r}; expected masks, landmarks, description")
         if len(set(classes)) != len(classes):
             raise ValueError(f"classes contain duplicates: {sorted(c for c in set(classes) if list(classes).count(c) > 1)}")
         self.classes = list(classes)
@@ -173,6 +182,16 @@ class FineClipper(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1),
                              persistent=False)
+        # parts of an unused cue never get a gradient: keep them out of the trainable set (DDP reduces exactly those)
+        if "masks" not in config.cues:
+            self.mask_gate.requires_grad_(False)
+        if "description" not in config.cues:
+            self.description_proj.requires_grad_(False)
+        self.probe: nn.Linear | None = None
+        if config.linear_probe:
+            for p in self.parameters():
+                p.requires_grad_(False)
+            self.probe = nn.Linear(dim, len(self.classes))
 
     # -- encoders -------------------------------------------------------------------------------------------
 
@@ -196,9 +215,6 @@ class FineClipper(nn.Module):
         b, t = images.shape[:2]
         feats = self.clip.encode_image(self.preprocess(images.flatten(0, 1)))
         return feats.float().view(b, t, -1)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -231,25 +247,11 @@ class FineClipper(nn.Module):
         return F.normalize(v, dim=-1)
 
     def logits(self, video: Tensor) -> Tensor:
-        """(B, D) normalised video features -> (B, C) class scores τ·(⟨v, P_c⟩ − α⟨v, N_c⟩)."""
+        """(B, D) normalised video features -> (B, C) class scores τ·(⟨v, P_c⟩ − α⟨v, N_c⟩) (the linear
+        probe's logits with ``linear_probe``)."""
+        if self.probe is not None:
+            return self.probe(video)
         return self.log_scale.exp() * (video @ self.pos_text.T - self.negative_weight * (video @ self.neg_text.T))
 
     def forward(self, frames: Tensor, **cues) -> Tensor:
         return self.logits(self.video_features(frames, **cues))
-
-
-def parameter_report(model: FineClipper) -> dict[str, float]:
-    """Trainable parameters of ``model`` against the CLIP backbone's size."""
-    backbone = sum(p.numel() for n, p in model.clip.named_parameters() if "fineclipper" not in n)
-    trainable = sum(p.numel() for p in model.trainable_parameters())
-    return {"backbone_params": backbone, "trainable_params": trainable, "trainable_pct": 100.0 * trainable / backbone}
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    seed: int = 0
-    extra: dict = field(default_factory=dict)

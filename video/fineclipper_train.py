@@ -5,11 +5,13 @@ image tower, cue encoders, temporal encoder, positive/negative class description
 :mod:`mmadapters.video.dfer`: a DFEW/MAFW/FERV39k fold file is read once into memory with its cues
 (masks, landmarks, descriptions from :class:`~mmadapters.video.cues.PrecomputedCues`), every batch
 samples TSN frames (a random frame per segment, from torch's global generator, whose state the engine
-checkpoints), and the loss is the cross-entropy over the description scores, as
-:func:`~mmadapters.video.dfer.train_fineclipper` computes it. Validation is UAR (selection metric) and WAR.
+checkpoints), and the loss is the cross-entropy over the description scores. Validation is UAR (selection
+metric) and WAR. ``linear_probe: true`` (with ``cues: []``, ``adapter_dim: 0``) is the CLIP linear-probe
+baseline: only a linear classifier on frozen CLIP's frame-mean feature trains.
 
 Validation never reads the test split: ``val_annotation`` names a file, or ``val_fraction`` of the training
-clips of every class (seeded with ``split_seed``) is held out.
+clips of every class (seeded with ``split_seed``) is held out. ``val_annotation`` equal to the training list
+trains on every clip and reports training UAR/WAR (the protocol of ``scripts/run_fineclipper.py``).
 
 A saved run directory (``best/``, ``last/``) holds
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dfer import Batcher, DferSplit, load_split
 from .fineclipper import FineClipper, FineClipperConfig
 
 RECIPE_NAME = "fineclipper"
@@ -73,6 +76,9 @@ class FineClipperRecipeConfig:
     temporal_layers: int = field(default=1, metadata={"help": "layers of the temporal transformer"})
     dropout: float = field(default=0.1, metadata={"help": "dropout of the temporal transformer"})
     negative_weight_init: float = field(default=1.0, metadata={"help": "initial α weighing the negative descriptions"})
+    linear_probe: bool = field(default=False, metadata={
+        "help": "the CLIP linear-probe baseline: train only a linear classifier on frozen CLIP's frame-mean feature "
+                "(needs cues: [] and adapter_dim: 0)"})
     eval_batch_size: int = field(default=32, metadata={"help": "clips per batch in validation"})
 
     def __post_init__(self) -> None:
@@ -87,12 +93,15 @@ class FineClipperRecipeConfig:
                 raise ValueError(f"recipe.{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.adapter_dim < 0:
             raise ValueError(f"recipe.adapter_dim: expected >= 0, got {self.adapter_dim}")
+        if self.linear_probe and (self.cues or self.adapter_dim):
+            raise ValueError(f"recipe.linear_probe: the probe reads frozen CLIP's frame mean alone; set recipe.cues: [] "
+                             f"and recipe.adapter_dim: 0 (got {list(self.cues)} and {self.adapter_dim})")
 
     def model_config(self, num_landmarks: int | None) -> FineClipperConfig:
         return FineClipperConfig(cues=tuple(self.cues), adapter_dim=self.adapter_dim, adapter_points=tuple(self.adapter_points),
                                  temporal_layers=self.temporal_layers, num_landmarks=num_landmarks,
                                  max_frames=max(64, self.num_frames), negative_weight_init=self.negative_weight_init,
-                                 dropout=self.dropout)
+                                 dropout=self.dropout, linear_probe=self.linear_probe)
 
 
 def hold_out_per_class(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -214,59 +223,27 @@ def load_fineclipper_run(directory: str | Path, *, device: str | torch.device = 
 
 
 class FineClipperTask:
-    """The engine's TrainTask for FineCLIPER: description-score cross-entropy, val UAR / WAR."""
+    """The engine's TrainTask for FineCLIPER: description-score cross-entropy, val UAR / WAR.
+
+    ``metadata`` (:func:`run_metadata`) is what :func:`save_fineclipper_run` records next to the weights.
+    """
 
     select_metric = "uar"
     select_mode = "max"
 
-    def __init__(self, config: FineClipperRecipeConfig, trainer: Any):
-        from mmadapters.distributed import device_for_rank
-        from mmadapters.vision.clip import load_clip
-
-        from .cues import PrecomputedCues
-        from .dfer import Batcher, load_split
-        from .readers import DFER_DATASETS
-
-        if not config.data_dir:
-            raise ValueError("recipe.data_dir: the dataset root (frame folders, annotation/, cues/) is required")
-        self.config = config
-        self.device = device_for_rank(trainer.device)
-        train_file = Path(config.train_annotation) if config.train_annotation else default_annotation(config, "train")
-        rows = annotation_rows(train_file, config)
-        if config.val_annotation:
-            val_rows = annotation_rows(config.val_annotation, config)
-        else:
-            train_idx, val_idx = hold_out_per_class([y for _, y in rows], config.val_fraction, config.split_seed)
-            rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
-        cues = PrecomputedCues(config.cues_root or config.data_dir)
-        needed = tuple(config.cues)
-        self.train = load_split(rows, cues=cues, needed=needed, progress=False, desc="train clips")
-        self.val = load_split(val_rows, cues=cues, needed=needed, progress=False, desc="val clips")
-        for name, split, source in (("training", self.train, train_file),
-                                    ("validation", self.val, config.val_annotation or train_file)):
-            if not split.clips:
-                reasons = "; ".join(s["reason"] for s in split.skipped[:3])
-                raise ValueError(f"{source}: the {name} split has no usable clip ({len(split.skipped)} skipped: {reasons})")
-        landmarks = self.train.clips[0].landmarks
-        num_landmarks = int(landmarks.shape[1]) if "landmarks" in needed and landmarks is not None else None
-        bundle = load_clip(config.model, config.pretrained, device=self.device, cache_dir=config.cache_dir, seed=trainer.seed)
-        self.clip_info = clip_identity(bundle.info.as_dict(), config.model, config.pretrained)
-        torch.manual_seed(trainer.seed)  # adapters, temporal encoder and cue encoders
-        model = FineClipper(bundle.model, bundle.tokenizer, DFER_DATASETS[config.dataset], config.model_config(num_landmarks))
-        # parts of an ablated cue never get a gradient: keep them out of the trainable set (DDP reduces exactly those)
-        if "masks" not in needed:
-            model.mask_gate.requires_grad_(False)
-        if "description" not in needed:
-            model.description_proj.requires_grad_(False)
-        self.model: nn.Module = model.to(self.device)
-        self.batcher = Batcher(model, config.num_frames)
-        self.labels = torch.tensor([c.label for c in self.train.clips], dtype=torch.long)
+    def __init__(self, model: FineClipper, train: DferSplit, val: DferSplit, *, num_frames: int, metadata: dict[str, Any],
+                 device: str | torch.device = "cpu", eval_batch_size: int = 32):
+        self.model: nn.Module = model.to(device)
+        self.train, self.val, self.device = train, val, torch.device(device)
+        self.eval_batch_size, self.metadata = eval_batch_size, metadata
+        self.batcher = Batcher(model, num_frames)
+        self.labels = torch.tensor([c.label for c in train.clips], dtype=torch.long)
         self.backbone_parameters = sum(p.numel() for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n)
         self._train_mode()
 
     def _train_mode(self) -> None:
         self.model.train()
-        self.model.clip.eval()  # the backbone keeps eval-mode behaviour (as train_fineclipper)
+        self.model.clip.eval()  # the backbone keeps eval-mode behaviour (dropout off); adapters train
 
     def train_size(self) -> int:
         return len(self.train.clips)
@@ -283,18 +260,22 @@ class FineClipperTask:
             self._train_mode()
         return F.cross_entropy(model(**inputs), labels)
 
+    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """UAR and WAR on the validation clips (test-time TSN: the middle frame of each segment)."""
-        from .dfer import evaluate_fineclipper
+        from mmadapters.eval.metrics import uar, war
 
+        self.model.eval()
+        clips, step = self.val.clips, self.eval_batch_size
         with torch.random.fork_rng(devices=[]):  # leave the training stream's generator untouched
-            res = evaluate_fineclipper(self.model, self.val, num_frames=self.config.num_frames,
-                                       batch_size=self.config.eval_batch_size, progress=False)
+            pred = torch.cat([self.model(**self.batcher(clips[s:s + step], training=False)).argmax(1).cpu()
+                              for s in range(0, len(clips), step)])
         self._train_mode()
-        return {"uar": float(res["uar"]), "war": float(res["war"])}
+        labels = torch.tensor([c.label for c in clips], dtype=torch.long)
+        return {"uar": float(uar(labels, pred, len(self.model.classes))), "war": float(war(labels, pred))}
 
     def save(self, directory: Path) -> None:
-        save_fineclipper_run(self.model, directory, run_metadata(self.config, self.model, self.clip_info))
+        save_fineclipper_run(self.model, directory, self.metadata)
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -309,8 +290,41 @@ def run_metadata(config: FineClipperRecipeConfig, model: FineClipper, clip_info:
 
 
 def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask:
-    """The engine's entry point: (recipe config, TrainerConfig) -> :class:`FineClipperTask`."""
-    return FineClipperTask(config, trainer)
+    """The engine's entry point: read the clips and their cues, load CLIP, build the model (seeded)."""
+    from mmadapters.distributed import device_for_rank
+    from mmadapters.vision.clip import load_clip
+
+    from .cues import PrecomputedCues
+    from .readers import DFER_DATASETS
+
+    if not config.data_dir:
+        raise ValueError("recipe.data_dir: the dataset root (frame folders, annotation/, cues/) is required")
+    device = device_for_rank(trainer.device)
+    train_file = Path(config.train_annotation) if config.train_annotation else default_annotation(config, "train")
+    rows = annotation_rows(train_file, config)
+    same = config.val_annotation is not None and Path(config.val_annotation).resolve() == train_file.resolve()
+    if config.val_annotation is None:
+        train_idx, val_idx = hold_out_per_class([y for _, y in rows], config.val_fraction, config.split_seed)
+        rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+    else:
+        val_rows = [] if same else annotation_rows(config.val_annotation, config)
+    cues = PrecomputedCues(config.cues_root or config.data_dir)
+    needed = tuple(config.cues)
+    train = load_split(rows, cues=cues, needed=needed, progress=False, desc="train clips")
+    # validation on the training list reports training UAR/WAR (every clip trains; the clips are loaded once)
+    val = train if same else load_split(val_rows, cues=cues, needed=needed, progress=False, desc="val clips")
+    for name, split, source in (("training", train, train_file), ("validation", val, config.val_annotation or train_file)):
+        if not split.clips:
+            reasons = "; ".join(s["reason"] for s in split.skipped[:3])
+            raise ValueError(f"{source}: the {name} split has no usable clip ({len(split.skipped)} skipped: {reasons})")
+    landmarks = train.clips[0].landmarks
+    num_landmarks = int(landmarks.shape[1]) if "landmarks" in needed and landmarks is not None else None
+    bundle = load_clip(config.model, config.pretrained, device=device, cache_dir=config.cache_dir, seed=trainer.seed)
+    clip_info = clip_identity(bundle.info.as_dict(), config.model, config.pretrained)
+    torch.manual_seed(trainer.seed)  # adapters, temporal encoder and cue encoders
+    model = FineClipper(bundle.model, bundle.tokenizer, DFER_DATASETS[config.dataset], config.model_config(num_landmarks))
+    return FineClipperTask(model, train, val, num_frames=config.num_frames, device=device,
+                           eval_batch_size=config.eval_batch_size, metadata=run_metadata(config, model, clip_info))
 
 
 def _recipe():

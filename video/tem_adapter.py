@@ -31,16 +31,14 @@ the bidirectionally encoded video, so even with the shift, cross-attention can s
 the future target is a regularizer on ``E`` more than a forecasting task.
 
 Also here: :func:`frame_mean_scores` (the zero-shot baseline: cosine of the mean frame feature and each
-candidate's text), a trainer (:func:`train_tem_adapter`: Adam, lr 1e-4 halved every 10 epochs) on
-precomputed features (:class:`VideoQAFeatures`), and safetensors save/load.
+candidate's text) and safetensors save/load. Training is ``mmadapters train tem-adapter``
+(:mod:`mmadapters.video.tem_train`); the features come from :mod:`mmadapters.video.qa_features`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,15 +46,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-DEFAULT_TEMPLATE = "{question} {answer}"
-
-
-def fuse_question_answer(question: str, answer: str, template: str = DEFAULT_TEMPLATE) -> str:
-    """One candidate's text: ``template`` with ``{question}`` and ``{answer}`` filled in (other braces kept)."""
-    if "{answer}" not in template:
-        raise ValueError(f"template {template!r}: expected an '{{answer}}' placeholder")
-    return template.replace("{question}", question.strip()).replace("{answer}", answer.strip())
 
 
 @dataclass
@@ -295,123 +284,6 @@ def frame_mean_scores(frames: Tensor, candidates: Tensor, mask: Tensor | None = 
     video = F.normalize(frames.float().mean(dim=1), dim=-1)
     scores = torch.einsum("bkd,bd->bk", F.normalize(candidates.float(), dim=-1), video)
     return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class VideoQAFeatures:
-    """Frozen-CLIP features of a multiple-choice VideoQA split.
-
-    Several questions may share a video, so frames are stored once per video and indexed.
-    """
-
-    frames: Tensor  # (V, T, D) float: per-frame image features of each video
-    video_index: Tensor  # (N,) long: the video of each question
-    candidates: Tensor  # (N, K, D) float: text features of each fused question+candidate
-    answers: Tensor  # (N,) long: the correct candidate
-    mask: Tensor | None = None  # (N, K) bool: real candidates (None: all)
-
-    def __post_init__(self) -> None:
-        n = len(self.video_index)
-        if self.candidates.shape[0] != n or self.answers.shape[0] != n:
-            raise ValueError(f"VideoQAFeatures: {n} questions but candidates {tuple(self.candidates.shape)} and "
-                             f"answers {tuple(self.answers.shape)}")
-        if self.frames.shape[-1] != self.candidates.shape[-1]:
-            raise ValueError(f"VideoQAFeatures: frame features have size {self.frames.shape[-1]}, text features "
-                             f"{self.candidates.shape[-1]}")
-        if n and (int(self.video_index.max()) >= len(self.frames) or int(self.video_index.min()) < 0):
-            raise ValueError(f"VideoQAFeatures: video_index out of range for {len(self.frames)} videos")
-        if n and (int(self.answers.min()) < 0 or int(self.answers.max()) >= self.candidates.shape[1]):
-            raise ValueError(f"VideoQAFeatures: answers must lie in 0..{self.candidates.shape[1] - 1}")
-
-    def __len__(self) -> int:
-        return len(self.video_index)
-
-    def batch(self, index: Tensor, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(frames (b, T, D), candidates (b, K, D), answers (b,), mask (b, K) | None) of questions ``index``."""
-        frames = self.frames[self.video_index[index]].to(device, torch.float32)
-        mask = None if self.mask is None else self.mask[index].to(device)
-        return frames, self.candidates[index].to(device, torch.float32), self.answers[index].to(device), mask
-
-    def subset(self, index: Tensor | Sequence[int]) -> VideoQAFeatures:
-        index = torch.as_tensor(index, dtype=torch.long)
-        return VideoQAFeatures(self.frames, self.video_index[index], self.candidates[index], self.answers[index],
-                               None if self.mask is None else self.mask[index])
-
-
-@dataclass
-class TemAdapterTrainConfig:
-    """Training schedule. Defaults are the paper's (Adam 1e-4 halved every 10 epochs, batch 128, 50 epochs)."""
-
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-4
-    lr_halve_every: int = field(default=10, metadata={"help": "halve the learning rate every N epochs (0: never)"})
-    grad_clip: float | None = field(default=12.0, metadata={"help": "max gradient norm (the official code's 12)"})
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.lr_halve_every < 0:
-            raise ValueError(f"TemAdapterTrainConfig: epochs >= 0, batch_size >= 1, lr > 0 and lr_halve_every >= 0 "
-                             f"expected, got {asdict(self)}")
-
-
-def train_tem_adapter(model: TemAdapter, data: VideoQAFeatures, config: TemAdapterTrainConfig | None = None, *,
-                      log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Train ``model`` on ``data``; returns one record per epoch (loss, hinge, future_mse, train_acc, lr, seconds).
-
-    Only the aligners train: the features are precomputed from a frozen CLIP. Shuffling is seeded.
-    """
-    config = config or TemAdapterTrainConfig()
-    device = torch.device(config.device)
-    model.to(device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    step = config.lr_halve_every or max(config.epochs, 1) + 1
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=0.5)
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # dropout
-    history = []
-    for epoch in range(config.epochs):
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "hinge": 0.0, "future_mse": 0.0}
-        correct = batches = 0
-        lr = optimizer.param_groups[0]["lr"]
-        for index in torch.randperm(len(data), generator=generator).split(config.batch_size):
-            frames, candidates, answers, mask = data.batch(index, device)
-            out = model(frames, candidates, answers, mask)
-            losses = model.loss(out, answers, mask)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            for key in sums:
-                sums[key] += float(losses[key].detach())
-            correct += int((out.scores.argmax(1) == answers).sum())
-            batches += 1
-        schedule.step()
-        record = {"epoch": epoch + 1, **{k: v / max(batches, 1) for k, v in sums.items()},
-                  "train_acc": correct / max(len(data), 1), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
-        history.append(record)
-        if log is not None:
-            log(record)
-    model.eval()
-    return history
-
-
-@torch.inference_mode()
-def predict_scores(model: TemAdapter, data: VideoQAFeatures, *, batch_size: int = 256,
-                   device: str | torch.device = "cpu") -> Tensor:
-    """Scores (N, K) of every question (eval mode, no future prediction)."""
-    model.to(device).eval()
-    out = []
-    for index in torch.arange(len(data)).split(batch_size):
-        frames, candidates, _, mask = data.batch(index, device)
-        out.append(model(frames, candidates, mask=mask).scores.float().cpu())
-    return torch.cat(out) if out else torch.empty(0, data.candidates.shape[1])
 
 
 def save_tem_adapter(model: TemAdapter, path: str | Path) -> None:

@@ -1,12 +1,12 @@
 """Tem-Adapter on the training engine: ``mmadapters train tem-adapter --config configs/tem-adapter.yaml``.
 
 The frozen CLIP encodes every video's sampled frames and every question+candidate text once
-(:func:`mmadapters.eval.videoqa_eval.encode_split`, frame features cached on disk); the engine then trains
+(:func:`mmadapters.video.qa_features.encode_split`, frame features cached on disk); the engine then trains
 the two aligners of :class:`~mmadapters.video.tem_adapter.TemAdapter` on those features with the paper's
 loss, validates accuracy on a validation split every ``trainer.eval_every`` steps and keeps the best one.
 
-Loss. :func:`~mmadapters.video.tem_adapter.train_tem_adapter` (the official code) *sums* the hinge over the
-batch and weights it 0.01, and averages the future-feature MSE. The engine wants a mean over the batch's
+Loss. The official code *sums* the hinge over the batch and weights it 0.01, and averages the
+future-feature MSE (:meth:`~mmadapters.video.tem_adapter.TemAdapter.loss`). The engine wants a mean over the batch's
 items (so that ranks under DDP average to the single-process gradient), so the hinge enters as its
 per-question mean times the *global* batch size: on every full batch the value and gradient are exactly
 the official loss (``hinge_reduction: sum``). ``hinge_reduction: mean`` drops that factor.
@@ -17,7 +17,8 @@ official gradient clip 12.
 
 Validation never reads the test split: ``val_annotations`` names a file, or ``val_fraction`` of the
 *videos* of ``train_annotations`` (all questions of a held-out video go together) is held out with
-``split_seed``.
+``split_seed``. ``val_annotations`` equal to ``train_annotations`` trains on every question and reports
+training accuracy (the protocol of ``scripts/run_tem_adapter.py``: fixed steps, ``last/`` evaluated).
 
 A run directory's ``best/`` and ``last/`` hold ``tem_adapter.safetensors`` (weights + the module config,
 :func:`~mmadapters.video.tem_adapter.save_tem_adapter`) and ``tem_adapter.json`` (the frozen CLIP, frame
@@ -36,15 +37,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .tem_adapter import (
-    DEFAULT_TEMPLATE,
-    TemAdapter,
-    TemAdapterConfig,
-    VideoQAFeatures,
-    load_tem_adapter,
-    predict_scores,
-    save_tem_adapter,
-)
+from .qa_features import DEFAULT_TEMPLATE, VideoQAFeatures, VideoQASplit, videoqa_accuracy
+from .tem_adapter import TemAdapter, TemAdapterConfig, load_tem_adapter, save_tem_adapter
 
 RECIPE_NAME = "tem-adapter"
 WEIGHTS_NAME = "tem_adapter.safetensors"
@@ -97,15 +91,6 @@ class TemAdapterRecipeConfig:
         if self.eval_batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"recipe.eval_batch_size >= 1 and recipe.num_workers >= 0 expected, got "
                              f"{self.eval_batch_size} and {self.num_workers}")
-
-
-@dataclass
-class VideoQASplit:
-    """Features of one split and the question types (for per-type accuracy)."""
-
-    features: VideoQAFeatures
-    q_types: list[str | None]
-    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def hold_out_videos(vid_filenames: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -166,55 +151,37 @@ def load_tem_run(directory: str | Path) -> tuple[TemAdapter, dict[str, Any]]:
     return load_tem_adapter(weights), meta
 
 
+@torch.inference_mode()
+def predict_scores(model: TemAdapter, data: VideoQAFeatures, *, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> Tensor:
+    """Scores (N, K) of every question (eval mode, no future prediction; masked options at -inf)."""
+    model.to(device).eval()
+    out = []
+    for index in torch.arange(len(data)).split(batch_size):
+        frames, candidates, _, mask = data.batch(index, device)
+        out.append(model(frames, candidates, mask=mask).scores.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, data.candidates.shape[1])
+
+
 class TemAdapterTask:
-    """The engine's TrainTask for Tem-Adapter: cached frozen-CLIP features, the paper's loss, val accuracy."""
+    """The engine's TrainTask for Tem-Adapter: precomputed frozen-CLIP features, the paper's loss, val accuracy.
+
+    ``hinge_scale`` turns the per-question hinge mean back into the official batch sum (the global batch size
+    for ``hinge_reduction: sum``, 1 for ``mean``). ``metadata`` (:func:`run_metadata`) is what
+    :func:`save_tem_run` records next to the weights.
+    """
 
     select_metric = "acc"
     select_mode = "max"
 
-    def __init__(self, config: TemAdapterRecipeConfig, trainer: Any):
-        from mmadapters.distributed import device_for_rank
-        from mmadapters.eval.videoqa_eval import default_cache_dir, encode_split
-        from mmadapters.vision.clip import load_clip
-
-        if not config.train_annotations:
-            raise ValueError("recipe.train_annotations: the SUTD-TrafficQA jsonl of the training split is required")
-        self.config = config
-        self.device = device_for_rank(trainer.device)
-        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        clip = load_clip(config.model, config.pretrained, device=self.device, cache_dir=str(cache_dir / "weights"),
-                         seed=trainer.seed, declare_points=False)
-        self.clip_info = clip.info.as_dict()
-        self.backbone_parameters = sum(p.numel() for p in clip.model.parameters())
-        common = {"video_root": config.video_root, "num_frames": config.num_frames, "template": config.template,
-                  "device": str(self.device), "on_error": config.on_error, "cache_dir": cache_dir,
-                  "num_workers": config.num_workers}
-        train = encode_split(clip, config.train_annotations, **common)
-        if config.val_annotations:
-            val = encode_split(clip, config.val_annotations, **common)
-            self.train = VideoQASplit(train.features, train.q_types, train.skipped)
-            self.val = VideoQASplit(val.features, val.q_types, val.skipped)
-        else:
-            train_idx, val_idx = hold_out_videos(train.vid_filenames, config.val_fraction, config.split_seed)
-            self.train = VideoQASplit(train.features.subset(train_idx), [train.q_types[i] for i in train_idx], train.skipped)
-            self.val = VideoQASplit(train.features.subset(val_idx), [train.q_types[i] for i in val_idx])
-        del clip
-        for name, split, source in (("training", self.train, config.train_annotations),
-                                    ("validation", self.val, config.val_annotations or config.train_annotations)):
-            if len(split.features) == 0:
-                raise ValueError(f"{source}: the {name} split has no question with a readable video "
-                                 f"({len(split.skipped)} videos skipped)")
-        dim = int(self.train.features.frames.shape[-1])
-        torch.manual_seed(trainer.seed)  # the aligners' initialization
-        self.model_config = TemAdapterConfig.for_dim(
-            dim, semantic_width=config.semantic_width, gamma_init=config.gamma_init,
-            semantic_dropout=config.semantic_dropout, temporal_dropout=config.temporal_dropout,
-            margin=config.margin, hinge_weight=config.hinge_weight,
-            future_weight=config.future_weight, official_repeat_pairing=config.official_repeat_pairing,
-            official_unshifted_future=config.official_unshifted_future)
-        self.model: nn.Module = TemAdapter(self.model_config).to(self.device).train()
-        # hinge per question × global batch = the official batch sum (see the module docstring)
-        self.hinge_scale = float(trainer.batch_size) if config.hinge_reduction == "sum" else 1.0
+    def __init__(self, model: TemAdapter, train: VideoQASplit, val: VideoQASplit, *, metadata: dict[str, Any],
+                 device: str | torch.device = "cpu", hinge_scale: float = 1.0, eval_batch_size: int = 256,
+                 backbone_parameters: int = 0):
+        self.model: nn.Module = model.to(device).train()
+        self.train, self.val, self.device = train, val, torch.device(device)
+        self.hinge_scale, self.eval_batch_size = hinge_scale, eval_batch_size
+        self.metadata = metadata
+        self.backbone_parameters = backbone_parameters
 
     def train_size(self) -> int:
         return len(self.train.features)
@@ -229,25 +196,24 @@ class TemAdapterTask:
         if not model.training:
             model.train()
         out = model(frames, candidates, answers, mask)
-        parts = self.model.loss(out, answers, mask)  # the same config as `model`'s
+        config = self.model.config  # the same config as `model`'s (DDP wraps self.model)
+        parts = self.model.loss(out, answers, mask)
         hinge = parts["hinge"] * (self.hinge_scale / len(answers))
-        return self.config.hinge_weight * hinge + self.config.future_weight * parts["future_mse"]
+        return config.hinge_weight * hinge + config.future_weight * parts["future_mse"]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Accuracy on the validation split (``acc``, and ``acc_<q_type>`` per question type)."""
-        from mmadapters.eval.videoqa_eval import videoqa_metrics
-
+        """Accuracy on the validation split (``acc``, ``acc_<q_type>`` per question type, ``chance``)."""
         was_training = self.model.training
-        scores = predict_scores(self.model, self.val.features, batch_size=self.config.eval_batch_size, device=self.device)
-        self.model.train(was_training)
         f = self.val.features
-        m = videoqa_metrics(scores, f.answers, self.val.q_types, f.mask)
-        return {"acc": float(m["acc"]), **{f"acc_{t}": float(v) for t, v in m["acc_by_q_type"].items()},
-                "chance": float(m["chance"])}
+        scores = predict_scores(self.model, f, batch_size=self.eval_batch_size, device=self.device)
+        self.model.train(was_training)
+        options = f.mask.sum(1).tolist() if f.mask is not None else [f.candidates.shape[1]] * len(f)
+        metrics, per_type = videoqa_accuracy((scores.argmax(1) == f.answers).tolist(), options, self.val.q_types)
+        return {"acc": metrics["acc"], **{f"acc_{t}": g["acc"] for t, g in per_type.items()}, "chance": metrics["chance"]}
 
     def save(self, directory: Path) -> None:
-        save_tem_run(self.model, directory, run_metadata(self.config, self.clip_info, self.model_config))
+        save_tem_run(self.model, directory, self.metadata)
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -256,8 +222,48 @@ class TemAdapterTask:
 
 
 def build_task(config: TemAdapterRecipeConfig, trainer: Any) -> TemAdapterTask:
-    """The engine's entry point: (recipe config, TrainerConfig) -> :class:`TemAdapterTask`."""
-    return TemAdapterTask(config, trainer)
+    """The engine's entry point: encode the splits with the frozen CLIP, build the aligners (seeded)."""
+    from mmadapters.distributed import device_for_rank
+    from mmadapters.eval.results_io import default_cache_dir
+    from mmadapters.vision.clip import load_clip
+
+    from .qa_features import encode_split
+
+    if not config.train_annotations:
+        raise ValueError("recipe.train_annotations: the SUTD-TrafficQA jsonl of the training split is required")
+    device = device_for_rank(trainer.device)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    clip = load_clip(config.model, config.pretrained, device=device, cache_dir=str(cache_dir / "weights"),
+                     seed=trainer.seed, declare_points=False)
+    backbone = sum(p.numel() for p in clip.model.parameters())
+    common = {"video_root": config.video_root, "num_frames": config.num_frames, "template": config.template,
+              "device": device, "on_error": config.on_error, "cache_dir": cache_dir, "num_workers": config.num_workers}
+    train = encode_split(clip, config.train_annotations, **common)
+    if not config.val_annotations:
+        train_idx, val_idx = hold_out_videos(train.vid_filenames, config.val_fraction, config.split_seed)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+    elif Path(config.val_annotations).resolve() == Path(config.train_annotations).resolve():
+        val = train  # validation reports training accuracy; every question trains
+    else:
+        val = encode_split(clip, config.val_annotations, **common)
+    metadata_clip = clip.info.as_dict()
+    del clip
+    for name, split, source in (("training", train, config.train_annotations),
+                                ("validation", val, config.val_annotations or config.train_annotations)):
+        if len(split.features) == 0:
+            raise ValueError(f"{source}: the {name} split has no question with a readable video "
+                             f"({len(split.skipped)} videos skipped)")
+    torch.manual_seed(trainer.seed)  # the aligners' initialization
+    model_config = TemAdapterConfig.for_dim(
+        int(train.features.frames.shape[-1]), semantic_width=config.semantic_width, gamma_init=config.gamma_init,
+        semantic_dropout=config.semantic_dropout, temporal_dropout=config.temporal_dropout, margin=config.margin,
+        hinge_weight=config.hinge_weight, future_weight=config.future_weight,
+        official_repeat_pairing=config.official_repeat_pairing, official_unshifted_future=config.official_unshifted_future)
+    # hinge per question × global batch = the official batch sum (see the module docstring)
+    return TemAdapterTask(TemAdapter(model_config), train, val, device=device,
+                          hinge_scale=float(trainer.batch_size) if config.hinge_reduction == "sum" else 1.0,
+                          eval_batch_size=config.eval_batch_size, backbone_parameters=backbone,
+                          metadata=run_metadata(config, metadata_clip, model_config))
 
 
 def _recipe():
