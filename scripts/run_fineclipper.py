@@ -2,118 +2,153 @@
 
     python scripts/run_fineclipper.py --data out/faces --n 700 --fold 1 --epochs 15 --output out/fineclipper
 
-Generates the faces (``python -m mmadapters.video.synth faces``) if ``--data`` holds none, reads the DFEW-style
-fold files, and reports UAR / WAR on the fold's test split for:
+Generates the faces (``python -m mmadapters.video.synth faces``) if ``--data`` holds none, then sweeps the
+command line (in this process) and reports UAR / WAR on the fold's test list for:
 
-- frozen CLIP zero-shot (frame-mean feature scored against the positive/negative class descriptions),
-- a CLIP linear probe on frozen frame-mean features,
-- FineCLIPER with frames only, frames + middle level (masks, landmarks), frames + high level
-  (descriptions), and all levels,
+- ``zeroshot``: frozen CLIP's frame-mean feature scored against the positive/negative class descriptions
+  (``mmadapters eval dfer`` without adapters);
+- ``probe``: a CLIP linear probe on frozen frame-mean features (``recipe.linear_probe: true``, trained with
+  ``--probe-lr``);
+- ``frames`` / ``middle`` / ``high`` / ``all``: FineCLIPER with frames only, frames + masks + landmarks, frames +
+  descriptions, and all cue levels (``recipe.cues``).
 
-with trainable parameters and training time per variant. Writes ``results.json`` and ``results.md``.
+Each trained variant is ``mmadapters train fineclipper --set ...`` on the fold's training list (which is also
+its validation list, so every clip trains and the test list is never read in training) for ``--epochs``
+passes, then ``mmadapters eval dfer --adapters RUN/last``. Runs and results files are named by a hash of
+their settings and reused when the script is run again. Writes ``results.json`` (metrics, trainable
+parameters, training time, results file and command per variant) and ``results.md`` under ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from mmadapters.eval.results_io import json_bytes
-from mmadapters.io import atomic_write_bytes
-from mmadapters.video.cues import PrecomputedCues
-from mmadapters.video.dfer import evaluate_fineclipper, linear_probe, load_split, train_fineclipper
-from mmadapters.video.fineclipper import FineClipper, FineClipperConfig, parameter_report
-from mmadapters.video.readers import DFEW_CLASSES, dfer_annotation_path, read_dfer_annotation
-from mmadapters.vision.clip import load_clip
-
-VARIANTS = {
-    "FineCLIPER: frames only": (),
-    "FineCLIPER: frames + masks + landmarks": ("masks", "landmarks"),
-    "FineCLIPER: frames + descriptions": ("description",),
-    "FineCLIPER: all levels": ("masks", "landmarks", "description"),
-}
+CUES = {"frames": [], "middle": ["masks", "landmarks"], "high": ["description"],
+        "all": ["masks", "landmarks", "description"]}
+NAMES = {"zeroshot": "CLIP zero-shot (frame mean, positive − negative descriptions)",
+         "probe": "CLIP linear probe (frozen frame mean)",
+         "frames": "FineCLIPER: frames only",
+         "middle": "FineCLIPER: frames + masks + landmarks (low + middle)",
+         "high": "FineCLIPER: frames + descriptions (low + high)",
+         "all": "FineCLIPER: all levels"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="out/faces", help="generated faces folder (created if missing)")
     ap.add_argument("--n", type=int, default=700, help="clips to generate when --data is empty")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated data and of training")
     ap.add_argument("--fold", type=int, default=1)
     ap.add_argument("--num-frames", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=15, help="passes over the training list")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--probe-lr", type=float, default=1e-2, help="learning rate of the linear probe")
     ap.add_argument("--adapter-dim", type=int, default=16)
     ap.add_argument("--model", default=None, help="CLIP (default: the shipped tiny CLIP)")
-    ap.add_argument("--variants", default=None, help="comma-separated subset of: zeroshot,probe,frames,middle,high,all")
+    ap.add_argument("--variants", default=",".join(NAMES), help=f"comma-separated subset of: {','.join(NAMES)}")
     ap.add_argument("--output", default="out/fineclipper")
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    ap.add_argument("--device", default="cpu")
+    return ap.parse_args(argv)
 
-    data = Path(args.data)
+
+def sets(section: str, values: dict) -> list[str]:
+    """``--set section.key=<JSON>`` per value (JSON is YAML)."""
+    return [arg for key, value in values.items() for arg in ("--set", f"{section}.{key}={json.dumps(value)}")]
+
+
+def tag(argv: list[str]) -> str:
+    return hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:10]
+
+
+def mmadapters(argv: list[str], log: list[str], *, done: bool) -> None:
+    """Record ``mmadapters ARGV`` and, unless ``done`` (its output exists), run it in this process; stop on failure."""
+    from mmadapters.eval.cli import main as cli_main
+
+    log.append(shlex.join(["mmadapters", *argv]))
+    if done:
+        return
+    print(f"$ {log[-1]}", flush=True)
+    code = cli_main(argv)
+    if code:
+        raise SystemExit(f"`{log[-1]}` failed with exit status {code}")
+
+
+def run_variant(args: argparse.Namespace, variant: str, data: Path, train_list: Path, out: Path, log: list[str]) -> dict:
+    """Train (unless zero-shot) and evaluate one variant; its row of the table."""
+    from mmadapters.eval.results_schema import read_results
+    from mmadapters.video.readers import read_dfer_annotation
+
+    model = ["--model", args.model] if args.model else []
+    evaluate = ["eval", "dfer", "--data-dir", str(data), "--fold", str(args.fold), "--split", "test", "--device",
+                args.device, "--no-progress"]
+    summary, run = None, None
+    if variant == "zeroshot":
+        evaluate += [*model, "--num-frames", str(args.num_frames)]
+    else:
+        steps = args.epochs * math.ceil(len(read_dfer_annotation(train_list, "dfew", root=data)) / args.batch_size)
+        probe = variant == "probe"
+        recipe = {"data_dir": str(data), "fold": args.fold, "val_annotation": str(train_list), "model": args.model,
+                  "num_frames": args.num_frames, "cues": [] if probe else CUES[variant],
+                  "adapter_dim": 0 if probe else args.adapter_dim, "linear_probe": probe}
+        trainer = {"steps": steps, "batch_size": args.batch_size, "lr": args.probe_lr if probe else args.lr,
+                   "schedule": "cosine", "seed": args.seed, "eval_every": 0, "checkpoint_every": 0, "progress": False}
+        argv = ["train", "fineclipper", "--device", args.device, *sets("trainer", trainer), *sets("recipe", recipe)]
+        run = out / "runs" / f"{variant}-{tag(argv)}"
+        done = (run / "train_summary.json").is_file()
+        resume = ["--resume"] if not done and (run / "train_state.pt").is_file() else []  # cut off while saving
+        mmadapters([*argv, "--output", str(run), *resume], log, done=done)
+        summary = json.loads((run / "train_summary.json").read_text())
+        evaluate += ["--adapters", str(run / "last")]
+    results_file = out / "results" / f"{variant}-{tag(evaluate)}.json"
+    mmadapters([*evaluate, "--output", str(results_file)], log, done=results_file.is_file())
+    res = read_results(results_file)
+    params = summary["parameters"] if summary else {"trainable": 0, "backbone": res["parameters"]["total"]}
+    return {"variant": NAMES[variant], "key": variant, "trainable_params": params["trainable"],
+            "trainable_pct": 100.0 * params["trainable"] / params["backbone"],
+            "train_seconds": summary["timings"]["train_s"] if summary else 0.0, "uar": res["metrics"]["uar"],
+            "war": res["metrics"]["war"], "n": res["counts"]["evaluated"], "skipped": res["counts"]["skipped"],
+            "per_class_recall": {k: v["recall"] for k, v in res["per_group"].items()}, "results": str(results_file),
+            "run": str(run) if run else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmadapters.atomic import atomic_write_bytes
+    from mmadapters.eval.results_io import json_bytes
+    from mmadapters.video.readers import dfer_annotation_path
+
+    args = parse_args(argv)
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in NAMES]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; expected among {','.join(NAMES)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data, out = Path(args.data), Path(args.output)
     if not (data / "dataset.json").is_file():
         from mmadapters.video.synth_faces import generate_faces
 
         generate_faces(data, n=args.n, seed=args.seed)
-    cues = PrecomputedCues(data)
-    rows = {}
-    for split in ("train", "test"):
-        ann = read_dfer_annotation(dfer_annotation_path("dfew", data / "annotation", split, args.fold), "dfew", root=data)
-        rows[split] = [(str(a.frame_dir), a.label) for a in ann]
-    needed = ("masks", "landmarks", "description")
-    train = load_split(rows["train"], cues=cues, needed=needed, desc="train clips")
-    test = load_split(rows["test"], cues=cues, needed=needed, desc="test clips")
-    print(f"train {len(train.clips)} clips ({len(train.skipped)} skipped), test {len(test.clips)} ({len(test.skipped)} skipped)")
-
-    wanted = set((args.variants or "zeroshot,probe,frames,middle,high,all").split(","))
-    keys = dict(zip(("frames", "middle", "high", "all"), VARIANTS, strict=True))
+    train_list = dfer_annotation_path("dfew", data / "annotation", "train", args.fold)
+    commands: list[str] = []
     results = []
+    for variant in wanted:
+        results.append(run_variant(args, variant, data, train_list, out, commands))
+        print(f"{results[-1]['variant']}: UAR {results[-1]['uar']:.3f} WAR {results[-1]['war']:.3f}", flush=True)
 
-    def fresh(cue_levels, adapter_dim):
-        bundle = load_clip(args.model)
-        lm = train.clips[0].landmarks.shape[1] if train.clips and train.clips[0].landmarks is not None else None
-        cfg = FineClipperConfig(cues=cue_levels, adapter_dim=adapter_dim, num_landmarks=lm)
-        return FineClipper(bundle.model, bundle.tokenizer, DFEW_CLASSES, cfg)
-
-    if "zeroshot" in wanted:
-        model = fresh((), 0)
-        res = evaluate_fineclipper(model, test, num_frames=args.num_frames)
-        results.append({"variant": "CLIP zero-shot (frame mean, pos/neg descriptions)", "trainable_params": 0,
-                        "trainable_pct": 0.0, "train_seconds": 0.0, **_metrics(res)})
-    if "probe" in wanted:
-        model = fresh((), 0)
-        res = linear_probe(model, train, test, num_frames=args.num_frames, seed=args.seed)
-        rep = parameter_report(model)
-        results.append({"variant": "CLIP linear probe (frozen frame mean)", "trainable_params": res["trainable_params"],
-                        "trainable_pct": 100.0 * res["trainable_params"] / rep["backbone_params"],
-                        "train_seconds": res["train_seconds"], **_metrics(res)})
-    for short, name in keys.items():
-        if short not in wanted:
-            continue
-        torch.manual_seed(args.seed)
-        model = fresh(VARIANTS[name], args.adapter_dim)
-        rep = parameter_report(model)
-        fit = train_fineclipper(model, train, num_frames=args.num_frames, epochs=args.epochs, batch_size=args.batch_size,
-                                lr=args.lr, seed=args.seed)
-        res = evaluate_fineclipper(model, test, num_frames=args.num_frames)
-        results.append({"variant": name, "trainable_params": rep["trainable_params"], "trainable_pct": rep["trainable_pct"],
-                        "train_seconds": fit["train_seconds"], "final_loss": fit["history"][-1]["loss"], **_metrics(res)})
-        print(f"{name}: UAR {res['uar']:.3f} WAR {res['war']:.3f}")
-
-    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-               "data": str(data), "fold": args.fold, "train_clips": len(train.clips), "test_clips": len(test.clips),
-               "skipped": {"train": len(train.skipped), "test": len(test.skipped)},
-               "settings": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
+    payload = {"command": shlex.join(["python", "scripts/run_fineclipper.py", *(sys.argv[1:] if argv is None else argv)]),
+               "commands": commands, "data": str(data), "fold": args.fold, "settings": vars(args),
                "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}
     atomic_write_bytes(out / "results.json", json_bytes(payload))
     lines = ["| variant | trainable params (% of CLIP) | UAR | WAR | train s |", "|---|---|---|---|---|"]
@@ -124,10 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(json.dumps({"output": str(out / "results.json")}))
     return 0
-
-
-def _metrics(res: dict) -> dict:
-    return {"uar": res["uar"], "war": res["war"], "n": res["n"], "per_class_recall": res.get("per_class_recall", {})}
 
 
 if __name__ == "__main__":

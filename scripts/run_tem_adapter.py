@@ -1,22 +1,24 @@
 """Tem-Adapter vs frame-mean CLIP zero-shot vs the official code's behaviour, on generated moving-shape VideoQA.
 
-    python scripts/run_tem_adapter.py --out out/tem_adapter            # generate (once), encode, train, compare
+    python scripts/run_tem_adapter.py --out out/tem_adapter            # generate (once), train, evaluate, table
 
-Steps: generate a SUTD-TrafficQA-style moving-shape QA set with ``python -m mmadapters.video.synth trafficqa``
-(or take ``--data`` / ``--train`` + ``--test``), encode its frames and question+candidate texts with a frozen
-CLIP (frame features cached on disk by :class:`mmadapters.video.data.FrameFeatureCache`), then score the
-held-out split with
+A sweep over the command line, run in this process:
 
-- ``zeroshot``: cosine of the mean frame feature and each candidate's text (no training);
-- ``tem-adapter``: Semantic + Temporal Aligner, trained on the train split (the paper's method, both
-  official-code bugs fixed);
-- ``official``: the same with both official-code bugs (``repeat`` pairing, unshifted "future" target),
-  and ``official-repeat`` / ``official-unshifted`` with each bug alone.
+- the data: ``python -m mmadapters.video.synth trafficqa`` (unless ``--data`` / ``--train`` + ``--test``);
+- ``zeroshot``: ``mmadapters eval videoqa`` without adapters (cosine of the mean frame feature and each
+  candidate's text);
+- every trained variant, for every ``--seeds`` value: ``mmadapters train tem-adapter --set ...`` then
+  ``mmadapters eval videoqa --adapters RUN/last`` on the held-out split. ``tem-adapter`` is the paper's
+  method with both official-code bugs fixed; ``official`` has both bugs (``repeat`` pairing, unshifted
+  "future" target), ``official-repeat`` / ``official-unshifted`` one each (``recipe.official_*`` switches).
 
-Trained variants run for every ``--seeds`` value (same data, different initialization and shuffling) and
-are reported as mean ± std. Writes ``tem_adapter_results.json`` (one house-style results record per run)
-and ``tem_adapter_results.md`` under ``--out``. ``--max-minutes`` stops starting new runs when the budget
-is spent (the runs left out are listed). Defaults fit in about 10 minutes on 2 CPU cores.
+Training protocol (the official code's): every training question trains (``recipe.val_annotations`` is the
+training file, so the run's validation reports training accuracy and never sees the held-out split) for
+``--epochs`` passes, and the last aligners are scored. The frozen CLIP's frame features are cached on disk
+once and shared by every run. Each run's folder and results file are named by a hash of its settings, so
+rerunning the script reuses finished runs. ``--max-minutes`` stops starting new runs when the budget is
+spent (the runs left out are listed). Writes ``tem_adapter_results.json`` (every run's metrics, results file
+and command) and ``tem_adapter_results.md`` under ``--out``.
 
 The frozen CLIP (``--model``): ``tiny`` (default) is the vision issue's tiny CLIP, trained on single large
 shapes in stills; its frame features of these clips hardly carry the objects' colour, shape or position,
@@ -28,19 +30,21 @@ built it with ``scripts/pretrain_video_clip.py`` (not shipped: no run so far tau
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-VARIANTS = {
-    "zeroshot": ("zeroshot", False, False),
-    "tem-adapter": ("tem-adapter", False, False),
-    "official": ("tem-adapter", True, True),
-    "official-repeat": ("tem-adapter", True, False),
-    "official-unshifted": ("tem-adapter", False, True),
+VARIANTS = {  # name -> (official_repeat_pairing, official_unshifted_future); None: not trained
+    "zeroshot": None,
+    "tem-adapter": (False, False),
+    "official": (True, True),
+    "official-repeat": (True, False),
+    "official-unshifted": (False, True),
 }
 DESCRIPTIONS = {
     "zeroshot": "frame-mean CLIP zero-shot (cosine of mean frame feature and text)",
@@ -49,6 +53,7 @@ DESCRIPTIONS = {
     "official-repeat": "only the `repeat` pairing bug (candidates see other questions' videos)",
     "official-unshifted": "only the unshifted future target (reconstruction instead of prediction)",
 }
+VIDEO_CLIP_DIR = Path(__file__).resolve().parent.parent / "video" / "assets" / "video_clip"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,10 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--template", default="{question} {answer}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="training seeds of the trained variants")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (the paper: 50; 30 fits the time budget)")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training questions (the paper: 50)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-halve-every", type=int, default=10)
+    p.add_argument("--schedule", default="cosine", choices=("constant", "linear", "cosine"),
+                   help="learning-rate decay over the steps (the paper halves it every 10 epochs; the engine offers "
+                        "constant, linear and cosine)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small matrices)")
     p.add_argument("--workers", type=int, default=1, help="generator processes / decoding workers")
     p.add_argument("--max-minutes", type=float, default=10.0, help="start no new run after this much wall time")
@@ -82,24 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-VIDEO_CLIP_DIR = Path(__file__).resolve().parent.parent / "video" / "assets" / "video_clip"
-
-
 def resolve_model(name: str) -> str | None:
     """``--model`` -> the name :func:`mmadapters.vision.clip.load_clip` takes (None: the shipped tiny CLIP)."""
     if name == "tiny":
         return None
     if name == "video":
-        try:
-            import mmadapters.video as video_pkg
-
-            directory = Path(video_pkg.__file__).resolve().parent / "assets" / "video_clip"
-        except ImportError:  # pragma: no cover - the package is installed with the repository
-            directory = VIDEO_CLIP_DIR
-        if not (directory / "open_clip_config.json").is_file():
-            raise SystemExit(f"--model video: expected {directory}/open_clip_config.json; build it with "
+        if not (VIDEO_CLIP_DIR / "open_clip_config.json").is_file():
+            raise SystemExit(f"--model video: expected {VIDEO_CLIP_DIR}/open_clip_config.json; build it with "
                              "python scripts/pretrain_video_clip.py --output video/assets/video_clip, or pass --model tiny")
-        return f"local-dir:{directory}"
+        return f"local-dir:{VIDEO_CLIP_DIR}"
     return name
 
 
@@ -127,12 +125,71 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     raise SystemExit(f"{test}: cannot find video {first!r} under {data} or {test.parent}; pass --video-root")
 
 
+def sets(section: str, values: dict) -> list[str]:
+    """``--set section.key=<JSON>`` per value (JSON is YAML, so strings with braces or spaces survive)."""
+    return [arg for key, value in values.items() for arg in ("--set", f"{section}.{key}={json.dumps(value)}")]
+
+
+def tag(argv: list[str]) -> str:
+    return hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:10]
+
+
+def mmadapters(argv: list[str], log: list[str], *, done: bool) -> None:
+    """Record ``mmadapters ARGV`` and, unless ``done`` (its output exists), run it in this process (same torch
+    threads, no start-up per run); stop on failure."""
+    from mmadapters.eval.cli import main as cli_main
+
+    log.append(shlex.join(["mmadapters", *argv]))
+    if done:
+        return
+    print(f"$ {log[-1]}", flush=True)
+    code = cli_main(argv)
+    if code:
+        raise SystemExit(f"`{log[-1]}` failed with exit status {code}")
+
+
+def evaluate(args: argparse.Namespace, test: Path, root: Path, name: str, extra: list[str], log: list[str]) -> dict:
+    """``mmadapters eval videoqa`` into OUT/results/NAME-<hash>.json (reused when present)."""
+    from mmadapters.eval.results_schema import read_results
+
+    argv = ["eval", "videoqa", "--annotations", str(test), "--video-root", str(root), "--device", args.device,
+            "--batch-size", "64", "--num-workers", str(max(args.workers - 1, 0)), "--no-progress", *extra]
+    if args.cache_dir:
+        argv += ["--cache-dir", str(args.cache_dir)]
+    output = args.out / "results" / f"{name}-{tag(argv)}.json"
+    mmadapters([*argv, "--output", str(output)], log, done=output.is_file())
+    return {**read_results(output), "output": str(output)}
+
+
+def train(args: argparse.Namespace, train_file: Path, root: Path, variant: str, seed: int, model: str | None,
+          log: list[str]) -> tuple[Path, dict]:
+    """``mmadapters train tem-adapter`` into OUT/runs/VARIANT-seedS-<hash> (reused when finished)."""
+    from mmadapters.video.readers import read_trafficqa
+
+    repeat, unshifted = VARIANTS[variant]
+    steps = args.epochs * math.ceil(len(read_trafficqa(train_file, video_root=root)) / args.batch_size)
+    recipe = {"train_annotations": str(train_file), "val_annotations": str(train_file), "video_root": str(root),
+              "model": model, "num_frames": args.num_frames, "template": args.template,
+              "num_workers": max(args.workers - 1, 0), "official_repeat_pairing": repeat,
+              "official_unshifted_future": unshifted}
+    if args.cache_dir:
+        recipe["cache_dir"] = str(args.cache_dir)
+    trainer = {"steps": steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule, "seed": seed,
+               "eval_every": 0, "checkpoint_every": 0, "progress": False}
+    argv = ["train", "tem-adapter", "--device", args.device, *sets("trainer", trainer), *sets("recipe", recipe)]
+    run = args.out / "runs" / f"{variant}-seed{seed}-{tag(argv)}"
+    done = (run / "train_summary.json").is_file()
+    resume = ["--resume"] if not done and (run / "train_state.pt").is_file() else []  # cut off while saving
+    mmadapters([*argv, "--output", str(run), *resume], log, done=done)
+    return run, json.loads((run / "train_summary.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from mmadapters import __version__
-    from mmadapters.eval.results_io import json_bytes, results_key
-    from mmadapters.eval.videoqa_eval import build_results, default_cache_dir, encode_split, score_split
-    from mmadapters.io import atomic_write_bytes
-    from mmadapters.vision.clip import load_clip
+    from mmadapters.atomic import atomic_write_bytes
+    from mmadapters.eval.results_io import json_bytes
 
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -143,57 +200,39 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--variants: unknown {unknown}; expected among {list(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    train_file, test_file, video_root = locate(args)
-    cache_dir = args.cache_dir or default_cache_dir()
+    train_file, test_file, root = locate(args)
+    model = resolve_model(args.model)
+    common = ["--model", model] if model else []
 
-    model_name = resolve_model(args.model)
-    clip = load_clip(model_name, device=args.device, declare_points=False)
-    model_label = "tiny_clip" if model_name is None else clip.info.short_name
-    common = {"video_root": video_root, "num_frames": args.num_frames, "template": args.template,
-              "device": args.device, "cache_dir": cache_dir, "num_workers": max(args.workers - 1, 0)}
-    t0 = time.perf_counter()
-    train = encode_split(clip, train_file, **common)
-    test = encode_split(clip, test_file, **common)
-    encode_s = time.perf_counter() - t0
-    print(f"features: train {len(train.features)} questions ({train.skipped_questions} skipped), test "
-          f"{len(test.features)} ({test.skipped_questions} skipped), {encode_s:.1f}s", flush=True)
-
-    runs, left_out = [], []
+    runs, left_out, commands = [], [], []
     for variant in variants:
-        method, repeat, unshifted = VARIANTS[variant]
-        for seed in ([0] if method == "zeroshot" else seeds):
+        for seed in [0] if VARIANTS[variant] is None else seeds:
             if (time.perf_counter() - t_start) / 60 > args.max_minutes:
                 left_out.append(f"{variant} seed {seed}")
                 continue
             t0 = time.perf_counter()
-            scores, adapter = score_split(method, test, train, official_repeat_pairing=repeat,
-                                          official_unshifted_future=unshifted, epochs=args.epochs,
-                                          batch_size=args.batch_size, lr=args.lr, lr_halve_every=args.lr_halve_every,
-                                          seed=seed, device=args.device)
-            settings = {"variant": variant, "method": method, "official_repeat_pairing": repeat,
-                        "official_unshifted_future": unshifted, "seed": seed, "epochs": args.epochs,
-                        "batch_size": args.batch_size, "lr": args.lr, "lr_halve_every": args.lr_halve_every,
-                        "num_frames": args.num_frames, "template": args.template, "train": str(train_file),
-                        "test": str(test_file), "video_root": str(video_root), "model": args.model,
-                        "weights": clip.info.as_dict()}
-            record = build_results(dataset=test_file.parent.parent.name + "/" + test_file.stem, model=model_label,
-                                   pretrained=None, task=f"videoqa_multiple_choice/{variant}", test=test, train=train,
-                                   scores=scores, adapter=adapter, settings=settings,
-                                   run_key=results_key({"weights": clip.info.identity(), **settings}), version=__version__)
-            record["timings"]["run_s"] = round(time.perf_counter() - t0, 3)
-            runs.append(record)
-            print(f"{variant:20s} seed {seed}: acc {record['metrics']['acc']:.4f}  ({record['timings']['run_s']:.1f}s)",
-                  flush=True)
+            if VARIANTS[variant] is None:
+                run, summary = None, None
+                results = evaluate(args, test_file, root, variant, [*common, "--num-frames", str(args.num_frames),
+                                                                    "--template", args.template], commands)
+            else:
+                run, summary = train(args, train_file, root, variant, seed, model, commands)
+                results = evaluate(args, test_file, root, f"{variant}-seed{seed}", ["--adapters", str(run / "last")],
+                                   commands)
+            runs.append({"variant": variant, "seed": seed, "metrics": results["metrics"], "per_group": results["per_group"],
+                         "counts": results["counts"], "parameters": results["parameters"], "results": results["output"],
+                         "run": str(run) if run else None, "train_s": summary["timings"]["train_s"] if summary else 0.0,
+                         "run_s": round(time.perf_counter() - t0, 2)})
+            print(f"{variant:20s} seed {seed}: acc {results['metrics']['acc']:.4f}", flush=True)
 
-    summary = summarize(runs, variants)
-    total_s = time.perf_counter() - t_start
-    payload = {"summary": summary, "runs": runs, "left_out": left_out, "features_s": round(encode_s, 2),
-               "total_s": round(total_s, 2), "command": " ".join(["python", "scripts/run_tem_adapter.py", *(argv or sys.argv[1:])]),
-               "threads": args.threads, "mmadapters_version": __version__,
-               "model": {"flag": args.model, "label": model_label, **clip.info.as_dict()}}
+    payload = {"summary": summarize(runs, variants), "runs": runs, "left_out": left_out,
+               "total_s": round(time.perf_counter() - t_start, 2),
+               "command": shlex.join(["python", "scripts/run_tem_adapter.py", *(sys.argv[1:] if argv is None else argv)]),
+               "commands": commands, "threads": args.threads, "mmadapters_version": __version__,
+               "model": {"flag": args.model, "name": model}}
     atomic_write_bytes(args.out / "tem_adapter_results.json", json_bytes(payload))
-    atomic_write_bytes(args.out / "tem_adapter_results.md", markdown(payload, test, train).encode())
-    print(markdown(payload, test, train))
+    atomic_write_bytes(args.out / "tem_adapter_results.md", markdown(payload).encode())
+    print(markdown(payload))
     return 0
 
 
@@ -201,21 +240,21 @@ def summarize(runs: list[dict], variants: list[str]) -> dict[str, dict]:
     """Per variant: mean and std of accuracy over seeds, per-q_type means, seeds run."""
     out = {}
     for variant in variants:
-        mine = [r for r in runs if r["settings"]["variant"] == variant]
+        mine = [r for r in runs if r["variant"] == variant]
         if not mine:
             continue
         accs = [r["metrics"]["acc"] for r in mine]
-        types = sorted({t for r in mine for t in r["metrics"]["acc_by_q_type"]})
+        types = sorted({t for r in mine for t in r["per_group"]})
         out[variant] = {"acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                        "acc_runs": accs, "seeds": [r["settings"]["seed"] for r in mine],
-                        "acc_by_q_type": {t: statistics.fmean(r["metrics"]["acc_by_q_type"].get(t, float("nan"))
-                                                              for r in mine) for t in types},
+                        "acc_runs": accs, "seeds": [r["seed"] for r in mine],
+                        "acc_by_q_type": {t: statistics.fmean(r["per_group"][t]["acc"] for r in mine if t in r["per_group"])
+                                          for t in types},
                         "chance": mine[0]["metrics"]["chance"]}
     return out
 
 
-def markdown(payload: dict, test, train) -> str:
-    summary = payload["summary"]
+def markdown(payload: dict) -> str:
+    summary, runs = payload["summary"], payload["runs"]
     types = sorted({t for s in summary.values() for t in s["acc_by_q_type"]})
     lines = ["| variant | accuracy (mean ± std over seeds) | " + " | ".join(f"q_type {t}" for t in types) + " | what |",
              "|---|---|" + "---|" * len(types) + "---|"]
@@ -223,13 +262,12 @@ def markdown(payload: dict, test, train) -> str:
         by_type = " | ".join(f"{s['acc_by_q_type'].get(t, float('nan')):.3f}" for t in types)
         spread = f" ± {s['acc_std']:.3f} (n={len(s['seeds'])})" if variant != "zeroshot" else ""
         lines.append(f"| {variant} | {s['acc_mean']:.3f}{spread} | {by_type} | {DESCRIPTIONS[variant]} |")
-    chance = next(iter(summary.values()))["chance"] if summary else float("nan")
-    lines += ["", f"Held-out questions: {len(test.features)} ({test.skipped_questions} skipped), train questions: "
-              f"{len(train.features)} ({train.skipped_questions} skipped); chance {chance:.3f}. "
-              f"Features {payload['features_s']:.1f}s, total {payload['total_s']:.1f}s on {payload['threads']} threads.",
-              f"Frozen CLIP: {payload['model']['label']} (`--model {payload['model']['flag']}`, weights sha256 "
-              f"{str(payload['model']['weights_sha256'])[:12]}).",
-              f"Command: `{payload['command']}`"]
+    if runs:
+        c = runs[0]["counts"]
+        lines += ["", f"Held-out questions: {c['evaluated']} ({c['skipped']} skipped); chance "
+                  f"{runs[0]['metrics']['chance']:.3f}. Total {payload['total_s']:.1f}s on {payload['threads']} threads. "
+                  f"Frozen CLIP: `--model {payload['model']['flag']}`."]
+    lines.append(f"Command: `{payload['command']}`")
     if payload["left_out"]:
         lines.append(f"Left out (time budget): {', '.join(payload['left_out'])}")
     return "\n".join(lines) + "\n"
