@@ -110,8 +110,8 @@ def schedule(args: argparse.Namespace, n_train: int) -> tuple[int, int]:
 
 
 def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, steps: int, eval_every: int) -> list[str]:
-    """``mmadapters train vl-adapter`` for one run, every setting a ``--set`` (a value YAML would read as something
-    else than the string meant, e.g. ``yes`` or ``1e-3``, is written as JSON, which YAML reads back exactly)."""
+    """``mmadapters train vl-adapter`` for one run, every setting a ``--set`` written so that YAML reads it back
+    as the value meant (a string YAML would read as something else, e.g. ``yes``, is quoted as JSON)."""
     import yaml
 
     from mmadapters.vision.vl_adapter import DEFAULT_LR
@@ -132,7 +132,14 @@ def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Pa
         settings["recipe.per_task"] = True
     cmd = ["train", "vl-adapter", "--output", str(run_dir)]
     for key, value in settings.items():
-        text = value if isinstance(value, str) and yaml.safe_load(value) == value else json.dumps(value)
+        if isinstance(value, float):  # YAML reads a float only with a dot (and a signed exponent): 3.0e-04
+            text = f"{value:.12g}"
+            mantissa, e, exponent = text.partition("e")
+            text = (mantissa if "." in mantissa else mantissa + ".0") + (e + exponent)
+        elif isinstance(value, str) and yaml.safe_load(value) == value:
+            text = value
+        else:
+            text = json.dumps(value)
         cmd += ["--set", f"{key}={text}"]
     return cmd + (["--resume"] if (run_dir / "train_state.pt").is_file() else [])
 

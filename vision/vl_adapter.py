@@ -116,14 +116,15 @@ class Batch:
     input_ids: Tensor  # (B, T)
     attention_mask: Tensor  # (B, T)
     visual_feats: Tensor  # (B, N, D) or (B, I, N, D)
-    labels: Tensor | None  # (B, T_out) with -100 at padding; None for generation
+    labels: Tensor  # (B, T_out) with -100 at padding
 
 
 def make_batch(model: nn.Module, task: str, samples: Sequence[VLSample], features: Callable[[str], Tensor], *,
-               max_text_length: int, max_target_length: int | None = None, rng: random.Random | None = None,
+               max_text_length: int, max_target_length: int, rng: random.Random,
                skipped: list | None = None) -> Batch | None:
-    """Tokenize and stack one task's samples; with ``rng`` also the training targets. Samples whose features
-    or targets are unusable are appended to ``skipped`` as ``(uid, reason)``; None when none is left."""
+    """One task's training samples tokenized and stacked with their targets (``rng`` draws the captions).
+    Samples whose features or targets are unusable are appended to ``skipped`` as ``(uid, reason)``; None when
+    none is left. (Generation batches its samples in :class:`VLPredictor`.)"""
     kept, feats, targets = [], [], []
     for s in samples:
         if s.task != task:
@@ -132,8 +133,7 @@ def make_batch(model: nn.Module, task: str, samples: Sequence[VLSample], feature
             v = visual_input(s, features)
             if feats and v.shape != feats[0].shape:
                 raise ValueError(f"features of shape {tuple(v.shape)}, the batch has {tuple(feats[0].shape)}")
-            if rng is not None:
-                targets.append(training_target(s, rng))
+            targets.append(training_target(s, rng))
         except (KeyError, ValueError) as err:
             if skipped is not None:
                 skipped.append((s.uid, str(err).strip("'\"")))
@@ -144,9 +144,8 @@ def make_batch(model: nn.Module, task: str, samples: Sequence[VLSample], feature
         return None
     device = next(model.parameters()).device
     ids, mask = model.encode_text([model_input(s) for s in kept], max_length=max_text_length)
-    labels = model.encode_targets(targets, max_length=max_target_length).to(device) if rng is not None else None
+    labels = model.encode_targets(targets, max_length=max_target_length).to(device)
     return Batch(task, kept, ids.to(device), mask.to(device), torch.stack(feats).to(device), labels)
-
 
 
 # ---------------------------------------------------------------------------------------------- data files and features

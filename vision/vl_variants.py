@@ -290,7 +290,10 @@ class VariantParameters:
                 ("trained backbone parameters (LayerNorms, visual projection)" if self.variant != "full_ft"
                  else "trained backbone parameters (all)", self.extras),
                 ("trainable", self.trainable)]
-        rows += [(f"  used by task {task!r}", count) for task, count in self.per_task.items()]
+        by_count: dict[int, list[str]] = {}
+        for task, count in self.per_task.items():
+            by_count.setdefault(count, []).append(task)
+        rows += [(f"  adapter parameters each of {', '.join(tasks)} uses", count) for count, tasks in by_count.items()]
         width = max(len(name) for name, _ in rows)
         lines = [f"VL-Adapter variant {self.variant!r}", f"{'parameters':<{width}}  {'count':>12}  {'% of backbone':>13}"]
         lines += [f"{name:<{width}}  {count:>12,}  {100.0 * count / max(self.backbone, 1):>12.2f}%" for name, count in rows]
