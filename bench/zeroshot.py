@@ -369,10 +369,10 @@ def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
         if not line.strip():
             continue
         record = json.loads(line)
-        for name in ("path", "label", "prediction", "top5"):
+        for name in ("id", "label", "prediction", "top5"):
             if name not in record:
                 raise ValueError(f"{path}: line {i}: missing field {name!r}")
-        key = Path(record["path"]).name.partition(".")[0]
+        key = Path(record["id"]).name.partition(".")[0]
         out[key] = record
     return out
 
@@ -452,10 +452,10 @@ def bench_model(spec: ModelSpec, wds: Path, order: Sequence[WdsSample], work: Pa
                      "warm": "mmadapters zeroshot (cached classifier)"}[who]
             print(f"  [{spec.label}] rep {rep} {label}: {seconds:.2f}s", flush=True)
         ours_json = json.loads((run_dir / "ours.json").read_text(encoding="utf-8"))
-        if ours_json["timings"]["classifier_cache_hit"]:  # a fresh cache dir: the classifier must be built
+        if ours_json["classifier_cache_hit"]:  # a fresh cache dir: the classifier must be built
             raise RuntimeError(f"{run_dir / 'ours.json'}: the cold run hit a classifier cache; expected a build")
         warm_json = json.loads((warm_dir / "ours.json").read_text(encoding="utf-8"))
-        if not warm_json["timings"]["classifier_cache_hit"]:
+        if not warm_json["classifier_cache_hit"]:
             raise RuntimeError(f"{warm_dir / 'ours.json'}: the second run did not load the cached classifier")
         ours_cls.append(ours_json["timings"]["classifier_s"])
         records.append(torch.load(run_dir / "cb.pt", weights_only=True))
@@ -613,13 +613,13 @@ def markdown(result: dict[str, Any]) -> str:
               "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["models"]:
         t, w = r["ours_timings"], r["wall_s"]
-        setup = t["total_s"] - t["classifier_s"] - t["features_s"]
+        setup = t["total_s"] - t["classifier_s"] - t["evaluate_s"]
         lines.append(f"| {r['model']} | mmadapters | {r['ours_process_overhead_s']:.2f} | {setup:.2f} | "
-                     f"{t['classifier_s']:.2f} | {t['features_s']:.2f} | {w['ours'][-1]:.2f} |")
+                     f"{t['classifier_s']:.2f} | {t['evaluate_s']:.2f} | {w['ours'][-1]:.2f} |")
         tc = r["ours_cached_timings"]
-        setup = tc["total_s"] - tc["classifier_s"] - tc["features_s"]
+        setup = tc["total_s"] - tc["classifier_s"] - tc["evaluate_s"]
         lines.append(f"| {r['model']} | mmadapters, cached classifier | {w['ours_cached_classifier'][-1] - tc['total_s']:.2f} | "
-                     f"{setup:.2f} | {tc['classifier_s']:.2f} | {tc['features_s']:.2f} | {w['ours_cached_classifier'][-1]:.2f} |")
+                     f"{setup:.2f} | {tc['classifier_s']:.2f} | {tc['evaluate_s']:.2f} | {w['ours_cached_classifier'][-1]:.2f} |")
         cls_s, img_s = r["classifier_s"]["clip_benchmark"][-1], r["clip_benchmark_classification_s"]
         lines.append(f"| {r['model']} | clip_benchmark | {r['clip_benchmark_process_overhead_s']:.2f} | "
                      f"{r['clip_benchmark_main_s'] - cls_s - img_s:.2f} | {cls_s:.2f} | {img_s:.2f} | "

@@ -1,4 +1,5 @@
-"""The evaluators behind ``mmadapters eval zeroshot`` and ``mmadapters eval fewshot`` (flags: ``eval_clip_args``).
+"""Image classification with CLIP: the evaluators behind ``mmadapters eval zeroshot`` (and its CLIP_benchmark-style
+door ``mmadapters zeroshot``) and ``mmadapters eval fewshot``. Flags: :mod:`mmadapters.eval.eval_clip_args`.
 
 Both score images one batch at a time through :func:`mmadapters.eval.sample_runner.run_samples`: each
 image's record is ``{"label": int, "top5": [class indices, best first]}`` (top-k with k = min(5, C)),
@@ -7,14 +8,19 @@ appended to ``<output>.samples.jsonl`` as soon as its batch is done. A rerun of 
 the rest. Metrics come from the records alone — ``acc1`` (top5[0] == label), ``acc5`` (label in top5;
 NaN with fewer than 5 classes, as CLIP_benchmark reports it), ``mean_per_class_recall`` — so a resumed
 run gives exactly the numbers of an uninterrupted one. An unreadable image is skipped with its reason
-(``--fail-fast`` stops instead). ``per_group`` holds each class's recall and image count.
+(``--fail-fast`` / ``--on-error fail`` stops instead). ``per_group`` holds each class's recall and image
+count. With ``--num-workers N`` the images are read ahead by N DataLoader worker processes.
 
-- zeroshot: logits ``100 · f · W`` with the cached zero-shot classifier W (``vision.zeroshot``); the
-  datasets, class names and templates are resolved exactly as ``mmadapters zeroshot`` resolves them.
+- zeroshot: logits ``100 · f · W`` with the cached zero-shot classifier W (``vision.zeroshot``). With
+  ``--adapter tip|tip-f|caps --shots K`` a Tip-Adapter / Tip-Adapter-F / CapS-Adapter is first fitted on K
+  support images per class (the train split or ``--support-root``; CapS with their captions) with its
+  hyperparameters searched on ``--val-split`` only, and the images are scored with it (task
+  ``fewshot_classification``; what was fitted is in the results' ``adapter`` field).
 - fewshot: the cache model saved by ``mmadapters train tip-adapter|caps-adapter``
   (``vision.fewshot_train.load_cache_model``); the CLIP must be the one recorded with it.
 
-Under torchrun the images are sharded over the ranks and rank 0 writes the results file.
+Datasets are opened by :mod:`mmadapters.vision.readers`. Under torchrun the images are sharded over the
+ranks and rank 0 writes the results file.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,24 +37,11 @@ import torch
 from torch import Tensor
 
 TOPK = 5
+ADAPTERS = ("none", "tip", "tip-f", "caps")
 
 
 class UnreadableImage(ValueError):
     """An image that could not be opened or decoded (the reader's reason is the message)."""
-
-
-def _slug(value: str | None) -> str:
-    text = "none" if not value else str(value)
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_") or "none"
-
-
-def fill_output(template: str, **fields: str | None) -> Path:
-    """``template`` with ``{dataset} {model} {pretrained} {task} {kind}`` filled in (file-name safe)."""
-    try:
-        return Path(template.format(**{k: _slug(v) for k, v in fields.items()}))
-    except (KeyError, IndexError, ValueError) as e:
-        names = " ".join(f"{{{k}}}" for k in fields)
-        raise ValueError(f"--output {template!r}: only {names} can be filled in ({e})") from None
 
 
 def sample_ids(dataset, root: Path) -> list[str]:
@@ -70,21 +64,62 @@ def encode_batch(model: torch.nn.Module, images: Tensor, device: torch.device | 
     return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
-def make_predict(dataset, clip_model: torch.nn.Module, score: Callable[[Tensor], Tensor],
-                 device: torch.device | str) -> Callable[[list[int]], list[dict | BaseException]]:
+def _items(batch: list) -> list:
+    return batch  # the DataLoader hands the dataset items over as they are (Unreadable markers included)
+
+
+class ReadAhead:
+    """Dataset items for the batches run_samples will ask for, read ahead by DataLoader worker processes.
+
+    ``batches`` are the index lists in the order they will be requested. A request that is not the next
+    planned batch (run_samples retrying a failed batch one image at a time) is read in this process.
+    """
+
+    def __init__(self, dataset, batches: list[list[int]], num_workers: int):
+        from torch.utils.data import DataLoader
+
+        self.dataset = dataset
+        self.planned = deque(batches)
+        self.it = None
+        if num_workers > 0 and batches:
+            self.it = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_items))
+
+    def read(self, indices: list[int]) -> list:
+        if self.it is not None and self.planned and self.planned[0] == indices:
+            self.planned.popleft()
+            batch = next(self.it)
+            if not self.planned:
+                self.close()
+            return batch
+        return [self.dataset[i] for i in indices]
+
+    def close(self) -> None:
+        """Stop the worker processes now (dropping the last reference to the iterator shuts them down), not at
+        some later garbage collection: also when the run stops early."""
+        self.it = None
+
+
+def make_predict(dataset, clip_model: torch.nn.Module, score: Callable[[Tensor], Tensor], device: torch.device | str,
+                 *, reader: ReadAhead | None = None,
+                 fail_fast: bool = False) -> Callable[[list[int]], list[dict | BaseException]]:
     """``predict(indices)`` for run_samples: read the images, encode the readable ones, score them.
 
     ``score`` maps (B, D) normalized features to (B, C) logits. Records are ``{"label", "top5"}``; an
-    unreadable image gives an :class:`UnreadableImage` carrying the reader's reason.
+    unreadable image gives an :class:`UnreadableImage` carrying the reader's reason (with ``fail_fast``
+    it is raised, naming the file).
     """
-    from .readers import Unreadable
+    from mmadapters.vision.readers import Unreadable
+
+    read = reader.read if reader is not None else (lambda indices: [dataset[i] for i in indices])
 
     def predict(indices: list[int]) -> list[dict | BaseException]:
         out: list[dict | BaseException | None] = [None] * len(indices)
         images, labels, slots = [], [], []
-        for j, i in enumerate(indices):
-            item = dataset[i]
+        for j, item in enumerate(read(list(indices))):
             if isinstance(item, Unreadable):
+                if fail_fast:
+                    raise UnreadableImage(f"{item.path}: cannot read image ({item.reason}); leave out --fail-fast "
+                                          "(or use --on-error skip) to skip and count it")
                 out[j] = UnreadableImage(item.reason)
                 continue
             image, label, _ = item
@@ -129,7 +164,7 @@ def write_predictions(path: Path, ids: Sequence[str], records: dict[str, dict], 
     """One JSON line per evaluated image, in dataset order: id, label, prediction, top5 (indices) and their names."""
     import json
 
-    from mmadapters.io import atomic_write_bytes
+    from mmadapters.atomic import atomic_write_bytes
 
     lines = [json.dumps({"id": i, "label": r["label"], "prediction": r["top5"][0], "top5": r["top5"],
                          "top5_names": [classnames[c] for c in r["top5"]]}, ensure_ascii=False)
@@ -140,18 +175,17 @@ def write_predictions(path: Path, ids: Sequence[str], records: dict[str, dict], 
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    from .zeroshot_eval import default_cache_dir
+    from .results_io import default_cache_dir
 
     return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
-def _prepare_root(config, cache_dir: Path) -> tuple[str, Path]:
-    """``zeroshot_eval.prepare_dataset_root``; under torchrun rank 0 alone generates a missing task."""
+def _prepare_root(dataset: str, dataset_root: str | None, cache_dir: Path, progress: bool) -> tuple[str, Path]:
+    """``vision.readers.prepare_dataset_root``; under torchrun rank 0 alone generates a missing task."""
     from mmadapters.training.trainer import run_on_main
+    from mmadapters.vision.readers import prepare_dataset_root
 
-    from .zeroshot_eval import prepare_dataset_root
-
-    return run_on_main(lambda: prepare_dataset_root(config, cache_dir))
+    return run_on_main(lambda: prepare_dataset_root(dataset, dataset_root, cache_dir, progress=progress))
 
 
 def _clip_parameters(model: torch.nn.Module) -> int:
@@ -173,7 +207,7 @@ def evaluate_samples(*, args: argparse.Namespace, dataset, ids: list[str], clip,
     """The shared second half: resumable sample loop, metrics from records, results written by rank 0."""
     from mmadapters import distributed
 
-    from .results_io import check_overwrite
+    from .results_io import check_overwrite, fill_output
     from .results_schema import build_results, run_key, write_results
     from .sample_runner import SampleLog, run_samples
 
@@ -182,11 +216,19 @@ def evaluate_samples(*, args: argparse.Namespace, dataset, ids: list[str], clip,
     if distributed.is_main():
         check_overwrite(output, key, args.overwrite)  # before any work: the file holds another run
     log = SampleLog.open(output, key, restart=args.restart)
+    # the batches run_samples will ask for (its pending samples, this rank's share, in order), so workers read ahead
+    mine = distributed.shard([i for i in range(len(dataset)) if ids[i] not in log.done])
+    batches = [mine[s:s + args.batch_size] for s in range(0, len(mine), args.batch_size)]
+    reader = ReadAhead(dataset, batches, getattr(args, "num_workers", 0))
     t0 = time.perf_counter()
-    outcome = run_samples(list(range(len(dataset))), sample_id=lambda i: ids[i],
-                          predict=make_predict(dataset, clip.model, score, device), batch_size=args.batch_size,
-                          log=log, fail_fast=args.fail_fast, progress=args.progress,
-                          desc=f"{identity['task'].split('_')[0]} {args.split}")
+    try:
+        outcome = run_samples(list(range(len(dataset))), sample_id=lambda i: ids[i],
+                              predict=make_predict(dataset, clip.model, score, device, reader=reader,
+                                                   fail_fast=args.fail_fast),
+                              batch_size=args.batch_size, log=log, fail_fast=args.fail_fast, progress=args.progress,
+                              desc=f"{identity['task'].split('_')[0]} {args.split}")
+    finally:
+        reader.close()
     timings["evaluate_s"] = time.perf_counter() - t0
     records = list(outcome.records.values())
     if not records:
@@ -217,6 +259,8 @@ def _in_group(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    if getattr(args, "num_workers", 0) < 0:
+        raise ValueError(f"--num-workers: expected an integer >= 0, got {args.num_workers}")
     joined = not distributed.is_distributed() and distributed.init_from_env(args.device)
     try:
         return run(args)
@@ -226,7 +270,8 @@ def _in_group(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict
 
 
 def run_zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``mmadapters eval zeroshot``: returns the results on rank 0 (which writes them), None on other ranks."""
+    """``mmadapters eval zeroshot`` (= ``mmadapters zeroshot``): the results on rank 0 (which writes them), None
+    on other ranks."""
     return _in_group(args, _zeroshot)
 
 
@@ -238,21 +283,21 @@ def run_fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
 def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmadapters import distributed
     from mmadapters.vision.clip import load_clip
+    from mmadapters.vision.readers import dataset_name, open_split, resolve_classnames, resolve_templates
     from mmadapters.vision.zeroshot import cached_classifier, zeroshot_logits
 
-    from .zeroshot_eval import ZeroShotConfig, open_split, resolve_classnames, resolve_templates
-
+    if args.adapter not in ADAPTERS:
+        raise ValueError(f"--adapter {args.adapter!r}: expected one of {', '.join(ADAPTERS)}")
+    if args.adapter != "none" and (isinstance(args.shots, bool) or args.shots < 1):
+        raise ValueError(f"--shots: expected an integer >= 1, got {args.shots}")
     t_start = time.perf_counter()
     device = distributed.device_for_rank(args.device)
+    progress = args.progress and distributed.is_main()
     cache_dir = _cache_dir(args)
-    config = ZeroShotConfig(model=args.model, pretrained=args.pretrained, dataset=args.dataset,
-                            dataset_root=args.dataset_root, split=args.split, templates=args.templates,
-                            classnames=args.classnames, cache_dir=str(cache_dir), seed=args.seed,
-                            progress=args.progress and distributed.is_main())
-    fmt, root = _prepare_root(config, cache_dir)
-    dataset_name = args.dataset if fmt != args.dataset else (root.stem if root.is_file() else root.name)
-    classnames, classnames_source = resolve_classnames(config, root)
-    templates, templates_source = resolve_templates(config, root)
+    fmt, root = _prepare_root(args.dataset, args.dataset_root, cache_dir, progress)
+    name = dataset_name(args.dataset, fmt, root)
+    classnames, classnames_source = resolve_classnames(args.classnames, root)
+    templates, templates_source = resolve_templates(args.templates, root)
 
     t0 = time.perf_counter()
     clip = load_clip(args.model, args.pretrained, device=device, cache_dir=str(cache_dir / "weights"), seed=args.seed,
@@ -265,34 +310,109 @@ def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
                          f"(from {classnames_source})")
     classifier = cached_classifier(clip.model, clip.tokenizer, classnames, templates, model_name=clip.info.model,
                                    weights_identity=clip.info.identity(), cache_dir=cache_dir / "classifiers",
-                                   device=device, batch_size=max(args.batch_size, 256),
-                                   progress=args.progress and distributed.is_main())
+                                   device=device, batch_size=max(args.batch_size, 256), progress=progress)
     timings["classifier_s"] = classifier.seconds
     weights = classifier.weights.to(device)
     settings = {"model_resolved": clip.info.model, "weights": clip.info.identity(), "dataset_format": fmt,
                 "dataset_root": str(root.resolve()), "split": args.split, "classnames": classnames,
                 "classnames_source": classnames_source, "templates": templates, "templates_source": templates_source,
-                "seed": args.seed, "device": str(args.device), "batch_size": args.batch_size, "topk": TOPK}
-    identity = {"dataset": dataset_name, "model": clip.info.short_name, "pretrained": args.pretrained,
+                "seed": args.seed, "device": str(args.device), "batch_size": args.batch_size, "topk": TOPK,
+                "method": "zeroshot"}
+    identity = {"dataset": name, "model": clip.info.short_name, "pretrained": args.pretrained,
                 "task": "zeroshot_classification"}
+    extra: dict[str, Any] = {"classifier_cache_hit": classifier.cache_hit}
+    parameters = {"trainable": 0, "total": _clip_parameters(clip.model)}
+    method = "zeroshot"
+    score: Callable[[Tensor], Tensor] = lambda f: zeroshot_logits(f, weights)  # noqa: E731
+    if args.adapter != "none":
+        t0 = time.perf_counter()
+        clf, extra["adapter"] = _fit_adapter(args, fmt, root, clip, weights, classnames, device, progress)
+        timings["adapter_fit_s"] = time.perf_counter() - t0
+        score = clf.logits
+        identity["task"] = "fewshot_classification"
+        method = f"{args.adapter}-{args.shots}shot"
+        settings.update(method=args.adapter, shots=args.shots, val_split=args.val_split, captions=extra["adapter"]["captions"],
+                        support_root=None if args.support_root is None else str(Path(args.support_root).resolve()))
+        cache = sum(t.numel() for t in clf.state_dict().values())
+        parameters = {"trainable": extra["adapter"]["trainable"], "total": parameters["total"] + cache, "cache": cache}
     return evaluate_samples(
-        args=args, dataset=dataset, ids=sample_ids(dataset, root), clip=clip, score=lambda f: zeroshot_logits(f, weights),
-        device=device, classnames=classnames, identity=identity, settings=settings,
-        output_fields={"dataset": dataset_name, "model": clip.info.short_name, "pretrained": args.pretrained,
-                       "task": "zeroshot_classification"},
-        timings=timings, t_start=t_start, parameters={"trainable": 0, "total": _clip_parameters(clip.model)},
-        extra={"classifier_cache_hit": classifier.cache_hit})
+        args=args, dataset=dataset, ids=sample_ids(dataset, root), clip=clip, score=score, device=device,
+        classnames=classnames, identity=identity, settings=settings, output_fields={**identity, "method": method},
+        timings=timings, t_start=t_start, parameters=parameters, extra=extra)
+
+
+def _fit_adapter(args: argparse.Namespace, fmt: str, root: Path, clip, weights: Tensor, classnames: list[str], device,
+                 progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Fit ``--adapter`` on ``--shots`` images per class (sampled with ``--seed``) of the train split or
+    ``--support-root``, its hyperparameters searched on ``--val-split``. Returns (classifier with
+    ``.logits((B, D)) -> (B, C)``, what was fitted as JSON-ready info)."""
+    from mmadapters.vision.caps_adapter import read_captions, support_prompts
+    from mmadapters.vision.fewshot import SupportSet, fit_fewshot, sample_shots
+    from mmadapters.vision.readers import ImageFolderDataset, image_loader, open_split
+    from mmadapters.vision.zeroshot import encode_texts, extract_image_features
+
+    captions_path = None
+    if args.adapter == "caps":
+        captions_path = Path(args.captions) if args.captions else (root if root.is_dir() else root.parent) / "captions.jsonl"
+        if not captions_path.is_file():
+            raise FileNotFoundError(f"--adapter caps needs captions for the support images: no {captions_path}; pass "
+                                    "--captions FILE (JSON lines {\"image\": <path relative to the file>, \"caption\": ...} "
+                                    "or TSV)")
+    if args.support_root:
+        support_ds = ImageFolderDataset(args.support_root, clip.preprocess, classnames)
+    else:
+        support_ds = open_split(fmt, root, "train", clip.preprocess, classnames)
+    try:
+        val_ds = open_split(fmt, root, args.val_split, clip.preprocess, classnames)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--adapter {args.adapter} searches its hyperparameters on a validation split "
+                         f"(--val-split {args.val_split!r}), never on test: {e}") from e
+    for what, ds in (("support", support_ds), ("validation", val_ds)):
+        if ds.classnames is not None and len(ds.classnames) != len(classnames):
+            raise ValueError(f"the {what} set has {len(ds.classnames)} classes, the evaluated split {len(classnames)}")
+
+    def on_unreadable(item) -> None:
+        if args.fail_fast:
+            raise UnreadableImage(f"{item.path}: cannot read image ({item.reason}); leave out --fail-fast (or use "
+                                  "--on-error skip) to skip and count it")
+
+    def features(ds, desc: str):
+        loader = image_loader(ds, batch_size=args.batch_size, num_workers=args.num_workers, device=str(device))
+        return extract_image_features(clip.model, loader, device=device, progress=progress, on_unreadable=on_unreadable,
+                                      desc=desc)
+
+    index = sample_shots(torch.tensor(support_ds.labels), args.shots, args.seed, num_classes=len(classnames))
+    support = features(torch.utils.data.Subset(support_ds, index.tolist()), "support images")
+    val = features(val_ds, f"{args.val_split} images")
+    if not support.paths or not val.paths:
+        raise ValueError(f"{root}: no readable support images ({len(support.skipped)} skipped) or validation images "
+                         f"({len(val.skipped)} skipped)")
+    caption_feats = None
+    if captions_path is not None:
+        prompts = support_prompts(support.paths, support.labels, classnames, read_captions(captions_path),
+                                  source=str(captions_path))
+        caption_feats = encode_texts(clip.model, clip.tokenizer, prompts, device=device, progress=progress,
+                                     desc="captions").to(device)
+    support_set = SupportSet(support.features.to(device), support.labels.to(device), caption_feats)
+    clf = fit_fewshot(args.adapter, weights, support_set, val.features.to(device), val.labels.to(device),
+                      seed=args.seed, progress=progress)
+    info = {"kind": args.adapter, "shots": args.shots, "support_images": len(support.paths),
+            "support_skipped": len(support.skipped), "val_images": len(val.paths), "val_skipped": len(val.skipped),
+            "captions": None if captions_path is None else str(captions_path.resolve()),
+            "trainable": clf.keys.weight.numel() if args.adapter == "tip-f" else 0,  # Tip-F trains its cache keys
+            "hyperparams": clf.hyperparams}
+    return clf, info
 
 
 def _fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmadapters import distributed
     from mmadapters.vision.clip import load_clip
     from mmadapters.vision.fewshot_train import CACHE_CONFIG, CACHE_WEIGHTS, load_cache_model
-
-    from .zeroshot_eval import ZeroShotConfig, open_split
+    from mmadapters.vision.readers import dataset_name, open_split
 
     t_start = time.perf_counter()
     device = distributed.device_for_rank(args.device)
+    progress = args.progress and distributed.is_main()
     cache_dir = _cache_dir(args)
     adapters = Path(args.adapters)
     loaded = load_cache_model(adapters, device=device)
@@ -318,34 +438,29 @@ def _fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
                              "dataset; pass --dataset (and --dataset-root)")
         dataset_arg = data["dataset"] if data.get("generated") else data["format"]
         root_arg = args.dataset_root or data["root"]
-    config = ZeroShotConfig(dataset=dataset_arg, dataset_root=root_arg, split=args.split, cache_dir=str(cache_dir),
-                            progress=args.progress and distributed.is_main())
-    fmt, root = _prepare_root(config, cache_dir)
-    dataset_name = dataset_arg if fmt != dataset_arg else (root.stem if root.is_file() else root.name)
+    fmt, root = _prepare_root(dataset_arg, root_arg, cache_dir, progress)
     classnames = loaded.classnames
     dataset = open_split(fmt, root, args.split, clip.preprocess, classnames)
     if dataset.classnames is not None and len(dataset.classnames) != len(classnames):
         raise ValueError(f"{root}: split {args.split!r} has {len(dataset.classnames)} classes but the cache model in "
                          f"{adapters} was fitted on {len(classnames)}")
     model = loaded.model
-    weights_file = adapters / CACHE_WEIGHTS
     parameters = dict(cfg.get("parameters") or {})
     parameters.setdefault("trainable", sum(p.numel() for p in model.parameters() if p.requires_grad))
     parameters["total"] = _clip_parameters(clip.model) + sum(t.numel() for t in model.state_dict().values())
     settings = {"model_resolved": clip.info.model, "weights": clip.info.identity(), "dataset_format": fmt,
                 "dataset_root": str(root.resolve()), "split": args.split, "classnames": classnames,
-                "adapters": str(adapters.resolve()), "adapters_sha256": _file_sha256(weights_file), "kind": loaded.kind,
-                "hyperparams": cfg.get("hyperparams"), "shots": data.get("shots"), "shot_seed": data.get("seed"),
-                "device": str(args.device), "batch_size": args.batch_size, "topk": TOPK}
+                "adapters": str(adapters.resolve()), "adapters_sha256": _file_sha256(adapters / CACHE_WEIGHTS),
+                "kind": loaded.kind, "hyperparams": cfg.get("hyperparams"), "shots": data.get("shots"),
+                "shot_seed": data.get("seed"), "device": str(args.device), "batch_size": args.batch_size, "topk": TOPK}
     if args.split == data.get("val_split") and args.dataset is None:
         print(f"warning: evaluating on {args.split!r}, the split the hyperparameters were searched on")
-    identity = {"dataset": dataset_name, "model": clip.info.short_name, "pretrained": pretrained,
+    identity = {"dataset": dataset_name(dataset_arg, fmt, root), "model": clip.info.short_name, "pretrained": pretrained,
                 "task": "fewshot_classification"}
     extra = {"adapter": {"kind": loaded.kind, "directory": str(adapters), "hyperparams": cfg.get("hyperparams"),
                          "shots": data.get("shots"), "validation": cfg.get("validation")}}
     return evaluate_samples(
         args=args, dataset=dataset, ids=sample_ids(dataset, root), clip=clip, score=model.logits, device=device,
         classnames=classnames, identity=identity, settings=settings,
-        output_fields={"dataset": dataset_name, "model": clip.info.short_name, "pretrained": pretrained,
-                       "task": "fewshot_classification", "kind": loaded.kind},
-        timings=timings, t_start=t_start, parameters=parameters, extra=extra)
+        output_fields={**identity, "kind": loaded.kind}, timings=timings, t_start=t_start, parameters=parameters,
+        extra=extra)

@@ -1,4 +1,5 @@
-"""``mmadapters eval zeroshot`` and ``mmadapters eval fewshot``: their flags (torch-free).
+"""``mmadapters eval zeroshot`` (and ``mmadapters zeroshot``, the same parser) and ``mmadapters eval fewshot``: their
+flags (torch-free).
 
 The evaluators themselves are in :mod:`mmadapters.eval.clip_tasks`, imported only when a task runs.
 """
@@ -6,9 +7,19 @@ The evaluators themselves are in :mod:`mmadapters.eval.clip_tasks`, imported onl
 from __future__ import annotations
 
 import argparse
+import os
 
-ZEROSHOT_OUTPUT = "{dataset}_{model}_zeroshot.json"
+ZEROSHOT_OUTPUT = "{dataset}_{model}_{method}.json"
 FEWSHOT_OUTPUT = "{dataset}_{model}_{kind}.json"
+BATCH_SIZE = 64  # images per batch, CLIP_benchmark's default
+NUM_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _print_adapter(results: dict) -> None:
+    adapter = results.get("adapter")
+    if adapter:
+        shots = f" {adapter['shots']}-shot" if adapter.get("shots") else ""
+        print(f"adapter {adapter['kind']}{shots}: {adapter.get('hyperparams')}")
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
@@ -19,6 +30,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
         results = run_zeroshot(args)
         if results is not None:
+            _print_adapter(results)
             print_summary(results)
 
     return run_guarded("zeroshot", go)
@@ -32,9 +44,16 @@ def _fewshot(args: argparse.Namespace) -> int:
 
         results = run_fewshot(args)
         if results is not None:
+            _print_adapter(results)
             print_summary(results)
 
     return run_guarded("fewshot", go)
+
+
+def _on_error(value: str) -> bool:
+    if value not in ("skip", "fail"):
+        raise argparse.ArgumentTypeError(f"expected skip or fail, got {value!r}")
+    return value == "fail"
 
 
 def _dataset_args(p: argparse.ArgumentParser, *, default_dataset: str | None) -> None:
@@ -44,18 +63,23 @@ def _dataset_args(p: argparse.ArgumentParser, *, default_dataset: str | None) ->
         help=f"imagefolder, csv, coop, wds, or a generated task such as synth-shapes (default: {shown})")
     add("--dataset-root", default=None, help="dataset location (generated tasks: a folder in the cache dir by default)")
     add("--split", default="test", help="split to evaluate (default: test)")
+    add("--num-workers", type=int, default=NUM_WORKERS,
+        help=f"DataLoader worker processes reading images ahead (default: {NUM_WORKERS})")
     add("--cache-dir", default=None, help="classifier/dataset/weights cache (default: $MMADAPTERS_CACHE or ~/.cache/mmadapters)")
     add("--predictions", default=None, help="also write one JSON line per image (id, label, prediction, top5) here")
 
 
-def register(sub) -> None:
-    """Add ``zeroshot`` and ``fewshot`` to the subparsers of ``mmadapters eval``."""
+def _common_args(p: argparse.ArgumentParser, default_output: str) -> None:
     from .eval_cli import add_common_args
 
-    p = sub.add_parser("zeroshot", help="zero-shot image classification with CLIP (acc1, acc5, mean per-class recall)",
-                       description="Zero-shot classification, CLIP_benchmark style, in the shared results schema. The "
-                       "same datasets as `mmadapters zeroshot`; each image's label and top-5 predictions are recorded as "
-                       "it is evaluated, so an interrupted run resumes. With no --model the shipped tiny CLIP is used.")
+    add_common_args(p, default_output=default_output)
+    p.add_argument("--on-error", dest="fail_fast", type=_on_error, metavar="{skip,fail}",
+                   default=False, help="unreadable images: skip and count them (default), or fail (= --fail-fast)")
+    p.set_defaults(batch_size=BATCH_SIZE)
+
+
+def add_zeroshot_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mmadapters eval zeroshot`` and ``mmadapters zeroshot`` (one parser, one implementation)."""
     add = p.add_argument
     add("--model", default=None, help="open_clip model name, local-dir:DIR or hf-hub:org/repo (default: the shipped tiny CLIP)")
     add("--pretrained", default=None, help="pretrained tag or local weights file for a built-in model name")
@@ -64,8 +88,30 @@ def register(sub) -> None:
         "<root>/zeroshot_classification_templates.txt, else a built-in set)")
     add("--classnames", default=None, help="class names file, one per line in label order (default: "
         "<root>/classnames.txt, else the dataset's own names)")
-    add_common_args(p, default_output=ZEROSHOT_OUTPUT)
+    add("--adapter", default="none", choices=["none", "tip", "tip-f", "caps"],
+        help="fit a few-shot adapter first, then score with it (default: none, zero-shot)")
+    add("--shots", type=int, default=16, help="support images per class for --adapter (default: 16)")
+    add("--support-root", default=None, help="image folder of support images (default: the dataset's train split)")
+    add("--captions", default=None, help="captions (JSON lines or TSV) of the support images for --adapter caps "
+        "(default: <root>/captions.jsonl)")
+    add("--val-split", default="val", help="split the adapter's hyperparameters are searched on (default: val)")
+    _common_args(p, ZEROSHOT_OUTPUT)
     p.set_defaults(func=_zeroshot)
+
+
+ZEROSHOT_DESCRIPTION = ("Zero-shot classification, CLIP_benchmark style, in the shared results schema "
+                        "(`mmadapters zeroshot` and `mmadapters eval zeroshot` are one command). With no --model the "
+                        "shipped tiny CLIP is used; a generated task such as synth-shapes is generated on first use. "
+                        "--adapter tip|tip-f|caps --shots K first fits a few-shot adapter (hyperparameters searched on "
+                        "--val-split). Each image's label and top-5 predictions are recorded as it is evaluated, so an "
+                        "interrupted run resumes. --output fills in {dataset} {model} {pretrained} {task} {method}.")
+
+
+def register(sub) -> None:
+    """Add ``zeroshot`` and ``fewshot`` to the subparsers of ``mmadapters eval``."""
+    p = sub.add_parser("zeroshot", help="zero-shot (or few-shot adapter) image classification with CLIP (acc1, acc5, "
+                       "mean per-class recall)", description=ZEROSHOT_DESCRIPTION)
+    add_zeroshot_args(p)
 
     p = sub.add_parser("fewshot", help="a fitted Tip-Adapter / Tip-Adapter-F / CapS-Adapter on the test split",
                        description="Evaluate the cache model written by `mmadapters train tip-adapter|caps-adapter` "
@@ -76,5 +122,5 @@ def register(sub) -> None:
     add("--model", default=None, help="CLIP to load (default: the one recorded in the adapters; must have the same weights)")
     add("--pretrained", default=None, help="pretrained tag or weights file for --model")
     _dataset_args(p, default_dataset=None)
-    add_common_args(p, default_output=FEWSHOT_OUTPUT)
+    _common_args(p, FEWSHOT_OUTPUT)
     p.set_defaults(func=_fewshot)

@@ -11,23 +11,25 @@ For each task of :data:`mmadapters.vision.synth.TASKS` named on the command line
    (``fit_fewshot``), and score the test split (acc1, acc5, mean per-class recall).
 
 Because features are computed once, the few-shot fits and the searches are all that the shots × seeds ×
-methods loop costs. The results JSON::
+methods loop costs. The results JSON is a file of the shared schema (:mod:`mmadapters.eval.results_schema`,
+task ``fewshot_comparison``; ``mmadapters report`` tables one row per summary row) with three more fields::
 
-    {"kind": "fewshot_comparison", "model", "pretrained", "settings": {...},
+    {"dataset": "<task>,<task>", "model", "pretrained", "task": "fewshot_comparison",
+     "metrics": {"<method>_acc1": mean test acc1 over the summary rows of that method},
+     "counts": {"total", "evaluated", "skipped": test images over the tasks, "runs"}, "skipped": [{id, reason}],
+     "settings", "timings": {"model_load_s", "fits_s", "total_s"}, "library", "run_key", ...,
      "tasks": {task: {"root", "classes", "templates", "counts", "classifier_cache_hit", "timings"}},
      "runs": [{"task", "method", "shots", "seed", "metrics", "hyperparams", "timings"}],
-     "summary": [{"task", "shots", "method", "n", "acc1_mean", "acc1_std", "mean_per_class_recall_mean", ...}],
-     "timings", "mmadapters_version", "run_key", "created"}
+     "summary": [{"task", "shots", "method", "n", "acc1_mean", "acc1_std", "mean_per_class_recall_mean", ...}]}
 
 Zero-shot does not depend on shots or seed: it is one run per task (``shots`` 0, ``seed`` null), shown in
 every row of the table. Standard deviations are over seeds (sample std, ``ddof=1``; 0 with one seed).
 Files are written atomically; an existing output holding a *different* comparison is kept unless
-``overwrite`` is set (the same rule as ``mmadapters zeroshot``).
+``overwrite`` is set (the same rule as ``mmadapters eval``).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import inspect
 import math
 import statistics
@@ -39,16 +41,9 @@ from typing import Any
 import torch
 
 from .metrics import classification_metrics
-from .results_io import check_overwrite, jsonable, results_key, write_results
-from .zeroshot_eval import (
-    ZeroShotConfig,
-    default_cache_dir,
-    image_loader,
-    open_split,
-    read_captions,
-    resolve_classnames,
-    resolve_templates,
-)
+from .results_io import default_cache_dir
+
+TASK = "fewshot_comparison"
 
 METHODS: tuple[str, ...] = ("zeroshot", "tip", "tip-f", "caps")
 DEFAULT_TASKS: tuple[str, ...] = ("shapes-sketch", "colours-noisy", "combos-heldout")
@@ -151,7 +146,8 @@ def validate(config: CompareConfig) -> None:
 
 def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> TaskData:
     """Generate ``task`` if needed and encode it: each split's images once, the train captions once, the classifier."""
-    from mmadapters.vision.fewshot import caps_prompt
+    from mmadapters.vision.caps_adapter import read_captions, support_prompts
+    from mmadapters.vision.readers import image_loader, open_split, resolve_classnames, resolve_templates
     from mmadapters.vision.synth import generate_task
     from mmadapters.vision.zeroshot import cached_classifier, encode_texts, extract_image_features
 
@@ -161,47 +157,41 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
     generate_task(task, root, progress=config.progress, **generator_sizes(config))  # returns at once when present
     timings["generate_s"] = round(time.perf_counter() - t0, 4)
 
-    zs = ZeroShotConfig(model=config.model, pretrained=config.pretrained, dataset=task, dataset_root=str(root),
-                        batch_size=config.batch_size, num_workers=config.num_workers, device=config.device,
-                        cache_dir=str(cache_dir), output=None, progress=config.progress)
-    classnames, _ = resolve_classnames(zs, root)
-    templates, _ = resolve_templates(zs, root)
+    classnames, _ = resolve_classnames(None, root)
+    templates, _ = resolve_templates(None, root)
     classifier = cached_classifier(clip.model, clip.tokenizer, classnames, templates, model_name=clip.info.model,
                                    weights_identity=clip.info.identity(), cache_dir=cache_dir / "classifiers",
                                    device=config.device, batch_size=max(config.batch_size, 256), progress=config.progress)
     timings["classifier_s"] = round(classifier.seconds, 4)
 
-    splits, counts, features_s = {}, {}, {}
+    splits, counts, features_s, skipped = {}, {}, {}, []
     for split in SPLITS:
         t0 = time.perf_counter()
         dataset = open_split("imagefolder", root, split, clip.preprocess, classnames)
-        feats = extract_image_features(clip.model, image_loader(dataset, zs), device=config.device, progress=config.progress,
+        loader = image_loader(dataset, batch_size=config.batch_size, num_workers=config.num_workers, device=config.device)
+        feats = extract_image_features(clip.model, loader, device=config.device, progress=config.progress,
                                        desc=f"{task} {split} images")
         if not feats.paths:
             raise ValueError(f"{root / split}: none of its {len(dataset)} images could be read")
         splits[split] = feats
         counts[split] = {"images": len(dataset), "evaluated": len(feats.paths), "skipped": len(feats.skipped)}
+        skipped += [{"id": item.path, "split": split, "reason": item.reason} for item in feats.skipped]
         features_s[split] = round(time.perf_counter() - t0, 4)
     timings["features_s"] = features_s
 
     caption_feats = None
     if "caps" in config.methods:
         t0 = time.perf_counter()
-        captions = read_captions(root / "captions.jsonl")
-        texts = []
-        train = splits["train"]
-        for path, label in zip(train.paths, train.labels.tolist(), strict=True):
-            caption = captions.get(Path(path).resolve())
-            if caption is None:
-                raise ValueError(f"{root / 'captions.jsonl'}: no caption for train image {path}")
-            texts.append(caps_prompt(classnames[label], caption))
+        source = root / "captions.jsonl"
+        texts = support_prompts(splits["train"].paths, splits["train"].labels, classnames, read_captions(source),
+                                source=str(source))
         caption_feats = encode_texts(clip.model, clip.tokenizer, texts, device=config.device,
                                      batch_size=max(config.batch_size, 256), progress=config.progress,
                                      desc=f"{task} captions")
         timings["captions_s"] = round(time.perf_counter() - t0, 4)
 
     info = {"root": str(root), "classes": len(classnames), "templates": len(templates), "counts": counts,
-            "classifier_cache_hit": classifier.cache_hit, "timings": timings}
+            "skipped": skipped, "classifier_cache_hit": classifier.cache_hit, "timings": timings}
     return TaskData(task, root, classnames, templates, classifier.weights, splits, caption_feats, info)
 
 
@@ -231,7 +221,7 @@ def fit_and_score(data: TaskData, method: str, shots: int, seed: int, device: st
         fit_s = time.perf_counter() - t0
         with torch.inference_mode():
             logits = clf.logits(test.features.to(device)).float().cpu()
-        hyper = {k: jsonable(v) for k, v in clf.hyperparams.items()}
+        hyper = dict(clf.hyperparams)
     metrics = classification_metrics(logits, test.labels)
     return {"task": data.name, "method": method, "shots": shots if method != "zeroshot" else 0,
             "seed": seed if method != "zeroshot" else None, "metrics": metrics, "hyperparams": hyper,
@@ -333,17 +323,19 @@ def format_markdown(results: dict[str, Any]) -> str:
         out.append("")
     t = results["timings"]
     out.append(f"Wall time {t['total_s']:.1f} s (model load {t['model_load_s']:.1f} s, fits {t['fits_s']:.1f} s); "
-               f"mmadapters {results['mmadapters_version']}.")
+               f"mmadapters {results['library']['version']}.")
     return "\n".join(out) + "\n"
 
 
 def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
-    """Run the comparison, print nothing, write the JSON (and markdown). Returns the results dictionary."""
+    """Run the comparison, print nothing, write the results JSON (and markdown). Returns the results dictionary."""
     from tqdm import tqdm
 
-    from mmadapters import __version__
-    from mmadapters.io import atomic_write_bytes
+    from mmadapters.atomic import atomic_write_bytes
     from mmadapters.vision.clip import load_clip
+
+    from .results_io import check_overwrite
+    from .results_schema import build_results, run_key, write_results
 
     t_start = time.perf_counter()
     validate(config)
@@ -352,14 +344,16 @@ def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
     clip = load_clip(config.model, config.pretrained, device=config.device, cache_dir=str(cache_dir / "weights"),
                      seed=0, declare_points=False)
     load_s = time.perf_counter() - t0
-    model_label = config.model or "tiny_clip"
-    sizes = generator_sizes(config)
-    run_key = results_key({"kind": "fewshot_comparison", "model": clip.info.model, "weights": clip.info.identity(),
-                        "tasks": config.tasks, "sizes": sizes, "shots": config.shots, "methods": config.methods,
-                        "seeds": config.seeds})
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("progress", "output", "markdown", "overwrite", "device", "num_workers", "cache_dir",
+                             *SIZE_OPTIONS)}
+    settings.update({"sizes": generator_sizes(config), "model_resolved": clip.info.model,
+                     "weights": clip.info.identity(), "splits": {"support": "train", "search": "val", "score": "test"}})
+    identity = {"dataset": ",".join(config.tasks), "model": clip.info.short_name, "pretrained": config.pretrained,
+                "task": TASK}
     out_path = Path(config.output) if config.output else None
     if out_path is not None:
-        check_overwrite(out_path, run_key, config.overwrite)
+        check_overwrite(out_path, run_key(settings=settings, **identity), config.overwrite)
 
     fewshot_methods = [m for m in config.methods if m != "zeroshot"]
     per_task = len(fewshot_methods) * len(config.shots) * len(config.seeds) + ("zeroshot" in config.methods)
@@ -380,25 +374,20 @@ def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
             bar.update(1)
     bar.close()
 
-    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", *SIZE_OPTIONS)}
-    settings.update({"sizes": sizes, "cache_dir": str(cache_dir), "model_resolved": clip.info.model,
-                     "weights": clip.info.as_dict(), "splits": {"support": "train", "search": "val", "score": "test"}})
-    results: dict[str, Any] = {
-        "kind": "fewshot_comparison",
-        "model": model_label,
-        "pretrained": config.pretrained,
-        "settings": settings,
-        "tasks": tasks_info,
-        "runs": runs,
-        "summary": summarize(runs, config.tasks, config.shots or [0], config.methods),
-        "timings": {"model_load_s": round(load_s, 4), "fits_s": round(fits_s, 4),
-                    "total_s": round(time.perf_counter() - t_start, 4)},
-        "mmadapters_version": __version__,
-        "run_key": run_key,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
+    summary = summarize(runs, config.tasks, config.shots or [0], config.methods)
+    metrics = {f"{m}_acc1": _mean_std([r["acc1_mean"] for r in summary if r["method"] == m])[0] for m in config.methods}
+    test = [info["counts"]["test"] for info in tasks_info.values()]
+    skipped = [s for info in tasks_info.values() for s in info["skipped"] if s["split"] == "test"]
+    results = build_results(
+        **identity, metrics=metrics, settings=settings, skipped=skipped,
+        counts={"total": sum(c["images"] for c in test), "evaluated": sum(c["evaluated"] for c in test),
+                "skipped": len(skipped), "runs": len(runs)},
+        timings={"model_load_s": round(load_s, 4), "fits_s": round(fits_s, 4),
+                 "total_s": round(time.perf_counter() - t_start, 4)},
+        extra={"tasks": tasks_info, "runs": runs, "summary": summary})
     if out_path is not None:
-        write_results(out_path, results)
+        write_results(out_path, results, overwrite=True)  # checked above, before the work
+        results["output"] = str(out_path)
     if config.markdown:
         md_path = Path(config.markdown)
         if md_path.parent != Path(""):

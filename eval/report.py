@@ -3,6 +3,8 @@
 Inputs (each file's shape is detected; see :func:`read_input`):
 
 - ``results`` — the shared results schema (``"schema": "mmadapters.results/1"``, written by ``mmadapters eval``);
+  a ``mmadapters fewshot-compare`` file (task ``fewshot_comparison``) gives one run per row of its ``summary``
+  (task x method x shots; zero-shot once per task);
 - ``zeroshot`` — legacy ``mmadapters zeroshot`` output (``metrics: {acc1, acc5, mean_per_class_recall}``);
 - ``asr`` — legacy ``mmadapters asr eval`` output (``metrics.per_language: {lang: {wer, cer, ...}}``);
 - ``videoqa`` — legacy ``mmadapters videoqa`` output (``metrics: {acc, acc_by_q_type, chance}``);
@@ -47,6 +49,7 @@ from typing import Any
 from .results_schema import SCHEMA, ResultsFormatError, validate_results
 
 SCHEMA_PREFIX = "mmadapters.results/"
+COMPARISON_TASK = "fewshot_comparison"  # eval.fewshot_compare.TASK (that module imports torch; this one must not)
 TRAIN_SCHEMA_PREFIX = "mmadapters.train_summary/"
 GROUP_FIELDS = ("task", "dataset", "model", "pretrained", "method")
 DEFAULT_GROUP_BY = ("task", "dataset")
@@ -215,8 +218,8 @@ def detect_kind(obj: Any) -> str | None:
     return None
 
 
-def read_input(path: str | os.PathLike) -> Run | BenchReport:
-    """Read one file as a :class:`Run` or a :class:`BenchReport`.
+def read_input(path: str | os.PathLike) -> Run | list[Run] | BenchReport:
+    """Read one file as a :class:`Run` (a list of them for a fewshot-compare file) or a :class:`BenchReport`.
 
     Raises :class:`ReportInputError` (naming the file, and the field where one is missing or of the wrong
     type) when the file is not JSON or not one of the supported shapes.
@@ -242,7 +245,7 @@ def read_input(path: str | os.PathLike) -> Run | BenchReport:
     return _READERS[kind](obj, source)
 
 
-def _read_results(obj: dict[str, Any], source: str) -> Run:
+def _read_results(obj: dict[str, Any], source: str) -> Run | list[Run]:
     schema = obj["schema"]
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
         raise ReportInputError(f"{source}: field 'schema' is {_short(schema)}; expected {SCHEMA!r}")
@@ -259,6 +262,8 @@ def _read_results(obj: dict[str, Any], source: str) -> Run:
     counts = _require(obj, "counts", dict, source, "counts", "an object with total, evaluated, skipped")
     for key in ("total", "evaluated", "skipped"):
         _require(counts, key, int, source, f"counts.{key}", "an integer")
+    if obj["task"] == COMPARISON_TASK:
+        return _comparison_runs(obj, source)
     parameters = _dict(obj, "parameters")
     timings = _dict(obj, "timings")
     per_group = _dict(obj, "per_group")
@@ -270,6 +275,39 @@ def _read_results(obj: dict[str, Any], source: str) -> Run:
                trainable=_as_int(parameters.get("trainable")), total_params=_as_int(parameters.get("total")),
                total_s=_as_float(timings.get("total_s")), git_commit=_commit(obj),
                per_group={str(g): _flat_numbers(v) for g, v in per_group.items() if isinstance(v, dict)})
+
+
+def _comparison_runs(obj: dict[str, Any], source: str) -> list[Run]:
+    """The rows of a ``mmadapters fewshot-compare`` file's ``summary`` as runs: dataset = the generated task, method
+    ``<method> <K>-shot`` (zero-shot once per task), metrics = the means over seeds, their std and the seed count."""
+    summary = obj.get("summary")
+    if not isinstance(summary, list) or not summary:
+        raise ReportInputError(f"{source}: field 'summary' is {_short(summary)}; expected the comparison's rows")
+    runs, seen = [], set()
+    for i, row in enumerate(summary):
+        if (not isinstance(row, dict) or not isinstance(row.get("task"), str) or not isinstance(row.get("method"), str)
+                or not isinstance(row.get("shots"), int)):
+            raise ReportInputError(f"{source}: field 'summary[{i}]' is {_short(row)}; expected an object with task, "
+                                   "method, shots and <metric>_mean / <metric>_std numbers")
+        zeroshot = row["method"] == "zeroshot"
+        key = (row["task"], row["method"], 0 if zeroshot else row["shots"])
+        if key in seen:  # zero-shot does not depend on shots: the summary repeats it in every shots row
+            continue
+        seen.add(key)
+        metrics = {}
+        for name in ("acc1", "mean_per_class_recall"):
+            for suffix, label in (("mean", name), ("std", f"{name}_std")):
+                if _is_number(row.get(f"{name}_{suffix}")):
+                    metrics[label] = row[f"{name}_{suffix}"]
+        if _is_number(row.get("n")):
+            metrics["seeds"] = row["n"]
+        test = _dict(_dict(_dict(_dict(obj, "tasks"), row["task"]), "counts"), "test")
+        runs.append(Run(source=source, kind="results", task="zeroshot_classification" if zeroshot else "fewshot_classification",
+                        dataset=row["task"], model=obj["model"], pretrained=_str(obj, "pretrained"),
+                        method="zeroshot" if zeroshot else f"{row['method']} {row['shots']}-shot", metrics=metrics,
+                        evaluated=_as_int(test.get("evaluated")), skipped=_as_int(test.get("skipped")),
+                        trainable=0 if zeroshot else None, git_commit=_commit(obj)))
+    return runs
 
 
 def _results_method(obj: Mapping[str, Any], settings: Mapping[str, Any], parameters: Mapping[str, Any]) -> str | None:
@@ -533,7 +571,10 @@ def collect(items: Sequence[str | os.PathLike], *, strict: bool = False, warn=No
             if warn is not None:
                 warn(f"skipped {e}")
             continue
-        (collected.runs if isinstance(item, Run) else collected.benches).append(item)
+        if isinstance(item, list):
+            collected.runs.extend(item)
+        else:
+            (collected.runs if isinstance(item, Run) else collected.benches).append(item)
     return collected
 
 

@@ -1,16 +1,34 @@
-"""Results files shared by the evaluators: run keys, the overwrite guard, JSON encoding, atomic writes (torch-free)."""
+"""Files shared by the evaluators (torch-free): the overwrite guard, output name templates, the cache folder,
+JSON encoding, atomic writes. Run keys and the results schema: :mod:`mmadapters.eval.results_schema`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 
-def results_key(payload: dict[str, Any]) -> str:
-    """A short stable hash of everything a run depends on (written as ``run_key``)."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def default_cache_dir() -> Path:
+    """``$MMADAPTERS_CACHE``, else ``$XDG_CACHE_HOME/mmadapters``, else ``~/.cache/mmadapters``."""
+    if os.environ.get("MMADAPTERS_CACHE"):
+        return Path(os.environ["MMADAPTERS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mmadapters"
+
+
+def _slug(value: str | None) -> str:
+    text = "none" if not value else str(value)
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_") or "none"
+
+
+def fill_output(template: str, **fields: str | None) -> Path:
+    """``template`` with ``{dataset}``, ``{model}``... (the keyword names) filled in, file-name safe."""
+    try:
+        return Path(template.format(**{k: _slug(v) for k, v in fields.items()}))
+    except (KeyError, IndexError, ValueError) as e:
+        names = " ".join(f"{{{k}}}" for k in fields)
+        raise ValueError(f"--output {template!r}: only {names} can be filled in ({e})") from None
 
 
 def check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
@@ -23,19 +41,6 @@ def check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
     if previous != run_key:
         raise FileExistsError(f"{path} holds the results of a different run (run_key {previous!r}, this run "
                               f"{run_key!r}); choose another --output or pass --overwrite")
-
-
-def jsonable(value: Any) -> Any:
-    """Tensors and numpy scalars as plain JSON values (hyperparameters come in all kinds)."""
-    if hasattr(value, "detach") and hasattr(value, "tolist"):  # a tensor (torch is not imported here)
-        return value.tolist()
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "mmadapters.results/1"
-TASKS = ("zeroshot_classification", "fewshot_classification", "asr", "videoqa_multiple_choice", "dfer", "vqa", "gqa",
-         "nlvr", "captioning")
+TASKS = ("zeroshot_classification", "fewshot_classification", "fewshot_comparison", "asr", "videoqa_multiple_choice",
+         "dfer", "vqa", "gqa", "nlvr", "captioning")
 REQUIRED_COUNTS = ("total", "evaluated", "skipped")
 
 
@@ -76,20 +76,21 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _clean(value: Any) -> Any:
-    """JSON-able plain values (numpy/torch scalars via ``.item()``, tuples as lists, paths as strings)."""
+def jsonable(value: Any) -> Any:
+    """JSON-able plain values: tensors and numpy arrays/scalars via ``.tolist()`` (a 0-d one gives a number),
+    tuples as lists, paths as strings, anything else unknown as its ``str``."""
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
     if hasattr(value, "tolist") and callable(value.tolist):
         return value.tolist()
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
     return str(value)
 
 
@@ -99,16 +100,16 @@ def build_results(*, dataset: str, model: str, pretrained: str | None, task: str
                   per_group: Mapping[str, Mapping[str, float]] | None = None,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A results dict in the shared schema (validated). ``extra`` keys go at the top level after the rest."""
-    settings = _clean(dict(settings))
+    settings = jsonable(dict(settings))
     commit, dirty = git_state()
     results: dict[str, Any] = {
         "schema": SCHEMA, "dataset": str(dataset), "model": str(model),
         "pretrained": None if pretrained is None else str(pretrained), "task": task,
-        "metrics": _clean(dict(metrics)), "counts": _clean(dict(counts)),
-        "skipped": [_clean(dict(s)) for s in skipped],
-        "per_group": None if per_group is None else _clean({str(k): dict(v) for k, v in per_group.items()}),
-        "parameters": None if parameters is None else _clean(dict(parameters)),
-        "settings": settings, "timings": _clean(dict(timings)),
+        "metrics": jsonable(dict(metrics)), "counts": jsonable(dict(counts)),
+        "skipped": [jsonable(dict(s)) for s in skipped],
+        "per_group": None if per_group is None else jsonable({str(k): dict(v) for k, v in per_group.items()}),
+        "parameters": None if parameters is None else jsonable(dict(parameters)),
+        "settings": settings, "timings": jsonable(dict(timings)),
         "library": {"name": "mmadapters", "version": _version()}, "git_commit": commit, "git_dirty": dirty,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else None,
@@ -117,7 +118,7 @@ def build_results(*, dataset: str, model: str, pretrained: str | None, task: str
     for key, value in (extra or {}).items():
         if key in results:
             raise ResultsFormatError(f"extra key {key!r} would replace the schema field of the same name")
-        results[key] = _clean(value)
+        results[key] = jsonable(value)
     return validate_results(results, "<results being written>")
 
 

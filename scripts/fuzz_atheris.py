@@ -150,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with atheris.instrument_imports(include=["mmadapters"]):
         import mmadapters.config  # noqa: F401
-        import mmadapters.eval.readers  # noqa: F401
-        import mmadapters.eval.vl_readers  # noqa: F401
         import mmadapters.io  # noqa: F401
         import mmadapters.methods  # noqa: F401
         import mmadapters.speech.readers  # noqa: F401
         import mmadapters.video.readers  # noqa: F401
+        import mmadapters.vision.readers  # noqa: F401
+        import mmadapters.vision.vl_readers  # noqa: F401
     import test_fuzz_readers  # noqa: F401 - the readers' file layouts (shared with the hypothesis tests)
     atheris.Setup([sys.argv[0], f"-max_len={args.max_len}", "-rss_limit_mb=4096", seeds], one_input)
     atheris.Fuzz()

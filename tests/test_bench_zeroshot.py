@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmadapters.eval.readers import WdsDataset
-from mmadapters.eval.zeroshot_eval import ZeroShotConfig, evaluate_zeroshot
+from mmadapters.eval.cli import main as mmadapters_main
 from mmadapters.vision.clip import tiny_clip_config, write_clip_dir
+from mmadapters.vision.readers import WdsDataset
 
 pytest.importorskip("clip_benchmark")
 pytest.importorskip("webdataset")
@@ -93,11 +93,12 @@ def test_instrumented_clip_benchmark_matches_ours(bench, cb, tmp_path, monkeypat
     order = bench.write_wds(root, _samples(3), CLASSNAMES, TEMPLATES, shard_size=5)
 
     cache = tmp_path / "cache"
-    results = evaluate_zeroshot(ZeroShotConfig(
-        model=f"local-dir:{clip_dir}", dataset="wds", dataset_root=str(root), batch_size=4, num_workers=0,
-        templates=str(root / "zeroshot_classification_templates.txt"), output=str(tmp_path / "ours.json"),
-        predictions=str(tmp_path / "ours.jsonl"), cache_dir=str(cache), progress=False))
-    assert results["counts"]["evaluated"] == len(order)
+    assert mmadapters_main(["zeroshot", "--model", f"local-dir:{clip_dir}", "--dataset", "wds", "--dataset-root", str(root),
+                            "--batch-size", "4", "--num-workers", "0", "--templates",
+                            str(root / "zeroshot_classification_templates.txt"), "--output", str(tmp_path / "ours.json"),
+                            "--predictions", str(tmp_path / "ours.jsonl"), "--cache-dir", str(cache), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "ours.json").read_text())
+    assert results["counts"]["evaluated"] == len(order) and results["classifier_cache_hit"] is False
 
     dump = tmp_path / "cb.pt"
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the instrumented main sets sys.argv

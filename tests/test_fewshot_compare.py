@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmadapters.eval.cli import main
+from mmadapters.eval.results_schema import read_results
 from mmadapters.vision import fewshot as fewshot_mod
 from mmadapters.vision import zeroshot as zeroshot_mod
 from mmadapters.vision.clip import tiny_clip_config, write_clip_dir
@@ -68,10 +69,12 @@ def compared(clip_dir, tmp_path_factory):
 def test_runs_end_to_end_and_writes_json_markdown(compared):
     assert compared["rc"] == 0
     tmp = compared["tmp"]
-    results = json.loads((tmp / "out" / "cmp.json").read_text())
-    assert {"kind", "model", "pretrained", "settings", "tasks", "runs", "summary", "timings", "mmadapters_version",
-            "run_key", "created"} <= set(results)
-    assert results["kind"] == "fewshot_comparison"
+    results = read_results(tmp / "out" / "cmp.json")  # a valid file of the shared results schema
+    assert {"tasks", "runs", "summary", "library", "run_key", "created"} <= set(results)
+    assert results["task"] == "fewshot_comparison" and results["dataset"] == ",".join(TASKS)
+    assert results["model"] == "tiny" and results["pretrained"] is None
+    assert list(results["metrics"]) == ["zeroshot_acc1", "tip_acc1", "tip-f_acc1", "caps_acc1"]
+    assert results["counts"] == {"total": 60, "evaluated": 60, "skipped": 0, "runs": 26} and results["skipped"] == []
     s = results["settings"]
     assert s["tasks"] == TASKS and s["shots"] == [1, 2] and s["seeds"] == [0, 1]
     assert s["methods"] == ["zeroshot", "tip", "tip-f", "caps"]
@@ -90,6 +93,8 @@ def test_runs_end_to_end_and_writes_json_markdown(compared):
     assert all({"alpha", "beta", "gamma", "delta", "val_acc1"} <= set(r["hyperparams"]) for r in caps)
     assert all(r["hyperparams"]["val_images"] == 20 for r in caps)  # 10 classes x 2 val images
     assert {r["hyperparams"]["support_images"] for r in caps if r["shots"] == 2} == {20}
+    tip_means = [r["acc1_mean"] for r in results["summary"] if r["method"] == "tip"]
+    assert results["metrics"]["tip_acc1"] == pytest.approx(sum(tip_means) / len(tip_means))
     tipf = [r for r in runs if r["method"] == "tip-f"]
     assert all("best_epoch" in r["hyperparams"] for r in tipf)
     # summary: task x shots x method, n = seeds (zero-shot: its one run, repeated in each shots row)
@@ -112,6 +117,30 @@ def test_runs_end_to_end_and_writes_json_markdown(compared):
     header = next(line for line in printed.splitlines() if line.startswith("task"))
     assert header.split() == ["task", "shots", "zeroshot", "tip", "tip-f", "caps"]
     assert sum(line.startswith(TASKS[0]) for line in printed.splitlines()) == 2 and "±" in printed
+
+
+def test_report_tables_the_comparison(compared, capsys):
+    from mmadapters.eval.report import make_report
+
+    out = compared["tmp"] / "out"
+    results = json.loads((out / "cmp.json").read_text())
+    assert main(["report", str(out / "cmp.json"), "--metric", "acc1,acc1_std", "--csv", str(out / "cmp.csv")]) == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:7] == ["task", "dataset", "model", "pretrained", "method", "acc1", "acc1_std"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    # per task: zero-shot once, then 3 methods x 2 shot counts
+    assert len(rows) == 2 * (1 + 3 * 2)
+    row = next(r for r in rows if r[1] == TASKS[1] and r[4] == "tip 2-shot")
+    summary = next(r for r in results["summary"] if (r["task"], r["shots"], r["method"]) == (TASKS[1], 2, "tip"))
+    assert row[0] == "fewshot_classification" and row[2] == "tiny"
+    assert float(row[5]) == pytest.approx(summary["acc1_mean"], abs=1e-4)
+    assert float(row[6]) == pytest.approx(summary["acc1_std"], abs=1e-4)
+    assert [r[4] for r in rows if r[1] == TASKS[0] and r[0] == "zeroshot_classification"] == ["zeroshot"]
+    runs = make_report([out / "cmp.json"]).runs
+    assert all(r.evaluated == 30 and r.skipped == 0 for r in runs) and {r.metrics["seeds"] for r in runs} == {1, 2}
+    assert (out / "cmp.csv").read_text().count("\n") == 1 + len(rows)
 
 
 def test_features_extracted_once_per_split_and_captions_once(compared):
@@ -159,6 +188,7 @@ def test_second_run_reuses_cache_and_output_guard(clip_dir, compared, capsys, mo
     same_zs = [r["metrics"] for r in first["runs"] if (r["task"], r["method"]) == (TASKS[0], "zeroshot")]
     assert [r["metrics"] for r in again["runs"] if r["method"] == "zeroshot"] == same_zs
     assert main([*base, "--seeds", "0"]) == 0  # the same comparison may refresh its own file
+    assert json.loads((tmp / "out" / "cmp.json").read_text())["run_key"] == again["run_key"]
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmadapters.eval import readers as image_readers
-from mmadapters.eval import vl_readers
 from mmadapters.speech import readers as speech_readers
 from mmadapters.video import readers as video_readers
+from mmadapters.vision import readers as image_readers
+from mmadapters.vision import vl_readers
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mmadapters.eval.metrics import classification_metrics, mean_per_class_recall, topk_accuracy
-from mmadapters.eval.readers import (
+from mmadapters.vision.readers import (
     CoopSplitDataset,
     CsvDataset,
     ImageFolderDataset,

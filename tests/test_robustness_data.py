@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mmadapters.eval.readers import CsvDataset, ImageFolderDataset
-from mmadapters.eval.vl_readers import H5Features, SafetensorsDirFeatures, read_vqa
 from mmadapters.video.readers import AnnotationError, read_dfer_annotation
 from mmadapters.vision.fewshot import SupportSet, check_features
+from mmadapters.vision.readers import CsvDataset, ImageFolderDataset
+from mmadapters.vision.vl_readers import H5Features, SafetensorsDirFeatures, read_vqa
 from mmadapters.vision.zeroshot import build_classifier, cached_classifier
 
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from mmadapters.eval.readers import CoopSplitDataset, CsvDataset, ImageFolderDataset, read_classnames
-from mmadapters.eval.vl_readers import read_coco_karpathy, read_gqa, read_nlvr2, read_vqa
 from mmadapters.speech.readers import PathEscapeError, SpeechDataError, read_common_voice, read_manifest, read_mls
 from mmadapters.video.readers import AnnotationError, read_dfer_annotation, read_trafficqa
+from mmadapters.vision.readers import CoopSplitDataset, CsvDataset, ImageFolderDataset, read_classnames
+from mmadapters.vision.vl_readers import read_coco_karpathy, read_gqa, read_nlvr2, read_vqa
 
 
 def _names(err: pytest.ExceptionInfo, *parts: str) -> None:

@@ -11,11 +11,11 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mmadapters.eval.readers import ImageFolderDataset, Unreadable, collate_with_skips
 from mmadapters.speech.audio import AudioError, load_audio
 from mmadapters.speech.readers import Utterance, iter_audio_batches
 from mmadapters.video.dfer import load_split, read_all_frames
 from mmadapters.video.io import VideoError, load_clip
+from mmadapters.vision.readers import ImageFolderDataset, Unreadable, collate_with_skips
 
 SR = 16000
 

@@ -39,8 +39,8 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def val_features(task_root):
     """(features (M, D), labels (M,)) of the val split, encoded by the batched zero-shot path."""
-    from mmadapters.eval.readers import ImageFolderDataset, collate_with_skips
     from mmadapters.vision.clip import load_clip
+    from mmadapters.vision.readers import ImageFolderDataset, collate_with_skips
     from mmadapters.vision.zeroshot import extract_image_features
 
     clip = load_clip(None, declare_points=False)

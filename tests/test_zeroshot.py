@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmadapters.eval.readers import ImageFolderDataset, collate_with_skips
 from mmadapters.vision.clip import load_clip, tiny_clip_config, write_clip_dir
+from mmadapters.vision.readers import ImageFolderDataset, collate_with_skips
 from mmadapters.vision.zeroshot import (
     build_classifier,
     cached_classifier,

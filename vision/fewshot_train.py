@@ -135,7 +135,7 @@ class FewShotData:
 
 
 def _cache_dir(config: FewShotRecipeConfig) -> Path:
-    from mmadapters.eval.zeroshot_eval import default_cache_dir
+    from mmadapters.eval.results_io import default_cache_dir
 
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
@@ -146,7 +146,7 @@ def resolve_dataset(config: FewShotRecipeConfig, cache_dir: Path, *, progress: b
     A ``dataset_root`` that holds another generated task is refused rather than regenerated over.
     """
     from mmadapters.eval.fewshot_compare import CompareConfig, generator_sizes, task_root
-    from mmadapters.eval.zeroshot_eval import FORMATS
+    from mmadapters.vision.readers import FORMATS
 
     if config.dataset in FORMATS:
         if not config.dataset_root:
@@ -181,7 +181,7 @@ def resolve_dataset(config: FewShotRecipeConfig, cache_dir: Path, *, progress: b
 def _loader(dataset, config: FewShotRecipeConfig, device: str):
     from torch.utils.data import DataLoader
 
-    from mmadapters.eval.readers import collate_with_skips
+    from mmadapters.vision.readers import collate_with_skips
 
     return DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, num_workers=config.num_workers,
                       collate_fn=collate_with_skips, pin_memory=device.startswith("cuda"))
@@ -189,10 +189,10 @@ def _loader(dataset, config: FewShotRecipeConfig, device: str):
 
 def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu", progress: bool = True) -> FewShotData:
     """Load the CLIP, sample the shots (``sample_shots(train labels, shots, seed)``) and encode everything once."""
-    from mmadapters.eval.zeroshot_eval import ZeroShotConfig, open_split, resolve_classnames, resolve_templates
     from mmadapters.vision.caps_adapter import read_captions, support_prompts
     from mmadapters.vision.clip import load_clip
     from mmadapters.vision.fewshot import sample_shots
+    from mmadapters.vision.readers import open_split, resolve_classnames, resolve_templates
     from mmadapters.vision.zeroshot import cached_classifier, encode_texts, extract_image_features
 
     t_start = time.perf_counter()
@@ -205,16 +205,15 @@ def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu",
     cache_dir = _cache_dir(config)
     # under torchrun rank 0 alone generates a missing task; the other ranks take its answer
     fmt, root, name = run_on_main(lambda: resolve_dataset(config, cache_dir, progress=progress))
-    lookup = ZeroShotConfig(classnames=config.classnames, templates=config.templates)
-    classnames, classnames_source = resolve_classnames(lookup, root)
-    templates, templates_source = resolve_templates(lookup, root)
+    classnames, classnames_source = resolve_classnames(config.classnames, root)
+    templates, templates_source = resolve_templates(config.templates, root)
 
     t0 = time.perf_counter()
     clip = load_clip(config.model, config.pretrained, device=device, cache_dir=str(cache_dir / "weights"),
                      seed=config.seed, declare_points=False)
     load_s = time.perf_counter() - t0
     if config.support_root:
-        from mmadapters.eval.readers import ImageFolderDataset
+        from mmadapters.vision.readers import ImageFolderDataset
 
         support_ds = ImageFolderDataset(config.support_root, clip.preprocess, classnames)
     else:
@@ -293,7 +292,7 @@ def save_cache_model(model: nn.Module, directory: str | os.PathLike, meta: dict[
     from safetensors.torch import save
 
     from mmadapters import __version__
-    from mmadapters.eval.results_io import jsonable
+    from mmadapters.eval.results_schema import jsonable
     from mmadapters.io import atomic_write_bytes
 
     kind = getattr(model, "kind", None)

@@ -1,4 +1,4 @@
-"""Image classification datasets in the on-disk formats benchmarks ship. Leaf module: torch/PIL only.
+"""Image classification datasets in the on-disk formats benchmarks ship, and how a run opens them.
 
 Every reader is a map-style ``torch.utils.data.Dataset`` whose items are ``(image, label, path)``
 (``image`` = ``transform(PIL RGB image)``, ``label`` an int, ``path`` a string naming the file), and
@@ -15,6 +15,12 @@ An image that cannot be read or decoded does not raise: its item is an :class:`U
 (path, label, reason) that :func:`collate_with_skips` separates from the batch so evaluators can count
 it. Format errors (a bad CSV row, a path escaping the dataset root, a missing label) raise with the
 file, the row/entry and the field named.
+
+Opening a dataset the way ``mmadapters eval zeroshot|fewshot`` and the few-shot recipes do:
+:func:`prepare_dataset_root` (a format and its root, or a generated task written on first use),
+:func:`open_split` (the reader of one split), :func:`resolve_classnames` / :func:`resolve_templates`
+(a given file, else the dataset root's, else the reader's names / a built-in template set) and
+:func:`image_loader` (a DataLoader that sets unreadable images aside).
 """
 
 from __future__ import annotations
@@ -388,3 +394,99 @@ def collate_with_skips(batch: list) -> tuple[torch.Tensor | list | None, torch.T
     images = [image for image, _, _ in good]
     stacked = torch.stack(images) if isinstance(images[0], torch.Tensor) else images
     return stacked, labels, paths, skipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Opening a dataset for a run
+
+FORMATS = ("imagefolder", "csv", "coop", "wds")
+
+
+def prepare_dataset_root(dataset: str, dataset_root: str | os.PathLike | None, cache_dir: Path, *,
+                         progress: bool = True) -> tuple[str, Path]:
+    """(format, root) of ``--dataset``/``--dataset-root``.
+
+    A generated task (``synth-shapes`` ...) is written into its root (default ``cache_dir/datasets/<task>``)
+    when missing, with the task's canonical sizes; a root that holds another task is refused.
+    """
+    if dataset in FORMATS:
+        if not dataset_root:
+            raise ValueError(f"--dataset {dataset} needs --dataset-root")
+        return dataset, Path(dataset_root)
+    from mmadapters.vision.synth import TASKS, generate_task
+
+    if dataset not in TASKS:
+        raise ValueError(f"--dataset {dataset!r}: expected a format ({', '.join(FORMATS)}) or a generated "
+                         f"task ({', '.join(sorted(TASKS))})")
+    root = Path(dataset_root) if dataset_root else cache_dir / "datasets" / dataset
+    meta = root / "task.json"
+    if not meta.is_file():
+        print(f"generating {dataset} into {root}")
+        generate_task(dataset, root, progress=progress)
+        return "imagefolder", root
+    try:
+        recorded = json.loads(meta.read_text(encoding="utf-8")).get("task")
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded != dataset:
+        raise ValueError(f"{meta}: field 'task' is {recorded!r}, expected {dataset!r}; point --dataset-root at that "
+                         "task's folder (or an empty one to generate it)")
+    return "imagefolder", root
+
+
+def dataset_name(dataset: str, fmt: str, root: Path) -> str:
+    """The name results carry: a generated task's own name, else the root's (file) name."""
+    return dataset if fmt != dataset else (root.stem if root.is_file() else root.name)
+
+
+def open_split(fmt: str, root: Path, split: str, transform, classnames: list[str] | None) -> ImageDataset:
+    """The reader for ``split`` of a dataset in format ``fmt`` rooted at ``root``."""
+    if fmt == "imagefolder":
+        split_dir = root / split
+        if split_dir.is_dir():
+            return ImageFolderDataset(split_dir, transform, classnames)
+        if any((root / s).is_dir() for s in ("train", "val", "test")):
+            raise FileNotFoundError(f"{root}: no folder for split {split!r} (expected {split_dir})")
+        return ImageFolderDataset(root, transform, classnames)  # a flat image folder is its own split
+    if fmt == "csv":
+        return CsvDataset(root if root.is_file() else root / f"{split}.csv", transform, classnames)
+    if fmt == "coop":
+        return CoopSplitDataset(root, split, transform)
+    if fmt == "wds":
+        return WdsDataset(root, split, transform, classnames)
+    raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+
+
+def _base(root: Path) -> Path:
+    return root if root.is_dir() else root.parent
+
+
+def resolve_classnames(classnames: str | os.PathLike | None, root: Path) -> tuple[list[str] | None, str]:
+    """(class names, or None to take the reader's; where they came from): the given file, else
+    ``<root>/classnames.txt``."""
+    if classnames:
+        return read_classnames(classnames), str(classnames)
+    if (_base(root) / "classnames.txt").is_file():
+        return read_classnames(_base(root) / "classnames.txt"), str(_base(root) / "classnames.txt")
+    return None, "dataset"
+
+
+def resolve_templates(templates: str | os.PathLike | None, root: Path) -> tuple[list[str], str]:
+    """(templates, where they came from): the given file, else ``<root>/templates.txt``, else CLIP_benchmark's
+    ``zeroshot_classification_templates.txt``, else :data:`mmadapters.vision.zeroshot.DEFAULT_TEMPLATES`."""
+    if templates:
+        return read_templates(templates), str(templates)
+    for candidate in (_base(root) / "templates.txt", wds_templates_file(_base(root))):
+        if candidate.is_file():
+            return read_templates(candidate), str(candidate)
+    from mmadapters.vision.zeroshot import DEFAULT_TEMPLATES
+
+    return list(DEFAULT_TEMPLATES), "built-in"
+
+
+def image_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 0, device: str = "cpu"):
+    """A DataLoader of ``collate_with_skips`` batches over ``dataset`` in order (``num_workers`` processes read)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_with_skips, pin_memory=str(device).startswith("cuda"))
