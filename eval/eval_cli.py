@@ -31,7 +31,7 @@ def add_common_args(p: argparse.ArgumentParser, *, default_output: str) -> None:
         "output instead of resuming from them")
     add("--fail-fast", action="store_true", help="stop at the first unreadable sample instead of skipping and counting it")
     add("--device", default="cpu", help="cpu or cuda (default: cpu; under torchrun, cuda means each rank's GPU)")
-    add("--batch-size", type=int, default=16, help="samples per batch (default: 16)")
+    add("--batch-size", type=int, default=16, help="samples per batch (default: %(default)s)")
     add("--seed", type=int, default=0, help="random seed (default: 0)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
