@@ -69,34 +69,64 @@ def _items(batch: list) -> list:
 
 
 class ReadAhead:
-    """Dataset items for the batches run_samples will ask for, read ahead by DataLoader worker processes.
+    """Dataset items for the batches run_samples will ask for, read one batch ahead while the model runs.
 
-    ``batches`` are the index lists in the order they will be requested. A request that is not the next
-    planned batch (run_samples retrying a failed batch one image at a time) is read in this process.
+    ``batches`` are the index lists in the order they will be requested. With ``num_workers`` > 0 DataLoader
+    worker processes read them; with 0, a small thread pool in this process does (image decoding and resizing
+    release the GIL, so reading overlaps with the model on another core). A request that is not the next
+    planned batch (run_samples retrying a failed batch one image at a time) is read directly.
     """
 
-    def __init__(self, dataset, batches: list[list[int]], num_workers: int):
-        from torch.utils.data import DataLoader
+    def __init__(self, dataset, batches: list[list[int]], num_workers: int, threads: int | None = None):
+        import os
 
         self.dataset = dataset
         self.planned = deque(batches)
         self.it = None
+        self.pool = None
+        self.ahead: deque = deque()  # futures of the planned batches already submitted to the pool
         if num_workers > 0 and batches:
+            from torch.utils.data import DataLoader
+
             self.it = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_items))
+        elif batches:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1), thread_name_prefix="read")
+
+    def _submit(self) -> None:
+        """Keep the next two planned batches in flight."""
+        while self.pool is not None and len(self.ahead) < min(2, len(self.planned)):
+            indices = self.planned[len(self.ahead)]
+            self.ahead.append([self.pool.submit(self.dataset.__getitem__, i) for i in indices])
 
     def read(self, indices: list[int]) -> list:
-        if self.it is not None and self.planned and self.planned[0] == indices:
-            self.planned.popleft()
-            batch = next(self.it)
+        if self.planned and self.planned[0] == indices and (self.it is not None or self.pool is not None):
+            if self.it is not None:
+                self.planned.popleft()
+                batch = next(self.it)
+            else:
+                self._submit()  # ahead[i] holds planned[i]
+                futures = self.ahead.popleft()
+                self.planned.popleft()
+                self._submit()
+                batch = [f.result() for f in futures]
             if not self.planned:
                 self.close()
             return batch
         return [self.dataset[i] for i in indices]
 
     def close(self) -> None:
-        """Stop the worker processes now (dropping the last reference to the iterator shuts them down), not at
-        some later garbage collection: also when the run stops early."""
+        """Stop the workers now (dropping the last reference to the iterator shuts them down), not at some later
+        garbage collection: also when the run stops early."""
         self.it = None
+        if self.pool is not None:
+            for futures in self.ahead:
+                for f in futures:
+                    f.cancel()
+            self.ahead.clear()
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
 
 def make_predict(dataset, clip_model: torch.nn.Module, score: Callable[[Tensor], Tensor], device: torch.device | str,
