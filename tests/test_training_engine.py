@@ -122,3 +122,84 @@ def test_only_trainable_parameters_change(tmp_path):
     assert all(torch.equal(now[n], v) for n, v in frozen.items())
     assert all(now[n].grad is None for n in frozen)
     assert isinstance(task.model, MLP)
+
+
+def test_lr_decay_follows_a_time_budget_when_it_runs_out_first():
+    cfg = TrainerConfig(steps=100, schedule="linear", max_minutes=1.0)
+    assert lr_lambda(cfg, spent=lambda: 30.0)(10) == pytest.approx(0.5)  # half the minute gone at step 10 of 100
+    assert lr_lambda(cfg, spent=lambda: 3.0)(50) == pytest.approx(0.5)  # the steps are further along
+    assert lr_lambda(cfg, spent=lambda: 600.0)(1) == 0.0
+    with pytest.raises(ValueError, match="trainer.max_minutes: expected a positive number of minutes or null"):
+        TrainerConfig(max_minutes=0)
+
+
+def test_time_budget_stops_at_a_validated_checkpointed_step_and_resume_continues(tmp_path):
+    from mmadapters.training.checkpoint import load_train_state
+
+    _, s = run_toy(tmp_path, recipe={"step_sleep": 0.05}, steps=200, eval_every=0, checkpoint_every=0, max_minutes=0.3 / 60)
+    assert s.stopped_by == "time" and 1 <= s.steps < 200
+    events = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [s.steps]  # the last step is validated
+    assert load_train_state(tmp_path / "train_state.pt")["step"] == s.steps and (tmp_path / "last").is_dir()
+    _, more = run_toy(tmp_path, recipe={"step_sleep": 0.0}, resume=True, steps=s.steps + 3, eval_every=0, checkpoint_every=0,
+                      max_minutes=10.0)
+    assert more.stopped_by == "steps" and more.steps == s.steps + 3 and more.resumed_from == s.steps
+
+
+def test_on_validated_hook_sees_each_validation_after_it_is_in_the_history(tmp_path):
+    seen = []
+
+    def hook(step, metrics, output_dir):
+        lines = (output_dir / "history.jsonl").read_text().splitlines()
+        seen.append((step, sorted(metrics), json.loads(lines[-1])["step"]))
+
+    task = build_toy_task(ToyConfig(), TrainerConfig())
+    task.on_validated = hook
+    train(task, TrainerConfig(steps=8, batch_size=8, eval_every=4, progress=False), tmp_path)
+    assert seen == [(4, ["mae", "mse"], 4), (8, ["mae", "mse"], 8)]
+
+
+class _FullTask:
+    """A whole small model with batch norm trains (no adapters): its running statistics change with training."""
+
+    select_metric, select_mode = "mse", "min"
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(32, 4, generator=g)
+        self.y = self.x.sum(1, keepdim=True).sin()
+
+    def train_size(self):
+        return 32
+
+    def get_batch(self, indices):
+        return self.x[indices], self.y[indices]
+
+    def loss(self, model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    def validate(self):
+        return {"mse": torch.nn.functional.mse_loss(self.model(self.x), self.y).item()}
+
+    def save(self, directory):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(directory / "model.safetensors"))
+
+    def parameter_counts(self):
+        n = sum(p.numel() for p in self.model.parameters())
+        return {"trainable": n, "total": n}
+
+
+def test_resume_restores_the_buffers_of_trained_modules(tmp_path):
+    config = {"batch_size": 8, "eval_every": 0, "checkpoint_every": 0, "progress": False, "lr": 0.05, "schedule": "constant"}
+    whole = _FullTask()
+    train(whole, TrainerConfig(steps=6, **config), tmp_path / "whole")
+    train(_FullTask(), TrainerConfig(steps=3, **config), tmp_path / "split")  # "crashes" after its step-3 checkpoint
+    resumed = _FullTask()  # fresh batch-norm statistics, as in a new process
+    train(resumed, TrainerConfig(steps=6, **config), tmp_path / "split", resume=True)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert int(b["1.num_batches_tracked"]) == 6
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

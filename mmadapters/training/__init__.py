@@ -5,7 +5,8 @@
 - :mod:`.recipe`: ``Recipe`` and ``build_run_config`` for ``mmadapters train <recipe> --config FILE.yaml``;
 - :mod:`.sampler`: the deterministic, world-size-independent data stream;
 - :mod:`.checkpoint`: ``train_state.pt`` (atomic, ``weights_only`` loadable) and the output-folder guard;
-- :mod:`.trainer`: ``train(task, config, output, resume=...)`` with DDP, validation and best/ selection.
+- :mod:`.trainer`: ``train(task, config, output, resume=...)`` with DDP, validation and best/ selection, a
+  wall-time budget and an ``on_validated`` hook for recipes that keep per-validation outputs.
 
 Importing this package imports nothing heavy; ``trainer`` and ``checkpoint`` import torch.
 """

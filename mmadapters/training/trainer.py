@@ -39,6 +39,17 @@ state, every rank's RNG states (python, numpy, torch CPU, CUDA), the step (= the
 score, the history and fingerprints of the config and of the trainable parameters. ``resume=True``
 continues from it and reaches the same weights, bit for bit on CPU, as a run that was never interrupted.
 Only rank 0 writes files.
+
+**Time budget.** With ``max_minutes``, training stops after the step at which the wall time spent training,
+validating and checkpointing (earlier sessions of a resumed run included) reaches the budget; that step
+then counts as the last one (validated, checkpointed, saved; ``stopped_by: "time"`` in the summary), and
+the learning-rate decay follows whichever is further along, the steps or the budget. Where a run stops
+then depends on the machine's speed, so only the steps it did repeat bit for bit.
+
+**Hooks.** A task may define ``on_validated(step, metrics, output_dir)``: rank 0 calls it after every
+validation, once the entry is in ``history.jsonl`` (a recipe keeps its own per-validation outputs with it,
+e.g. per-group best checkpoints). Buffers of modules that train (batch-norm statistics of a fully trained
+model) are checkpointed with the trainable parameters.
 """
 
 from __future__ import annotations
@@ -116,6 +127,8 @@ class TrainTask(Protocol):
     def parameter_counts(self) -> dict[str, int]:
         """{"trainable": int, "total": int}."""
 
+    # optional: on_validated(step: int, metrics: dict[str, float], output_dir: Path) -> None (see the module docstring)
+
 
 @dataclass
 class TrainSummary:
@@ -136,6 +149,7 @@ class TrainSummary:
     parameters: dict[str, int]
     timings: dict[str, float]
     history: list[dict] = field(default_factory=list)  # the validation entries
+    stopped_by: str = "steps"  # "steps", or "time" when trainer.max_minutes ended the run at step `steps`
     library: dict[str, str] = field(default_factory=dict)
     git_commit: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
@@ -158,12 +172,14 @@ class LossModule(nn.Module):
         return self._task.loss(self.model, batch)
 
 
-def lr_lambda(config: TrainerConfig) -> Callable[[int], float]:
+def lr_lambda(config: TrainerConfig, spent: Callable[[], float] | None = None) -> Callable[[int], float]:
     """Multiplier of ``lr`` for step ``s`` (0-based): linear warmup to 1 over ``round(warmup_ratio * steps)``
-    steps, then constant, linear to 0 or cosine to 0 at ``steps``."""
+    steps, then constant, linear to 0 or cosine to 0 at ``steps``. With ``config.max_minutes``, ``spent()``
+    (seconds of the budget used) moves the decay on when time runs out faster than the steps."""
     steps = config.steps
     warmup = round(config.warmup_ratio * steps)
     schedule = config.schedule
+    budget = None if config.max_minutes is None or spent is None else 60.0 * config.max_minutes
 
     def factor(s: int) -> float:
         if s < warmup:
@@ -171,6 +187,8 @@ def lr_lambda(config: TrainerConfig) -> Callable[[int], float]:
         if schedule == "constant":
             return 1.0
         progress = min(1.0, (s - warmup) / max(1, steps - warmup))
+        if budget is not None:
+            progress = min(1.0, max(progress, spent() / budget))
         if schedule == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -189,6 +207,16 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _training_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Buffers of modules with trainable parameters of their own (e.g. batch-norm statistics of a fully trained
+    model): they change with training, so checkpoints carry them. A frozen base's buffers do not change."""
+    out = []
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            out += [(f"{prefix}.{n}" if prefix else n, b) for n, b in module.named_buffers(recurse=False) if b is not None]
+    return out
 
 
 def _check_same_base(model: nn.Module) -> None:
@@ -357,10 +385,12 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     # DDP both refuse an empty parameter list, and the loop below never runs.
     module = wrap_for_training(task, config) if params else None
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
-    factor = lr_lambda(config)
+    timings = {"train_s": 0.0, "validate_s": 0.0, "checkpoint_s": 0.0}  # cumulative over resumed sessions
+    factor = lr_lambda(config, spent=lambda: sum(timings.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor) if optimizer is not None else None
+    buffers = _training_buffers(task.model)
 
-    start, history, timings_before = 0, [], {}
+    start, history = 0, []
     loss_sum, loss_count = 0.0, 0  # the training loss since the last history entry
     best: dict[str, Any] = {"score": None, "step": None, "metrics": None}
     if resume:
@@ -373,9 +403,13 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
         if state["step"] > config.steps:
             raise ValueError(f"{state_path}: the state is at step {state['step']}, beyond trainer.steps={config.steps} "
                              "(raise trainer.steps to continue training)")
+        timings.update({k: float(v) for k, v in state.get("timings", {}).items() if k in timings})
         with torch.no_grad():
             for n, p in trainable:
                 p.copy_(state["params"][n].to(p.device))
+            for n, b in buffers:
+                if n in state.get("buffers", {}):
+                    b.copy_(state["buffers"][n].to(b.device))
         if optimizer is not None and scheduler is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -387,7 +421,6 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
                           "but dropout and other random draws will not repeat those of an uninterrupted run", stacklevel=2)
         restore_rng(rng[rank % len(rng)])
         start, history, best = int(state["step"]), list(state["history"]), dict(state["best"])
-        timings_before = dict(state.get("timings", {}))
         loss_sum, loss_count = (float(v) for v in state.get("log_accumulator", (0.0, 0)))
         loss_count = int(loss_count)
         if main:
@@ -395,7 +428,6 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     elif main:
         _rewrite_history(output / HISTORY_NAME, [])
 
-    timings = {k: float(timings_before.get(k, 0.0)) for k in ("train_s", "validate_s", "checkpoint_s")}
     last_eval = max((e["step"] for e in history if e.get("kind") == "eval"), default=None)
     last_ckpt = start if resume else None
     final_metrics: dict[str, float] = next((e["metrics"] for e in reversed(history) if e.get("kind") == "eval"), {})
@@ -418,6 +450,9 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
                                                  "metrics": metrics})
             entry = {"kind": "eval", "step": step, "metrics": metrics, "best": improved}
             _append_jsonl(output / HISTORY_NAME, [entry])
+            hook = getattr(task, "on_validated", None)
+            if hook is not None:
+                hook(step, metrics, output)
             return entry, new_best
 
         entry, new_best = run_on_main(run)
@@ -440,6 +475,7 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
             save_train_state(state_path, {
                 "step": step,
                 "params": {n: p.detach().to("cpu", copy=True) for n, p in trainable},
+                "buffers": {n: b.detach().to("cpu", copy=True) for n, b in buffers},
                 "optimizer": optimizer.state_dict() if optimizer is not None else {},
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "rng": rngs,
@@ -464,6 +500,8 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
         bar = tqdm(total=config.steps, initial=start, desc="training", dynamic_ncols=True, file=sys.stderr)
     task.model.train()
     pending: list[dict] = []
+    end, stopped_by = config.steps, "steps"
+    budget = None if config.max_minutes is None else 60.0 * config.max_minutes
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
@@ -493,7 +531,9 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
             done = step + 1
             loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
             timings["train_s"] += time.perf_counter() - t0
-            if done % config.log_every == 0 or done == config.steps:
+            if budget is not None and done < config.steps and sum(timings.values()) >= budget:
+                end, stopped_by = done, "time"  # this step becomes the last one
+            if done % config.log_every == 0 or done == end:
                 entry = {"kind": "train", "step": done, "loss": loss_sum / loss_count, "lr": lr}
                 if grad_norm is not None:
                     entry["grad_norm"] = grad_norm
@@ -504,8 +544,8 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
                     bar.set_postfix(loss=f"{entry['loss']:.4g}", lr=f"{lr:.3g}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            evaluating = (config.eval_every and done % config.eval_every == 0) or done == config.steps
-            checkpointing = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
+            evaluating = (config.eval_every and done % config.eval_every == 0) or done == end
+            checkpointing = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end
             if pending and main and (evaluating or checkpointing or len(pending) >= 100):
                 _append_jsonl(output / HISTORY_NAME, pending)
                 pending = []
@@ -515,14 +555,16 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
                 evaluate(done)
             if checkpointing:
                 checkpoint(done)
+            if done == end:
+                break
     finally:
         if bar is not None:
             bar.close()
 
-    if last_eval != config.steps:  # steps=0, or a resumed run that had already finished its steps
-        evaluate(config.steps)
-    if last_ckpt != config.steps:
-        checkpoint(config.steps)
+    if last_eval != end:  # steps=0, or a resumed run that had already finished its steps
+        evaluate(end)
+    if last_ckpt != end:
+        checkpoint(end)
     # Free DDP's reducer (it holds the process group) now: one left to the interpreter's teardown can outlive
     # destroy_process_group and abort the process on exit.
     del module
@@ -531,12 +573,12 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     def finish() -> TrainSummary:
         t0 = time.perf_counter()
         last_dir = _save_dir(task, output, "last")
-        trained = config.steps - start
+        trained = end - start
         timing = {k: round(v, 4) for k, v in timings.items()}
         timing.update(save_last_s=round(time.perf_counter() - t0, 4), total_s=round(time.perf_counter() - started, 4),
                       steps_per_s=round(trained / timings["train_s"], 4) if timings["train_s"] > 0 else 0.0)
         summary = TrainSummary(
-            output=str(output), steps=config.steps, select_metric=select, select_mode=mode,
+            output=str(output), steps=end, stopped_by=stopped_by, select_metric=select, select_mode=mode,
             best_step=best["step"], best_score=best["score"], best_metrics=best["metrics"],
             best_dir=str(output / "best") if best["step"] is not None else None, last_dir=str(last_dir),
             final_metrics=final_metrics, resumed_from=start if resume else None, world_size=world,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # Fields that may change between a run and its --resume: they do not change what is computed.
-RESUMABLE_CHANGES = ("steps", "progress", "log_every", "eval_every", "checkpoint_every")
+RESUMABLE_CHANGES = ("steps", "progress", "log_every", "eval_every", "checkpoint_every", "max_minutes")
 
 
 @dataclass
@@ -26,6 +26,10 @@ class TrainerConfig:
     eval_every: int = field(default=100, metadata={"help": "Validate every this many steps (and at the end); 0: only at the end."})
     checkpoint_every: int = field(default=100, metadata={
         "help": "Write train_state.pt every this many steps (and at the end); 0: only at the end."})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "Wall-time budget (training, validation and checkpoints; earlier sessions of a resumed run included): "
+                "the step that reaches it is the last, and the learning-rate decay follows the budget when it is "
+                "further along than the steps (null: no budget)."})
     log_every: int = field(default=10, metadata={"help": "Record the training loss in history.jsonl every this many steps."})
     seed: int = field(default=0, metadata={"help": "Seeds the data order, dropout and every other random choice."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ... (under torchrun, cuda means each rank's GPU)."})
@@ -61,6 +65,8 @@ class TrainerConfig:
             bad("warmup_ratio", "a number in [0, 1]")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
             bad("grad_clip", "a positive number or null")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            bad("max_minutes", "a positive number of minutes or null")
         if self.schedule not in ("constant", "linear", "cosine"):
             bad("schedule", "'constant', 'linear' or 'cosine'")
         if self.select_mode not in (None, "max", "min"):
