@@ -1,7 +1,9 @@
 """``mmadapters eval asr``: speech recognition in the shared results schema, resumable and rank-sharded.
 
-The pieces are :mod:`mmadapters.eval.asr_eval`'s (adapter loading and per-language routing, decoding, the
-streaming runner, baselines); what this module adds is the shared machinery: every utterance becomes a
+One run loads a transducer (``--model DIR``, default the shipped tiny model), optionally per-language
+adapters (``--adapters DIR``, :func:`~mmadapters.eval.asr_transcribe.resolve_adapters`), reads a speech dataset
+(NeMo manifest, Common Voice, MLS or generated speech), decodes every utterance through its own language's
+adapter (per-sample routing; the base for a language without one) and scores it. Every utterance becomes a
 record in the samples log (:mod:`mmadapters.eval.sample_runner`) as soon as its batch is decoded, and every
 metric is computed from the records, so an interrupted run resumes and gives the numbers an uninterrupted
 one gives. A record::
@@ -9,44 +11,46 @@ one gives. A record::
     {"id", "lang", "adapter", "audio_path", "audio_s", "ref", "hyp",
      "word_edits", "ref_words", "char_edits", "ref_chars",     # on normalize_text'ed ref/hyp
      "decode_s",                                               # this utterance's share of its batch's decoding
-     ["first_pass", "first_word_edits", "latency_s"]}          # --streaming
+     ["first_pass", "first_word_edits", "first_pass_s", "latency_s"]}  # --streaming
 
 Results (:func:`~mmadapters.eval.results_schema.build_results`, task ``"asr"``):
 
 - ``metrics``: ``wer`` (the mean of the languages' corpus WERs, each language once: the LDA paper's average),
   ``cer``, ``wer_pooled`` / ``cer_pooled`` (all utterances as one corpus), ``languages``; with ``--baseline``
-  ``relative_wer_reduction`` (mean of the per-language reductions) and ``relative_wer_reduction_of_average``;
-  with ``--streaming`` ``wer_first_pass``.
+  (an earlier ``eval asr`` results file) ``relative_wer_reduction`` (the mean of the per-language
+  reductions ``(wer_base - wer) / wer_base``: the paper's "average relative WER reduction") and
+  ``relative_wer_reduction_of_average`` (the reduction of the average WER, over the languages both runs
+  have); with ``--streaming`` ``wer_first_pass``.
 - ``per_group``: per language ``wer``, ``cer``, ``utterances``, ``skipped``, ``words``, ``chars``,
   ``word_edits``, ``char_edits``, ``audio_s`` (+ ``relative_wer_reduction``, ``wer_first_pass``).
-- ``skipped``: one ``{"id", "reason"}`` per unusable audio file (``AudioError: <path>: <problem>``);
-  ``counts``: ``total``, ``evaluated``, ``skipped``, ``resumed``.
-- ``timings``: ``model_load_s``, ``decode_s`` and ``audio_s`` (over every record, resumed ones included), ``rtf``,
-  ``total_s``; with ``--streaming`` first-partial latency statistics.
+- ``skipped``: one ``{"id", "reason"}`` per audio file that fails
+  :func:`~mmadapters.speech.audio.load_audio`'s checks (``AudioError: <path>: <problem>``: missing, corrupt,
+  empty, silent, channels, too long, unsupported format), unless ``--fail-fast``; ``counts``: ``total``,
+  ``evaluated``, ``skipped``, ``resumed``.
+- ``timings``: ``model_load_s``; ``decode_s`` and ``audio_s`` over every record (resumed ones included);
+  ``rtf`` = decoding seconds / audio seconds (reading and resampling audio excluded); ``total_s``; with
+  ``--streaming`` ``rtf_first_pass`` (the chunk pushes alone) and first-partial latency statistics
+  (``first_partial_latency_{mean,median,p90,max}_s``, ``first_partial_missing``: utterances without one),
+  see :class:`~mmadapters.eval.asr_transcribe.StreamingRunner`.
+
+WER / CER are corpus-level (:func:`~mmadapters.eval.metrics.edit_distance` totals over reference words or
+characters, spaces count for CER) on :func:`~mmadapters.eval.metrics.normalize_text`'ed text; a language
+without reference words has NaN WER (null in the file) and stays out of the averages.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .asr_eval import (
-    DECODES,
-    _dir_identity,
-    _latency_summary,
-    _nanmean,
-    _StreamingRunner,
-    corpus_scores,
-    decode_texts,
-    read_baseline,
-    relative_reduction,
-    resolve_adapters,
-    utterance_scores,
-)
+from .asr_transcribe import DECODES, StreamingRunner, resolve_adapters
 
 TASK = "asr"
 
@@ -59,52 +63,58 @@ def dataset_name(path: str, split: str) -> str:
     return f"{p.resolve().name or p.name}/{split}"
 
 
-class AsrPredictor:
-    """``predict`` for :func:`~mmadapters.eval.sample_runner.run_samples`: loads a batch's audio (an unusable file
-    becomes that sample's :class:`~mmadapters.speech.audio.AudioError`), decodes the rest in one batch, each
-    utterance through its language's adapter, and returns one record per utterance."""
+# -- scoring ---------------------------------------------------------------------------------------------------
 
-    def __init__(self, bundle, lang_map: Mapping[str, str], *, decode: str = "greedy", beam: int = 4, pass_: str = "second",
-                 streaming: bool = False, chunk_ms: float = 160.0, max_seconds: float | None = 60.0, mono: str = "error"):
-        self.bundle, self.lang_map = bundle, dict(lang_map)
-        self.decode, self.beam, self.pass_ = decode, beam, pass_
-        self.max_seconds, self.mono = max_seconds, mono
-        self.runner = _StreamingRunner(bundle, decode, beam, chunk_ms, routed=bool(lang_map)) if streaming else None
+def utterance_scores(reference: str, hypothesis: str) -> dict[str, int]:
+    """Edit counts of one utterance on :func:`~mmadapters.eval.metrics.normalize_text`'ed text: ``word_edits``,
+    ``ref_words``, ``char_edits``, ``ref_chars`` (spaces count). Summed over utterances they give corpus WER/CER."""
+    from .metrics import edit_distance, normalize_text
 
-    def __call__(self, batch: Sequence) -> list[dict[str, Any] | BaseException]:
-        from mmadapters.speech.audio import SAMPLE_RATE, AudioError, load_audio
+    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    ref_words, hyp_words = ref.split(), hyp.split()
+    return {"word_edits": edit_distance(ref_words, hyp_words), "ref_words": len(ref_words),
+            "char_edits": edit_distance(ref, hyp), "ref_chars": len(ref)}
 
-        out: list[dict[str, Any] | BaseException | None] = [None] * len(batch)
-        loaded = []
-        for k, u in enumerate(batch):
-            try:
-                loaded.append((k, u, load_audio(u.audio_path, max_seconds=self.max_seconds, mono=self.mono)))
-            except AudioError as err:
-                out[k] = err
-        if not loaded:
-            return out  # type: ignore[return-value]
-        names = [self.lang_map.get(u.lang) for _, u, _ in loaded]
-        audio = [w.shape[0] / SAMPLE_RATE for _, _, w in loaded]
-        extras: list[dict[str, Any]] = []
-        if self.runner is None:
-            t0 = time.perf_counter()
-            texts = decode_texts(self.bundle, [w for _, _, w in loaded], names, decode=self.decode, beam=self.beam,
-                                 routed=bool(self.lang_map), pass_=self.pass_)
-            seconds = time.perf_counter() - t0
-            total = sum(audio)
-            extras = [{"decode_s": seconds * a / total} for a in audio]
-        else:
-            texts = []
-            for (_, u, w), name in zip(loaded, names, strict=True):
-                r = self.runner.run(w, name)
-                texts.append(r["text"])
-                extras.append({"decode_s": r["push_s"] + r["finish_s"], "first_pass": r["first_pass"],
-                               "first_word_edits": utterance_scores(u.text, r["first_pass"])["word_edits"],
-                               "latency_s": r["latency"]})
-        for (k, u, _), name, a, text, extra in zip(loaded, names, audio, texts, extras, strict=True):
-            out[k] = {"lang": u.lang, "adapter": name, "audio_path": u.audio_path, "audio_s": a, "ref": u.text, "hyp": text,
-                      **utterance_scores(u.text, text), **extra}
-        return out  # type: ignore[return-value]
+
+def corpus_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Corpus WER/CER of utterance records carrying :func:`utterance_scores`' counts: total edits / total
+    reference words (characters); NaN without reference words. Also the totals and ``utterances``."""
+    word_edits = sum(int(r["word_edits"]) for r in records)
+    words = sum(int(r["ref_words"]) for r in records)
+    char_edits = sum(int(r["char_edits"]) for r in records)
+    chars = sum(int(r["ref_chars"]) for r in records)
+    return {"wer": word_edits / words if words else math.nan, "cer": char_edits / chars if chars else math.nan,
+            "utterances": len(records), "words": words, "chars": chars, "word_edits": word_edits, "char_edits": char_edits}
+
+
+def relative_reduction(base: float, new: float) -> float:
+    """``(base - new) / base``; NaN when undefined (base 0 or either NaN)."""
+    if not (math.isfinite(base) and math.isfinite(new)) or base == 0:
+        return math.nan
+    return (base - new) / base
+
+
+def _nanmean(values) -> float:
+    vals = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def read_baseline(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-language WER of an earlier ``mmadapters eval asr`` results file, and where it came from. Errors name the
+    file and the field."""
+    from .results_schema import read_results
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: baseline results file not found (expected the --output of an earlier "
+                                "`mmadapters eval asr`)")
+    data = read_results(path)
+    per = data.get("per_group")
+    if data["task"] != TASK or not per:
+        raise ValueError(f"{path}: field 'per_group' missing or empty (task {data['task']!r}); expected the results of "
+                         "`mmadapters eval asr`")
+    wers = {str(lang): math.nan if entry.get("wer") is None else float(entry["wer"]) for lang, entry in per.items()}
+    return wers, {"source": str(path), "run_key": data.get("run_key"), "model": data.get("model"), "dataset": data.get("dataset")}
 
 
 def asr_scores(records: Sequence[Mapping[str, Any]], languages: Sequence[str], skipped_langs: Sequence[str], *,
@@ -140,16 +150,95 @@ def asr_scores(records: Sequence[Mapping[str, Any]], languages: Sequence[str], s
     return metrics, per_group
 
 
+def _latency_summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": math.nan, "median": math.nan, "p90": math.nan, "max": math.nan}
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+    return {"mean": round(statistics.fmean(values), 4), "median": round(statistics.median(values), 4),
+            "p90": round(p90, 4), "max": round(ordered[-1], 4)}
+
+
 def _timings(records: Sequence[Mapping[str, Any]], *, load_s: float, total_s: float, streaming: bool) -> dict[str, float]:
     decode_s = sum(float(r["decode_s"]) for r in records)
     audio_s = sum(float(r["audio_s"]) for r in records)
     timings = {"model_load_s": round(load_s, 4), "decode_s": round(decode_s, 4), "audio_s": round(audio_s, 3),
                "rtf": decode_s / audio_s if audio_s else math.nan}
     if streaming:
-        lat = _latency_summary([float(r["latency_s"]) for r in records if r.get("latency_s") is not None])
-        timings.update({f"first_partial_latency_{k}_s": float(v) for k, v in lat.items() if k != "count"})
+        timings["rtf_first_pass"] = sum(float(r["first_pass_s"]) for r in records) / audio_s if audio_s else math.nan
+        latencies = [float(r["latency_s"]) for r in records if r.get("latency_s") is not None]
+        timings.update({f"first_partial_latency_{k}_s": v for k, v in _latency_summary(latencies).items()})
+        timings["first_partial_missing"] = len(records) - len(latencies)
     timings["total_s"] = round(total_s, 4)
     return timings
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------
+
+class AsrPredictor:
+    """``predict`` for :func:`~mmadapters.eval.sample_runner.run_samples`: loads a batch's audio (an unusable file
+    becomes that sample's :class:`~mmadapters.speech.audio.AudioError`), decodes the rest in one batch, each
+    utterance through its language's adapter, and returns one record per utterance."""
+
+    def __init__(self, bundle, lang_map: Mapping[str, str], *, decode: str = "greedy", beam: int = 4, pass_: str = "second",
+                 streaming: bool = False, chunk_ms: float = 160.0, max_seconds: float | None = 60.0, mono: str = "error"):
+        self.bundle, self.lang_map = bundle, dict(lang_map)
+        self.decode, self.beam, self.pass_ = decode, beam, pass_
+        self.max_seconds, self.mono = max_seconds, mono
+        self.runner = StreamingRunner(bundle, decode, beam, chunk_ms, routed=bool(lang_map)) if streaming else None
+
+    def __call__(self, batch: Sequence) -> list[dict[str, Any] | BaseException]:
+        from mmadapters.speech.audio import SAMPLE_RATE, AudioError, load_audio
+        from mmadapters.speech.decode import transcribe
+
+        out: list[dict[str, Any] | BaseException | None] = [None] * len(batch)
+        loaded = []
+        for k, u in enumerate(batch):
+            try:
+                loaded.append((k, u, load_audio(u.audio_path, max_seconds=self.max_seconds, mono=self.mono)))
+            except AudioError as err:
+                out[k] = err
+        if not loaded:
+            return out  # type: ignore[return-value]
+        names = [self.lang_map.get(u.lang) for _, u, _ in loaded]
+        audio = [w.shape[0] / SAMPLE_RATE for _, _, w in loaded]
+        extras: list[dict[str, Any]] = []
+        if self.runner is None:
+            t0 = time.perf_counter()
+            # with adapters every batch is routed: None entries then run the base even if an adapter is active
+            texts = transcribe(self.bundle, [w for _, _, w in loaded], decode=self.decode, pass_=self.pass_,
+                               batch_size=len(loaded), beam=self.beam, adapters=names if self.lang_map else None)
+            seconds = time.perf_counter() - t0
+            total = sum(audio)
+            extras = [{"decode_s": seconds * a / total} for a in audio]
+        else:
+            texts = []
+            for (_, u, w), name in zip(loaded, names, strict=True):
+                r = self.runner.run(w, name)
+                texts.append(r["text"])
+                extras.append({"decode_s": r["push_s"] + r["finish_s"], "first_pass": r["first_pass"],
+                               "first_word_edits": utterance_scores(u.text, r["first_pass"])["word_edits"],
+                               "first_pass_s": r["push_s"], "latency_s": r["latency"]})
+        for (k, u, _), name, a, text, extra in zip(loaded, names, audio, texts, extras, strict=True):
+            out[k] = {"lang": u.lang, "adapter": name, "audio_path": u.audio_path, "audio_s": a, "ref": u.text, "hyp": text,
+                      **utterance_scores(u.text, text), **extra}
+        return out  # type: ignore[return-value]
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+
+def _dir_identity(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """What identifies weights on disk: the resolved directory and its files' sizes and modification times."""
+    if path is None:
+        return None
+    path = Path(path)
+    files = {}
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                st = f.stat()
+                files[f.relative_to(path).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return {"path": str(path.resolve()), "files": files}
 
 
 def run_eval_asr(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -230,6 +319,8 @@ def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None
         adapter_total = sum(adapters_info["parameters"].values())
         parameters = {"trainable": adapter_total, "total": adapters_info["base_parameters"] + adapter_total,
                       "base": adapters_info["base_parameters"], "per_adapter": adapters_info["parameters"]}
+    if baseline_info is not None:
+        baseline_info["missing_languages"] = sorted(set(lang_of.values()) - set(baseline_wer))
     results = build_results(
         dataset=dataset, model=model_name, pretrained=None, task=TASK, metrics=metrics,
         counts={"total": outcome.total, "evaluated": len(outcome.records), "skipped": len(outcome.skipped),
@@ -242,8 +333,43 @@ def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None
     if distributed.is_main():
         write_results(output, results, overwrite=args.overwrite)
         results["output"] = str(output)
+        if args.predictions:
+            write_predictions(Path(args.predictions), outcome.records)
+            results["predictions"] = str(args.predictions)
     log.remove()
     return results if distributed.is_main() else None
 
 
-__all__ = ["AsrPredictor", "asr_scores", "dataset_name", "run_eval_asr"]
+def write_predictions(path: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """One JSON line per evaluated utterance (``id`` and its record: reference, hypothesis, edit counts), atomically."""
+    from mmadapters.atomic import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, "".join(json.dumps({"id": k, **r}, ensure_ascii=False) + "\n" for k, r in records.items()).encode())
+
+
+def _pct(x: float | None) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Per-language WER / CER (%) with the relative WER reduction when there was a baseline, then RTF and, when
+    streaming, first-partial latency."""
+    m, per, t = results["metrics"], results["per_group"], results["timings"]
+    rel = "relative_wer_reduction" in m
+    lines = [f"{'lang':<8} {'utts':>5} {'skip':>5} {'WER %':>7} {'CER %':>7}" + (f" {'rel. WER red. %':>16}" if rel else "")]
+    for lang, e in per.items():
+        line = f"{lang:<8} {int(e['utterances']):>5} {int(e['skipped']):>5} {_pct(e['wer']):>7} {_pct(e['cer']):>7}"
+        lines.append(line + (f" {_pct(e.get('relative_wer_reduction')):>16}" if rel else ""))
+    c = results["counts"]
+    avg = f"{'average':<8} {c['evaluated']:>5} {c['skipped']:>5} {_pct(m['wer']):>7} {_pct(m['cer']):>7}"
+    lines.append(avg + (f" {_pct(m['relative_wer_reduction']):>16}" if rel else ""))
+    timing = f"decode {t['decode_s']:.2f}s for {t['audio_s']:.1f}s of audio: RTF {t['rtf']:.3f}"
+    if "first_partial_latency_mean_s" in t:
+        timing += (f"; first partial after {t['first_partial_latency_mean_s']:.3f}s on average "
+                   f"(p90 {t['first_partial_latency_p90_s']:.3f}s)")
+    return "\n".join([*lines, timing])
+
+
+__all__ = ["AsrPredictor", "asr_scores", "corpus_scores", "dataset_name", "format_table", "read_baseline",
+           "relative_reduction", "run_eval_asr", "utterance_scores", "write_predictions"]
