@@ -2,19 +2,28 @@
 
     python -m mmadapters.speech.synth --utterances 1500 --seed 0 --out data/speech
     python scripts/pretrain_tiny_asr.py --data data/speech --output speech/assets/tiny_asr --max-minutes 60 --threads 2
+    python scripts/pretrain_tiny_asr.py ... --resume        # after a crash: the same command plus --resume
 
 Steps: read ``DIR/{train,dev,test}.jsonl`` (written by the generator); pick the head languages (the roles in
 ``DIR/synth_config.json``, or ``--languages``); build a character tokenizer over the training text of *all*
 languages in the data (head and tail: the tail languages' adapters later need their characters, as a
-multilingual SentencePiece model would cover them); fit the global CMVN on head training audio; train with
-:func:`mmadapters.speech.train.train` (transducer loss on both passes, SpecAugment, AdamW, warmup + cosine);
-score dev and test WER per language on both passes; save with :func:`mmadapters.speech.model.save_asr` (fp16
-weights) plus ``README.md`` (commands, settings, WER) and ``training.json`` (the full record).
+multilingual SentencePiece model would cover them); fit the global CMVN on head training audio; train every
+parameter on the training engine (:func:`mmadapters.training.trainer.train` with
+:class:`mmadapters.speech.train.TransducerTask`: transducer loss on both passes, SpecAugment, AdamW, warmup +
+cosine, dev WER per language every ``--eval-every`` steps, a resumable ``train_state.pt`` every
+``--checkpoint-every`` steps in ``--run-dir``); score dev and test WER per language on both passes; save the
+final model with :func:`mmadapters.speech.model.save_asr` (fp16 weights) plus ``README.md`` (commands,
+settings, WER) and ``training.json`` (the full record).
+
+``--batch-seconds`` sets the batch size in utterances: the padded seconds divided by the mean duration of the
+training utterances. ``--init DIR`` starts a new stage from a model this script saved (its tokenizer and CMVN
+kept, a fresh optimizer); ``--resume`` continues an interrupted run from its ``--run-dir`` exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -28,7 +37,8 @@ from mmadapters.io import atomic_write_bytes
 from mmadapters.speech.model import CascadedTransducer, TransducerConfig, load_asr, parameter_counts, save_asr
 from mmadapters.speech.readers import Utterance, read_manifest
 from mmadapters.speech.tokenizer import CharTokenizer
-from mmadapters.speech.train import AudioSource, Callback, TrainConfig, evaluate, train
+from mmadapters.speech.train import AudioSource, TransducerTask, evaluate, first_per_language
+from mmadapters.training.trainer import TrainerConfig, seed_everything, train
 
 # Model sizes (TransducerConfig fields). "tiny": ~1.1 M parameters (~2.2 MB fp16), trains on 2 CPU cores;
 # "small": the TransducerConfig defaults, ~3 M parameters (~6 MB fp16).
@@ -60,19 +70,6 @@ def read_split(data: Path, split: str, required: bool = True) -> list[Utterance]
             raise SystemExit(f"{path}: manifest not found (generate data with `python -m mmadapters.speech.synth --out {data}`)")
         return []
     return read_manifest(path)
-
-
-def cap_per_language(utts: list[Utterance], n: int | None) -> list[Utterance]:
-    """The first ``n`` utterances of each language (all with None)."""
-    if n is None:
-        return utts
-    seen: dict[str, int] = {}
-    out = []
-    for u in utts:
-        if seen.get(u.lang, 0) < n:
-            seen[u.lang] = seen.get(u.lang, 0) + 1
-            out.append(u)
-    return out
 
 
 def model_config(preset: str, vocab_size: int, overrides: list[str]) -> TransducerConfig:
@@ -135,18 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="generated data dir (python -m mmadapters.speech.synth --out DIR)")
     p.add_argument("--output", type=Path, default=Path("speech/assets/tiny_asr"), help="model directory to write")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="the engine's run folder: history, checkpoints, train_state.pt (default: runs/pretrain_asr/<output name>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --run-dir (same other flags)")
     p.add_argument("--languages", default=None, help="comma-separated training languages (default: the head languages of the data)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a TransducerConfig field (JSON value), e.g. --set first_layers=6")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps (upper bound with --max-minutes)")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for training")
-    p.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio seconds per batch")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-time budget for training; the learning rate then decays over the budget")
+    p.add_argument("--batch-seconds", type=float, default=60.0,
+                   help="padded audio seconds per batch: sets the batch size to this / the mean utterance duration")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=300, help="warmup steps")
-    p.add_argument("--schedule", choices=["cosine", "noam", "constant"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=500, help="dev evaluation every N steps (0: only at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="write the resumable train_state.pt every N steps")
     p.add_argument("--dev-per-language", type=int, default=30, help="dev utterances per language scored during training")
     p.add_argument("--cmvn-utterances", type=int, default=400)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed, 0)  # the initial weights
     roles = language_roles(args.data)
     train_all, dev_all, test_all = read_split(args.data, "train"), read_split(args.data, "dev"), read_split(args.data, "test")
     present = sorted({u.lang for u in train_all})
@@ -185,27 +188,30 @@ def main(argv: list[str] | None = None) -> int:
         config = model_config(args.preset, tokenizer.vocab_size, args.overrides)
         model = CascadedTransducer(config).to(args.device)
         previous = {}
+    for prm in model.parameters():
+        prm.requires_grad_(True)
     counts = parameter_counts(model)
     print(f"model: {counts['total']:,} parameters ({args.preset}); tokenizer: {tokenizer.vocab_size} ids over "
           f"{len(present)} languages; training on {len(train_utts)} utterances of {','.join(languages)}", flush=True)
     n_cmvn = previous.get("cmvn_utterances", 0) if args.init is not None else fit_cmvn(model, train_utts, args.cmvn_utterances)
 
-    train_config = TrainConfig(steps=args.steps, batch_seconds=args.batch_seconds, lr=args.lr, weight_decay=args.weight_decay,
-                               schedule=args.schedule, warmup_steps=args.warmup, eval_every=args.eval_every,
-                               max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, seed=args.seed,
-                               device=args.device, progress=False if args.quiet else None)
-
-    class Log(Callback):
-        def on_step(self, state):
-            if state.step % 100 == 0:
-                print(f"step {state.step}: loss {state.loss:.3f} lr {state.lr:.2e} ({state.elapsed / 60:.1f} min)", flush=True)
-
-        def on_eval(self, state, result):
-            print(f"step {state.step}: dev WER {json.dumps({k: round(v, 3) for k, v in result.wers().items()})} "
-                  f"average {result.average_wer:.3f}", flush=True)
-
-    result = train(model, tokenizer, train_utts, config=train_config, dev=cap_per_language(dev_utts, args.dev_per_language),
-                   callbacks=[Log()])
+    mean_seconds = sum(u.duration or 0.0 for u in train_utts) / len(train_utts)
+    batch_size = min(len(train_utts), max(1, round(args.batch_seconds / mean_seconds))) if mean_seconds > 0 else 8
+    trainer = TrainerConfig(steps=args.steps, batch_size=batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                            warmup_ratio=min(1.0, args.warmup / max(1, args.steps)), schedule=args.schedule, grad_clip=5.0,
+                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
+                            log_every=10, seed=args.seed, device=args.device, progress=not args.quiet)
+    task = TransducerTask(model, tokenizer, train_utts, first_per_language(dev_utts, args.dev_per_language), device=args.device,
+                          progress=not args.quiet, where=str(args.data / "train.jsonl"))
+    run_dir = args.run_dir or Path("runs/pretrain_asr") / args.output.name
+    # what must match for --resume: everything that shapes the model and its data (train() compares it)
+    recipe = {"data": str(args.data.resolve()), "languages": languages, "preset": args.preset, "overrides": args.overrides,
+              "init": None if args.init is None else str(args.init.resolve()), "dev_per_language": args.dev_per_language,
+              "cmvn_utterances": args.cmvn_utterances}
+    try:
+        summary = train(task, trainer, run_dir, resume=args.resume, run_config={"recipe": recipe})
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"pretrain_tiny_asr: {err}") from None
 
     scores = {}
     eval_start = time.perf_counter()
@@ -219,13 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     save_asr(out, model.cpu(), tokenizer, fp16=not args.no_fp16)
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name not in ("README.md", "training.json")) / 1e6
     command = "python scripts/pretrain_tiny_asr.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    minutes = sum(summary.timings[k] for k in ("train_s", "validate_s", "checkpoint_s")) / 60  # resumed sessions included
     record = {
         "command": command, "data_command": synth_command(args.data),
         "previous_stages": [*previous.get("previous_stages", []), {k: previous[k] for k in ("command", "train") if k in previous}]
         if previous else [], "languages": languages, "preset": args.preset,
         "config": config.to_dict(), "parameters": counts, "size_mb": size_mb, "cmvn_utterances": n_cmvn,
-        "train": {**result.as_dict(), "config": train_config.to_dict(), "utterances": len(train_utts),
-                  "hours": sum(u.duration or 0.0 for u in train_utts) / 3600},
+        "train": {"steps": summary.steps, "stopped_by": summary.stopped_by, "minutes": minutes, "run_dir": str(run_dir),
+                  "trainer": dataclasses.asdict(trainer), "timings": summary.timings, "evals": summary.history,
+                  "utterances": len(train_utts), "hours": sum(u.duration or 0.0 for u in train_utts) / 3600,
+                  "skipped": task.skipped()},
         "scores": {k: v.as_dict() for k, v in scores.items()}, "final_eval_seconds": eval_seconds,
         "torch_threads": torch.get_num_threads(), "device": args.device,
     }
@@ -252,15 +261,16 @@ Load it with `mmadapters.speech.model.load_asr()`.
 
 - {counts['total']:,} parameters ({args.preset} preset), weights {'fp16' if not args.no_fp16 else 'fp32'}, {size_mb:.2f} MB on disk
 - tokenizer: {tokenizer.vocab_size} ids (blank, unk, {tokenizer.vocab_size - 2} characters)
-- training: {result.steps} steps{earlier_note} in {result.seconds / 60:.1f} min ({result.stopped_by} budget), {len(train_utts)} utterances
-  ({record['train']['hours']:.2f} h), batches of ≤ {args.batch_seconds:g} padded seconds, lr {args.lr:g} ({args.schedule}, warmup
-  {args.warmup}), device {args.device}, {torch.get_num_threads()} threads, seed {args.seed}
+- training: {summary.steps} steps{earlier_note} in {minutes:.1f} min ({summary.stopped_by} budget), {len(train_utts)} utterances
+  ({record['train']['hours']:.2f} h), batches of {batch_size} utterances (≈ {args.batch_seconds:g} padded seconds), lr {args.lr:g}
+  ({args.schedule}, warmup {args.warmup}), device {args.device}, {torch.get_num_threads()} threads, seed {args.seed}
 
 ## WER (%, greedy decoding, normalized text)
 
 {wer_table(scores)}
 
-`training.json` holds the full record (loss history, dev evaluations, settings).
+`training.json` holds the full record (settings, dev evaluations, final scores); the loss history is in the
+engine's run folder (`history.jsonl`).
 """
     atomic_write_bytes(out / "README.md", readme.encode())
     print(readme)

@@ -12,32 +12,28 @@ ASR" (the paper has no public code). The method, in the paper's order:
    The width ``h`` is chosen so one language costs about 0.4% of the foundation's parameters
    (:func:`add_language_adapters`; the exact share is reported).
 3. **Training.** Batches mix languages; each utterance's language ID picks its adapter through per-sample
-   routing (:func:`mmadapters.route`), so one step trains every language in the batch, each adapter on its
-   own samples only (:func:`train_lda`).
+   routing (:func:`mmadapters.route`, :func:`language_router`), so one step trains every language in the
+   batch, each adapter on its own samples only.
 4. **Noisy student.** A teacher (the non-causal second pass of the frozen model with the languages'
    adapters, or a larger model) transcribes untranscribed tail audio; hypotheses below a confidence
    threshold are dropped (:func:`pseudo_label`). The student's adapters then train on the pseudo-labels
-   plus the transcribed data with noise: SpecAugment, and optionally additive noise (:func:`noisy_student`).
+   plus the transcribed data with noise: SpecAugment, and optionally additive noise.
 5. **Checkpoint merge.** Languages peak at different steps. Every dev evaluation saves each language's
    adapter and its dev WER; the deployable model takes each language's adapter from the checkpoint where
    that language's dev WER was lowest: selection, not averaging (:func:`merge_best`).
 
-Baseline: full fine-tuning of a copy of the whole model per language (:func:`full_finetune`).
+Baseline: full fine-tuning of the whole model, one run per language.
 
-``mmadapters train lda --config configs/lda.yaml`` runs steps 1-3 on the shared training engine (typed YAML,
-DDP, resumable checkpoints, best/ by average dev WER with every language's dev WER in the history):
-:mod:`mmadapters.speech.lda_train`.
+This module holds the method's pieces; ``mmadapters train lda`` (:mod:`mmadapters.speech.lda_train`) runs
+steps 1-5 and the baseline on the shared training engine (typed YAML, DDP, bit-identical ``--resume``).
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import random
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,26 +41,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import mmadapters as mma
-from mmadapters.io import atomic_write_bytes
 from mmadapters.speech.readers import Utterance
-from mmadapters.speech.train import (
-    AudioSource,
-    Callback,
-    EvalResult,
-    TrainConfig,
-    TrainResult,
-    TrainState,
-    _disable,
-    _route,
-    decode_batch,
-    length_buckets,
-    pad_waves,
-    train,
-)
+from mmadapters.speech.train import AudioSource, _route, decode_batch, length_buckets, pad_waves
 
 DEFAULT_POINTS = ("block_out",)
 TARGET_FRACTION = 0.004  # the paper: about 0.4% of the model per language
-DEV_WER_NAME = "dev_wer.json"
 
 
 # -- 2. language-dependent adapters -------------------------------------------------------------------------------
@@ -149,60 +130,6 @@ def language_router(languages: Sequence[str]):
     return adapter_for
 
 
-# -- 3. training with per-sample language routing; 5. per-evaluation adapter checkpoints --------------------------
-
-class AdapterCheckpoints(Callback):
-    """At every dev evaluation, save the languages' adapters to ``directory/step-NNNNNN/<lang>/`` and record the
-    dev WER of each language in ``directory/dev_wer.json`` (rewritten atomically each time)."""
-
-    def __init__(self, directory: str | Path, languages: Sequence[str]):
-        self.directory = Path(directory)
-        self.languages = list(languages)
-        self.checkpoints: list[Path] = []
-        self.dev_wers: list[dict[str, float]] = []
-
-    def on_eval(self, state: TrainState, result: EvalResult) -> None:
-        path = mma.save_adapters(state.model, self.directory / f"step-{state.step:06d}", names=self.languages)
-        wers = result.wers()
-        self.checkpoints.append(path)
-        self.dev_wers.append({lang: wers.get(lang, math.nan) for lang in self.languages})
-        record = [{"step": int(p.name.split("-")[1]), "checkpoint": p.name, "dev_wer": w}
-                  for p, w in zip(self.checkpoints, self.dev_wers, strict=True)]
-        atomic_write_bytes(self.directory / DEV_WER_NAME, (json.dumps(record, indent=2) + "\n").encode())
-
-
-@dataclass
-class LdaRun:
-    result: TrainResult
-    checkpoints: list[Path] = field(default_factory=list)
-    dev_wers: list[dict[str, float]] = field(default_factory=list)  # one per checkpoint
-
-
-def train_lda(model: nn.Module, tokenizer, train_utterances: Sequence[Utterance], dev: Sequence[Utterance], *,
-              languages: Sequence[str], config: TrainConfig | None = None, checkpoint_dir: str | Path | None = None,
-              callbacks: Sequence[Callback] = ()) -> LdaRun:
-    """Train the languages' adapters together on mixed-language batches, each sample routed to its language's
-    adapter (the base is frozen by :func:`add_language_adapters`). Utterances of other languages are ignored.
-
-    With ``checkpoint_dir``, every dev evaluation (``config.eval_every`` and the end) saves the adapters and
-    the per-language dev WER there, for :func:`merge_best`."""
-    languages = list(languages)
-    missing = [lang for lang in languages if lang not in mma.adapter_names(model)]
-    if missing:
-        raise ValueError(f"train_lda: no adapter for languages {missing}; call add_language_adapters first")
-    keep = set(languages)
-    train_utts = [u for u in train_utterances if u.lang in keep]
-    dev_utts = [u for u in dev if u.lang in keep]
-    if not train_utts:
-        raise ValueError(f"train_lda: no training utterance in languages {languages}")
-    saver = AdapterCheckpoints(checkpoint_dir, languages) if checkpoint_dir is not None else None
-    result = train(model, tokenizer, train_utts, config=config, dev=dev_utts, adapter_for=language_router(languages),
-                   callbacks=[*callbacks, *([saver] if saver else [])])
-    if saver is None:
-        return LdaRun(result)
-    return LdaRun(result, saver.checkpoints, saver.dev_wers)
-
-
 # -- 4. noisy student ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -253,7 +180,7 @@ def pseudo_label(teacher, utterances: Sequence[Utterance], *, adapter_for=None, 
     confidence: dict[str, float] = {}
     dropped: dict[str, int] = {}
     try:
-        for batch in tqdm(batches, desc="pseudo-labelling", unit="batch", leave=False, disable=_disable(progress)):
+        for batch in tqdm(batches, desc="pseudo-labelling", unit="batch", leave=False, disable=None if progress is None else not progress):
             items = [(i, w) for i in batch if (w := source.load(i)) is not None]
             if not items:
                 continue
@@ -278,18 +205,6 @@ def pseudo_label(teacher, utterances: Sequence[Utterance], *, adapter_for=None, 
     for reason, n in source.skipped().items():
         dropped[reason] = n
     return PseudoLabels([kept[i] for i in sorted(kept)], confidence, dropped)
-
-
-def noisy_student(model: nn.Module, tokenizer, pseudo_labelled: Sequence[Utterance], labelled: Sequence[Utterance],
-                  dev: Sequence[Utterance], *, languages: Sequence[str], config: TrainConfig | None = None,
-                  noise_snr_db: float | None = 20.0, checkpoint_dir: str | Path | None = None) -> LdaRun:
-    """The student step: train the languages' adapters on pseudo-labels + transcribed data with noise.
-
-    SpecAugment is on in training (``model.train()``); ``noise_snr_db`` adds white noise at that SNR on the
-    waveforms as well (None: SpecAugment only). Otherwise exactly :func:`train_lda`."""
-    config = replace(config or TrainConfig(), noise_snr_db=noise_snr_db)
-    return train_lda(model, tokenizer, [*labelled, *pseudo_labelled], dev, languages=languages, config=config,
-                     checkpoint_dir=checkpoint_dir)
 
 
 # -- 5. checkpoint merge --------------------------------------------------------------------------------------------
@@ -337,55 +252,8 @@ def merge_best(checkpoints: Sequence[str | Path], dev_wers: Sequence[Mapping[str
                        model=model, output_dir=Path(output_dir) if output_dir is not None else (None if model is not None else out))
 
 
-def load_language_adapters(model: nn.Module, directory: str | Path, languages: Sequence[str] | None = None, *,
-                           replace: bool = False) -> list[str]:
-    """Load language adapters saved by :func:`mmadapters.save_adapters` (e.g. :func:`merge_best`'s ``output_dir``)
-    onto a foundation model, ready for per-sample routing. Returns the languages loaded."""
-    return mma.load_adapters(model, directory, languages, replace=replace)
-
-
-def read_dev_wers(directory: str | Path) -> tuple[list[Path], list[dict[str, float]]]:
-    """The (checkpoints, dev WERs) recorded by :class:`AdapterCheckpoints` in ``directory``."""
-    path = Path(directory) / DEV_WER_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no dev WER record (train_lda(..., checkpoint_dir=...) writes it)")
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of {{step, checkpoint, dev_wer}} entries")
-    checkpoints, wers = [], []
-    for k, e in enumerate(entries):
-        if not isinstance(e, dict) or "checkpoint" not in e or not isinstance(e.get("dev_wer"), dict):
-            raise ValueError(f"{path}: entry {k} needs fields 'checkpoint' (a name) and 'dev_wer' (language -> WER)")
-        checkpoints.append(Path(directory) / e["checkpoint"])
-        wers.append({lang: (math.nan if v is None else float(v)) for lang, v in e["dev_wer"].items()})
-    return checkpoints, wers
-
-
-# -- baseline: full fine-tuning per language -------------------------------------------------------------------------
-
-def full_finetune(model: nn.Module, tokenizer, train_utterances: Sequence[Utterance], dev: Sequence[Utterance], *,
-                  language: str, config: TrainConfig | None = None) -> tuple[nn.Module, TrainResult]:
-    """Baseline: a deep copy of ``model`` with every parameter trainable, fine-tuned on one language's data.
-
-    Returns (the fine-tuned copy, its training result); ``model`` is left untouched."""
-    tuned = copy.deepcopy(model)
-    for p in tuned.parameters():
-        p.requires_grad_(True)
-    train_utts = [u for u in train_utterances if u.lang == language]
-    if not train_utts:
-        raise ValueError(f"full_finetune: no training utterance in language {language!r}")
-    start = time.perf_counter()
-    result = train(tuned, tokenizer, train_utts, config=config, dev=[u for u in dev if u.lang == language])
-    result.seconds = time.perf_counter() - start
-    return tuned, result
-
-
 __all__ = [
-    "AdapterCheckpoints", "DEFAULT_POINTS", "LanguageAdapters", "LdaRun", "MergeResult", "PseudoLabels", "TARGET_FRACTION",
-    "adapter_config", "add_language_adapters", "best_checkpoints", "full_finetune", "language_router", "load_language_adapters",
-    "merge_best",
-    "noisy_student", "pseudo_label", "read_dev_wers", "sequence_confidence", "width_for_fraction",
+    "DEFAULT_POINTS", "LanguageAdapters", "MergeResult", "PseudoLabels", "TARGET_FRACTION", "adapter_config",
+    "add_language_adapters", "best_checkpoints", "language_router", "merge_best", "pseudo_label", "sequence_confidence",
+    "width_for_fraction",
 ]

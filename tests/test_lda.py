@@ -1,4 +1,6 @@
-"""The LDA recipe: language adapters sized to a budget, routed training, checkpoint merge, noisy student, baseline."""
+"""The LDA method's pieces: language adapters sized to a budget, routed per sample, checkpoint merge, pseudo-labels.
+
+(The recipe on the training engine: test_train_lda.py; the scripts that sweep it: the last test here.)"""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_speech_train import make_corpus, make_model, one_thread, small  # noqa: F401  (one_thread: autouse fixture)
+from test_speech_train import make_corpus, make_model, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 import mmadapters as mma
 from mmadapters.speech import lda
@@ -28,14 +30,6 @@ def corpus(tmp_path_factory) -> list[Utterance]:
 @pytest.fixture(scope="module")
 def tokenizer(corpus) -> CharTokenizer:
     return CharTokenizer.from_texts(u.text for u in corpus)
-
-
-def _snapshot(model, names):
-    return {n: {k: v.detach().clone() for k, v in mma.adapter_parameters(model, n).items()} for n in names}
-
-
-def _same(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_adapters_sized_to_the_budget_and_base_frozen(tokenizer):
@@ -68,28 +62,6 @@ def test_adapters_sized_to_the_budget_and_base_frozen(tokenizer):
     assert both.dim == 5 and len(mma.model.wrappers(other)) == 2 * 3
 
 
-def test_train_lda_routes_by_language_and_checkpoints_every_evaluation(corpus, tokenizer, tmp_path):
-    model = make_model(tokenizer)
-    lda.add_language_adapters(model, LANGS, dim=3)
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
-    before = _snapshot(model, LANGS)
-    run = lda.train_lda(model, tokenizer, corpus, corpus[:4], languages=LANGS, config=small(steps=6, eval_every=3),
-                        checkpoint_dir=tmp_path / "ckpt")
-    after = _snapshot(model, LANGS)
-    assert not _same(before["xx"], after["xx"]) and not _same(before["yy"], after["yy"])
-    assert _same(before["zz"], after["zz"])  # no zz utterances: its adapter never moved
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
-    assert [p.name for p in run.checkpoints] == ["step-000003", "step-000006"]
-    for p in run.checkpoints:
-        assert sorted(q.name for q in p.iterdir()) == LANGS
-    assert set(run.dev_wers[0]) == set(LANGS) and math.isnan(run.dev_wers[0]["zz"])  # no zz dev data
-    checkpoints, wers = lda.read_dev_wers(tmp_path / "ckpt")
-    assert checkpoints == run.checkpoints
-    assert [w["xx"] for w in wers] == [w["xx"] for w in run.dev_wers]
-    with pytest.raises(ValueError, match="add_language_adapters"):
-        lda.train_lda(make_model(tokenizer), tokenizer, corpus, corpus, languages=["xx"])
-
-
 def test_merge_keeps_each_languages_adapter_from_its_best_checkpoint(tokenizer, tmp_path):
     model = make_model(tokenizer)
     lda.add_language_adapters(model, LANGS, dim=2)
@@ -116,7 +88,7 @@ def test_merge_keeps_each_languages_adapter_from_its_best_checkpoint(tokenizer, 
 
     # the merged directory deploys onto a fresh foundation model, routed per sample
     fresh = make_model(tokenizer)
-    assert lda.load_language_adapters(fresh, tmp_path / "merged") == LANGS
+    assert mma.load_adapters(fresh, tmp_path / "merged") == LANGS
     for lang, value in expected.items():
         assert all(torch.all(p == value) for p in mma.adapter_parameters(fresh, lang).values())
 
@@ -136,7 +108,7 @@ def test_loaded_adapters_route_the_time_major_second_pass(corpus, tokenizer, tmp
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     mma.save_adapters(model, tmp_path / "adapters")
     fresh = make_model(tokenizer).eval()
-    lda.load_language_adapters(fresh, tmp_path / "adapters")
+    mma.load_adapters(fresh, tmp_path / "adapters")
     batch = corpus[:3]
     waves, lengths = pad_waves([load_audio(u.audio_path) for u in batch])
     names = [u.lang for u in batch]
@@ -198,42 +170,6 @@ def test_sequence_confidence_is_a_per_token_probability_independent_of_padding(c
     assert torch.isnan(lda.sequence_confidence(model, enc[1:2], enc_lengths[1:2], [[]])).all()
 
 
-def test_noisy_student_trains_adapters_on_pseudo_and_labelled_data_with_noise(corpus, tokenizer, monkeypatch):
-    model = make_model(tokenizer)
-    lda.add_language_adapters(model, ["xx", "yy"], dim=2)
-    seen = {}
-    real_train = lda.train
-
-    def spy(model, tokenizer, utts, **kw):
-        seen["ids"] = sorted(u.id for u in utts)
-        seen["snr"] = kw["config"].noise_snr_db
-        return real_train(model, tokenizer, utts, **kw)
-
-    monkeypatch.setattr(lda, "train", spy)
-    pseudo = [Utterance("p1", corpus[0].audio_path, "ab", "xx", corpus[0].duration)]
-    before = _snapshot(model, ["xx", "yy"])
-    run = lda.noisy_student(model, tokenizer, pseudo, corpus[1:3], corpus[:2], languages=["xx", "yy"], config=small(steps=3),
-                            noise_snr_db=15.0)
-    assert seen == {"ids": sorted(["p1", corpus[1].id, corpus[2].id]), "snr": 15.0}
-    assert run.result.steps == 3
-    after = _snapshot(model, ["xx", "yy"])
-    assert not _same(before["xx"], after["xx"]) and not _same(before["yy"], after["yy"])
-
-
-def test_full_finetune_trains_a_copy_on_one_language(corpus, tokenizer):
-    model = make_model(tokenizer)
-    for p in model.parameters():
-        p.requires_grad_(False)  # a frozen foundation: the copy still trains everything
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tuned, result = lda.full_finetune(model, tokenizer, corpus, corpus, language="yy", config=small(steps=3))
-    seen = sorted(result.final_eval.per_language)
-    assert seen == ["yy"] and result.trainable_parameters == sum(p.numel() for p in model.parameters())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(ValueError, match="no training utterance in language 'qq'"):
-        lda.full_finetune(model, tokenizer, corpus, corpus, language="qq")
-
-
 def _script(name: str):
     import importlib.util
     from pathlib import Path
@@ -245,10 +181,17 @@ def _script(name: str):
     return module
 
 
+
+
 def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
-    """scripts/pretrain_tiny_asr.py then scripts/run_lda.py on a generator-shaped data dir, tiny budgets."""
+    """scripts/pretrain_tiny_asr.py (through the engine, resumable) then the scripts/run_lda.py sweep over
+    `mmadapters train lda` / `eval asr`, on a generator-shaped data dir with tiny budgets."""
+    from safetensors.torch import load_file
+
+    from mmadapters.eval.results_schema import read_results
     from mmadapters.speech.model import load_asr
     from mmadapters.speech.readers import write_manifest
+    from mmadapters.speech.train import TransducerTask
 
     data = tmp_path / "data"
     roles = {"hh": "head", "tt": "tail", "uu": "tail"}
@@ -266,19 +209,45 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
     tiny = ["--set", "d_model=16", "--set", "first_layers=1", "--set", "second_layers=1", "--set", "first_ffn_dim=32",
             "--set", "second_d_model=16", "--set", "second_ffn_dim=32", "--set", "subsampling_channels=4",
             "--set", "pred_dim=16", "--set", "joint_dim=16", "--set", "pred_embed_dim=16"]
-    model_dir = tmp_path / "asr"
-    assert pretrain.main(["--data", str(data), "--output", str(model_dir), "--steps", "3", "--eval-every", "2", "--warmup", "1",
-                          "--quiet", *tiny]) == 0
+    model_dir, run_dir = tmp_path / "asr", tmp_path / "runs" / "asr"
+
+    def stage1(output, run, *extra):
+        return pretrain.main(["--data", str(data), "--output", str(output), "--run-dir", str(run), "--steps", "3",
+                              "--eval-every", "2", "--warmup", "1", "--checkpoint-every", "1", "--quiet", *tiny, *extra])
+
+    assert stage1(tmp_path / "whole", tmp_path / "runs" / "whole") == 0
+    real = TransducerTask.get_batch
+    calls = {"n": 0}
+
+    def dies_at_the_third_step(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 2
+        return real(self, indices)
+
+    TransducerTask.get_batch = dies_at_the_third_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stage1(model_dir, run_dir)
+    finally:
+        TransducerTask.get_batch = real
+    with pytest.raises(SystemExit, match="holds the training state of an earlier run"):
+        stage1(model_dir, run_dir)
+    assert stage1(model_dir, run_dir, "--resume") == 0  # the engine continues the run from step 2
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 3 and summary["parameters"]["trainable"] == summary["parameters"]["total"]
+    whole, resumed = (load_file(d / "model.safetensors") for d in (tmp_path / "whole", model_dir))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)  # batch-norm statistics too
     bundle = load_asr(model_dir)
     assert bundle.tokenizer.encode("ab") and bundle.config.d_model == 16
     record = json.loads((model_dir / "training.json").read_text())
-    assert record["languages"] == ["hh"] and record["train"]["steps"] == 3
+    assert record["languages"] == ["hh"] and record["train"]["steps"] == 3 and record["train"]["stopped_by"] == "steps"
     assert set(record["scores"]) == {"dev_first", "dev_second", "test_first", "test_second"}
     assert "scripts/pretrain_tiny_asr.py" in (model_dir / "README.md").read_text()
     # a second stage continues the saved model (same tokenizer, CMVN and config) and records the first stage
     stage2 = tmp_path / "asr2"
-    assert pretrain.main(["--data", str(data), "--init", str(model_dir), "--output", str(stage2), "--steps", "2",
-                          "--eval-every", "0", "--warmup", "1", "--quiet"]) == 0
+    assert pretrain.main(["--data", str(data), "--init", str(model_dir), "--output", str(stage2), "--run-dir",
+                          str(tmp_path / "runs" / "asr2"), "--steps", "2", "--eval-every", "0", "--warmup", "1", "--quiet"]) == 0
     again = load_asr(stage2)
     assert again.config == bundle.config and again.tokenizer.encode("ab") == bundle.tokenizer.encode("ab")
     torch.testing.assert_close(again.model.frontend.cmvn_mean, bundle.model.frontend.cmvn_mean)
@@ -288,15 +257,26 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
 
     run_lda = _script("run_lda")
     out = tmp_path / "lda"
-    assert run_lda.main(["--data", str(data), "--model", str(model_dir), "--out", str(out), "--lda-steps", "4", "--eval-every", "2",
-                         "--ft-steps", "2", "--ns-steps", "2", "--min-confidence", "0", "--adapter-dim", "2", "--quiet"]) == 0
+    argv = ["--data", str(data), "--model", str(model_dir), "--out", str(out), "--lda-steps", "4", "--eval-every", "2",
+            "--ft-steps", "2", "--ns-steps", "2", "--min-confidence", "0", "--adapter-dim", "2", "--batch-size", "4", "--quiet"]
+    assert run_lda.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["languages"] == ["tt", "uu"]
     assert set(results["variants"]) == {"base", "full_ft", "lda", "lda_merge", "lda_noisy_student"}
     for v in results["variants"].values():
         assert set(v["wer"]["second"]["per_language"]) == {"tt", "uu"} and "first" in v["wer"]
     assert results["adapters"]["dim"] == 2 and 0 < results["adapters"]["fraction"] < 1
-    assert set(results["merge"]["best_step"]) == {"tt", "uu"}
-    assert sorted(p.name for p in (out / "lda_merged_adapters").iterdir()) == ["selection.json", "tt", "uu"]
+    assert set(results["merge"]) == {"tt", "uu"} and results["pseudo_labels"]["total"] == 4
+    assert sorted(p.name for p in (out / "lda" / "merged").iterdir()) == ["selection.json", "tt", "uu"]
+    # every number comes from an `eval asr` results file; relative reductions against base through --baseline
+    lda_scores = read_results(out / "scores" / "lda_second.json")
+    assert lda_scores["settings"]["baseline"] == str((out / "scores" / "base_second.json").resolve())
+    assert results["variants"]["lda"]["relative_reduction"]["second"]["average"] == pytest.approx(
+        lda_scores["metrics"]["relative_wer_reduction"], nan_ok=True)
     table = (out / "results.md").read_text()
-    assert "| tt |" in table and "LDA + merge" in table
+    assert "| tt |" in table and "LDA + merge" in table and "Noisy student:" in table
+    # the configs it ran are ordinary `mmadapters train lda` configs; a rerun continues the finished runs
+    assert sorted(p.name for p in (out / "configs").iterdir()) == ["full_ft_tt.yaml", "full_ft_uu.yaml", "lda.yaml",
+                                                                     "noisy_student.yaml"]
+    assert run_lda.main([*argv, "--variants", "base,lda"]) == 0
+    assert json.loads((out / "lda" / "train_summary.json").read_text())["resumed_from"] == 4

@@ -1,9 +1,11 @@
-"""The transducer training loop: learning, determinism, frozen bases, per-sample routing, skips, schedules."""
+"""The transducer's engine task: learning, frozen bases, per-sample routing, skipped items, noise, validation."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +14,11 @@ import soundfile as sf
 import torch
 
 import mmadapters as mma
-from mmadapters.speech.model import CascadedTransducer, tiny_asr_config
+from mmadapters.speech.model import CascadedTransducer, load_asr, tiny_asr_config
 from mmadapters.speech.readers import Utterance
 from mmadapters.speech.tokenizer import CharTokenizer
-from mmadapters.speech.train import (
-    Callback,
-    TrainConfig,
-    add_noise,
-    evaluate,
-    length_buckets,
-    lr_factor,
-    train,
-)
+from mmadapters.speech.train import TransducerTask, add_noise, evaluate, length_buckets
+from mmadapters.training.trainer import TrainerConfig, seed_everything, train
 
 SR = 16000
 TEXTS = ["ab ba", "ba ab ab", "abba", "b a", "aab", "bab a"]
@@ -77,54 +72,49 @@ def tokenizer(corpus) -> CharTokenizer:
     return CharTokenizer.from_texts(u.text for u in corpus)
 
 
-def small(**kw) -> TrainConfig:
-    settings = dict(steps=8, lr=3e-3, warmup_steps=2, batch_seconds=6.0, progress=False, log_every=1)
-    settings.update(kw)
-    return TrainConfig(**settings)
+def run(task, output, steps: int = 8, **kw):
+    """Train ``task`` with the engine, quietly, the way ``mmadapters train`` does."""
+    config = TrainerConfig(**{"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.1, "eval_every": 0,
+                              "checkpoint_every": 0, "log_every": 1, "progress": False, **kw})
+    return train(task, config, output)
 
 
-def test_training_reduces_the_loss_and_scores_dev_per_language(corpus, tokenizer):
-    model = make_model(tokenizer)
-    seen = []
-
-    class Record(Callback):
-        def on_eval(self, state, result):
-            seen.append((state.step, sorted(result.per_language)))
-
-    result = train(model, tokenizer, corpus, dev=corpus[:4], config=small(steps=20, eval_every=10, log_every=5),
-                   callbacks=[Record()])
-    first, last = result.losses[0][1], result.losses[-1][1]
-    assert last < 0.6 * first, result.losses
-    assert result.steps == 20 and result.stopped_by == "steps"
-    assert seen == [(10, ["xx", "yy"]), (20, ["xx", "yy"])]
-    final = result.final_eval
-    for lang in ("xx", "yy"):
-        assert final.per_language[lang]["utterances"] == 2
-        assert 0.0 <= final.per_language[lang]["wer"] and not math.isnan(final.per_language[lang]["cer"])
-    assert not model.training  # left in eval mode
-    assert result.trainable_parameters == sum(p.numel() for p in model.parameters())
+@pytest.fixture(scope="module")
+def trained(corpus, tokenizer, tmp_path_factory):
+    """The whole tiny model trained from scratch for 20 steps, validated at 10 and 20."""
+    seed_everything(0, 0)
+    task = TransducerTask(make_model(tokenizer), tokenizer, corpus, corpus[:4])
+    output = tmp_path_factory.mktemp("trained")
+    summary = run(task, output, steps=20, eval_every=10, log_every=5)
+    return task, summary, output
 
 
-def test_same_seed_same_parameters_other_seed_differs(corpus, tokenizer):
-    states = []
-    for seed in (3, 3, 4):
-        model = make_model(tokenizer)
-        train(model, tokenizer, corpus, config=small(steps=5, seed=seed))
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-    for k in states[0]:
-        assert torch.equal(states[0][k], states[1][k]), k
-    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])
+def test_training_reduces_the_loss_and_best_reproduces_its_dev_scores(trained, tokenizer, corpus):
+    task, summary, output = trained
+    events = [json.loads(line) for line in (output / "history.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["kind"] == "train"]
+    assert losses[-1] < 0.6 * losses[0], losses
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [10, 20]
+    for e in evals:  # each language's dev WER and CER; their mean selects best/
+        m = e["metrics"]
+        assert m["dev_wer"] == pytest.approx((m["dev_wer_xx"] + m["dev_wer_yy"]) / 2) and not math.isnan(m["dev_cer_yy"])
+        assert m["dev_utterances"] == 4 and m["dev_skipped"] == 0 and m["train_skipped"] == 0
+    assert summary.parameters["trainable"] == summary.parameters["total"] == sum(p.numel() for p in task.model.parameters())
+    best = load_asr(output / "best")  # the whole model, as save_asr writes it
+    again = evaluate(best.model, best.tokenizer, corpus[:4], progress=False)
+    assert again.average_wer == summary.best_metrics["dev_wer"]
 
 
-def test_only_adapter_parameters_change_under_freeze_base(corpus, tokenizer):
+def test_only_adapter_parameters_change_under_freeze_base(corpus, tokenizer, tmp_path):
     model = make_model(tokenizer)
     mma.add_adapter(model, "task", mma.BottleneckConfig(bottleneck_dim=4, target_modules=["@block_out"]))
     mma.freeze_base(model)
     adapter_keys = {k for k in model.state_dict() if ".adapters." in k}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train(model, tokenizer, corpus, config=small(steps=4))
+    summary = run(TransducerTask(model, tokenizer, corpus, corpus[:2]), tmp_path, steps=4)
     after = model.state_dict()
-    assert result.trainable_parameters == mma.parameter_report(model).per_adapter["task"]
+    assert summary.parameters["trainable"] == mma.parameter_report(model).per_adapter["task"]
     for k in before:  # weights, CMVN statistics, batch-norm running statistics
         if k not in adapter_keys:
             assert torch.equal(before[k], after[k]), f"base tensor {k} changed"
@@ -136,7 +126,7 @@ def _grads(model, names):
             for n in names}
 
 
-def test_routed_mixed_batch_trains_each_language_adapter_on_its_own_samples(corpus, tokenizer):
+def test_routed_mixed_batch_trains_each_language_adapter_on_its_own_samples(corpus, tokenizer, tmp_path):
     from mmadapters.speech.audio import load_audio
     from mmadapters.speech.train import encode_targets, pad_waves
 
@@ -169,10 +159,10 @@ def test_routed_mixed_batch_trains_each_language_adapter_on_its_own_samples(corp
             torch.testing.assert_close(mixed[lang][k], alone[k] * len(idx) / len(batch), atol=2e-5, rtol=1e-3)
     mma.set_active(model, None)
 
-    # through train(): a language without samples keeps its adapter exactly
+    # through the engine: a language without samples keeps its adapter exactly
     before = {n: {k: v.clone() for k, v in mma.adapter_parameters(model, n).items()} for n in ("xx", "yy")}
     only_xx = [u for u in corpus if u.lang == "xx"]
-    train(model, tokenizer, only_xx, config=small(steps=3), adapter_for=lambda u: u.lang)
+    run(TransducerTask(model, tokenizer, only_xx, only_xx[:1], route=lambda u: u.lang), tmp_path, steps=3)
     assert all(torch.equal(before["yy"][k], v) for k, v in mma.adapter_parameters(model, "yy").items())
     assert any(not torch.equal(before["xx"][k], v) for k, v in mma.adapter_parameters(model, "xx").items())
 
@@ -183,14 +173,23 @@ def test_bad_audio_and_untokenizable_text_are_skipped_and_counted(corpus, tokeni
     extra = [Utterance(id="broken", audio_path=str(broken), text="ab", lang="xx", duration=1.0),
              Utterance(id="missing", audio_path=str(tmp_path / "nope.wav"), text="ab", lang="xx", duration=1.0),
              Utterance(id="empty-text", audio_path=corpus[0].audio_path, text=" ", lang="xx", duration=corpus[0].duration)]
-    model = make_model(tokenizer)
+    task = TransducerTask(make_model(tokenizer), tokenizer, corpus[:4] + extra, corpus[:2])
+    assert task.train_size() == 6 and task.skipped() == {"text: empty or not encodable by the tokenizer": 1}
     with pytest.warns(UserWarning, match="skipping utterance"):
-        result = train(model, tokenizer, corpus[:4] + extra, config=small(steps=6, batch_seconds=30.0))
-    assert sum(result.skipped.values()) == 3
-    assert any(k.startswith("text") for k in result.skipped) and result.steps == 6
+        batch = task.get_batch(list(range(6)))  # the two bad files fail when their batch needs them
+    assert len(batch) == 4 and batch.bad == 2 and batch.waves.shape[0] == 4
+    assert sum(task.skipped().values()) == 3 and task.get_batch([4, 5]).bad == 2  # never retried
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = run(task, tmp_path / "run", steps=3)
+    assert summary.final_metrics["train_skipped"] == 3
+    empty = task.get_batch([4])
+    assert len(empty) == 0 and task.loss(task.model, empty).item() == 0.0
     with pytest.warns(UserWarning):
-        scores = evaluate(model, tokenizer, corpus[:2] + extra[:1], progress=False)
+        scores = evaluate(task.model, tokenizer, corpus[:2] + extra[:1], progress=False)
     assert sum(scores.skipped.values()) == 1 and scores.per_language["xx"]["utterances"] == 1
+    with pytest.raises(ValueError, match="none of the 2 training utterances is usable"):
+        TransducerTask(make_model(tokenizer), tokenizer, [extra[2], extra[2]], corpus[:2], where="train.jsonl")
 
 
 def test_length_buckets_cover_everything_once_within_the_budget():
@@ -206,50 +205,22 @@ def test_length_buckets_cover_everything_once_within_the_budget():
     assert batches != length_buckets(durations, 20.0, random.Random(2), max_batch_size=16)
 
 
-def test_learning_rate_schedules():
-    cos = TrainConfig(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_factor(cos, 0, 0.0) == pytest.approx(0.1) and lr_factor(cos, 9, 0.09) == pytest.approx(1.0)
-    assert lr_factor(cos, 99, 1.0) == pytest.approx(0.1)
-    values = [lr_factor(cos, s, s / 100) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
-    noam = TrainConfig(steps=100, warmup_steps=16, schedule="noam")
-    assert lr_factor(noam, 15, 0) == pytest.approx(1.0) and lr_factor(noam, 63, 0) == pytest.approx(0.5)
-    const = TrainConfig(steps=100, warmup_steps=4, schedule="constant")
-    assert [lr_factor(const, s, 0) for s in (0, 3, 50)] == [0.25, 1.0, 1.0]
-    with pytest.raises(ValueError, match="schedule"):
-        TrainConfig(schedule="linear")
-
-
-def test_time_budget_and_callback_stop(corpus, tokenizer):
-    model = make_model(tokenizer)
-    result = train(model, tokenizer, corpus, config=small(steps=50, max_seconds=1e-9))
-    assert result.steps == 0 and result.stopped_by == "time"
-
-    class StopAt2(Callback):
-        def on_step(self, state):
-            state.should_stop = state.step >= 2
-
-    result = train(model, tokenizer, corpus, config=small(steps=50), callbacks=[StopAt2()])
-    assert result.steps == 2 and result.stopped_by == "callback"
-
-
-def test_frozen_model_is_refused_and_noise_keeps_padding_zero(corpus, tokenizer):
-    model = make_model(tokenizer)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with pytest.raises(ValueError, match="requires_grad"):
-        train(model, tokenizer, corpus, config=small())
+def test_noise_keeps_padding_zero_and_draws_from_the_global_rng():
     waves = torch.ones(2, 10)
     waves[1, 4:] = 0  # padding
     noisy = add_noise(waves, torch.tensor([10, 4]), 10.0, torch.Generator().manual_seed(0))
     assert torch.equal(noisy[1, 4:], torch.zeros(6)) and not torch.equal(noisy[0], waves[0])
     power = (noisy[0] - 1).pow(2).mean()
     assert 0.01 < float(power) < 1.0  # 10 dB below a unit-power signal: 0.1
+    torch.manual_seed(5)
+    a = add_noise(waves, torch.tensor([10, 4]), 10.0, None)
+    torch.manual_seed(5)
+    assert torch.equal(a, add_noise(waves, torch.tensor([10, 4]), 10.0, None))  # the engine's checkpoints restore it
 
 
-def test_evaluate_with_beam_search_and_routing_matches_per_language_activation(corpus, tokenizer):
-    model = make_model(tokenizer)
-    train(model, tokenizer, corpus, config=small(steps=20))
+def test_evaluate_with_beam_search_and_routing_matches_per_language_activation(trained, corpus):
+    task = trained[0]
+    model, tokenizer = task.model, task.tokenizer
     for lang in ("xx", "yy"):
         mma.add_adapter(model, lang, mma.BottleneckConfig(bottleneck_dim=2, target_modules=["@block_out"]))
     mma.set_active(model, None)
