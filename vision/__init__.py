@@ -6,6 +6,8 @@ Modules (import the one you need; nothing heavy is imported here):
   ``hf-hub:``, the shipped tiny CLIP) with adapter points on both towers;
 - :mod:`~mmadapters.vision.vit` — timm ViTs (local weights via ``pretrained_cfg_overlay``) with adapter points;
 - :mod:`~mmadapters.vision.zeroshot` — the zero-shot classifier (batched, cached on disk) and image features;
+- :mod:`~mmadapters.vision.readers` — image classification datasets (image folder, CSV, CoOp split JSON,
+  CLIP_benchmark wds) and how a run opens them (generated tasks, splits, class names, templates);
 - :mod:`~mmadapters.vision.fewshot`, ``tip_adapter``, ``caps_adapter`` — Tip-Adapter / Tip-Adapter-F and
   CapS-Adapter on a K-shot support set;
 - :mod:`~mmadapters.vision.synth` — a seeded generator of captioned images (tasks for tests and benchmarks);
