@@ -39,7 +39,20 @@ def state_of(model: nn.Module) -> AdapterState:
 
 
 def wrappers(model: nn.Module) -> list[AdaptedModule]:
-    return [m for m in model.modules() if isinstance(m, AdaptedModule)]
+    """Every adapter wrapper in ``model``, in module order. The walk goes through the base modules only, never
+    into adapters' units or the shared modules, so its cost does not grow with the number of adapters."""
+    out: list[AdaptedModule] = []
+
+    def walk(module: nn.Module) -> None:
+        if isinstance(module, AdaptedModule):
+            out.append(module)
+            module = module.base_layer
+        for attr, child in module._modules.items():
+            if child is not None and attr != SHARED_ATTR:
+                walk(child)
+
+    walk(model)
+    return out
 
 
 def _wrap(model: nn.Module, name: str) -> AdaptedModule:
