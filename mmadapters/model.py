@@ -55,20 +55,20 @@ def wrappers(model: nn.Module) -> list[AdaptedModule]:
     return out
 
 
-def _wrap(model: nn.Module, name: str) -> AdaptedModule:
-    """The wrapper of logical module ``name``, creating it (and swapping it into its parent) if needed."""
-    for logical, module, parent, attr in iter_logical_modules(model):
-        if logical != name:
-            continue
-        current = parent._modules[attr] if parent is not None else None
-        if isinstance(current, AdaptedModule):
-            return current
-        if parent is None:
-            raise ValueError("the model root itself cannot be adapted; target a submodule")
-        wrapper = AdaptedModule(module, name)
-        setattr(parent, attr, wrapper)
-        return wrapper
-    raise KeyError(f"no module named {name!r}")
+def _wrap(logical: dict[str, tuple[nn.Module, nn.Module | None, str]], name: str) -> AdaptedModule:
+    """The wrapper of logical module ``name`` (``logical``: name -> (base module, parent, attribute), from one walk
+    of the model), creating it and swapping it into its parent if needed."""
+    if name not in logical:
+        raise KeyError(f"no module named {name!r}")
+    module, parent, attr = logical[name]
+    if parent is None:
+        raise ValueError("the model root itself cannot be adapted; target a submodule")
+    current = parent._modules[attr]
+    if isinstance(current, AdaptedModule):
+        return current
+    wrapper = AdaptedModule(module, name)
+    setattr(parent, attr, wrapper)
+    return wrapper
 
 
 def _shared_dict(model: nn.Module) -> nn.ModuleDict:
@@ -104,17 +104,18 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig, *, _targets:
     ctx = BuildContext(model=model, adapter=name, config=config, targets=targets, shared=get_shared)
     try:
         units = list(spec.build_units(ctx))  # build everything before touching the model
-        logical = [(n, m, p) for n, m, p, _ in iter_logical_modules(model)]
-        tuned = tuned_parameters(logical, {t.name for t in targets}, config.train_norms, config.train_biases)
-        modules = dict((n, m) for n, m, _ in logical)
-        units += [(mod_name, "tuning", ParamDelta(modules[mod_name], names)) for mod_name, names in tuned.items()]
+        walked = list(iter_logical_modules(model))
+        logical = {n: (m, p, a) for n, m, p, a in walked}
+        tuned = tuned_parameters([(n, m, p) for n, m, p, _ in walked], {t.name for t in targets}, config.train_norms,
+                                 config.train_biases)
+        units += [(mod_name, "tuning", ParamDelta(logical[mod_name][0], names)) for mod_name, names in tuned.items()]
     except Exception:
         for key in set(aliases.values()) - _shared_in_use(state):
             del shared[key]
         raise
     batch_dims = {t.name: t.batch_dim for t in targets if t.batch_dim is not None}
     for module_name, role, unit in units:
-        wrapper = _wrap(model, module_name)
+        wrapper = _wrap(logical, module_name)
         wrapper.add_unit(name, role, unit)
         if module_name in batch_dims:
             wrapper.batch_dim = batch_dims[module_name]
