@@ -152,7 +152,23 @@ class AdapterCache:
 
 
 def _versions(unit: nn.Module) -> tuple:
-    return tuple((id(p), p._version) for p in unit.parameters())
+    """(id, version) of the unit's parameters: changes when a parameter is replaced or written in place. The
+    parameter list is looked up once per unit (a unit's set of parameters never changes after it is built)."""
+    params = unit.__dict__.get("_mma_route_params")
+    if params is None:
+        params = tuple(unit.parameters())
+        object.__setattr__(unit, "_mma_route_params", params)
+    return tuple((id(p), p._version) for p in params)
+
+
+def _route_key(role: str, unit: AdapterUnit) -> tuple | None:
+    """The unit's pool group (cached on the unit: it depends only on its shapes and method)."""
+    cached = unit.__dict__.get("_mma_route_key", False)
+    if cached is False:
+        key = unit.route_group()
+        cached = None if key is None else (role, *key)
+        object.__setattr__(unit, "_mma_route_key", cached)
+    return cached
 
 
 def _grow(pool: _Pool, slots: int) -> _Pool:
@@ -258,12 +274,11 @@ def groups_at(wrapper, plan: RoutePlan) -> list[tuple[tuple, AdapterUnit, dict[s
         if adapter not in wrapper.adapters:
             continue
         for role, unit in wrapper.adapters[adapter].items():
-            key = unit.route_group()
+            key = _route_key(role, unit)
             if key is None:
                 raise RoutingError(
                     f"route: adapter {adapter!r} has a {type(unit).__name__} unit ({role!r}) at {wrapper.module_name!r}, which cannot "
                     "be routed per sample; routable: LoRA on Linear/Embedding/MultiheadAttention and bottleneck adapters")
-            key = (role, *key)
             if key not in groups:
                 groups[key] = (unit, {})
             groups[key][1][adapter] = unit
