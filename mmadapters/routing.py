@@ -107,12 +107,12 @@ class AdapterCache:
             else:
                 self.stats.misses += 1
                 if self.capacity is not None and len(self._slots) >= self.capacity:
-                    victim = next(n for n in self._slots if n not in names)
+                    wanted = set(names)
+                    victim = next(n for n in self._slots if n not in wanted)
                     slot = self._slots.pop(victim)
                     self.stats.evictions += 1
                 else:
-                    used = set(self._slots.values())
-                    slot = next(s for s in range(1, len(used) + 2) if s not in used)
+                    slot = len(self._slots) + 1  # slots are 1..len: taken in order, only ever reused by eviction
                 self._slots[name] = slot
             out[name] = self._slots[name]
         return out
@@ -120,9 +120,13 @@ class AdapterCache:
     def pool(self, key: tuple, units: dict[int, tuple[str, AdapterUnit] | None], device: torch.device) -> dict[str, Tensor]:
         """The stacked tensors of one group at one module, with ``units`` (slot -> (adapter, unit) or
         None for "zeros in this slot") written where the slot holds something else."""
-        need = max(units) + 1
-        size = need if self.capacity is None else self.capacity + 1
         pool = self._pools.get(key)
+        need = max(units) + 1
+        have = len(pool.owners) if pool is not None else 0
+        if self.capacity is not None:
+            target = max(need, self.capacity + 1)
+        else:  # unbounded: grow geometrically, so cycling through N adapters copies O(N) rows in all, not O(N²)
+            target = have if need <= have else max(need, 2 * have)
         for slot, entry in units.items():
             if entry is None:
                 if pool is not None and slot < len(pool.owners) and pool.owners[slot] is not None:
@@ -136,7 +140,7 @@ class AdapterCache:
                 continue
             with torch.no_grad():
                 tensors = {k: v.detach().to(device) for k, v in unit.route_tensors().items()}
-            pool = _fit(pool, tensors, unit.route_pad, max(size, need), device)
+            pool = _fit(pool, tensors, unit.route_pad, target, device)
             for k, v in tensors.items():
                 dst = pool.tensors[k][slot]
                 dst.zero_()
@@ -145,8 +149,8 @@ class AdapterCache:
             self.stats.uploads += 1
         if pool is None:
             raise RoutingError(f"route: no adapter of the batch has a unit in group {key!r}")
-        if len(pool.owners) < need:  # a slot given to an adapter with no unit here must still index a zero row
-            pool = _grow(pool, need)
+        if len(pool.owners) < target:  # a slot given to an adapter with no unit here must still index a zero row
+            pool = _grow(pool, target)
         self._pools[key] = pool
         return pool.tensors
 
