@@ -21,6 +21,10 @@ count. With ``--num-workers N`` the images are read ahead by N DataLoader worker
 
 Datasets are opened by :mod:`mmadapters.vision.readers`. Under torchrun the images are sharded over the
 ranks and rank 0 writes the results file.
+
+Both tasks put ``"random_init"`` at the results' top level: true when the CLIP is a built-in open_clip name
+loaded without ``--pretrained`` (random weights; ``"pretrained"`` is then null), so a number measured on an
+untrained model says so in its file.
 """
 
 from __future__ import annotations
@@ -237,6 +241,7 @@ def evaluate_samples(*, args: argparse.Namespace, dataset, ids: list[str], clip,
     """The shared second half: resumable sample loop, metrics from records, results written by rank 0."""
     from mmadapters import distributed
 
+    from .eval_cli import check_output_paths
     from .results_io import check_overwrite, fill_output
     from .results_schema import build_results, run_key, write_results
     from .sample_runner import SampleLog, run_samples
@@ -244,6 +249,7 @@ def evaluate_samples(*, args: argparse.Namespace, dataset, ids: list[str], clip,
     key = run_key(settings=settings, **identity)
     output = fill_output(args.output, **output_fields)
     if distributed.is_main():
+        check_output_paths(args, output)  # the template is filled now: --predictions may name the same file
         check_overwrite(output, key, args.overwrite)  # before any work: the file holds another run
     log = SampleLog.open(output, key, restart=args.restart)
     # the batches run_samples will ask for (its pending samples, this rank's share, in order), so workers read ahead
@@ -350,7 +356,7 @@ def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
                 "method": "zeroshot"}
     identity = {"dataset": name, "model": clip.info.short_name, "pretrained": args.pretrained,
                 "task": "zeroshot_classification"}
-    extra: dict[str, Any] = {"classifier_cache_hit": classifier.cache_hit}
+    extra: dict[str, Any] = {"random_init": clip.info.random_init, "classifier_cache_hit": classifier.cache_hit}
     parameters = {"trainable": 0, "total": _clip_parameters(clip.model)}
     method = "zeroshot"
     score: Callable[[Tensor], Tensor] = lambda f: zeroshot_logits(f, weights)  # noqa: E731
@@ -391,7 +397,11 @@ def _fit_adapter(args: argparse.Namespace, fmt: str, root: Path, clip, weights: 
     if args.support_root:
         support_ds = ImageFolderDataset(args.support_root, clip.preprocess, classnames)
     else:
-        support_ds = open_split(fmt, root, "train", clip.preprocess, classnames)
+        try:
+            support_ds = open_split(fmt, root, "train", clip.preprocess, classnames)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--adapter {args.adapter} samples its support images from the train split (or "
+                             f"--support-root): {e}") from e
     try:
         val_ds = open_split(fmt, root, args.val_split, clip.preprocess, classnames)
     except (FileNotFoundError, ValueError) as e:
@@ -487,7 +497,8 @@ def _fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
         print(f"warning: evaluating on {args.split!r}, the split the hyperparameters were searched on")
     identity = {"dataset": dataset_name(dataset_arg, fmt, root), "model": clip.info.short_name, "pretrained": pretrained,
                 "task": "fewshot_classification"}
-    extra = {"adapter": {"kind": loaded.kind, "directory": str(adapters), "hyperparams": cfg.get("hyperparams"),
+    extra = {"random_init": clip.info.random_init,
+             "adapter": {"kind": loaded.kind, "directory": str(adapters), "hyperparams": cfg.get("hyperparams"),
                          "shots": data.get("shots"), "validation": cfg.get("validation")}}
     return evaluate_samples(
         args=args, dataset=dataset, ids=sample_ids(dataset, root), clip=clip, score=model.logits, device=device,

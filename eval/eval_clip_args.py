@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .eval_cli import guard_outputs
+
 ZEROSHOT_OUTPUT = "{dataset}_{model}_{method}.json"
 FEWSHOT_OUTPUT = "{dataset}_{model}_{kind}.json"
 BATCH_SIZE = 64  # images per batch, CLIP_benchmark's default
@@ -34,6 +36,11 @@ def _zeroshot(args: argparse.Namespace) -> int:
             print_summary(results)
 
     return run_guarded("zeroshot", go)
+
+
+# `mmadapters zeroshot` is not under `mmadapters eval`, which checks every task's outputs before it runs: one
+# function for both doors
+_zeroshot_checked = guard_outputs("zeroshot", _zeroshot)
 
 
 def _fewshot(args: argparse.Namespace) -> int:
@@ -96,7 +103,7 @@ def add_zeroshot_args(p: argparse.ArgumentParser) -> None:
         "(default: <root>/captions.jsonl)")
     add("--val-split", default="val", help="split the adapter's hyperparameters are searched on (default: val)")
     _common_args(p, ZEROSHOT_OUTPUT)
-    p.set_defaults(func=_zeroshot)
+    p.set_defaults(func=_zeroshot_checked)
 
 
 ZEROSHOT_DESCRIPTION = ("Zero-shot classification, CLIP_benchmark style, in the shared results schema "

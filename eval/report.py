@@ -40,11 +40,12 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmadapters.atomic import atomic_write_bytes
 
 from .results_schema import SCHEMA, ResultsFormatError, validate_results
 
@@ -257,8 +258,9 @@ def _read_results(obj: dict[str, Any], source: str) -> Run | list[Run]:
         _require(obj, key, str, source, key, "a string")
     metrics = _require(obj, "metrics", dict, source, "metrics", "an object of metric name -> number")
     for name, value in metrics.items():
-        if not _is_number(value):
-            raise ReportInputError(f"{source}: field 'metrics.{name}' is {_short(value)}; expected a number")
+        if value is not None and not _is_number(value):
+            raise ReportInputError(f"{source}: field 'metrics.{name}' is {_short(value)}; expected a number or null")
+    metrics = {name: math.nan if value is None else value for name, value in metrics.items()}  # null: undefined
     counts = _require(obj, "counts", dict, source, "counts", "an object with total, evaluated, skipped")
     for key in ("total", "evaluated", "skipped"):
         _require(counts, key, int, source, f"counts.{key}", "an integer")
@@ -598,8 +600,8 @@ def _fmt_value(value: float | None) -> str:
         return ""
     if isinstance(value, int):
         return str(value)
-    if math.isnan(value):
-        return "nan"
+    if math.isnan(value):  # undefined (null in the file, e.g. acc5 with fewer than 5 classes)
+        return "—"
     return f"{value:.4f}"
 
 
@@ -688,26 +690,21 @@ def csv_text(runs: Sequence[Run]) -> str:
 
 # -- writing --------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then move it into place."""
+def _atomic_write(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` atomically, with the mode a plain ``open()`` gives (the umask honoured)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
+    _atomic_write(Path(path), text.encode("utf-8"))
 
 
 def _save_figure(fig, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _atomic_write(path, buf.getvalue())
 
 
 def _new_figure(width: float, height: float):

@@ -4,6 +4,7 @@ JSON encoding, atomic writes. Run keys and the results schema: :mod:`mmadapters.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,22 @@ def check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
                               f"{run_key!r}); choose another --output or pass --overwrite")
 
 
+def null_non_finite(value: Any) -> Any:
+    """``value`` with every NaN / ±inf float (in dicts and lists) replaced by None: JSON has no such numbers, and
+    Python's ``NaN`` in a file is refused by other readers. A metric that is undefined (acc5 with fewer than
+    5 classes) is null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: null_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [null_non_finite(v) for v in value]
+    return value
+
+
 def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode()
+    """``obj`` as indented JSON (non-finite numbers as null), ending in a newline."""
+    return (json.dumps(null_non_finite(obj), indent=2, allow_nan=False) + "\n").encode()
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ CLIP_benchmark's keys first, then what a reader needs to trust and reproduce a n
 
     {"schema": "mmadapters.results/1",
      "dataset", "model", "pretrained", "task",          # CLIP_benchmark's identification keys
-     "metrics": {name: number},                         # flat; the task's main metric first
+     "metrics": {name: number | null},                  # flat; the task's main metric first; null: undefined
      "counts": {"total", "evaluated", "skipped", ...},  # every sample is evaluated or skipped
      "skipped": [{"id", "reason"}],                     # one entry per skipped sample
      "per_group": {group: {metric: number}} | null,     # per language / per task / per class / per question type
@@ -14,7 +14,8 @@ CLIP_benchmark's keys first, then what a reader needs to trust and reproduce a n
      "library": {"name", "version"}, "git_commit", "git_dirty", "created", "command", "run_key"}
 
 ``run_key`` hashes the identification keys and the settings: two files with the same key hold the same run,
-which is what the overwrite guard and resumable evaluation check.
+which is what the overwrite guard and resumable evaluation check. A number that is not finite (acc5 with fewer
+than 5 classes is NaN) is null, in the returned dict as in the file: a results file is always valid JSON.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def build_results(*, dataset: str, model: str, pretrained: str | None, task: str
         if key in results:
             raise ResultsFormatError(f"extra key {key!r} would replace the schema field of the same name")
         results[key] = jsonable(value)
-    return validate_results(results, "<results being written>")
+    from .results_io import null_non_finite
+
+    return validate_results(null_non_finite(results), "<results being written>")
 
 
 def validate_results(obj: Any, source: str) -> dict[str, Any]:
@@ -142,8 +145,8 @@ def validate_results(obj: Any, source: str) -> dict[str, Any]:
     if not isinstance(metrics, Mapping) or not metrics:
         raise fail("metrics", "a non-empty object of name -> number", metrics)
     for name, value in metrics.items():
-        if not _number(value):
-            raise fail(f"metrics.{name}", "a number", value)
+        if value is not None and not _number(value):
+            raise fail(f"metrics.{name}", "a number (or null where undefined)", value)
     counts = obj.get("counts")
     if not isinstance(counts, Mapping):
         raise fail("counts", "an object", counts)
@@ -178,8 +181,8 @@ def validate_results(obj: Any, source: str) -> dict[str, Any]:
         if not isinstance(obj.get(key), Mapping):
             raise fail(key, "an object", obj.get(key))
     for name, value in obj["timings"].items():
-        if not _number(value):
-            raise fail(f"timings.{name}", "a number of seconds", value)
+        if value is not None and not _number(value):
+            raise fail(f"timings.{name}", "a number of seconds (or null)", value)
     if not isinstance(obj.get("run_key"), str):
         raise fail("run_key", "a string", obj.get("run_key"))
     return dict(obj)

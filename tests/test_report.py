@@ -95,7 +95,7 @@ def train_summary() -> dict:
     return {"schema": "mmadapters.train_summary/1", "output": "runs/tem", "steps": 20, "select_metric": "acc",
             "select_mode": "max", "best_step": 10, "best_score": 0.6,
             "best_metrics": {"loss": 0.9, "acc": 0.6}, "best_dir": "runs/tem/best", "last_dir": "runs/tem/last",
-            "final_metrics": {"loss": 0.8, "acc": 0.55}, "resumed_from": None, "world_size": 1,
+            "final_metrics": {"loss": 0.8, "acc": 0.55}, "resumed_from": None, "world_size": 1, "stopped_by": "steps",
             "parameters": {"trainable": 2500, "total": 250_000}, "timings": {"train_s": 3.0, "total_s": 4.0},
             "history": [{"kind": "eval", "step": 10, "metrics": {"loss": 0.9, "acc": 0.6}, "best": True}],
             "library": {"name": "mmadapters", "version": "0.1.0"}, "git_commit": COMMIT,
@@ -319,7 +319,7 @@ def test_markdown_table_values_and_order(tmp_path):
         ("zeroshot_classification", "shapes", "alpha")]
     asr, colours, alpha, zeta, zeroshot = body
     assert (asr[col["metric"]], asr[col["value"]], asr[col["trainable"]], asr[col["trainable %"]]) == ("wer", "0.3000", "8,000", "0.794%")
-    assert colours[col["value"]] == "nan"
+    assert colours[col["value"]] == "—"  # NaN (null in a results file): undefined
     assert (alpha[col["value"]], alpha[col["trainable"]], alpha[col["trainable %"]]) == ("0.7500", "2,000", "2%")
     assert (zeta[col["trainable"]], zeta[col["trainable %"]]) == ("500", "0.25%")
     assert (alpha[col["evaluated"]], alpha[col["skipped"]], alpha[col["time (s)"]]) == ("9", "1", "12.5")

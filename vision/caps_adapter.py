@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .fewshot import SupportSet, caps_prompt, check_features, check_labels
+from .readers import split_lines
 from .tip_adapter import DEFAULT_ALPHAS, DEFAULT_BETAS, CacheModel, accuracy, as_grid, grid_accuracy, tidy
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    lines = text.splitlines()
+    lines = split_lines(text)  # not str.splitlines: U+2028, U+0085... inside a caption stay in it
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         fmt = "jsonl"

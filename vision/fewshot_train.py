@@ -18,8 +18,9 @@ fits the cache model on those features:
 What is saved (:func:`save_cache_model`, loaded by :func:`load_cache_model`) is the fitted **cache model**,
 not a core adapter: ``cache_model.safetensors`` (the zero-shot classifier W (D, C), the cache keys and
 labels, Tip-F's trained keys, CapS's caption keys and frozen KL rescaling) and ``cache_model.json`` (kind,
-α/β/γ/δ, class names, templates, the CLIP it was built with, data settings, validation metrics). Tip's
-cache is not injected into the backbone: it is a classifier head on top of frozen CLIP image features
+α/β/γ/δ, class names, templates, the CLIP it was built with, data settings, validation metrics (null where
+undefined), the tensors' shapes and dtypes). Tip's cache is not injected into the backbone: it is a classifier
+head on top of frozen CLIP image features
 (logits = 100·f·W + α·exp(−β(1 − f·Kᵀ))·L), with no module of the CLIP to attach to, so the core's
 bottleneck/LoRA adapter format (weights keyed by the backbone modules they wrap, checked against the
 backbone's fingerprint) does not describe it. The JSON records the CLIP's weights identity instead, and
@@ -217,7 +218,11 @@ def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu",
 
         support_ds = ImageFolderDataset(config.support_root, clip.preprocess, classnames)
     else:
-        support_ds = open_split(fmt, root, config.train_split, clip.preprocess, classnames)
+        try:
+            support_ds = open_split(fmt, root, config.train_split, clip.preprocess, classnames)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"recipe.train_split: the support images are sampled from {config.train_split!r} (or "
+                             f"recipe.support_root): {e}") from e
     classnames = classnames or support_ds.classnames
     try:
         val_ds = open_split(fmt, root, config.val_split, clip.preprocess, classnames)
@@ -282,6 +287,10 @@ def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu",
 # The saved cache model
 
 
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")  # as mmadapters.io declares adapter tensors: "float32", "int64"
+
+
 def save_cache_model(model: nn.Module, directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write ``model`` (a TipAdapter, TipAdapterF or CapsAdapter) into ``directory``; both files atomically.
 
@@ -292,6 +301,7 @@ def save_cache_model(model: nn.Module, directory: str | os.PathLike, meta: dict[
     from safetensors.torch import save
 
     from mmadapters import __version__
+    from mmadapters.eval.results_io import null_non_finite
     from mmadapters.eval.results_schema import jsonable
     from mmadapters.io import atomic_write_bytes
 
@@ -308,10 +318,13 @@ def save_cache_model(model: nn.Module, directory: str | os.PathLike, meta: dict[
         "format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "kind": kind, "hyperparams": hyper,
         **jsonable(meta),
         "tensors": {k: list(v.shape) for k, v in state.items()},
+        "dtypes": {k: _dtype_name(v) for k, v in state.items()},  # what the loader accepts
         "library": {"name": "mmadapters", "version": __version__},
     }
     atomic_write_bytes(directory / CACHE_WEIGHTS, save(state, metadata={"format": CACHE_FORMAT, "kind": kind}))
-    atomic_write_bytes(directory / CACHE_CONFIG, (json.dumps(config, indent=2, allow_nan=True) + "\n").encode())
+    # an undefined validation metric (acc5 with < 5 classes) is null: the loader refuses NaN/Infinity anywhere
+    config = null_non_finite(config)
+    atomic_write_bytes(directory / CACHE_CONFIG, (json.dumps(config, indent=2, allow_nan=False) + "\n").encode())
     return directory
 
 
@@ -334,11 +347,14 @@ class LoadedCacheModel:
 def load_cache_model(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedCacheModel:
     """Load a cache model written by :func:`save_cache_model` (e.g. ``runs/tip/best``).
 
-    Errors name the file and the field. Tensors are read with safetensors (no pickle).
+    Errors name the file and the field. Tensors are read with safetensors (no pickle). Refused: NaN / Infinity in
+    the JSON (``"alpha": NaN``), NaN / inf in a tensor (Tip-F's trained keys included), and a tensor stored in
+    another dtype than the JSON's ``dtypes`` declares (files without ``dtypes``: than the cache model holds).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from mmadapters.io import check_stored_tensors, read_json_object
     from mmadapters.vision.fewshot import SupportSet
 
     directory = Path(directory)
@@ -348,13 +364,9 @@ def load_cache_model(directory: str | os.PathLike, *, device: str | torch.device
             or any(directory.glob("*/adapter_config.json")) else ""
         raise FileNotFoundError(f"{directory}: no {CACHE_CONFIG}; expected the output of `mmadapters train tip-adapter` "
                                 f"or `caps-adapter` (its best/ or last/ folder){hint}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != CACHE_FORMAT:
-        got = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{cfg_path}: field 'format' is {got!r}, expected {CACHE_FORMAT!r}")
+    config = read_json_object(cfg_path, f"no {CACHE_CONFIG}")
+    if config.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{cfg_path}: field 'format' is {config.get('format')!r}, expected {CACHE_FORMAT!r}")
     if config.get("format_version") != CACHE_FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: field 'format_version' is {config.get('format_version')!r}, this version of "
                          f"mmadapters reads {CACHE_FORMAT_VERSION}")
@@ -376,22 +388,31 @@ def load_cache_model(directory: str | os.PathLike, *, device: str | torch.device
     shapes = {k: list(v.shape) for k, v in state.items()}
     if shapes != config.get("tensors"):
         raise ValueError(f"{weights_path}: tensors {shapes} do not match field 'tensors' of {cfg_path}")
+    check_stored_tensors(state, config, weights_path, cfg_path)  # before the model checks them without the file name
 
     def tensor(name: str) -> Tensor:
         if name not in state:
             raise ValueError(f"{weights_path}: missing tensor {name!r} for kind {kind!r}")
         return state[name]
 
-    if kind == "caps":
-        from mmadapters.vision.caps_adapter import CapsAdapter
+    from mmadapters.vision.caps_adapter import CapsAdapter
+    from mmadapters.vision.tip_adapter import TipAdapter, TipAdapterF
 
-        support = SupportSet(tensor("image_keys"), tensor("cache_labels"), tensor("caption_keys"))
-        model = CapsAdapter(tensor("clip_weights"), support, temperature=float(hyper["temperature"]))
-    else:
-        from mmadapters.vision.tip_adapter import TipAdapter, TipAdapterF
-
-        cls = TipAdapterF if kind == "tip-f" else TipAdapter
-        model = cls(tensor("clip_weights"), SupportSet(tensor("cache_keys"), tensor("cache_labels")))
+    try:  # the constructors check shapes, kinds and normalization, naming the argument: add the file
+        if kind == "caps":
+            support = SupportSet(tensor("image_keys"), tensor("cache_labels"), tensor("caption_keys"))
+            model = CapsAdapter(tensor("clip_weights"), support, temperature=float(hyper["temperature"]))
+        else:
+            cls = TipAdapterF if kind == "tip-f" else TipAdapter
+            model = cls(tensor("clip_weights"), SupportSet(tensor("cache_keys"), tensor("cache_labels")))
+    except (TypeError, ValueError) as e:
+        raise ValueError(e.args[0] if str(e).startswith(str(weights_path)) else f"{weights_path}: {e}") from None
+    if "dtypes" not in config:  # written before dtypes were declared: the cache model's own dtypes are expected
+        own = model.state_dict()
+        for key, t in state.items():
+            if key in own and t.dtype != own[key].dtype:
+                raise ValueError(f"{weights_path}: tensor {key!r} is stored as {_dtype_name(t)}; a {kind} cache "
+                                 f"model holds {_dtype_name(own[key])}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -43,6 +43,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 _PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
 _LABEL_COLUMNS = ("label", "class", "classname", "target", "class_id")
 _INDEX_RE = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+# Images over these limits are skipped and counted, judged from the header before decoding: an 80000x1 PNG of
+# 314 bytes resized to 224 on its short side is a 224x17,920,000 image (+1.4 GB). No benchmark comes near them
+# (ImageNet's largest images are about 10 Mpx; panoramas are about 1:10).
+MAX_PIXELS = 40_000_000
+MAX_ASPECT = 50  # longer side / shorter side
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,18 @@ def folder_classname(folder: str) -> str:
     return folder.replace("_", " ").strip()
 
 
+def split_lines(text: str) -> list[str]:
+    """``text`` split at line feeds only, a trailing ``\\r`` dropped. ``str.splitlines`` also splits at U+0085,
+    U+2028, ``\\x0c``...: one of those inside a class name made two classes and shifted every later label."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """Non-empty, stripped lines of a text file (one class name / template per line)."""
+    """Non-empty, stripped lines of a text file (one class name / template per line; lines end at ``\\n``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    lines = [line.strip() for line in _read_text(path, f"one {what} per line").splitlines()]
+    lines = [line.strip() for line in split_lines(_read_text(path, f"one {what} per line"))]
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"{path}: expected one {what} per line, found none")
@@ -104,6 +115,15 @@ def read_templates(path: str | os.PathLike) -> list[str]:
         if "{c}" not in t:
             raise ValueError(f"{path}: template {i} {t!r} has no '{{c}}' placeholder for the class name")
     return templates
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is not decoded (see :data:`MAX_PIXELS`), or None."""
+    if width * height > MAX_PIXELS:
+        return f"too many pixels ({width}x{height}; limit {MAX_PIXELS})"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"aspect ratio over 1:{MAX_ASPECT} ({width}x{height})"
+    return None
 
 
 def _inside(root: Path, relative: str, where: str) -> Path:
@@ -147,7 +167,10 @@ class ImageDataset(Dataset):
         path, label = self.samples[index]
         try:
             source = self._read_bytes(index)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:  # reads the header
+                too_big = size_problem(*img.size)
+                if too_big:
+                    return Unreadable(str(path), label, too_big)
                 image = img.convert("RGB")  # decodes fully: truncated files fail here, not later
             if self.transform is not None:
                 image = self.transform(image)
@@ -157,12 +180,18 @@ class ImageDataset(Dataset):
 
 
 class ImageFolderDataset(ImageDataset):
-    """``root/<class folder>/<image>``; labels follow sorted folder names; class names from folder names."""
+    """``root/<class folder>/<image>``; labels follow sorted folder names; class names from folder names.
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, classnames: Sequence[str] | None = None):
+    A class folder or image that is a symlink leading out of ``within`` (default ``root``; the dataset root when
+    ``root`` is one of its split folders) raises, as a CSV row or CoOp entry escaping the root does.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, classnames: Sequence[str] | None = None,
+                 *, within: str | os.PathLike | None = None):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
+        boundary = Path(within) if within is not None else root
         folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not folders:
             raise ValueError(f"{root}: expected one sub-folder per class, found none")
@@ -170,8 +199,11 @@ class ImageFolderDataset(ImageDataset):
             raise ValueError(f"{root}: {len(folders)} class folders but {len(classnames)} class names were given")
         samples = []
         for label, folder in enumerate(folders):
+            linked = (root / folder).is_symlink()
             for file in sorted((root / folder).iterdir()):
                 if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
+                    if linked or file.is_symlink():  # resolving every file would cost a stat per path component
+                        _inside(boundary, os.path.relpath(file, boundary), f"{root}: image {folder}/{file.name} (a symlink)")
                     samples.append((str(file), label))
         if not samples:
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
@@ -400,6 +432,7 @@ def collate_with_skips(batch: list) -> tuple[torch.Tensor | list | None, torch.T
 # Opening a dataset for a run
 
 FORMATS = ("imagefolder", "csv", "coop", "wds")
+FLAT_SPLIT = "test"  # the one split a flat image folder holds: the evaluators' default --split
 
 
 def prepare_dataset_root(dataset: str, dataset_root: str | os.PathLike | None, cache_dir: Path, *,
@@ -444,10 +477,14 @@ def open_split(fmt: str, root: Path, split: str, transform, classnames: list[str
     if fmt == "imagefolder":
         split_dir = root / split
         if split_dir.is_dir():
-            return ImageFolderDataset(split_dir, transform, classnames)
+            return ImageFolderDataset(split_dir, transform, classnames, within=root)
         if any((root / s).is_dir() for s in ("train", "val", "test")):
             raise FileNotFoundError(f"{root}: no folder for split {split!r} (expected {split_dir})")
-        return ImageFolderDataset(root, transform, classnames)  # a flat image folder is its own split
+        if split != FLAT_SPLIT:  # every image would be evaluated (or fitted on) as that split: test images included
+            raise ValueError(f"{root}: a flat image folder (class folders, no train/val/test folders) is one split, read "
+                             f"as {FLAT_SPLIT!r}; it has no split {split!r}: evaluate it with --split left at its "
+                             f"default ({FLAT_SPLIT}), or put the images in {root}/<split>/<class>/ folders")
+        return ImageFolderDataset(root, transform, classnames)
     if fmt == "csv":
         return CsvDataset(root if root.is_file() else root / f"{split}.csv", transform, classnames)
     if fmt == "coop":
