@@ -269,7 +269,7 @@ def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None
     from mmadapters.speech.model import load_asr
     from mmadapters.speech.readers import read_speech_dataset
 
-    from .results_io import check_overwrite
+    from .results_io import prepare_output
     from .results_schema import build_results, run_key, write_results
     from .sample_runner import SampleLog, run_samples
 
@@ -297,11 +297,7 @@ def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None
         "normalization": "mmadapters.eval.metrics.normalize_text", "device": str(torch.device(args.device)),
     }
     key = run_key(dataset=dataset, model=model_name, pretrained=None, task=TASK, settings=settings)
-    output = Path(str(args.output).format(dataset=dataset.replace("/", "_"), model=Path(model_name).name, pretrained="",
-                                          task=TASK))
-    if output.is_dir():
-        raise IsADirectoryError(f"--output {output}: is a directory; expected a results file path")
-    check_overwrite(output, key, args.overwrite)
+    output = prepare_output(args, key, dataset=dataset, model=Path(model_name).name, pretrained="", task=TASK)
     log = SampleLog.open(output, key, restart=args.restart)
     predictor = AsrPredictor(bundle, lang_map, decode=args.decode, beam=args.beam, pass_=args.pass_, streaming=args.streaming,
                              chunk_ms=args.chunk_ms, max_seconds=max_seconds, mono=args.mono)

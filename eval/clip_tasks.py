@@ -241,16 +241,12 @@ def evaluate_samples(*, args: argparse.Namespace, dataset, ids: list[str], clip,
     """The shared second half: resumable sample loop, metrics from records, results written by rank 0."""
     from mmadapters import distributed
 
-    from .eval_cli import check_output_paths
-    from .results_io import check_overwrite, fill_output
+    from .results_io import prepare_output
     from .results_schema import build_results, run_key, write_results
     from .sample_runner import SampleLog, run_samples
 
     key = run_key(settings=settings, **identity)
-    output = fill_output(args.output, **output_fields)
-    if distributed.is_main():
-        check_output_paths(args, output)  # the template is filled now: --predictions may name the same file
-        check_overwrite(output, key, args.overwrite)  # before any work: the file holds another run
+    output = prepare_output(args, key, **output_fields)
     log = SampleLog.open(output, key, restart=args.restart)
     # the batches run_samples will ask for (its pending samples, this rank's share, in order), so workers read ahead
     mine = distributed.shard([i for i in range(len(dataset)) if ids[i] not in log.done])

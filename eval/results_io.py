@@ -32,6 +32,23 @@ def fill_output(template: str, **fields: str | None) -> Path:
         raise ValueError(f"--output {template!r}: only {names} can be filled in ({e})") from None
 
 
+def prepare_output(args, run_key: str, **fields: str | None) -> Path:
+    """The results file of an evaluation, checked before any work: ``--output`` with its ``{fields}`` filled in, not
+    the ``--predictions`` file, writable, and not another run's results (unless ``--overwrite``). Under torchrun only
+    rank 0 checks (it alone writes)."""
+    from mmadapters import distributed
+
+    from .eval_cli import check_output_paths
+
+    output = fill_output(str(args.output), **fields)
+    if distributed.is_main():
+        if output.is_dir():
+            raise IsADirectoryError(f"--output {output}: is a directory; expected a results file path")
+        check_output_paths(args, output)  # the template is filled now: --predictions may name the same file
+        check_overwrite(output, run_key, args.overwrite)
+    return output
+
+
 def check_overwrite(path: Path, run_key: str, overwrite: bool) -> None:
     if overwrite or not path.exists():
         return

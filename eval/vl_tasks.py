@@ -36,6 +36,7 @@ import torch
 
 from mmadapters import distributed
 
+from .results_io import prepare_output
 from .results_schema import build_results, run_key, write_results
 from .sample_runner import SampleLog, run_samples
 
@@ -184,11 +185,7 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
     model_name = model_dir.name
     pretrained = None if args.adapters is None else str(args.adapters)
     key = run_key(dataset=dataset, model=model_name, pretrained=pretrained, task=RESULT_TASK[task], settings=settings)
-    output = Path(args.output)
-    if distributed.is_main():
-        from .results_io import check_overwrite
-
-        check_overwrite(output, key, args.overwrite)  # fail before evaluating, not after
+    output = prepare_output(args, key, dataset=dataset, model=model_name, task=task)  # before evaluating, not after
     log = SampleLog.open(output, key, restart=args.restart)
     predictor = VLPredictor(model, setup, task, FeatureCache(source), max_text_length=args.max_text_length,
                             max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)

@@ -445,3 +445,18 @@ def test_cache_model_written_before_dtypes_were_declared_refuses_other_dtypes(ca
     save_file({**state, "clip_weights": (100 * state["clip_weights"]).to(torch.int8)}, cache_model / CACHE_WEIGHTS)
     with pytest.raises(ValueError, match=rf"{CACHE_WEIGHTS}: clip_weights.* expected a floating-point tensor"):
         load_cache_model(cache_model)
+
+
+def test_prepare_output_catches_a_filled_template_that_names_the_predictions_file(tmp_path):
+    """Every task (zeroshot, fewshot, asr, vqa/gqa/nlvr/caption, videoqa, dfer) opens its results file through
+    results_io.prepare_output: a --output template that fills in to the --predictions path is refused too."""
+    import argparse
+
+    from mmadapters.eval.results_io import prepare_output
+
+    args = argparse.Namespace(output=str(tmp_path / "{dataset}.json"), predictions=str(tmp_path / "d.json"),
+                              overwrite=False)
+    with pytest.raises(ValueError, match="name the same file"):
+        prepare_output(args, "key", dataset="d")
+    args.predictions = str(tmp_path / "preds.jsonl")
+    assert prepare_output(args, "key", dataset="d") == tmp_path / "d.json"
