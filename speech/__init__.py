@@ -6,8 +6,10 @@
   ``load_asr()`` (the shipped tiny model) and ``save_asr``.
 - :mod:`.decode` — batched greedy, beam search, streaming transcription with second-pass redecoding.
 - :mod:`.audio`, :mod:`.readers` — audio loading with named errors; Common Voice, MLS and NeMo manifests.
-- :mod:`.train`, :mod:`.lda` — the training loop and the LDA recipe (per-language adapters routed per
-  sample, noisy student, per-language best-checkpoint merge).
+- :mod:`.train` — the transducer's task for the training engine (batches, transducer loss, validation by
+  decoding) and its helpers; pretraining (scripts/pretrain_tiny_asr.py) and the LDA recipe both use it.
+- :mod:`.lda` — the LDA method's pieces (per-language adapters routed per sample, pseudo-labels for noisy
+  student, per-language best-checkpoint merge).
 - :mod:`.lda_train` — ``mmadapters train lda`` (the LDA recipe on the training engine).
 - :mod:`.synth` — generated multilingual speech with espeak-ng (``python -m mmadapters.speech.synth``).
 """
