@@ -2,12 +2,9 @@
 
 Inputs (each file's shape is detected; see :func:`read_input`):
 
-- ``results`` — the shared results schema (``"schema": "mmadapters.results/1"``, written by ``mmadapters eval``);
-  a ``mmadapters fewshot-compare`` file (task ``fewshot_comparison``) gives one run per row of its ``summary``
-  (task x method x shots; zero-shot once per task);
-- ``zeroshot`` — legacy ``mmadapters zeroshot`` output (``metrics: {acc1, acc5, mean_per_class_recall}``);
-- ``asr`` — legacy ``mmadapters asr eval`` output (``metrics.per_language: {lang: {wer, cer, ...}}``);
-- ``videoqa`` — legacy ``mmadapters videoqa`` output (``metrics: {acc, acc_by_q_type, chance}``);
+- ``results`` — the shared results schema (``"schema": "mmadapters.results/1"``) that every ``mmadapters eval
+  <task>`` writes; a ``mmadapters fewshot-compare`` file (task ``fewshot_comparison``) gives one run per row of its
+  ``summary`` (task x method x shots; zero-shot once per task);
 - ``train_summary`` — ``train_summary.json`` of ``mmadapters train`` (best validation metrics, parameter counts);
 - ``bench`` — a benchmark report (``bench/out/*.json``: ratios against a peer). Benchmarks are not runs: they
   get their own markdown table and plot, not rows of the runs table or the CSV.
@@ -19,13 +16,15 @@ Plots (PNG, matplotlib's Agg canvas, written atomically), only where the data ex
 1. ``params_<group>.png`` — the metric (``--metric`` or each group's main metric) against trainable parameters
    (log x; symmetric-log when a run has 0 trainable parameters, e.g. zero-shot), one point per run, labelled;
    one figure per group (``--group-by``, default task and dataset);
-2. ``wer_by_language_<group>.png`` — per-language WER bars of ASR runs (``per_group[lang].wer`` or the legacy
-   ``metrics.per_language``), grouped bars when a group holds several runs;
+2. ``wer_by_language_<group>.png`` — per-language WER bars of ASR runs (``per_group[lang].wer``), grouped bars
+   when a group holds several runs;
 3. ``bench_<file>.png`` — a benchmark's ratios as horizontal bars, with a line at 1.0.
 
 Unrecognized files: a file named on the command line that is not one of the shapes above is an error
 (:class:`ReportInputError`, naming the file and what was expected); files found by expanding a directory or a
-glob are skipped with a warning and counted (``--strict``: an error too).
+glob are skipped with a warning and counted (``--strict``: an error too). The output of a removed command
+(``asr eval``, ``videoqa``, ``zeroshot`` before the shared schema) is recognized only to say so and which
+``mmadapters eval <task>`` re-runs it.
 
 This module imports no torch (``mmadapters report`` starts fast); matplotlib is imported only to plot.
 """
@@ -47,17 +46,15 @@ from typing import Any
 
 from mmadapters.atomic import atomic_write_bytes
 
-from .results_schema import SCHEMA, ResultsFormatError, validate_results
+from .results_schema import ResultsFormatError, validate_results
 
-SCHEMA_PREFIX = "mmadapters.results/"
 COMPARISON_TASK = "fewshot_comparison"  # eval.fewshot_compare.TASK (that module imports torch; this one must not)
 TRAIN_SCHEMA_PREFIX = "mmadapters.train_summary/"
 GROUP_FIELDS = ("task", "dataset", "model", "pretrained", "method")
 DEFAULT_GROUP_BY = ("task", "dataset")
-EXPECTED_SHAPES = ("a results file of the shared schema ('schema': 'mmadapters.results/1'), a legacy `mmadapters "
-                   "zeroshot` / `asr eval` / `videoqa` output (dataset, model, task, metrics), a train_summary.json of "
-                   "`mmadapters train` (best, history, parameters) or a benchmark report of bench/*.py (command, "
-                   "machine, ratios)")
+EXPECTED_SHAPES = ("a results file of the shared schema ('schema': 'mmadapters.results/1') of `mmadapters eval`, "
+                   "a train_summary.json of `mmadapters train` (best, history, parameters) or a benchmark report of "
+                   "bench/*.py (command, machine, ratios)")
 # Fields of a train recipe's config that name its data / model / variant (first match wins).
 _DATASET_KEYS = ("dataset", "dataset_name", "task", "data", "manifest", "train_manifest", "annotations",
                  "train_annotations", "data_dir", "dataset_root", "root")
@@ -74,7 +71,7 @@ class Run:
     """One results file, normalized: what one row of the report shows."""
 
     source: str  # the file
-    kind: str  # results | zeroshot | asr | videoqa | train_summary
+    kind: str  # results | train_summary
     task: str
     dataset: str
     model: str
@@ -156,15 +153,6 @@ def _as_float(value: Any) -> float | None:
     return float(value) if _is_number(value) else None
 
 
-def _require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str, what: str, expected: str) -> Any:
-    if key not in obj:
-        raise ReportInputError(f"{source}: field {what!r} missing; expected {expected}")
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ReportInputError(f"{source}: field {what!r} is {type(value).__name__} {_short(value)}; expected {expected}")
-    return value
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -194,8 +182,15 @@ def slug(text: str) -> str:
 
 # -- reading one file -----------------------------------------------------------------------------------------
 
+# Files of the commands that wrote their own JSON before the shared schema: the removed command (by the file's
+# shape) and the `mmadapters eval` task that re-runs it.
+_REMOVED_COMMANDS = {"asr": ("`mmadapters asr eval`", "asr"), "videoqa": ("`mmadapters videoqa`", "videoqa"),
+                     "zeroshot": ("the old `mmadapters zeroshot`, before it wrote the shared schema", "zeroshot")}
+
+
 def detect_kind(obj: Any) -> str | None:
-    """The shape of a parsed JSON file: results, zeroshot, asr, videoqa, train_summary, bench, or None."""
+    """The shape of a parsed JSON file: results, train_summary, bench, a key of :data:`_REMOVED_COMMANDS`
+    (the output of a removed command), or None."""
     if not isinstance(obj, dict):
         return None
     schema = obj.get("schema")
@@ -243,29 +238,22 @@ def read_input(path: str | os.PathLike) -> Run | list[Run] | BenchReport:
     if kind is None:
         what = f"a JSON {type(obj).__name__}" + (f" with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else "")
         raise ReportInputError(f"{source}: not a results file ({what}); expected {EXPECTED_SHAPES}")
+    if kind in _REMOVED_COMMANDS:
+        command, task = _REMOVED_COMMANDS[kind]
+        raise ReportInputError(f"{source}: the output of a removed command ({command}; no 'schema' field); "
+                               f"re-run it with `mmadapters eval {task}`, which writes the shared results schema")
     return _READERS[kind](obj, source)
 
 
 def _read_results(obj: dict[str, Any], source: str) -> Run | list[Run]:
-    schema = obj["schema"]
-    if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
-        raise ReportInputError(f"{source}: field 'schema' is {_short(schema)}; expected {SCHEMA!r}")
-    try:  # the schema's own validator is the authority; the checks below are what the report relies on
+    try:  # the schema's own validator is the authority: it names the field (schema, metrics.<name>, counts...)
         obj = validate_results(obj, source)
     except ResultsFormatError as e:
         raise ReportInputError(str(e)) from e
-    for key in ("dataset", "model", "task"):
-        _require(obj, key, str, source, key, "a string")
-    metrics = _require(obj, "metrics", dict, source, "metrics", "an object of metric name -> number")
-    for name, value in metrics.items():
-        if value is not None and not _is_number(value):
-            raise ReportInputError(f"{source}: field 'metrics.{name}' is {_short(value)}; expected a number or null")
-    metrics = {name: math.nan if value is None else value for name, value in metrics.items()}  # null: undefined
-    counts = _require(obj, "counts", dict, source, "counts", "an object with total, evaluated, skipped")
-    for key in ("total", "evaluated", "skipped"):
-        _require(counts, key, int, source, f"counts.{key}", "an integer")
     if obj["task"] == COMPARISON_TASK:
         return _comparison_runs(obj, source)
+    metrics = {name: math.nan if value is None else value for name, value in obj["metrics"].items()}  # null: undefined
+    counts = obj["counts"]
     parameters = _dict(obj, "parameters")
     timings = _dict(obj, "timings")
     per_group = _dict(obj, "per_group")
@@ -315,8 +303,9 @@ def _comparison_runs(obj: dict[str, Any], source: str) -> list[Run]:
 def _results_method(obj: Mapping[str, Any], settings: Mapping[str, Any], parameters: Mapping[str, Any]) -> str | None:
     """The method of a shared-schema run, where the evaluator recorded one: ``settings.method|variant|kind``
     (video, few-shot CLIP), the ``adapter.kind`` extra, ``parameters.variant`` (VL-Adapter), else the name of
-    the ``settings.adapters`` directory."""
+    the ``settings.adapters`` directory (a path, or ``{path, files}`` as ``eval asr`` records it)."""
     adapters = settings.get("adapters")
+    adapters = adapters.get("path") if isinstance(adapters, dict) else adapters
     return (_first_str(settings, _METHOD_KEYS) or _first_str(_dict(obj, "adapter"), ("kind",))
             or _first_str(parameters, ("variant",))
             or (Path(adapters).name if isinstance(adapters, str) and adapters else None))
@@ -338,80 +327,6 @@ def _first_str(mapping: Mapping[str, Any], keys: Iterable[str]) -> str | None:
         if isinstance(value, str) and value and value.lower() != "none":
             return value
     return None
-
-
-def _legacy_common(obj: dict[str, Any], source: str, expected_metrics: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    for key in ("dataset", "model", "task"):
-        _require(obj, key, str, source, key, "a string")
-    metrics = _require(obj, "metrics", dict, source, "metrics", f"an object with {expected_metrics}")
-    counts = _dict(obj, "counts")
-    return metrics, counts
-
-
-def _read_zeroshot(obj: dict[str, Any], source: str) -> Run:
-    metrics, counts = _legacy_common(obj, source, "acc1, acc5, mean_per_class_recall")
-    flat = _flat_numbers(metrics)
-    if not flat:
-        raise ReportInputError(f"{source}: field 'metrics' holds no numbers; expected acc1, acc5, mean_per_class_recall")
-    adapter = obj.get("adapter") if isinstance(obj.get("adapter"), dict) else None
-    settings = _dict(obj, "settings")
-    method = (adapter or {}).get("kind") or _first_str(settings, ("adapter",)) or "zeroshot"
-    return Run(source=source, kind="zeroshot", task=obj["task"], dataset=obj["dataset"], model=obj["model"],
-               pretrained=_str(obj, "pretrained"),
-               method=str(method), metrics=flat, evaluated=_as_int(counts.get("evaluated")),
-               skipped=_as_int(counts.get("skipped")),
-               # zero-shot CLIP trains nothing; the legacy few-shot adapters' sizes were not recorded
-               trainable=0 if adapter is None else None,
-               total_s=_as_float(_dict(obj, "timings").get("total_s")), git_commit=_commit(obj))
-
-
-def _read_asr(obj: dict[str, Any], source: str) -> Run:
-    metrics, counts = _legacy_common(obj, source, "wer, cer, per_language")
-    per_language = _require(metrics, "per_language", dict, source, "metrics.per_language",
-                            "an object of language -> {wer, cer, ...}")
-    per_group: dict[str, dict[str, float]] = {}
-    for lang, entry in per_language.items():
-        if not isinstance(entry, dict) or not _is_number(entry.get("wer")):
-            raise ReportInputError(f"{source}: field 'metrics.per_language.{lang}.wer' is "
-                                   f"{_short(entry.get('wer') if isinstance(entry, dict) else entry)}; expected a number")
-        per_group[str(lang)] = _flat_numbers(entry)
-    flat = _flat_numbers(metrics)
-    rel = metrics.get("relative_wer_reduction")
-    if isinstance(rel, dict) and _is_number(rel.get("average")):
-        flat["relative_wer_reduction"] = rel["average"]
-    adapters = obj.get("adapters") if isinstance(obj.get("adapters"), dict) else None
-    trainable = total = None
-    if adapters is None:
-        trainable = 0
-    elif isinstance(adapters.get("parameters"), dict):
-        # every language's adapter is trained (and stored); the base is frozen
-        trainable = sum(int(v) for v in adapters["parameters"].values() if _is_number(v))
-        base = _as_int(adapters.get("base_parameters"))
-        total = base + trainable if base is not None else None
-    return Run(source=source, kind="asr", task=obj["task"], dataset=obj["dataset"], model=obj["model"],
-               pretrained=_str(obj, "pretrained"),
-               method="language adapters" if adapters else "base", metrics=flat,
-               evaluated=_as_int(counts.get("evaluated")), skipped=_as_int(counts.get("skipped")),
-               trainable=trainable, total_params=total,
-               total_s=_as_float(_dict(obj, "timings").get("total_s")), git_commit=_commit(obj),
-               per_group=per_group)
-
-
-def _read_videoqa(obj: dict[str, Any], source: str) -> Run:
-    metrics, counts = _legacy_common(obj, source, "acc, acc_by_q_type, chance")
-    if not _is_number(metrics.get("acc")):
-        raise ReportInputError(f"{source}: field 'metrics.acc' is {_short(metrics.get('acc'))}; expected a number")
-    by_type = _dict(metrics, "acc_by_q_type")
-    adapter = obj.get("adapter") if isinstance(obj.get("adapter"), dict) else None
-    settings = _dict(obj, "settings")
-    method = (adapter or {}).get("kind") or _first_str(settings, ("method",)) or "zeroshot"
-    return Run(source=source, kind="videoqa", task=obj["task"], dataset=obj["dataset"], model=obj["model"],
-               pretrained=_str(obj, "pretrained"),
-               method=str(method), metrics=_flat_numbers(metrics),
-               evaluated=_as_int(counts.get("evaluated")), skipped=_as_int(counts.get("skipped")),
-               trainable=_as_int(adapter.get("trainable_parameters")) if adapter else 0,
-               total_s=_as_float(_dict(obj, "timings").get("total_s")), git_commit=_commit(obj),
-               per_group={str(t): {"acc": v} for t, v in by_type.items() if _is_number(v)})
 
 
 def _read_train_summary(obj: dict[str, Any], source: str) -> Run:
@@ -510,8 +425,7 @@ def _read_bench(obj: dict[str, Any], source: str) -> BenchReport:
                        command=_str(obj, "command"))
 
 
-_READERS = {"results": _read_results, "zeroshot": _read_zeroshot, "asr": _read_asr, "videoqa": _read_videoqa,
-            "train_summary": _read_train_summary, "bench": _read_bench}
+_READERS = {"results": _read_results, "train_summary": _read_train_summary, "bench": _read_bench}
 
 
 # -- many files -----------------------------------------------------------------------------------------------

@@ -20,13 +20,14 @@ def add_report_parser(sub) -> None:
         "report", help="merge results files into one table (markdown, CSV) and draw PNG plots",
         description="Merge results files into one table, one row per run (task, dataset, model, main metric, "
         "evaluated/skipped counts, trainable parameters and their share, time, git commit), sorted by task, "
-        "dataset, model. Reads the shared results schema of `mmadapters eval`, the legacy outputs of "
-        "`mmadapters zeroshot`, `asr eval` and `videoqa`, train_summary.json of `mmadapters train`, and "
-        "benchmark reports (bench/out/*.json: ratios against a peer). The markdown goes to stdout; notes to stderr.",
+        "dataset, model. Reads the shared results schema of `mmadapters eval` (and `fewshot-compare`), "
+        "train_summary.json of `mmadapters train`, and benchmark reports (bench/out/*.json: ratios against a "
+        "peer). The markdown goes to stdout; notes to stderr.",
         epilog="Plots (with --plots DIR, only where the data exists): params_<group>.png (metric vs trainable "
         "parameters, log x), wer_by_language_<group>.png (ASR runs), bench_<file>.png (benchmark ratios, line at "
-        "1.0). A file named on the command line that is not a results file is an error; unrecognized files found "
-        "in a directory or by a glob are skipped with a warning (--strict: an error).")
+        "1.0). A file named on the command line that is not a results file is an error (the output of a removed "
+        "command says which `mmadapters eval <task>` re-runs it); unrecognized files found in a directory or by a "
+        "glob are skipped with a warning (--strict: an error).")
     add = p.add_argument
     add("results", nargs="+", metavar="RESULTS",
         help="results files, directories (searched recursively for *.json) or glob patterns (quote them; ** recurses)")

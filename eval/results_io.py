@@ -79,16 +79,6 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(null_non_finite(obj), indent=2, allow_nan=False) + "\n").encode()
 
 
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    """Write ``results`` as JSON to ``path`` atomically (creating its folder); records it under ``output``."""
-    from mmadapters.atomic import atomic_write_bytes
-
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json_bytes(results))
-    results["output"] = str(path)
-
-
 def write_bench_report(out: str | Path, result: dict[str, Any], md: str, *, title: str,
                        append_to: str | Path | None = None) -> None:
     """A benchmark's outputs: ``out``.json and ``out``.md written atomically, the markdown printed, and,

@@ -213,11 +213,11 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def write_table(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    from mmadapters.eval.results_io import write_results
-    from mmadapters.io import atomic_write_bytes
+    from mmadapters.atomic import atomic_write_bytes
+    from mmadapters.eval.results_io import json_bytes
 
     out.mkdir(parents=True, exist_ok=True)
-    write_results(out / "vl_adapter_results.json", {"meta": meta, "runs": runs})
+    atomic_write_bytes(out / "vl_adapter_results.json", json_bytes({"meta": meta, "runs": runs}))
     atomic_write_bytes(out / "vl_adapter_results.md", markdown(runs, meta).encode())
 
 

@@ -1,7 +1,8 @@
 """`mmadapters report`: every input shape, the table (markdown, CSV), the plots, bad inputs, expansion, the CLI.
 
-All inputs are written by hand here, following the shared schema (eval/results_schema.py) and the shapes the
-legacy evaluators, the training engine and bench/*.py write.
+Results files of `mmadapters eval zeroshot|asr|videoqa` are made with the schema's own builder (build_results);
+the rest by hand, following the shared schema (eval/results_schema.py) and the shapes the training engine and
+bench/*.py write. The outputs of removed commands are refused, naming the command that re-runs them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mmadapters.eval.report import (
     sort_runs,
 )
 from mmadapters.eval.report_args import add_report_parser
-from mmadapters.eval.results_schema import ResultsFormatError, validate_results
+from mmadapters.eval.results_schema import ResultsFormatError, build_results, validate_results
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -54,41 +55,46 @@ def schema_results(*, dataset="shapes", model="tiny-clip", task="fewshot_classif
     }
 
 
-def legacy_zeroshot(dataset="shapes", model="tiny-clip", acc1=0.5) -> dict:
-    return {"dataset": dataset, "model": model, "pretrained": None, "task": "zeroshot_classification",
-            "metrics": {"acc1": acc1, "acc5": 0.9, "mean_per_class_recall": 0.48},
-            "counts": {"images": 10, "evaluated": 10, "skipped": 0, "skipped_by_reason": {}, "classes": 3,
-                       "templates": 2, "skipped_images": []},
-            "timings": {"model_load_s": 0.5, "classifier_s": 0.1, "classifier_cache_hit": False, "features_s": 0.2,
-                        "adapter_fit_s": 0.0, "total_s": 1.25},
-            "settings": {"adapter": "none"}, "adapter": None, "mmadapters_version": "0.1.0", "run_key": "k",
-            "created": "2026-01-01T00:00:00+00:00"}
+def eval_results(*, task: str, dataset: str, model: str, metrics: dict, per_group: dict | None = None,
+                 parameters: dict | None = None, settings: dict | None = None, evaluated: int = 10, skipped: int = 0,
+                 total_s: float = 1.25) -> dict:
+    """A results file as `mmadapters eval <task>` writes it, with the git fields fixed (build_results records
+    those of the checkout running the tests)."""
+    results = build_results(dataset=dataset, model=model, pretrained=None, task=task, metrics=metrics,
+                            counts={"total": evaluated + skipped, "evaluated": evaluated, "skipped": skipped},
+                            skipped=[{"id": f"s{i}", "reason": "corrupt: bad header"} for i in range(skipped)],
+                            settings=settings or {}, timings={"model_load_s": 0.5, "total_s": total_s},
+                            parameters=parameters, per_group=per_group)
+    return results | {"git_commit": None, "git_dirty": None}
 
 
-def legacy_asr(wers: dict[str, float], *, adapters: bool = True, dataset="synth-speech", model="tiny-asr") -> dict:
-    per_language = {lang: {"wer": w, "cer": w / 2, "utterances": 4, "skipped": 0, "words": 20, "chars": 90,
-                           "audio_s": 8.0, "adapter": lang if adapters else None} for lang, w in wers.items()}
-    return {"dataset": dataset, "model": model, "task": "asr",
-            "metrics": {"wer": sum(wers.values()) / len(wers), "cer": 0.1, "wer_pooled": 0.3, "cer_pooled": 0.1,
-                        "languages": len(wers), "per_language": per_language},
-            "counts": {"utterances": 4 * len(wers), "evaluated": 4 * len(wers) - 1, "skipped": 1,
-                       "skipped_by_reason": {"corrupt": 1}, "skipped_files": []},
-            "timings": {"model_load_s": 0.1, "audio_load_s": 0.1, "decode_s": 1.0, "audio_s": 32.0, "rtf": 0.03,
-                        "total_s": 2.0},
-            "settings": {}, "baseline": None, "mmadapters_version": "0.1.0", "run_key": None, "created": "x",
-            "adapters": {"source": "out/lda", "languages": {k: k for k in wers}, "base_parameters": 1_000_000,
-                         "parameters": dict.fromkeys(wers, 4000),
-                         "fraction_of_base": dict.fromkeys(wers, 0.004)} if adapters else None}
+def zeroshot_results(dataset="shapes", model="tiny-clip", acc1=0.5) -> dict:  # eval zeroshot / mmadapters zeroshot
+    return eval_results(task="zeroshot_classification", dataset=dataset, model=model,
+                        metrics={"acc1": acc1, "acc5": 0.9, "mean_per_class_recall": 0.48},
+                        per_group={"circle": {"recall": 0.5, "images": 5}, "square": {"recall": 0.46, "images": 5}},
+                        parameters={"trainable": 0, "total": 1_000_000}, settings={"method": "zeroshot", "seed": 0})
 
 
-def legacy_videoqa(method="tem-adapter") -> dict:
-    adapter = ({"kind": "tem-adapter", "config": {}, "train_questions": 20, "trainable_parameters": 5000, "epochs": 2,
-                "final": None, "fit_s": 1.0} if method == "tem-adapter" else None)
-    return {"dataset": "trafficqa-synth", "model": "tiny-clip", "pretrained": None, "task": "videoqa_multiple_choice",
-            "metrics": {"acc": 0.4, "acc_by_q_type": {"B": 0.5, "C": 0.25}, "chance": 0.25},
-            "counts": {"questions": 10, "evaluated": 8, "skipped": 2}, "timings": {"features_s": 0.4},
-            "settings": {"method": method}, "adapter": adapter, "mmadapters_version": "0.1.0", "run_key": "k",
-            "created": "x"}
+def asr_results(wers: dict[str, float], *, adapters: bool = True, dataset="synth-speech", model="tiny-asr") -> dict:
+    """eval asr: per_group[lang] = {wer, cer, ...}; parameters only with language adapters (base + adapters)."""
+    per_group = {lang: {"wer": w, "cer": w / 2, "utterances": 4, "skipped": 0, "words": 20, "chars": 90,
+                        "audio_s": 8.0} for lang, w in wers.items()}
+    parameters = ({"trainable": 4000 * len(wers), "total": 1_000_000 + 4000 * len(wers), "base": 1_000_000,
+                   "per_adapter": dict.fromkeys(wers, 4000)} if adapters else None)
+    return eval_results(task="asr", dataset=dataset, model=model, per_group=per_group, parameters=parameters,
+                        metrics={"wer": sum(wers.values()) / len(wers), "cer": 0.1, "wer_pooled": 0.3,
+                                 "cer_pooled": 0.1, "languages": len(wers)},
+                        settings={"adapters": {"path": "/runs/lda/best", "files": {}} if adapters else None,
+                                  "decode": "greedy"},
+                        evaluated=4 * len(wers) - 1, skipped=1, total_s=2.0)
+
+
+def videoqa_results(method="tem-adapter") -> dict:  # eval videoqa: accuracy per question type
+    return eval_results(task="videoqa_multiple_choice", dataset="trafficqa-synth", model="tiny-clip",
+                        metrics={"acc": 0.4, "chance": 0.25},
+                        per_group={"B": {"acc": 0.5, "questions": 4}, "C": {"acc": 0.25, "questions": 4}},
+                        parameters={"trainable": 5000 if method == "tem-adapter" else 0, "total": 105_000},
+                        settings={"method": method}, evaluated=8, skipped=2)
 
 
 def train_summary() -> dict:
@@ -139,8 +145,8 @@ def test_hand_written_schema_file_passes_the_schema_validator():
 
 def test_reads_every_kind(tmp_path):
     runs = {name: read_input(write(tmp_path / f"{name}.json", obj)) for name, obj in {
-        "schema": schema_results(), "zeroshot": legacy_zeroshot(), "asr": legacy_asr({"pl": 0.4, "cs": 0.2}),
-        "videoqa": legacy_videoqa(), "train": train_summary(), "bench": bench_core()}.items()}
+        "schema": schema_results(), "zeroshot": zeroshot_results(), "asr": asr_results({"pl": 0.4, "cs": 0.2}),
+        "videoqa": videoqa_results(), "train": train_summary(), "bench": bench_core()}.items()}
 
     r = runs["schema"]
     assert (r.kind, r.task, r.dataset, r.model, r.method) == ("results", "fewshot_classification", "shapes", "tiny-clip", "tip")
@@ -149,11 +155,14 @@ def test_reads_every_kind(tmp_path):
     assert r.trainable_pct == pytest.approx(1.0) and r.git_commit == COMMIT
 
     z = runs["zeroshot"]
-    assert (z.kind, z.main_metric, z.method, z.trainable, z.total_params, z.evaluated) == ("zeroshot", "acc1", "zeroshot", 0, None, 10)
-    assert z.trainable_pct is None
+    assert (z.kind, z.task, z.main_metric, z.method, z.trainable, z.total_params, z.evaluated) == (
+        "results", "zeroshot_classification", "acc1", "zeroshot", 0, 1_000_000, 10)
+    assert z.trainable_pct == 0.0 and z.git_commit is None
+    assert list(z.metrics) == ["acc1", "acc5", "mean_per_class_recall"]
 
     a = runs["asr"]
-    assert (a.kind, a.main_metric, a.metrics["wer"]) == ("asr", "wer", pytest.approx(0.3))
+    assert (a.kind, a.task, a.main_metric, a.metrics["wer"], a.method) == ("results", "asr", "wer", pytest.approx(0.3), "best")
+    assert (a.evaluated, a.skipped, a.total_s) == (7, 1, 2.0)
     assert a.per_group == {"pl": pytest.approx({"wer": 0.4, "cer": 0.2, "utterances": 4, "skipped": 0, "words": 20,
                                                 "chars": 90, "audio_s": 8.0}),
                            "cs": pytest.approx({"wer": 0.2, "cer": 0.1, "utterances": 4, "skipped": 0, "words": 20,
@@ -161,8 +170,9 @@ def test_reads_every_kind(tmp_path):
     assert (a.trainable, a.total_params) == (8000, 1_008_000)  # both languages' adapters; base + adapters
 
     v = runs["videoqa"]
-    assert (v.kind, v.main_metric, v.method, v.trainable) == ("videoqa", "acc", "tem-adapter", 5000)
-    assert v.per_group == {"B": {"acc": 0.5}, "C": {"acc": 0.25}} and "acc_by_q_type" not in v.metrics
+    assert (v.kind, v.task, v.main_metric, v.method, v.trainable) == ("results", "videoqa_multiple_choice", "acc", "tem-adapter", 5000)
+    assert v.per_group == {"B": {"acc": 0.5, "questions": 4}, "C": {"acc": 0.25, "questions": 4}}
+    assert v.metrics == {"acc": 0.4, "chance": 0.25} and (v.evaluated, v.skipped) == (8, 2)
 
     t = runs["train"]
     assert (t.kind, t.task, t.dataset, t.model) == ("train_summary", "train", "trafficqa/train", "-")
@@ -206,9 +216,11 @@ def test_dirty_commit_and_short_commit(tmp_path):
     (json.dumps({k: v for k, v in schema_results().items() if k != "metrics"}), "metrics"),
     (json.dumps(schema_results() | {"schema": "mmadapters.results/99"}), "schema"),
     (json.dumps(schema_results(metrics={"acc1": "high"})), "metrics.acc1"),
-    (json.dumps({k: v for k, v in legacy_zeroshot().items() if k != "dataset"}), "field 'dataset' missing"),
-    (json.dumps(legacy_asr({"pl": 0.1}) | {"metrics": {"wer": 0.1}}), "field 'metrics.per_language' missing"),
-    (json.dumps(legacy_videoqa() | {"metrics": {"acc": None}}), "field 'metrics.acc' is None; expected a number"),
+    (json.dumps({k: v for k, v in zeroshot_results().items() if k != "dataset"}), "dataset: expected a non-empty string"),
+    (json.dumps(asr_results({"pl": 0.1}) | {"per_group": {"pl": {"wer": "0.1"}}}), "per_group.pl.wer: expected a number"),
+    (json.dumps(videoqa_results() | {"counts": {"total": 10, "evaluated": 9, "skipped": 2}}),
+     "counts: expected evaluated + skipped == total"),
+    (json.dumps(videoqa_results() | {"parameters": {"trainable": 5}}), "parameters: expected null or an object"),
     (json.dumps({"command": "bench/x.py", "machine": "vm", "wall_seconds": 1.0}), "benchmark report holds no ratios"),
 ])
 def test_bad_file_gives_a_named_error(tmp_path, content, message):
@@ -244,6 +256,43 @@ def test_binary_file_is_named(tmp_path):
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ReportInputError, match="weights.json: not a UTF-8 text file"):
         read_input(path)
+
+
+# The shapes the removed commands wrote (no 'schema' field): refused, naming the command and its replacement.
+REMOVED_OUTPUTS = [
+    ({"dataset": "shapes", "model": "tiny-clip", "pretrained": None, "task": "zeroshot_classification",
+      "metrics": {"acc1": 0.5, "acc5": 0.9, "mean_per_class_recall": 0.48},
+      "counts": {"images": 10, "evaluated": 10, "skipped": 0, "skipped_images": []}, "mmadapters_version": "0.1.0"},
+     "the old `mmadapters zeroshot`, before it wrote the shared schema", "zeroshot"),
+    ({"dataset": "synth-speech", "model": "tiny-asr", "task": "asr",
+      "metrics": {"wer": 0.3, "cer": 0.1, "per_language": {"pl": {"wer": 0.3, "cer": 0.1}}},
+      "counts": {"utterances": 4, "evaluated": 4, "skipped": 0}, "adapters": None},
+     "`mmadapters asr eval`", "asr"),
+    ({"dataset": "trafficqa-synth", "model": "tiny-clip", "task": "videoqa_multiple_choice",
+      "metrics": {"acc": 0.4, "acc_by_q_type": {"B": 0.5}, "chance": 0.25}, "counts": {"questions": 10}},
+     "`mmadapters videoqa`", "videoqa"),
+]
+
+
+@pytest.mark.parametrize(("obj", "command", "task"), REMOVED_OUTPUTS, ids=["zeroshot", "asr", "videoqa"])
+def test_output_of_a_removed_command_is_refused_naming_its_replacement(tmp_path, capsys, obj, command, task):
+    path = write(tmp_path / "old" / "results.json", obj)
+    expected = (f"{path}: the output of a removed command ({command}; no 'schema' field); "
+                f"re-run it with `mmadapters eval {task}`, which writes the shared results schema")
+    with pytest.raises(ReportInputError) as info:  # named on the command line: an error
+        read_input(path)
+    assert str(info.value) == expected
+    args = _parser().parse_args(["report", path])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err == f"mmadapters report: error: {expected}\n"  # one line
+
+    write(tmp_path / "old" / "new.json", schema_results())  # found in a directory: skipped with that warning
+    args = _parser().parse_args(["report", str(tmp_path / "old"), "--quiet"])
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    assert f"mmadapters report: warning: skipped {expected}\n" in err and "1 run(s), 0 benchmark report(s), 1 file(s) skipped" in err
+    with pytest.raises(ReportInputError, match="removed command"):
+        collect([tmp_path / "old"], strict=True)
 
 
 # -- expansion --------------------------------------------------------------------------------------------------
@@ -290,9 +339,9 @@ def _runs(tmp_path) -> list[str]:
     return [
         write(tmp_path / "4.json", schema_results(dataset="shapes", model="zeta", trainable=500, total=200_000)),
         write(tmp_path / "1.json", schema_results(dataset="colours", model="alpha", metrics={"acc1": math.nan})),
-        write(tmp_path / "3.json", legacy_zeroshot(dataset="shapes", model="alpha", acc1=0.5)),
+        write(tmp_path / "3.json", zeroshot_results(dataset="shapes", model="alpha", acc1=0.5)),
         write(tmp_path / "2.json", schema_results(dataset="shapes", model="alpha", trainable=2000, total=100_000)),
-        write(tmp_path / "5.json", legacy_asr({"pl": 0.4, "cs": 0.2})),
+        write(tmp_path / "5.json", asr_results({"pl": 0.4, "cs": 0.2})),
     ]
 
 
@@ -324,7 +373,8 @@ def test_markdown_table_values_and_order(tmp_path):
     assert (zeta[col["trainable"]], zeta[col["trainable %"]]) == ("500", "0.25%")
     assert (alpha[col["evaluated"]], alpha[col["skipped"]], alpha[col["time (s)"]]) == ("9", "1", "12.5")
     assert alpha[col["git"]] == "01234567" and alpha[col["file"]] == files[3]
-    assert (zeroshot[col["trainable"]], zeroshot[col["trainable %"]], zeroshot[col["git"]]) == ("0", "", "")
+    assert (zeroshot[col["trainable"]], zeroshot[col["trainable %"]], zeroshot[col["git"]]) == ("0", "0%", "")
+    assert (asr[col["method"]], asr[col["evaluated"]], asr[col["skipped"]], asr[col["time (s)"]]) == ("best", "7", "1", "2.0")
     # the pipes line up: every table line has the same length
     assert len({len(line) for line in outcome.markdown.splitlines() if line.startswith("|")}) == 1
 
@@ -407,7 +457,7 @@ def _valid_png(path) -> tuple[int, int]:
 
 def test_every_plot_kind_is_a_valid_png(tmp_path):
     files = _runs(tmp_path) + [
-        write(tmp_path / "6.json", legacy_asr({"pl": 0.3, "uk": 0.5}, adapters=False)),  # 2 ASR runs: grouped bars
+        write(tmp_path / "6.json", asr_results({"pl": 0.3, "uk": 0.5}, adapters=False)),  # 2 ASR runs: grouped bars
         write(tmp_path / "7.json", schema_results(task="asr", dataset="synth-speech", model="tiny-asr-2",
                                                   metrics={"wer": 0.25}, per_group={"pl": {"wer": 0.2, "cer": 0.1}},
                                                   method="lda")),
@@ -540,6 +590,7 @@ def test_hand_written_train_summary_has_the_engine_fields():
     ({"settings": {}, "adapter": {"kind": "tip-f"}}, "tip-f"),  # the few-shot CLIP extra
     ({"settings": {}, "parameters": {"trainable": 1, "total": 2, "variant": "hyperformer"}}, "hyperformer"),  # VL-Adapter
     ({"settings": {"adapters": "/runs/lda/best"}}, "best"),  # an adapters directory
+    ({"settings": {"adapters": {"path": "/runs/lda/best", "files": {}}}}, "best"),  # as eval asr records it
     ({"settings": {"adapter": "none"}}, None),
 ])
 def test_method_of_a_schema_run(tmp_path, changes, method):
