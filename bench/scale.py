@@ -11,9 +11,10 @@ repetition (the same sequence for ours and peft), so the cache sees misses as a 
 — the plain tower, ours (``mma.route``) and peft (``PeftModel(x, adapter_names=...)``, same weights) for every
 (N, k) — run interleaved round-robin, so drift in machine load hits all alike; medians. Reported: routed/plain,
 peft/plain, ours/peft, cache hits; add_adapter time per N (total, per add, and the mean of the last tenth of the
-adds: the marginal cost); host memory (RSS growth while building each model, and the adapters' tensor bytes);
-device pool bytes. peft's models are built with ``add_adapter`` under ``--peft-budget`` seconds per N; cells
-where it does not finish are skipped and marked (or, with ``--peft-direct``, filled in as the serving loop does).
+adds: the marginal cost); host memory (RSS growth while building each model — approximate, the allocator keeps
+freed memory — and the adapters' tensor bytes); device pool bytes. peft's models are built with ``add_adapter``
+under ``--peft-budget`` seconds per N; cells where it does not finish are skipped and marked (or, with
+``--peft-direct``, filled in as the serving loop does; marked †).
 
 Serving section. A stream of ``--serve-requests`` requests, each for one of ``--serve-adapters`` adapters drawn
 from a Zipf popularity, arriving as a Poisson process at ``--rate`` requests/s (seeded); a server takes the
@@ -288,16 +289,16 @@ def bench_scale(base: nn.Module, args) -> dict:
     rounds = args.warmup + args.reps
     batches = {(n, k): [zipf_batch(rng, n, k, args.batch, args.zipf) for _ in range(rounds)]
                for n in args.ns for k in args.distinct if k <= n}
-    checks: dict[tuple[int, int], dict] = {}
+    checks: dict[tuple[int, int], dict] = {key: {} for key in batches}
     with torch.inference_mode():
         for (n, k), bs in batches.items():  # correctness first: ours against peft on the first batch of each cell
-            y = routed(ours[n].model, caches[n], bs[0], x)
             if peft[n].model is not None:
-                checks.setdefault((n, k), {})["max_abs_diff_vs_peft"] = ((y - peft[n].model(x, adapter_names=bs[0])).abs().max().item())
+                diff = routed(ours[n].model, caches[n], bs[0], x) - peft[n].model(x, adapter_names=bs[0])
+                checks[(n, k)]["max_abs_diff_vs_peft"] = diff.abs().max().item()
         n, k = max(batches)  # and against each sample run alone, for the largest configuration
-        ref = per_sample(ours[n].model, batches[(n, k)][0], x, args.device)
-        checks.setdefault((n, k), {})["max_abs_diff_vs_per_sample"] = (routed(ours[n].model, caches[n], batches[(n, k)][0], x)
-                                                        - ref).abs().max().item()
+        names = batches[(n, k)][0]
+        diff = routed(ours[n].model, caches[n], names, x) - per_sample(ours[n].model, names, x, args.device)
+        checks[(n, k)]["max_abs_diff_vs_per_sample"] = diff.abs().max().item()
 
     cells: dict[str, Cell] = {"plain": Cell(lambda r: base(x))}  # build_* deep-copy: base stays plain
     for (n, k), bs in batches.items():
@@ -310,7 +311,7 @@ def bench_scale(base: nn.Module, args) -> dict:
     rows = []
     for n in args.ns:
         row = {"N": n, "add": {"ours": add_summary(ours[n], n), "peft": add_summary(peft[n], n)},
-               "memory": {"host_rss_ours_bytes": ours[n].rss_bytes, "host_rss_peft_bytes": peft[n].rss_bytes or None,
+               "memory": {"host_rss_ours_bytes": ours[n].rss_bytes, "host_rss_peft_bytes": peft[n].rss_bytes if peft[n].model else None,
                           "adapter_bytes": adapter_bytes(ours[n].model), "device_pool_bytes": pool_bytes(caches[n])},
                "cells": []}
         for k in args.distinct:
@@ -321,7 +322,7 @@ def bench_scale(base: nn.Module, args) -> dict:
             row["cells"].append({
                 "k": k, "ours_s": to, "peft_s": tp, "routed_over_plain": to / t_plain,
                 "peft_over_plain": tp / t_plain if tp else None, "ours_over_peft": to / tp if tp else None,
-                "cache_hit_rate": o.hits / max(1, o.hits + o.misses), **checks.get((n, k), {})})
+                "cache_hit_rate": o.hits / max(1, o.hits + o.misses), **checks[(n, k)]})
             c = row["cells"][-1]
             print(f"N={n} k={k}: routed/plain {c['routed_over_plain']:.3f}"
                   + (f", ours/peft {c['ours_over_peft']:.3f}" if tp else ", peft skipped"), flush=True)
