@@ -217,3 +217,107 @@ def test_video_error_survives_pickling():
 
     err = pickle.loads(pickle.dumps(VideoError("a.mp4", "empty file (0 bytes)")))
     assert isinstance(err, VideoError) and str(err) == "a.mp4: empty file (0 bytes)"
+
+
+# -- size bounds ----------------------------------------------------------------------------------------------
+
+
+def write_sized_mp4(path, width, height, n):
+    """``n`` flat frames of ``width`` x ``height``: a few KB on disk however large the frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 6 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sized")
+    return {"pixels": write_sized_mp4(root / "4100x4100.mp4", 4100, 4100, 2),  # 16.8 Mpx: just over the limit
+            "aspect": write_sized_mp4(root / "2100x100.mp4", 2100, 100, 4),  # 21:1
+            "at_limits": write_sized_mp4(root / "2000x100.mp4", 2000, 100, 4)}  # 20:1 is allowed
+
+
+LIMIT_ERRORS = {"pixels": r"frames are 4100x4100 \(width x height: 16,810,000 pixels\); expected at most 16,777,216 "
+                          r"pixels per frame \(MAX_FRAME_PIXELS, 4096x4096\); refused before decoding",
+                "aspect": r"frames are 2100x100 \(width x height: 21:1\); expected a long side at most 20 times the "
+                          r"short side \(MAX_ASPECT\); refused before decoding"}
+
+
+@pytest.mark.parametrize("kind", ["pixels", "aspect"])
+@pytest.mark.parametrize("backend", ["auto", "decord", "pyav"])
+def test_frames_over_the_pixel_or_aspect_limit_are_refused_before_decoding(sized, kind, backend, monkeypatch):
+    """An 8000x8000 3-frame clip (367 KB) took 6.9 GB in `eval videoqa`, a 10000x10 one 6 GB per clip at size=224."""
+    with pytest.raises(VideoError, match=LIMIT_ERRORS[kind]) as err:  # through the helper process
+        load_clip(sized[kind], 2, size=224, backend=backend)
+    assert err.value.path == str(sized[kind])
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(vio, "_decode_decord", no_decoding)  # in-process: the header alone refuses it
+    monkeypatch.setattr(vio, "_pyav_read", no_decoding)
+    with pytest.raises(VideoError, match=LIMIT_ERRORS[kind]):
+        load_clip(sized[kind], 2, size=224, backend=backend, timeout_s=None)
+
+
+def test_frames_at_the_limits_load(sized):
+    assert load_clip(sized["at_limits"], 4, size=10).shape == (4, 3, 10, 200)
+
+
+def test_frame_directory_over_the_aspect_limit_names_the_image(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.zeros((100, 2100 if i == 1 else 100, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(VideoError, match=LIMIT_ERRORS["aspect"]) as err:
+        load_clip(tmp_path, 3)
+    assert err.value.path == str(tmp_path / "1.png")
+
+
+def test_resizing_holds_one_frame_as_float_not_the_clip(tmp_path):
+    """Peak memory of load_clip(8 frames of 2048x2048, size=32) through the helper: the clip's bytes once (the
+    buffer it arrives in) plus one frame as float. Before: the whole clip as float, and the bytes twice more
+    (587 MB over the 96 MB clip; now about 224 MB)."""
+    big = write_sized_mp4(tmp_path / "2048.mp4", 2048, 2048, 8)
+    small = write_mp4(tmp_path / "small.mp4", n=8)
+    # the process's own high-water mark (VmHWM, reset through clear_refs); ru_maxrss would include the forked
+    # parent's memory from before exec
+    code = ("import sys; from mmadapters.video.io import load_clip\n"
+            "def kb(field): return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1])\n"
+            "load_clip(sys.argv[2], 8, size=32)  # starts the helper, warms torch up\n"
+            "open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS\n"
+            "base = kb('VmHWM')\n"
+            "clip = load_clip(sys.argv[1], 8, size=32)\n"
+            "assert clip.shape == (8, 3, 32, 32), clip.shape\n"
+            "print((kb('VmHWM') - base) * 1024)")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, str(big), str(small)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    clip_bytes = 8 * 2048 * 2048 * 3
+    grew = int(out.stdout.split()[-1])
+    assert grew < 3 * clip_bytes, f"peak grew by {grew / 2**20:.0f} MB for a {clip_bytes / 2**20:.0f} MB clip"
+
+
+def test_a_stream_of_unknown_length_keeps_only_the_sampled_frames(videos, monkeypatch):
+    """PyAV counts a stream without a frame count in one pass keeping nothing (it used to keep every frame)."""
+    held = []
+    real_read = vio._pyav_read
+
+    def read(path, wanted):
+        got, n = real_read(path, wanted)
+        held.append(len(got))
+        return got, n
+
+    monkeypatch.setattr(vio, "_pyav_claimed_frames", lambda c, s: 0)
+    monkeypatch.setattr(vio, "_pyav_read", read)
+    clip, idx = load_clip(videos / "good.mp4", 8, backend="pyav", timeout_s=None, return_indices=True)
+    assert idx == sample_indices(N, 8) and frame_numbers(clip) == idx
+    assert max(held) == 8

@@ -192,6 +192,38 @@ class CacheStats:
     skipped: list[BadSample] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """A CLIP's eval transform on decoded frames: uint8 ``(N, 3, H, W)`` -> normalized float ``(N, 3, S, S)``.
+
+    Resize so the frame covers ``image_size`` (short side, with the CLIP's interpolation and antialiasing), centre
+    crop, normalize with ``mean``/``std``. One frame at a time: only one full-size frame is ever held as float
+    (a batch of eight 16-frame 4K clips as float would be 25 GB). A plain object, so DataLoader workers get it.
+    """
+
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        h, w = frames.shape[-2:]
+        th, tw = self.image_size
+        scale = max(th / h, tw / w)
+        resized = (max(th, round(h * scale)), max(tw, round(w * scale)))
+        mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
+        top, left = (resized[0] - th) // 2, (resized[1] - tw) // 2
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        out = torch.empty(frames.shape[0], 3, th, tw)
+        for i in range(frames.shape[0]):
+            x = frames[i:i + 1].float() / 255.0
+            if resized != (h, w):
+                x = F.interpolate(x, size=resized, mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
+            out[i] = (x[0, :, top:top + th, left:left + tw] - mean) / std
+        return out
+
+
 def _file_identity(path: str, mode: str) -> dict[str, Any]:
     """What the cache key knows of a video file or frame directory: (resolved path, size, mtime) or content hash."""
     p = Path(path)
@@ -250,6 +282,7 @@ class FrameFeatureCache:
         self.mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
         self.std = tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
         self.interpolation = cfg.get("interpolation", "bicubic")
+        self._preprocess = ClipPreprocess(self.image_size, self.mean, self.std, self.interpolation)
         self.encoded = 0  # clips encoded by this object (what a second epoch or recipe should leave at 0)
 
     # -- keys
@@ -296,26 +329,18 @@ class FrameFeatureCache:
     # -- encoding
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 ``(N, 3, H, W)`` -> normalized float ``(N, 3, S, S)`` as the CLIP's eval transform makes them."""
-        x = frames.float() / 255.0
-        h, w = x.shape[-2:]
-        th, tw = self.image_size
-        scale = max(th / h, tw / w)
-        resized = (max(th, round(h * scale)), max(tw, round(w * scale)))
-        mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
-        if resized != (h, w):
-            x = F.interpolate(x, size=resized, mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
-        top, left = (resized[0] - th) // 2, (resized[1] - tw) // 2
-        x = x[..., top:top + th, left:left + tw]
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return self._preprocess(frames)
 
     @torch.inference_mode()
     def encode(self, clips: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, T, 3, H, W)`` -> features ``(B, T, D)`` float32."""
+        return self._encode_preprocessed(self.preprocess(clips.flatten(0, 1)).unflatten(0, clips.shape[:2]))
+
+    @torch.inference_mode()
+    def _encode_preprocessed(self, clips: torch.Tensor) -> torch.Tensor:
+        """normalized float ``(B, T, 3, S, S)`` -> features ``(B, T, D)`` float32."""
         b, t = clips.shape[:2]
-        x = self.preprocess(clips.flatten(0, 1)).to(self.device)
-        feats = self.model.encode_image(x).float().cpu()
+        feats = self.model.encode_image(clips.flatten(0, 1).to(self.device)).float().cpu()
         self.encoded += b
         return feats.view(b, t, -1)
 
@@ -342,11 +367,13 @@ class FrameFeatureCache:
                 todo.append(p)
         if not todo:
             return stats
+        # each clip is preprocessed where it is decoded (in its worker): batches hold (T, 3, S, S) floats, and a
+        # full-size clip exists once, as uint8, never a batch of them
         dataset = VideoDataset(todo, num_frames=self.num_frames, strategy=self.strategy, stride=self.stride,
-                               training=False, timeout_s=self.timeout_s, fail_fast=fail_fast)
+                               training=False, timeout_s=self.timeout_s, fail_fast=fail_fast, transform=self._preprocess)
         loader = make_loader(dataset, self.batch_size, num_workers=num_workers)
         for batch in loader:
-            feats = self.encode(batch["frames"])
+            feats = self._encode_preprocessed(batch["frames"])
             for p, f, idx in zip(batch["path"], feats, batch["frame_indices"].tolist(), strict=True):
                 fields = self.key_fields(p)
                 key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

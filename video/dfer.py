@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from .cues import ClipCues, CueError, render_masks
 from .fineclipper import FineClipper
-from .io import IMAGE_EXTENSIONS, frame_files
+from .io import IMAGE_EXTENSIONS, VideoError, check_frame_size, frame_files
+
+MAX_CLIP_BYTES = 2 * 2**30  # decoded size of one clip held in memory (DFEW clips: a few MB)
 
 
 @dataclass
@@ -62,6 +64,17 @@ def tsn_indices(n: int, t: int, training: bool, generator: torch.Generator | Non
     return out
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image from its header (nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError (broken PNG chunks), ...
+        raise ValueError(f"{path}: unreadable frame image ({type(e).__name__}: {e})") from e
+
+
 def read_all_frames(path: str | os.PathLike) -> Tensor:
     """Every frame of a frame directory (sorted image files) or video file -> uint8 (N, 3, H, W)."""
     path = Path(path)
@@ -71,16 +84,27 @@ def read_all_frames(path: str | os.PathLike) -> Tensor:
         files = frame_files(path)
         if not files:
             raise ValueError(f"{path}: frame directory holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        frames = []
-        for f in files:
+        # the whole clip is held in memory: check its size from the first image's header before decoding any
+        first = _image_size(files[0])
+        check_frame_size(files[0], *first)
+        total = len(files) * first[0] * first[1] * 3
+        if total > MAX_CLIP_BYTES:
+            raise VideoError(path, f"{len(files)} frames of {first[0]}x{first[1]} would take {total:,} bytes decoded; "
+                                   f"expected at most {MAX_CLIP_BYTES:,} per clip (MAX_CLIP_BYTES: every frame of a "
+                                   "DFER clip is kept in memory); refused before decoding")
+        frames = torch.empty(len(files), 3, first[1], first[0], dtype=torch.uint8)
+        for i, f in enumerate(files):
             try:
                 with Image.open(f) as im:
-                    frames.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+                    size = im.size
+                    pixels = np.array(im.convert("RGB")) if size == first else None  # decoded only at the checked size
             except Exception as e:  # PIL raises OSError, ValueError, SyntaxError (broken PNG chunks), ...
                 raise ValueError(f"{f}: unreadable frame image ({type(e).__name__}: {e})") from e
-        if len({tuple(x.shape) for x in frames}) != 1:
-            raise ValueError(f"{path}: frames differ in size")
-        return torch.stack(frames)
+            if pixels is None:
+                raise ValueError(f"{path}: frames differ in size ({files[0].name} is {first[0]}x{first[1]}, "
+                                 f"{f.name} is {size[0]}x{size[1]})")
+            frames[i] = torch.from_numpy(pixels).permute(2, 0, 1)
+        return frames
     raise ValueError(f"{path}: expected a frame directory (video files: extract frames first)")
 
 
@@ -111,11 +135,20 @@ class Batcher:
         self.num_frames = num_frames
         self._desc_cache: dict[str, Tensor] = {}
 
+    def encode_descriptions(self, clips: Sequence[DferClip]) -> None:
+        """Encode the descriptions of ``clips`` that are not encoded yet, each text on its own (a batch of one).
+
+        The text tower's output for a text depends on the other texts of its batch (matrix-multiply blocking and
+        the batch's trimmed length: about 1e-7), so a text is always encoded alone: its feature is a function of
+        the text only, whichever clips share a batch, in training, validation, after ``--resume`` or in
+        ``mmadapters eval dfer``. Training encodes every description of its splits once, when the task is built.
+        """
+        for text in sorted({c.description for c in clips if c.description is not None} - self._desc_cache.keys()):
+            self._desc_cache[text] = self.model.encode_text([text])[0]
+
     def descriptions(self, clips: Sequence[DferClip]) -> Tensor:
-        missing = sorted({c.description for c in clips if c.description is not None and c.description not in self._desc_cache})
-        if missing:
-            feats = self.model.encode_text(missing)
-            self._desc_cache.update(zip(missing, feats, strict=True))
+        """(B, D) text features of the clips' descriptions."""
+        self.encode_descriptions(clips)
         return torch.stack([self._desc_cache[c.description] for c in clips])
 
     def __call__(self, clips: Sequence[DferClip], training: bool, generator: torch.Generator | None = None) -> dict:

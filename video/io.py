@@ -16,6 +16,15 @@ Robustness. Every failure raises :class:`VideoError` (a ``ValueError``) naming t
 - frame counts that lie: a header's count is trusted only as far as frames actually decode. When PyAV finds the
   stream ending early, a small shortfall (at most ``max(2, 5%)`` of the claimed frames, as B-frame and edit-list
   quirks produce) re-samples over the frames that exist; a larger one is a truncated file and raises;
+- absurd frame sizes: a frame over :data:`MAX_FRAME_PIXELS` (4096x4096, 16.8 Mpx) or with its long side more than
+  :data:`MAX_ASPECT` (20) times its short side is refused from the container's header (PyAV reads width and
+  height without decoding the clip), or from each image's header in a frame directory, before any frame is
+  decoded. No benchmark comes near them (DFEW/MAFW/FERV39k faces are a few hundred pixels, SUTD-TrafficQA and
+  Kinetics at most 1080p, DCI 4K is 8.8 Mpx at 1.9:1), while an 8000x8000 3-frame clip (23 KB on disk) took
+  6.5 GB in ``mmadapters eval videoqa`` and a 10000x10 one 5.8 GB per clip at ``size=224``. (Opening a refused
+  file still costs what FFmpeg's stream probe decodes: about 200 MB for that 8000x8000 one, in the helper.)
+  Below the limits, resizing (``size=``) and the CLIP preprocessing of the feature cache hold one frame at a
+  time as float, never a whole clip;
 - hangs: with ``timeout_s`` set (the default, :data:`DEFAULT_TIMEOUT_S`), native decoding runs in a helper
   *process* and a call that does not finish in time kills that process and raises. A process rather than a
   watchdog thread, because a decoder stuck in native code can neither be interrupted nor stopped from Python
@@ -61,6 +70,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_TIMEOUT_S = 20.0  # a 300-frame clip decodes in well under a second; this only bounds hangs
 DEFAULT_STRIDE = 4
 BACKENDS = ("auto", "decord", "pyav")
+MAX_FRAME_PIXELS = 4096 * 4096  # per frame; see the module docstring for why these two limits
+MAX_ASPECT = 20  # long side / short side of a frame
 
 
 class VideoError(ValueError):
@@ -146,6 +157,34 @@ def _tolerated_shortfall(claimed: int) -> int:
     return max(2, int(0.05 * claimed))
 
 
+def check_frame_size(path: str | os.PathLike, width: int, height: int) -> None:
+    """Raise :class:`VideoError` for frames over :data:`MAX_FRAME_PIXELS` or more elongated than :data:`MAX_ASPECT`."""
+    if width < 1 or height < 1:
+        raise VideoError(path, f"frame size {width}x{height} (width x height): expected at least 1x1")
+    if width * height > MAX_FRAME_PIXELS:
+        raise VideoError(path, f"frames are {width}x{height} (width x height: {width * height:,} pixels); expected at "
+                               f"most {MAX_FRAME_PIXELS:,} pixels per frame (MAX_FRAME_PIXELS, 4096x4096); refused "
+                               "before decoding (downscale the video first)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        ratio = round(max(width, height) / min(width, height), 1)
+        raise VideoError(path, f"frames are {width}x{height} (width x height: {ratio:g}:1); expected a long side at most "
+                               f"{MAX_ASPECT} times the short side (MAX_ASPECT); refused before decoding")
+
+
+def _probe_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the container's header (no frame is decoded), or None when PyAV cannot tell."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return None
+            ctx = container.streams.video[0].codec_context
+            return (int(ctx.width), int(ctx.height)) if ctx.width and ctx.height else None
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None  # the decoders report what is wrong with the file
+
+
 def _decode_frame_dir(path: str, spec: dict) -> tuple[np.ndarray, list[int], int, str]:
     from PIL import Image
 
@@ -158,7 +197,10 @@ def _decode_frame_dir(path: str, spec: dict) -> tuple[np.ndarray, list[int], int
         if i not in cache:
             try:
                 with Image.open(files[i]) as img:
+                    check_frame_size(files[i], *img.size)  # from the image's header, before it decodes
                     cache[i] = np.asarray(img.convert("RGB"))
+            except VideoError:
+                raise
             except Exception as err:  # PIL raises several types for unreadable images
                 raise VideoError(files[i], f"frame {i} of frame directory {path} cannot be read "
                                            f"({type(err).__name__}: {err})") from None
@@ -184,6 +226,8 @@ def _decode_decord(path: str, spec: dict) -> tuple[np.ndarray, list[int], int, s
     indices = _indices(total, spec)
     reader.seek(0)  # decord keeps long videos' memory flat only when a batch starts from a seek
     frames = reader.get_batch(indices).asnumpy()
+    if frames.ndim == 4:  # the header was checked before (_probe_size); this covers files PyAV cannot open
+        check_frame_size(path, frames.shape[2], frames.shape[1])
     if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
         raise VideoError(path, f"decord returned frames of shape {frames.shape}, expected ({len(indices)}, H, W, 3)")
     return frames, indices, total, "decord"
@@ -210,13 +254,14 @@ def _decode_pyav(path: str, spec: dict) -> tuple[np.ndarray, list[int], int, str
     with container:
         if not container.streams.video:
             raise VideoError(path, "the file has no video stream")
+        ctx = container.streams.video[0].codec_context
+        if ctx.width and ctx.height:  # some streams only know their size once a frame decodes (checked then)
+            check_frame_size(path, int(ctx.width), int(ctx.height))
         claimed = _pyav_claimed_frames(container, container.streams.video[0])
+    if claimed == 0:  # unknown: one pass counts the frames (keeping none), the next decodes the sampled ones
+        _, claimed = _pyav_read(path, set())
         if claimed == 0:
-            frames, total = _pyav_read(path, None)
-            if total == 0:
-                raise VideoError(path, "no frame decodes")
-            indices = _indices(total, spec)
-            return np.stack([frames[i] for i in indices]), indices, total, "pyav"
+            raise VideoError(path, "no frame decodes")
     indices = _indices(claimed, spec)
     got, decoded = _pyav_read(path, set(indices))
     if decoded >= claimed or max(indices) < decoded:
@@ -233,8 +278,9 @@ def _decode_pyav(path: str, spec: dict) -> tuple[np.ndarray, list[int], int, str
     return np.stack([got[i] for i in indices]), indices, decoded, "pyav"
 
 
-def _pyav_read(path: str, wanted: set[int] | None) -> tuple[dict[int, np.ndarray], int]:
-    """Decode frames in order up to the last wanted one (all when ``wanted`` is None): ({index: HxWx3}, decoded)."""
+def _pyav_read(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode frames in order up to the last wanted one: ({index: HxWx3}, decoded); an empty ``wanted`` decodes
+    every frame and keeps none (counting them)."""
     import av
 
     last = max(wanted) if wanted else math.inf
@@ -245,7 +291,8 @@ def _pyav_read(path: str, wanted: set[int] | None) -> tuple[dict[int, np.ndarray
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                if wanted is None or n in wanted:
+                if n in wanted:
+                    check_frame_size(path, frame.width, frame.height)  # a stream may change size midway
                     got[n] = frame.to_ndarray(format="rgb24")
                 n += 1
                 if n > last:
@@ -263,7 +310,10 @@ def _decode(path: str, spec: dict) -> tuple[np.ndarray, list[int], int, str]:
         return _decode_frame_dir(path, spec)
     backend = spec.get("backend", "auto")
     if backend == "pyav":
-        return _decode_pyav(path, spec)
+        return _decode_pyav(path, spec)  # checks the frame size from the header it opens
+    size = _probe_size(path)
+    if size is not None:
+        check_frame_size(path, *size)
     try:
         return _decode_decord(path, spec)
     except Exception as err:  # decord raises RuntimeError/DECORDError/IndexError; PyAV gets the last word
@@ -296,13 +346,14 @@ def _serve() -> None:
             frames, indices, total, backend = _decode(request["path"], request["spec"])
             frames = np.ascontiguousarray(frames, dtype=np.uint8)
             header = {"ok": True, "shape": list(frames.shape), "indices": indices, "total": total, "backend": backend}
-            payload = frames.tobytes()
+            payload = memoryview(frames).cast("B")  # written from the array itself: no second copy of the clip
         except VideoError as err:
             header, payload = {"ok": False, "reason": err.reason, "path": err.path}, b""
         except Exception as err:  # anything else a decoder throws is still a bad file, not a helper failure
             header, payload = {"ok": False, "reason": f"{type(err).__name__}: {_first_line(err)}"}, b""
         data = json.dumps(header).encode()
-        out.write(_HEADER.pack(len(data)) + data + payload)
+        out.write(_HEADER.pack(len(data)) + data)
+        out.write(payload)
         out.flush()
 
 
@@ -343,19 +394,20 @@ class _Decoder:
         except OSError:
             return ""
 
-    def _read_exact(self, n: int, deadline: float) -> bytes:
+    def _read_exact(self, n: int, deadline: float) -> bytearray:
+        """``n`` bytes from the helper, read straight into one buffer (the clip is never held twice)."""
         fd = self.proc.stdout.fileno()
-        chunks, left = [], n
-        while left:
+        buf = bytearray(n)
+        view, done = memoryview(buf), 0
+        while done < n:
             wait = deadline - time.monotonic()
             if wait <= 0 or not select.select([fd], [], [], wait)[0]:
                 raise TimeoutError
-            chunk = os.read(fd, min(left, 1 << 22))
-            if not chunk:
+            got = os.readv(fd, [view[done:done + (1 << 22)]])
+            if not got:
                 raise EOFError
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+            done += got
+        return buf
 
     def request(self, path: str, spec: dict, timeout_s: float) -> tuple[np.ndarray, list[int], int, str]:
         self.log.seek(0)
@@ -369,7 +421,7 @@ class _Decoder:
             raise VideoError(header.get("path", path), header["reason"])
         shape = header["shape"]
         payload = self._read_exact(int(np.prod(shape)), deadline)
-        frames = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+        frames = np.frombuffer(payload, dtype=np.uint8).reshape(shape)  # writable: torch takes it without a copy
         return frames, header["indices"], header["total"], header["backend"]
 
 
@@ -463,14 +515,17 @@ def load_clip(path: str | os.PathLike, num_frames: int = 8, strategy: str = "uni
         frames, indices, _, _ = _decode(path, spec)
     else:
         frames, indices, _, _ = _decode_bounded(path, spec, timeout_s)
-    clip = torch.from_numpy(np.array(frames, copy=not frames.flags.writeable)).permute(0, 3, 1, 2).contiguous()
-    if size is not None:
-        clip = _resize(clip, size, F)
+    hwc = torch.from_numpy(np.array(frames, copy=not frames.flags.writeable))  # (T, H, W, 3), the decoded buffer
+    clip = hwc.permute(0, 3, 1, 2).contiguous() if size is None else _resize(hwc, size, F)
     return (clip, list(indices)) if return_indices else clip
 
 
-def _resize(clip: torch.Tensor, size: int | Sequence[int], F: Any) -> torch.Tensor:
-    h, w = clip.shape[-2:]
+def _resize(hwc: torch.Tensor, size: int | Sequence[int], F: Any) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, H', W'), one frame at a time: only one frame is ever held as float
+    (a whole full-size clip as float is 4x its decoded size: 1.6 GB for 8 frames of 4096x4096)."""
+    import torch
+
+    h, w = hwc.shape[1:3]
     if isinstance(size, int):
         if size < 1:
             raise ValueError(f"size={size}: expected a positive short-side length or (H, W)")
@@ -481,6 +536,10 @@ def _resize(clip: torch.Tensor, size: int | Sequence[int], F: Any) -> torch.Tens
         if len(target) != 2 or min(target) < 1:
             raise ValueError(f"size={size!r}: expected a positive int (short side) or (H, W)")
     if target == (h, w):
-        return clip
-    out = F.interpolate(clip.float(), size=target, mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(clip.dtype)
+        return hwc.permute(0, 3, 1, 2).contiguous()
+    out = torch.empty((hwc.shape[0], hwc.shape[3], *target), dtype=hwc.dtype)
+    for t in range(hwc.shape[0]):
+        frame = hwc[t].permute(2, 0, 1).contiguous().unsqueeze(0).float()  # contiguous while still uint8
+        resized = F.interpolate(frame, size=target, mode="bilinear", antialias=True, align_corners=False)
+        out[t] = resized[0].round_().clamp_(0, 255)
+    return out
