@@ -237,6 +237,8 @@ class FineClipperTask:
         self.train, self.val, self.device = train, val, torch.device(device)
         self.eval_batch_size, self.metadata = eval_batch_size, metadata
         self.batcher = Batcher(model, num_frames)
+        if "description" in model.config.cues:  # once, in a fixed order: --resume sees the same features
+            self.batcher.encode_descriptions(train.clips + val.clips)
         self.labels = torch.tensor([c.label for c in train.clips], dtype=torch.long)
         self.backbone_parameters = sum(p.numel() for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n)
         self._train_mode()
