@@ -80,14 +80,12 @@ def evaluate_samples(args: argparse.Namespace, *, identity: dict[str, Any], meth
     from mmadapters import distributed
     from mmadapters.atomic import atomic_write_bytes
 
-    from .results_io import check_overwrite, fill_output
+    from .results_io import prepare_output
     from .results_schema import build_results, run_key, write_results
     from .sample_runner import SampleLog, run_samples
 
     key = run_key(settings=settings, **identity)
-    output = fill_output(args.output, method=method, **identity)
-    if distributed.is_main():
-        check_overwrite(output, key, args.overwrite)  # before any work: the file holds another run
+    output = prepare_output(args, key, method=method, **identity)  # before any work
     log = SampleLog.open(output, key, restart=args.restart)
     t0 = time.perf_counter()
     outcome = run_samples(samples, sample_id=sample_id, predict=predict, batch_size=args.batch_size, log=log,
