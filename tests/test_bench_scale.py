@@ -99,6 +99,20 @@ def test_peft_past_its_budget_is_skipped_and_marked(bench):
                                    bench.routed(ours.model, mma.AdapterCache(), names, x), rtol=1e-5, atol=1e-5)
 
 
+def test_aims_are_judged_on_the_measured_cells(bench):
+    def cell(k, routed, vs_peft):
+        return {"k": k, "routed_over_plain": routed, "ours_over_peft": vs_peft}
+
+    scale = {"rows": [{"N": 32, "cells": [cell(32, 1.25, 0.9)]},
+                      {"N": 256, "cells": [cell(8, 1.1, 0.6), cell(32, 1.2, 0.7)]},
+                      {"N": 4096, "cells": [cell(32, 1.35, None)]}]}  # peft skipped at N=4096
+    assert bench.aims(scale) == [
+        ("routed with 32 distinct ≤ 1.3× plain at every N", False),  # 1.35 at N=4096
+        ("routed/plain at N=4096 within 10% of N=32 (k=32)", True),  # 1.35 / 1.25 = 1.08
+        ("≥ 1.5× faster than peft's mixed batch at N ≥ 256 (peft measured at N=256)", False)]  # 0.7 > 1 / 1.5
+    assert [ok for _, ok in bench.aims({"rows": [{"N": 1, "cells": [cell(1, 1.0, 1.0)]}]})] == [None, None, None]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--distinct", "1,40"], "--distinct 40 exceeds --batch 32"),
     (["--capacity", "4"], "--capacity 4 is below --distinct 32"),
