@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import platform
 import shlex
@@ -67,6 +68,12 @@ def tiny_tower(device: str) -> nn.Module:
     return load_clip(None).model.visual.to(device).eval()
 
 
+def _settle() -> None:
+    # Move every live object out of the cyclic collector's view (cheap, no collection): otherwise a full collection
+    # over torch's and peft's heap (≈0.5 s here) lands inside whichever add_adapter call or forward triggers it.
+    gc.freeze()
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -89,6 +96,7 @@ def add_summary(b: Built, n: int) -> dict:
 
 def build_ours(base: nn.Module, n: int, rank: int, device: str, seed: int = 0) -> Built:
     """``base`` (on ``device``) + ``n`` random LoRAs ``a0..a{n-1}`` whose units live in host memory."""
+    _settle()
     rss0 = _rss()
     model = copy.deepcopy(base).cpu()
     configs = [mma.LoRAConfig(r=rank, alpha=2 * rank, target_modules=TARGETS) for _ in range(n)]
@@ -142,6 +150,7 @@ def build_peft(base: nn.Module, n: int, rank: int, budget_s: float, direct: bool
     model is dropped, or, with ``direct``, the rest are registered with :func:`peft_register_direct`)."""
     import peft
 
+    _settle()
     rss0 = _rss()
     configs = [_peft_cfg(rank) for _ in range(n)]
     t = time.perf_counter()
@@ -241,6 +250,7 @@ class Cell:
 
 def interleaved(cells: dict[str, Cell], reps: int, warmup: int, device: str) -> None:
     """Fill each cell's ``seconds`` with ``reps`` timed calls, the cells run round-robin."""
+    _settle()
     with torch.inference_mode():
         for r in range(warmup + reps):
             for cell in cells.values():
@@ -386,6 +396,7 @@ def bench_serving(base: nn.Module, args, plain_batch_s: float) -> dict:
         first = adapters[: args.serve_batch]
         diff = (servers["ours"].run(first, images) - servers["peft"].run(first, images)).abs().max().item()
     hits0, misses0 = cache.stats.hits, cache.stats.misses  # the check above warmed both; count the stream's only
+    _settle()
     serve(servers, arrivals, adapters, images, args.serve_batch, args.device)
     out = {"adapters": n, "requests": args.serve_requests, "max_batch": args.serve_batch,
            "cache_capacity": args.serve_capacity, "offered_rate": rate, "rate_auto": args.rate is None,
@@ -580,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
         cell = Cell(lambda r: base(xb))
         interleaved({"plain": cell}, 5, 1, args.device)
         result["serving"] = bench_serving(base, args, median(cell))
+    gc.unfreeze()  # hand what _settle froze back to the collector (a caller's process goes on)
     result["load_average_end"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     result["wall_seconds"] = round(time.time() - start, 1)
     write_bench_report(args.out, result, markdown(result), title=f"Scale benchmark (issue 22), {args.device}",
