@@ -133,7 +133,10 @@ def transcribe_files(files: Sequence[str | os.PathLike], *, model: str | None = 
 
 
 def _transcribe_command(args: argparse.Namespace) -> int:
+    from mmadapters.training.trainer import check_device
+
     try:
+        check_device(args.device, f"--device {args.device}")  # before the model is loaded
         rows = transcribe_files(args.files, model=args.model, adapters=args.adapters, lang=args.lang, decode=args.decode,
                                 beam=args.beam, device=args.device, max_seconds=args.max_seconds or None, mono=args.mono)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:

@@ -1,7 +1,10 @@
 """``mmadapters train <recipe> --config FILE.yaml``: train any registered recipe with the shared engine.
 
 Torch-free at import (``mmadapters --help`` builds this parser); the recipe and the engine are imported
-when the command runs. Under torchrun every rank runs the command; rank 0 writes the files::
+when the command runs. Errors name where a bad value came from (the YAML file, ``--set KEY=VALUE``, ``--device``);
+the run folder is locked from before ``config.yaml`` is written until the run ends, so a second run into it (or a
+``--resume`` of a run that is still alive) is refused. Under torchrun every rank runs the command; rank 0 holds
+the lock and writes the files::
 
     torchrun --nproc_per_node 2 --no-python mmadapters train tip-adapter --config configs/tip-adapter.yaml
 """
@@ -19,6 +22,8 @@ RECIPES: dict[str, str] = {
     "tem-adapter": "mmadapters.video.tem_train:RECIPE",
     "fineclipper": "mmadapters.video.fineclipper_train:RECIPE",
     "lda": "mmadapters.speech.lda_train:RECIPE",
+    "clip-pretrain": "mmadapters.vision.clip_pretrain:RECIPE",
+    "vlt5-pretrain": "mmadapters.vision.vlt5_pretrain:RECIPE",
 }
 
 PROG = "mmadapters train"
@@ -99,31 +104,44 @@ def run_train(args: argparse.Namespace) -> int:
     if args.recipe not in RECIPES:
         return _error(f"unknown recipe {args.recipe!r}; known recipes: {', '.join(known_recipes())}")
 
-    from mmadapters.training.config_io import ConfigError, apply_overrides, load_yaml
+    from mmadapters.training.config_io import ConfigError, Origins, apply_overrides, load_yaml
     from mmadapters.training.recipe import build_run_config, load_recipe
 
     try:
         recipe = load_recipe(args.recipe, RECIPES[args.recipe])
-        source = args.config or "(no --config)"
         data = load_yaml(args.config) if args.config else {}
-        data = apply_overrides(data, args.overrides)
-        run = build_run_config(recipe, data, source=source, output=args.output, device=args.device)
+        flags = {"trainer.device": "--device"} if args.device is not None else {}
+        source = Origins(args.config or "(no --config)", args.overrides, data, flags)
+        run = build_run_config(recipe, apply_overrides(data, args.overrides), source=source, output=args.output,
+                               device=args.device)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         return _error(str(err))
-    return _train(recipe, run, resume=args.resume)
+    device_from = source.at("trainer.device")  # "--device", "--set trainer.device=cuda" or the file
+    device_from = {"--device": f"--device {args.device}", str(source): f"{source}: trainer.device {run.trainer.device}"}.get(
+        device_from, device_from)
+    return _train(recipe, run, resume=args.resume, device_from=device_from)
 
 
-def _train(recipe, run, *, resume: bool) -> int:
+def _train(recipe, run, *, resume: bool, device_from: str | None = None) -> int:
+    import contextlib
     from pathlib import Path
 
     from mmadapters import distributed
-    from mmadapters.training.checkpoint import check_resumable, comparable_config, load_train_state, prepare_output
+    from mmadapters.training.checkpoint import (
+        RunFolderBusy,
+        check_resumable,
+        comparable_config,
+        load_train_state,
+        prepare_output,
+        run_lock,
+    )
     from mmadapters.training.config_io import ConfigError, dump_yaml
-    from mmadapters.training.trainer import RankZeroFailed, run_on_main, seed_everything, train
+    from mmadapters.training.trainer import RankZeroFailed, check_device, run_on_main, seed_everything, train
 
     output = Path(run.output)
     main = True
     try:
+        check_device(run.trainer.device, device_from)  # before anything is written or loaded
         distributed.init_from_env(run.trainer.device)
         main = distributed.is_main()
         run.trainer.device = str(distributed.device_for_rank(run.trainer.device))
@@ -135,11 +153,14 @@ def _train(recipe, run, *, resume: bool) -> int:
                 check_resumable(load_train_state(state_path), state_path, comparable=comparable, params=None)
             dump_yaml(run.to_mapping(), output / "config.yaml")
 
-        run_on_main(prepare)
-        seed_everything(run.trainer.seed, 0)  # every rank builds the same base and the same initial adapters
-        task = recipe.build_task(run.recipe, run.trainer)
-        summary = train(task, run.trainer, output, resume=resume, run_config={**run.to_mapping(), "recipe_name": recipe.name})
-    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+        with contextlib.ExitStack() as lock:
+            run_on_main(lambda: lock.enter_context(run_lock(output)) and None)  # held until the run ends
+            run_on_main(prepare)
+            seed_everything(run.trainer.seed, 0)  # every rank builds the same base and the same initial adapters
+            task = recipe.build_task(run.recipe, run.trainer)
+            summary = train(task, run.trainer, output, resume=resume,
+                            run_config={**run.to_mapping(), "recipe_name": recipe.name})
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, RunFolderBusy) as err:
         return _error(str(err)) if main else 2
     except RankZeroFailed:
         return 2  # rank 0 reports it

@@ -73,14 +73,29 @@ def test_rerun_without_resume_is_refused_and_leaves_the_run_alone(tmp_path, caps
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["nope"], "unknown recipe 'nope'; known recipes: caps-adapter, fineclipper, lda, tem-adapter, tip-adapter, toy, vl-adapter"),
+    (["nope"], "unknown recipe 'nope'; known recipes: {known}"),
     ([], "a recipe name is required"),
     (["toy", "--config", "{tmp}/missing.yaml"], "missing.yaml: config file not found"),
     (["toy", "--config", "{tmp}/bad.yaml"], "bad.yaml:4:1: YAML syntax error: while parsing a flow sequence (line 3, column 10)"),
-    (["toy", "--config", "{tmp}/run.yaml", "--set", "recipe.bogus=1"], "run.yaml: recipe.bogus: unknown key (expected one of: "),
+    # a bad --set is blamed on the --set, not on the file
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "recipe.bogus=1"],
+     "error: --set recipe.bogus=1: recipe.bogus: unknown key (expected one of: "),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "recipe.rnak=2"], "--set recipe.rnak=2: recipe.rnak: unknown key (expected one of: "),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "recipe.rnak=2"], "did you mean 'rank'?"),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "recipe.rank=many"],
+     "error: --set recipe.rank=many: recipe.rank: expected an integer, got 'many'"),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "optimizer.lr=1"],
+     "error: --set optimizer.lr=1: optimizer: unknown key (expected one of: output, trainer, recipe)"),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "trainer=5"], "error: --set trainer=5: trainer: expected a mapping"),
+    (["toy", "--config", "{tmp}/unknown.yaml", "--set", "recipe.rank=2"], "unknown.yaml: recipe.widht: unknown key"),
     (["toy", "--config", "{tmp}/unknown.yaml"], "unknown.yaml: recipe.widht: unknown key"),
-    (["toy", "--config", "{tmp}/run.yaml", "--set", "trainer.steps=-1"], "run.yaml: trainer: trainer.steps: expected an integer >= 0"),
-    (["toy", "--config", "{tmp}/run.yaml", "--set", "trainer.schedule=step"], "trainer.schedule: expected one of 'constant'"),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "trainer.steps=-1"],
+     "error: --set trainer.steps=-1: trainer.steps: expected an integer >= 0"),
+    (["toy", "--config", "{tmp}/steps.yaml"], "steps.yaml: trainer.steps: expected an integer >= 0"),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "trainer.schedule=weekly"],
+     "error: --set trainer.schedule=weekly: trainer.schedule: expected one of 'constant', 'linear', 'cosine', 'step'"),
+    (["toy", "--config", "{tmp}/run.yaml", "--set", "trainer.schedule=step"],
+     "run.yaml: trainer.step_every: expected an integer >= 1 with schedule: step"),
     (["toy", "--config", "{tmp}/run.yaml", "--set", "trainer.steps"], "--set 'trainer.steps': expected KEY=VALUE"),
     (["toy", "--config", "{tmp}/noout.yaml"], "noout.yaml: output: missing"),
     (["toy", "--config", "{tmp}/run.yaml", "--resume"], "--resume needs the training state of an earlier run"),
@@ -92,10 +107,13 @@ def test_errors_exit_2(tmp_path, capsys, args, needle):
     write_config(tmp_path / "run.yaml", output=str(tmp_path / "out"))
     write_config(tmp_path / "noout.yaml")
     write_config(tmp_path / "unknown.yaml", output=str(tmp_path / "out"), recipe={"widht": 3})
+    write_config(tmp_path / "steps.yaml", output=str(tmp_path / "out"), trainer={"steps": -1})
     (tmp_path / "bad.yaml").write_text("output: x\ntrainer:\n  steps: [1\n")
     assert cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err
+    needle = needle.replace("{known}", ", ".join(sorted(train_cli.RECIPES)))  # toy among the shipped ones
     assert err.startswith("mmadapters train: error: ") and needle in err, err
+    assert err.count("\n") == 1  # one line
 
 
 def test_nan_loss_exit_1(tmp_path, capsys):

@@ -139,12 +139,20 @@ def test_trainer_config_ranges():
                                  ("warmup_ratio", 1.5, "trainer.warmup_ratio: expected a number in [0, 1]"),
                                  ("grad_clip", 0, "trainer.grad_clip: expected a positive number or null"),
                                  ("lr", ".inf", "trainer.lr: expected a finite number"),
-                                 ("schedule", "step", "trainer.schedule: expected one of 'constant', 'linear', 'cosine'"),
+                                 ("schedule", "weekly", "trainer.schedule: expected one of 'constant', 'linear', 'cosine', 'step'"),
+                                 ("schedule", "step", "trainer.step_every: expected an integer >= 1 with schedule: step"),
+                                 ("step_every", 0, "trainer.step_every: expected an integer >= 1 or null"),
+                                 ("step_gamma", 0, "trainer.step_gamma: expected a number in (0, 1]"),
+                                 ("step_gamma", 1.5, "trainer.step_gamma: expected a number in (0, 1]"),
+                                 ("grad_accum_steps", 0, "trainer.grad_accum_steps: expected an integer >= 1"),
+                                 ("precision", "fp8", "trainer.precision: expected one of 'fp32', 'bf16', 'fp16'"),
                                  ("select_mode", "best", "trainer.select_mode: expected one of 'max', 'min'")]:
         value = yaml.safe_load(value) if isinstance(value, str) and value.startswith(".") else value
         with pytest.raises(ConfigError) as err:
             from_mapping(TrainerConfig, {key: value}, source="run.yaml", path="trainer")
-        assert "run.yaml: trainer" in str(err.value) and expected in str(err.value), str(err.value)
+        # the file, then the field's dotted path, once
+        assert str(err.value).startswith("run.yaml: trainer.") and expected in str(err.value), str(err.value)
+        assert "trainer: trainer." not in str(err.value)
 
 
 @dataclass

@@ -106,7 +106,7 @@ def test_error_no_trainable_parameters(tmp_path):
 
 def test_error_bad_device_and_task_loss(tmp_path):
     task = build_toy_task(ToyConfig(), TrainerConfig())
-    with pytest.raises(ValueError, match="trainer.device: 'gpu0' is not a device name"):
+    with pytest.raises(ValueError, match="trainer.device gpu0: not a device name"):
         train(task, TrainerConfig(steps=1, device="gpu0"), tmp_path / "a")
     task.loss = lambda model, batch: model(batch[0])  # (B,) instead of a scalar
     with pytest.raises(TypeError, match=r"task.loss\(\) must return a scalar tensor .* got \(8,\)"):

@@ -6,30 +6,108 @@ states (python ``random``, numpy as lists of ints, torch CPU, CUDA), the step (w
 position), the best score so far, the history, and fingerprints of the trainer config and of the
 trainable parameters (names, shapes, dtypes) so that ``--resume`` refuses a state from another run.
 Written to a temporary file, fsynced and renamed: a kill -9 leaves the previous state or the new one.
+
+A run holds its output folder's lock (:func:`run_lock`, ``flock`` on ``.train.lock``) from before the first file
+is written until it ends; the kernel releases it when the process dies, even by kill -9. A second run (or a
+``--resume``) of a folder whose run is alive is refused with the holder's pid.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .trainer_config import RESUMABLE_CHANGES
+from .trainer_config import RESUMABLE_CHANGES, TrainerConfig
+
+# TrainerConfig fields added after states were first written: a state without one was written with its default.
+ADDED_FIELDS = ("precision", "grad_accum_steps", "step_every", "step_gamma")
 
 STATE_NAME = "train_state.pt"
+LOCK_NAME = ".train.lock"
 FORMAT = "mmadapters.train_state/1"
 
-__all__ = ["FORMAT", "STATE_NAME", "capture_rng", "check_resumable", "config_fingerprint", "load_train_state",
-           "parameter_fingerprint", "prepare_output", "restore_rng", "save_train_state"]
+__all__ = ["FORMAT", "LOCK_NAME", "STATE_NAME", "RunFolderBusy", "capture_rng", "check_resumable", "config_fingerprint",
+           "load_train_state", "parameter_fingerprint", "prepare_output", "restore_rng", "run_lock", "save_train_state"]
+
+
+# -- the run folder's lock ----------------------------------------------------------------------------------
+
+class RunFolderBusy(RuntimeError):
+    """Another live process trains into this output folder."""
+
+
+_held: dict[str, list] = {}  # real path of a locked folder -> [fd, depth]: this process's locks (re-entrant)
+
+
+@contextlib.contextmanager
+def run_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``output``'s lock (creating the folder) for the ``with`` block; re-entrant in one process.
+
+    The lock is ``flock`` on ``output/.train.lock``, whose text is the holder's pid; it is removed on release
+    (while still held, and a lock taken on a file that was meanwhile removed is taken again, so two processes
+    never both believe they hold it). Raises :class:`RunFolderBusy` naming the folder and the holder's pid."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"{output}: the output must be a directory, and this is a file")
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(output)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield output
+        finally:
+            _held[key][1] -= 1
+        return
+    path = output / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                pid = path.read_text().strip() or "unknown"
+            except OSError:
+                pid = "unknown"
+            raise RunFolderBusy(f"{output}: another training run (pid {pid}) is writing into this folder; wait for it "
+                                "to end (or stop it) before training or resuming here, or choose another --output") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a file its last holder removed meanwhile
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    _held[key] = [fd, 1]
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield output
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)  # releases the flock
+        if created:
+            with contextlib.suppress(OSError):
+                output.rmdir()  # a run refused before writing anything leaves no empty folder behind
 
 
 # -- RNG states ---------------------------------------------------------------------------------------------
@@ -68,7 +146,8 @@ def _digest(obj: Any) -> str:
 def comparable_config(trainer: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
     """What must stay the same across --resume: the trainer config less :data:`RESUMABLE_CHANGES`, and the
     rest of the run's config (the recipe section) when given."""
-    out = {f"trainer.{k}": v for k, v in trainer.items() if k not in RESUMABLE_CHANGES}
+    # group_batches is checked through what it decides, the state's data order (a task without groups ignores it)
+    out = {f"trainer.{k}": v for k, v in trainer.items() if k not in RESUMABLE_CHANGES and k != "group_batches"}
     for section, value in (run or {}).items():
         if section in ("trainer", "output", "recipe_name"):  # the recipe section itself is compared
             continue
@@ -154,8 +233,11 @@ def load_train_state(path: Path) -> dict[str, Any]:
 
 def check_resumable(state: dict[str, Any], path: Path, *, comparable: dict[str, Any], params: dict[str, list] | None) -> None:
     """Raise ValueError naming what differs between the stored run and this one (``params`` None: the config only)."""
-    if state["config_fingerprint"] != config_fingerprint(comparable):
-        stored = state["config"]
+    stored = state["config"]
+    if state["config_fingerprint"] != config_fingerprint(comparable) and "trainer.precision" not in stored:
+        defaults = {f"trainer.{f.name}": f.default for f in dataclasses.fields(TrainerConfig) if f.name in ADDED_FIELDS}
+        stored = {**{k: v for k, v in defaults.items() if k in comparable}, **stored}  # a state from before they existed
+    if config_fingerprint(stored) != config_fingerprint(comparable):
         diffs = [f"{k}: {stored.get(k, '(absent)')!r} there, {comparable.get(k, '(absent)')!r} here"
                  for k in sorted(set(stored) | set(comparable)) if stored.get(k, object()) != comparable.get(k, object())]
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")

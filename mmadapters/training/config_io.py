@@ -9,6 +9,10 @@ the field's annotation (nested dataclasses, ``X | None``, ``list[X]``, ``tuple[X
 ``bool`` is not accepted for an ``int`` (YAML's ``yes`` is no step count); an ``int`` is fine for a ``float``,
 and so is a numeric string, since YAML 1.1 (PyYAML) reads ``3e-4`` (no dot) as the string ``"3e-4"``.
 
+Messages name where a value came from: the file, or the ``--set KEY=VALUE`` that overrode it (:class:`Origins`).
+YAML anchors and aliases are allowed up to :data:`MAX_EXPANDED_NODES` nodes once every alias is expanded (an
+"alias bomb" of 2 KB expands to billions; it is refused before anything is built from it), never recursively.
+
 Torch-free: the command line validates a config before any model is loaded.
 """
 
@@ -27,14 +31,59 @@ from typing import Any, Literal, Union
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "dump_yaml", "from_mapping", "load_yaml", "to_mapping"]
+__all__ = ["ConfigError", "MAX_EXPANDED_NODES", "Origins", "apply_overrides", "dump_yaml", "from_mapping", "load_yaml",
+           "to_mapping"]
+
+# A training config has tens of values; a list of this many expanded nodes is no config but an alias bomb.
+MAX_EXPANDED_NODES = 100_000
 
 
 class ConfigError(ValueError):
     """A config that does not fit its dataclass: the message names the file, the dotted field path and what was expected."""
 
 
+class Origins(str):
+    """The name of a config's file (it *is* that string) that also knows which dotted paths ``--set`` overrode.
+
+    ``origins.at("recipe.lr")`` is ``"--set recipe.lr=0.1"`` when that flag set the value (or the section holding
+    it), else the file's name. A path that only ``--set`` created (``foo`` for ``--set foo.bar=1``) is blamed on
+    the flag too."""
+
+    overrides: dict[str, str]
+    created: dict[str, str]
+
+    def __new__(cls, source: str, overrides: list[str] = (), data: Mapping | None = None,
+                flags: Mapping[str, str] | None = None) -> Origins:
+        """``overrides``: the ``--set`` items in order; ``data``: the file's mapping (before they were applied);
+        ``flags``: dotted path -> the other flag that set it last (``{"trainer.device": "--device cuda"}``)."""
+        self = super().__new__(cls, source)
+        self.overrides, self.created = {}, {}
+        for item in overrides:
+            key = ".".join(p.strip() for p in item.partition("=")[0].split("."))
+            self.overrides[key] = f"--set {item}"
+            node: Any = data if data is not None else {}
+            parts = key.split(".")
+            for depth in range(len(parts) - 1):  # the sections this key adds to the file's
+                node = node.get(parts[depth]) if isinstance(node, Mapping) else None
+                if node is None:
+                    for d in range(depth, len(parts) - 1):
+                        self.created.setdefault(".".join(parts[: d + 1]), f"--set {item}")
+                    break
+        self.overrides.update(flags or {})
+        return self
+
+    def at(self, path: str) -> str:
+        parts = path.split(".") if path else []
+        for n in range(len(parts), 0, -1):  # the longest --set key that holds this path
+            found = self.overrides.get(".".join(parts[:n]))
+            if found is not None:
+                return found
+        return self.created.get(path, str(self))
+
+
 def _where(source: str, path: str) -> str:
+    if isinstance(source, Origins):
+        source = source.at(path)
     return f"{source}: {path}" if path else source
 
 
@@ -185,11 +234,69 @@ def from_mapping(cls: type, data: Any, *, source: str, path: str = "") -> Any:
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
+        name = getattr(err, "field", None)  # a check that names its field (TrainerConfig's) also names its path
+        if isinstance(name, str) and name in fields:
+            sub = f"{path}.{name}" if path else name
+            source_at = source.at(sub) if isinstance(source, Origins) else source
+            raise ConfigError(f"{source_at}: {err}") from None
         raise ConfigError(f"{where}: {err}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not a silent override, and
+    that a document whose aliases expand past :data:`MAX_EXPANDED_NODES` nodes (or into themselves) is refused
+    after composing (a graph as small as the text) and before constructing (where the copies would be made)."""
+
+    def get_single_node(self):  # noqa: ANN201 - PyYAML's signature
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+class _AliasBomb(ValueError):
+    pass
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise :class:`_AliasBomb` when ``root`` expanded as a tree (every alias copied) exceeds the budget or
+    contains itself. Linear in the composed graph: each node's expanded size is computed once."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: deep nesting must not hit Python's recursion limit
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = _children(node)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > MAX_EXPANDED_NODES:
+                raise _AliasBomb(f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); "
+                                 "write the values out or use fewer nested aliases")
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise _AliasBomb(f"an alias refers to a node that contains it (line {node.start_mark.line + 1}): a recursive "
+                             "structure is no config value")
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise _AliasBomb(f"an alias refers to a node that contains it (line {child.start_mark.line + 1}): a "
+                                 "recursive structure is no config value")
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -233,6 +340,8 @@ def parse_yaml_text(text: str, source: str) -> dict:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise _yaml_error(source, err) from None
+    except _AliasBomb as err:
+        raise ConfigError(f"{source}: refused: {err}") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as err:  # e.g. a timestamp out of range
         raise ConfigError(f"{source}: unreadable YAML value ({type(err).__name__}: {err})") from None
     if data is None:
@@ -268,6 +377,8 @@ def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
             value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None  # noqa: S506
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)})") from None
+        except _AliasBomb as err:
+            raise ConfigError(f"--set {item!r}: refused: {err}") from None
         node = out
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config_io import ConfigError, from_mapping, to_mapping
+from .config_io import ConfigError, _where, from_mapping, to_mapping
 from .trainer_config import TrainerConfig
 
 if TYPE_CHECKING:
@@ -63,20 +63,23 @@ class RunConfig:
 def build_run_config(recipe: Recipe, data: Mapping[str, Any], *, source: str, output: str | None = None,
                      device: str | None = None) -> RunConfig:
     """Check ``data`` (the YAML's top level, overrides applied) against ``recipe``; ``output``/``device`` (the
-    command-line flags) win over the file's values. Errors are :class:`ConfigError` naming ``source`` and the path."""
+    command-line flags) win over the file's values. Errors are :class:`ConfigError` naming ``source`` (a file name,
+    or :class:`~.config_io.Origins` to blame values that ``--set`` gave on the flag) and the path."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     for key in data:
         if key not in SECTIONS:
-            raise ConfigError(f"{source}: {key}: unknown key (expected one of: {', '.join(SECTIONS)})")
+            raise ConfigError(f"{_where(source, str(key))}: unknown key (expected one of: {', '.join(SECTIONS)})")
     out = output if output is not None else data.get("output")
     if out is None:
         raise ConfigError(f"{source}: output: missing (set `output:` in the file or pass --output DIR)")
     if not isinstance(out, str) or not out.strip():
-        raise ConfigError(f"{source}: output: expected a directory path (string), got {out!r}")
+        where = "--output" if output is not None else _where(source, "output")
+        raise ConfigError(f"{where}: expected a directory path (string), got {out!r}")
     trainer_data = data.get("trainer") or {}
     if not isinstance(trainer_data, Mapping):
-        raise ConfigError(f"{source}: trainer: expected a mapping of TrainerConfig fields, got {type(trainer_data).__name__}")
+        raise ConfigError(f"{_where(source, 'trainer')}: expected a mapping of TrainerConfig fields, "
+                          f"got {type(trainer_data).__name__}")
     merged = {**recipe.trainer_defaults, **trainer_data}
     if device is not None:
         merged["device"] = device
