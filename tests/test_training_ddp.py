@@ -1,4 +1,5 @@
-"""torchrun + DDP (2 CPU ranks, gloo) follows a single-process run of the same global batch; only rank 0 writes."""
+"""torchrun + DDP (2 CPU ranks, gloo, each step's batch in 2 accumulated micro-batches) follows a single-process run
+of the same global batch in one piece; only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(TESTS / "training_toy.py"), "--ddp-report", str(root), "--output", str(root / "ddp"), *ARGS],
+                           str(TESTS / "training_toy.py"), "--ddp-report", str(root), "--output", str(root / "ddp"), *ARGS,
+                           "--set", "trainer.grad_accum_steps=2"],  # no_sync on the first micro-batch
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with pytest.MonkeyPatch.context() as mp:  # keep the toy recipe out of the registry other tests see

@@ -42,6 +42,7 @@ class ToyConfig:
     step_sleep: float = 0.0  # seconds per training step (the kill -9 test needs time to kill)
     record_saves: bool = False  # append "rank R" to <output>/save_calls.log on every save
     nan_at_call: int | None = None  # the loss is NaN on this call of loss() (1-based)
+    loss_factor: float = 1.0  # multiplies the loss: large gradients overflow fp16's initial loss scale
     tags: list[str] = field(default_factory=list)
     scales: dict[str, float] = field(default_factory=dict)
 
@@ -101,7 +102,7 @@ class ToyTask:
         if self.config.step_sleep:
             time.sleep(self.config.step_sleep)
         x, y = batch
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(x), y) * self.config.loss_factor
         if self.config.nan_at_call == self.calls:
             loss = loss * float("nan")
         return loss

@@ -11,7 +11,9 @@ clipping, DDP, checkpoints, ``--resume``, best-checkpoint selection. This module
 - :class:`VLTrainTask`, the engine's ``TrainTask``:
 
   * a training item is one sample of one task; the items of all tasks are concatenated (task order of
-    ``tasks``), so the engine's shuffled batches mix tasks in proportion to their sizes;
+    ``tasks``) and ``batch_groups`` gives each item's task, so the engine draws every batch from one task, as the
+    paper does (tasks take turns in shuffled rounds that pass over each task about once;
+    ``--set trainer.group_batches=false`` mixes tasks in proportion to their sizes instead);
   * ``get_batch`` groups a batch's items by task (one :class:`~mmadapters.vision.vl_adapter.Batch` per task,
     built by :func:`~mmadapters.vision.vl_adapter.make_batch`: each task has its own prefix and, per variant,
     its own adapter). The reference caption a captioning item trains on is drawn from a generator seeded by
@@ -255,6 +257,10 @@ class VLTrainTask:
     # -- the engine's protocol ------------------------------------------------------------------------------------
     def train_size(self) -> int:
         return len(self.items)
+
+    def batch_groups(self) -> list[str]:
+        """The task of each training item: the engine draws each batch from one task."""
+        return [task for task, _ in self.items]
 
     def get_batch(self, indices: list[int]) -> VLTrainBatch:
         """The items at ``indices``, grouped by task: one tokenized, stacked :class:`Batch` per task."""

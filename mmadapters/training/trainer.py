@@ -9,6 +9,24 @@ stream is one permutation of ``range(train_size)`` per epoch, each drawn from ``
 slice ``[r*B/W, (r+1)*B/W)`` of it (``B`` must divide by ``W``). The items of a step therefore depend on
 the seed and the step alone: 1 rank or 4, fresh or resumed, step ``s`` sees the same items.
 
+**Batch groups.** A task may define ``batch_groups()``: a group id per training item (VL-Adapter: the task of
+each sample). With ``group_batches`` (the default), every global batch then comes from one group; groups take
+turns in shuffled rounds that pass over each group about once, still a function of the seed and the step alone
+(:mod:`mmadapters.training.sampler`).
+
+**Accumulation.** With ``grad_accum_steps = N``, the step's global batch is cut into N micro-batches (micro-batch
+``m``: the slice ``[m*B/N, (m+1)*B/N)``, each rank its contiguous share of each); each micro-batch's loss, divided
+by N, is back-propagated and the gradients add up, so the step applies the gradient of the same global batch's
+mean (up to float summation order) with a 1/N of the activations in memory. Under DDP all but the last
+micro-batch run under ``no_sync`` (one gradient all-reduce per step).
+
+**Precision.** ``precision: bf16|fp16`` runs each training forward under ``torch.autocast`` on the trainer's
+device (backward outside it, as torch recommends); the parameters, the optimizer and ``validate`` stay fp32.
+fp16 adds a ``torch.amp.GradScaler`` (CPU and CUDA): gradients are unscaled before clipping, a step whose
+gradients overflow is skipped by the scaler (the learning-rate schedule still advances; ``skipped`` and
+``loss_scale`` in the history), 50 overflowing steps in a row stop the run, and the scaler's state is in
+``train_state.pt`` so ``--resume`` continues with the same scale. ``fp32`` runs no autocast at all.
+
 **DDP.** The engine wraps ``task.model`` in a small module whose ``forward(batch)`` returns
 ``task.loss(task.model, batch)`` (a scalar mean over the rank's items) and puts that module under
 ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA with ``device_ids=[local_rank]``,
@@ -17,7 +35,8 @@ frozen base is neither broadcast nor reduced (it is checked once to be identical
 the ranks' gradients of their local means gives the gradient of the global batch's mean, so W ranks follow
 the single-process run of the same global batch (up to float summation order). AdamW sees the trainable
 parameters only; the learning rate follows a linear warmup over ``warmup_ratio * steps`` steps then a
-constant, linear or cosine decay (``LambdaLR``); gradients are clipped to ``grad_clip``. A non-finite loss
+constant, linear, cosine or step decay (``step``: times ``step_gamma`` every ``step_every`` steps counted from the
+end of the warmup, torch's StepLR; ``LambdaLR``); gradients are clipped to ``grad_clip``. A non-finite loss
 or gradient norm stops the run with an error (the step is not applied, best/ stays as it was).
 
 **Validation and outputs.** Every ``eval_every`` steps and at the end, rank 0 runs ``task.validate()``
@@ -33,10 +52,16 @@ temporary folder that then replaces ``best/``. The output folder holds::
     train_summary.json   best step and metrics, validation history, parameter counts, timings, library
                          version, git commit, the resolved config
 
+Every file and folder gets the mode a plain ``open()``/``mkdir`` gives under the process's umask (``best/`` and
+``last/`` are built in temporary folders, whose 0700/0600 modes are replaced before they are swapped in).
+While :func:`train` runs, it holds the folder's lock (:func:`~mmadapters.training.checkpoint.run_lock`): a second
+run into the same folder, or a ``--resume`` of it, is refused with the holder's pid.
+
 **Checkpoints.** Every ``checkpoint_every`` steps and at the end, rank 0 writes ``train_state.pt``
 atomically (:mod:`mmadapters.training.checkpoint`): trainable parameters by name, optimizer and scheduler
 state, every rank's RNG states (python, numpy, torch CPU, CUDA), the step (= the data position), the best
-score, the history and fingerprints of the config and of the trainable parameters. ``resume=True``
+score, the history, fp16's gradient-scaler state, the data order (mixed or grouped) and fingerprints of the
+config and of the trainable parameters. ``resume=True``
 continues from it and reaches the same weights, bit for bit on CPU, as a run that was never interrupted.
 Only rank 0 writes files.
 
@@ -54,6 +79,7 @@ model) are checkpointed with the trainable parameters.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -75,7 +101,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist_utils
+from ..atomic import umask
 from .checkpoint import (
+    _digest,
     capture_rng,
     check_resumable,
     comparable_config,
@@ -84,14 +112,15 @@ from .checkpoint import (
     parameter_fingerprint,
     prepare_output,
     restore_rng,
+    run_lock,
     save_train_state,
 )
 from .config_io import to_mapping
 from .sampler import StepSampler, check_batch_split
 from .trainer_config import TrainerConfig
 
-__all__ = ["LossModule", "TrainSummary", "TrainTask", "TrainerConfig", "lr_lambda", "run_on_main", "seed_everything", "train",
-           "wrap_for_training"]
+__all__ = ["LossModule", "TrainSummary", "TrainTask", "TrainerConfig", "check_device", "lr_lambda", "run_on_main",
+           "seed_everything", "train", "wrap_for_training"]
 
 HISTORY_NAME = "history.jsonl"
 SUMMARY_NAME = "train_summary.json"
@@ -128,6 +157,7 @@ class TrainTask(Protocol):
         """{"trainable": int, "total": int}."""
 
     # optional: on_validated(step: int, metrics: dict[str, float], output_dir: Path) -> None (see the module docstring)
+    # optional: batch_groups() -> Sequence[Hashable], one group id per training item (see the module docstring)
 
 
 @dataclass
@@ -174,8 +204,9 @@ class LossModule(nn.Module):
 
 def lr_lambda(config: TrainerConfig, spent: Callable[[], float] | None = None) -> Callable[[int], float]:
     """Multiplier of ``lr`` for step ``s`` (0-based): linear warmup to 1 over ``round(warmup_ratio * steps)``
-    steps, then constant, linear to 0 or cosine to 0 at ``steps``. With ``config.max_minutes``, ``spent()``
-    (seconds of the budget used) moves the decay on when time runs out faster than the steps."""
+    steps, then constant, linear to 0 or cosine to 0 at ``steps``, or ``step_gamma ** ((s - warmup) // step_every)``.
+    With ``config.max_minutes``, ``spent()`` (seconds of the budget used) moves a linear or cosine decay on when
+    time runs out faster than the steps (constant and step schedules do not depend on the steps' count)."""
     steps = config.steps
     warmup = round(config.warmup_ratio * steps)
     schedule = config.schedule
@@ -186,6 +217,8 @@ def lr_lambda(config: TrainerConfig, spent: Callable[[], float] | None = None) -
             return (s + 1) / warmup
         if schedule == "constant":
             return 1.0
+        if schedule == "step":
+            return config.step_gamma ** ((s - warmup) // config.step_every)
         progress = min(1.0, (s - warmup) / max(1, steps - warmup))
         if budget is not None:
             progress = min(1.0, max(progress, spent() / budget))
@@ -203,6 +236,46 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_device(name: str, what: str | None = None) -> torch.device:
+    """``torch.device(name)``, refused at once with a ``ValueError`` when it is no device name or names a CUDA device
+    this machine does not have. ``what`` starts the message: where the name came from, with it (default
+    ``"trainer.device NAME"``; the command line passes ``"--device cuda"``, ``"run.yaml: trainer.device cuda"``)."""
+    what = what or f"trainer.device {name}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{what}: not a device name (expected cpu, cuda, cuda:1, ...): {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: CUDA is not available on this machine (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def _amp(config: TrainerConfig, device: torch.device) -> tuple[Callable[[], Any], Any]:
+    """(a context factory for the training forward, the fp16 gradient scaler or None) for ``config.precision``."""
+    if config.precision == "fp32":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"trainer.precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16 "
+                         "(use fp16 or fp32)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"trainer.precision {config.precision}: autocast runs on cpu and cuda only, not {device.type} "
+                         "(use fp32)")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+
+
+def _data_order(groups: list | None) -> dict[str, Any]:
+    """What ``train_state.pt`` records of the data order: mixed batches, or grouped ones (a digest of the groups)."""
+    if groups is None:
+        return {"kind": "mixed"}
+    return {"kind": "grouped", "groups": _digest([str(g) for g in groups])}
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -290,16 +363,28 @@ def _save_dir(task: TrainTask, output: Path, name: str, extra: dict | None = Non
 
     built = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=output))
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(built, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the mode a plain mkdir would
         task.save(built)
         if extra is not None:
             atomic_write_bytes(built / BEST_INFO_NAME, (json.dumps(extra, indent=2, sort_keys=True) + "\n").encode())
+        _honour_umask(built)
         replace_directory(built, output / name)
     finally:
         shutil.rmtree(built, ignore_errors=True)
     return output / name
+
+
+def _honour_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the mode a plain ``mkdir``/``open()`` would: temporary folders and files
+    (the engine's own, and those a recipe's ``save`` builds with mkdtemp/mkstemp) are 0700/0600."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            if not os.path.islink(os.path.join(folder, d)):
+                os.chmod(os.path.join(folder, d), 0o777 & ~mask)
+        for f in files:
+            if not os.path.islink(os.path.join(folder, f)):
+                os.chmod(os.path.join(folder, f), 0o666 & ~mask)
 
 
 def _metrics(raw: Any, select: str) -> dict[str, float]:
@@ -345,10 +430,20 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
 
     ``resume``: continue from ``output/train_state.pt`` (required to exist). ``run_config``: the whole
     resolved run config (``{"output", "trainer", "recipe"}``), recorded in the summary; its sections other
-    than ``trainer``/``output`` must match the state's on ``resume``. Returns the :class:`TrainSummary`."""
+    than ``trainer``/``output`` must match the state's on ``resume``. Rank 0 holds ``output``'s lock throughout
+    (:class:`~mmadapters.training.checkpoint.RunFolderBusy` when another live run holds it). Returns the
+    :class:`TrainSummary`."""
     started = time.perf_counter()
     config.check()
+    check_device(config.device)  # before the folder is created
     output = Path(output)
+    with contextlib.ExitStack() as stack:
+        run_on_main(lambda: stack.enter_context(run_lock(output)) and None)
+        return _train_locked(task, config, output, resume=resume, run_config=run_config, started=started)
+
+
+def _train_locked(task: TrainTask, config: TrainerConfig, output: Path, *, resume: bool, run_config: dict[str, Any] | None,
+                  started: float) -> TrainSummary:
     world, rank = dist_utils.world_size(), dist_utils.rank()
     main = rank == 0
     select = config.select_metric or getattr(task, "select_metric", None)
@@ -362,8 +457,13 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     train_size = task.train_size()
     if not isinstance(train_size, int) or train_size <= 0:
         raise ValueError(f"the training set is empty: task.train_size() is {train_size!r} (check the recipe's training data)")
-    check_batch_split(config.batch_size, world)
-    sampler = StepSampler(train_size, config.batch_size, config.seed)
+    accum = config.grad_accum_steps
+    check_batch_split(config.batch_size, world, accum)
+    groups = None
+    if config.group_batches and callable(getattr(task, "batch_groups", None)):
+        groups = list(task.batch_groups())
+    sampler = StepSampler(train_size, config.batch_size, config.seed, groups=groups)
+    data_order = _data_order(groups)
     trainable = _trainable(task.model)
     if not trainable and config.steps > 0:
         raise ValueError("task.model has no trainable parameters (none has requires_grad): add adapters and "
@@ -373,10 +473,9 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     shapes = parameter_fingerprint(trainable)
     trainer_dict = to_mapping(config)
     comparable = comparable_config(trainer_dict, run_config)
-    try:
-        cuda = torch.device(config.device).type == "cuda"
-    except RuntimeError as err:
-        raise ValueError(f"trainer.device: {config.device!r} is not a device name (expected cpu, cuda, cuda:1, ...): {err}") from None
+    device = check_device(config.device)
+    cuda = device.type == "cuda"
+    autocast, scaler = _amp(config, device)
 
     if dist_utils.is_distributed():
         _check_same_base(task.model)
@@ -392,6 +491,7 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
 
     start, history = 0, []
     loss_sum, loss_count = 0.0, 0  # the training loss since the last history entry
+    skipped, overflow_streak = 0, 0  # fp16: steps the scaler skipped since the last entry; in a row
     best: dict[str, Any] = {"score": None, "step": None, "metrics": None}
     if resume:
         def read() -> dict:
@@ -400,6 +500,13 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
             return state
 
         state = run_on_main(read)
+        stored_order = state.get("data_order", {"kind": "mixed"})  # states from before grouping drew mixed batches
+        if stored_order != data_order:
+            show = {"mixed": "mixed batches", "grouped": "one batch_groups() group per batch"}
+            what = (f"was trained on {show[stored_order['kind']]}, and this run would draw {show[data_order['kind']]}"
+                    if stored_order["kind"] != data_order["kind"] else "was trained on other batch_groups() than this task's")
+            raise ValueError(f"{state_path}: {what}: the data order must stay the same on --resume (trainer.group_batches, "
+                             "the recipe's data)")
         if state["step"] > config.steps:
             raise ValueError(f"{state_path}: the state is at step {state['step']}, beyond trainer.steps={config.steps} "
                              "(raise trainer.steps to continue training)")
@@ -415,14 +522,17 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
             scheduler.load_state_dict(state["scheduler"])
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base_lr * factor(scheduler.last_epoch)  # trainer.steps may have changed
+        if scaler is not None and state.get("amp", {}).get("scaler"):
+            scaler.load_state_dict(state["amp"]["scaler"])
+        overflow_streak = int(state.get("amp", {}).get("overflow_streak", 0))
         rng = state["rng"]
         if len(rng) != world:
             warnings.warn(f"{state_path}: written by {len(rng)} rank(s), resumed with {world}: the data order is the same "
                           "but dropout and other random draws will not repeat those of an uninterrupted run", stacklevel=2)
         restore_rng(rng[rank % len(rng)])
         start, history, best = int(state["step"]), list(state["history"]), dict(state["best"])
-        loss_sum, loss_count = (float(v) for v in state.get("log_accumulator", (0.0, 0)))
-        loss_count = int(loss_count)
+        loss_sum, loss_count, *rest = (float(v) for v in state.get("log_accumulator", (0.0, 0)))
+        loss_count, skipped = int(loss_count), int(rest[0]) if rest else 0
         if main:
             _rewrite_history(output / HISTORY_NAME, history)  # drop what was logged after the checkpoint
     elif main:
@@ -485,7 +595,9 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
                 "config_fingerprint": config_fingerprint(comparable),
                 "param_shapes": shapes,
                 "world_size": world,
-                "log_accumulator": [loss_sum, loss_count],
+                "log_accumulator": [loss_sum, loss_count, skipped],
+                "data_order": data_order,
+                "amp": {"scaler": scaler.state_dict(), "overflow_streak": overflow_streak} if scaler is not None else {},
                 "timings": {**timings, "checkpoint_s": timings["checkpoint_s"] + time.perf_counter() - t0},
             })
 
@@ -505,29 +617,53 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
-            batch = task.get_batch(sampler.rank_batch(step, rank, world))
-            loss = module(batch)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise TypeError(f"task.loss() must return a scalar tensor (the batch mean), got {shape}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            value = loss.detach().reshape(()).float().clone()
+            value = None
+            for m, indices in enumerate(sampler.micro_batches(step, rank, world, accum)):
+                batch = task.get_batch(indices)
+                # DDP all-reduces the gradients once per step: in the backward of the last micro-batch
+                sync = m == accum - 1 or not hasattr(module, "no_sync")
+                with contextlib.nullcontext() if sync else module.no_sync():
+                    with autocast():
+                        loss = module(batch)
+                    if not isinstance(loss, Tensor) or loss.numel() != 1:
+                        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                        raise TypeError(f"task.loss() must return a scalar tensor (the batch mean), got {shape}")
+                    part = loss / accum if accum > 1 else loss  # the sum over micro-batches: the global batch's mean
+                    (scaler.scale(part) if scaler is not None else part).backward()
+                part = part.detach().reshape(()).float()
+                value = part.clone() if value is None else value + part
             if dist_utils.is_distributed():
                 torch.distributed.all_reduce(value)
                 value /= world
             loss_value = value.item()
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip (and report) the true gradients
             grad_norm = None
             if config.grad_clip is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-            if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            overflow = grad_norm is not None and not math.isfinite(grad_norm)
+            if not math.isfinite(loss_value) or (overflow and scaler is None):
                 what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
                 kept = f"best/ keeps step {best['step']}" if best["step"] is not None else "no best/ was written"
                 raise FloatingPointError(f"step {step + 1}: the training {what}; stopped before applying it ({kept}). "
                                          "Lower trainer.lr, set trainer.grad_clip, or check the data")
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when the gradients overflowed
+                scaler.update()
+                overflow = scaler.get_scale() < scale
+                skipped, overflow_streak = skipped + overflow, overflow_streak + 1 if overflow else 0
+                if overflow_streak >= 50:
+                    raise FloatingPointError(f"step {step + 1}: the fp16 gradients overflowed in {overflow_streak} steps in a "
+                                             f"row (loss scale now {scaler.get_scale():.3g}); use trainer.precision bf16 "
+                                             "or fp32, or lower trainer.lr")
+            with warnings.catch_warnings():  # fp16: the scheduler follows the steps even when the scaler skipped one
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
             done = step + 1
             loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
             timings["train_s"] += time.perf_counter() - t0
@@ -535,8 +671,11 @@ def train(task: TrainTask, config: TrainerConfig, output: str | os.PathLike, *, 
                 end, stopped_by = done, "time"  # this step becomes the last one
             if done % config.log_every == 0 or done == end:
                 entry = {"kind": "train", "step": done, "loss": loss_sum / loss_count, "lr": lr}
-                if grad_norm is not None:
-                    entry["grad_norm"] = grad_norm
+                if grad_norm is not None:  # null, not NaN (no JSON), for a step the fp16 scaler skipped
+                    entry["grad_norm"] = grad_norm if math.isfinite(grad_norm) else None
+                if scaler is not None:
+                    entry.update(loss_scale=scaler.get_scale(), skipped=skipped)
+                    skipped = 0
                 history.append(entry)
                 pending.append(entry)
                 loss_sum, loss_count = 0.0, 0

@@ -20,8 +20,22 @@ class TrainerConfig:
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of the steps with a linear warmup from ~0 to lr."})
-    schedule: Literal["constant", "linear", "cosine"] = field(default="linear", metadata={
-        "help": "Learning rate after the warmup: constant, linear decay to 0, or cosine decay to 0."})
+    schedule: Literal["constant", "linear", "cosine", "step"] = field(default="linear", metadata={
+        "help": "Learning rate after the warmup: constant, linear decay to 0, cosine decay to 0, or step (multiplied "
+                "by step_gamma every step_every steps, as torch's StepLR)."})
+    step_every: int | None = field(default=None, metadata={
+        "help": "schedule: step: decay the learning rate every this many steps after the warmup (required there)."})
+    step_gamma: float = field(default=0.5, metadata={"help": "schedule: step: the factor of each decay, in (0, 1]."})
+    grad_accum_steps: int = field(default=1, metadata={
+        "help": "Split each optimizer step's batch into this many micro-batches whose gradients are accumulated: the "
+                "same items and (up to float rounding) the same update as one big batch, with less memory. "
+                "batch_size must divide by grad_accum_steps x the number of ranks."})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
+        "help": "Training forward passes in fp32, or under torch.autocast in bf16 or fp16 (fp16 with a gradient "
+                "scaler, checkpointed for --resume); the trained parameters stay fp32. Works on CPU and CUDA."})
+    group_batches: bool = field(default=True, metadata={
+        "help": "When the task defines batch_groups() (e.g. VL-Adapter: its tasks), draw every batch from one group; "
+                "false: batches mix the groups."})
     grad_clip: float | None = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (null: no clipping)."})
     eval_every: int = field(default=100, metadata={"help": "Validate every this many steps (and at the end); 0: only at the end."})
     checkpoint_every: int = field(default=100, metadata={
@@ -49,12 +63,14 @@ class TrainerConfig:
         """Raise ValueError naming the first out-of-range field."""
 
         def bad(name: str, expected: str) -> None:
-            raise ValueError(f"trainer.{name}: expected {expected}, got {getattr(self, name)!r}")
+            err = ValueError(f"trainer.{name}: expected {expected}, got {getattr(self, name)!r}")
+            err.field = name  # config_io names where the value came from (the file or a --set)
+            raise err
 
         for name in ("steps", "eval_every", "checkpoint_every", "seed"):
             if getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
-        for name in ("batch_size", "log_every"):
+        for name in ("batch_size", "log_every", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         if not (math.isfinite(self.lr) and self.lr >= 0):
@@ -67,8 +83,16 @@ class TrainerConfig:
             bad("grad_clip", "a positive number or null")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             bad("max_minutes", "a positive number of minutes or null")
-        if self.schedule not in ("constant", "linear", "cosine"):
-            bad("schedule", "'constant', 'linear' or 'cosine'")
+        if self.schedule not in ("constant", "linear", "cosine", "step"):
+            bad("schedule", "'constant', 'linear', 'cosine' or 'step'")
+        if self.schedule == "step" and (self.step_every is None or self.step_every < 1):
+            bad("step_every", "an integer >= 1 with schedule: step (decay every this many steps)")
+        if self.step_every is not None and self.step_every < 1:
+            bad("step_every", "an integer >= 1 or null")
+        if not (math.isfinite(self.step_gamma) and 0.0 < self.step_gamma <= 1.0):
+            bad("step_gamma", "a number in (0, 1]")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            bad("precision", "'fp32', 'bf16' or 'fp16'")
         if self.select_mode not in (None, "max", "min"):
             bad("select_mode", "'max', 'min' or null")
         if not self.device:
