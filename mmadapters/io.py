@@ -500,6 +500,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, names: Sequenc
     directory.mkdir(parents=True, exist_ok=True)
     for n in names:
         built = Path(tempfile.mkdtemp(prefix=f".{n}.", suffix=".tmp", dir=directory))
+        os.chmod(built, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets the mode a plain mkdir would
         try:
             save_adapter(model, n, built, bits=bits)
             replace_directory(built, directory / n)

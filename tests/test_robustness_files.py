@@ -180,3 +180,14 @@ def test_config_declaring_absurd_sizes_is_refused_before_allocating(tmp_path, r)
         mma.load_adapter(model, directory)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: far below the 4.6 GB
     assert mma.adapter_names(model) == []
+
+
+def test_checkpoint_directory_folders_honour_the_umask(tmp_path):
+    model, _ = _saved(tmp_path)
+    old = os.umask(0o022)
+    try:
+        ckpt = mma.save_adapters(model, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert (ckpt / "a").stat().st_mode & 0o777 == 0o755
+    assert (ckpt / "a" / WEIGHTS_NAME).stat().st_mode & 0o777 == 0o644
