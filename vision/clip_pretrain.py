@@ -29,8 +29,8 @@ Validation (picks ``best/``): zero-shot top-1 on the test split of each of ``eva
 ``best/`` and ``last/`` are open_clip ``local-dir:`` folders: ``open_clip_config.json`` (``model_cfg``,
 ``preprocess_cfg``, under ``mmadapters`` the training record) and fp16 ``open_clip_model.safetensors``.
 
-The engine's AdamW (betas 0.9/0.999) decays every parameter; the script loops this recipe replaced used betas
-0.9/0.98, eps 1e-6 and no decay on norms, biases, embeddings and the temperature.
+Optimizer as open_clip's (configs/clip-pretrain.yaml): AdamW betas 0.9/0.98, eps 1e-6, no weight decay on norms,
+biases, embeddings and the temperature (the engine's ``trainer.no_decay``, ``adam_betas``, ``adam_eps``).
 """
 
 from __future__ import annotations

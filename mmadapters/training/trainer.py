@@ -202,6 +202,17 @@ class LossModule(nn.Module):
         return self._task.loss(self.model, batch)
 
 
+def _adamw(trainable: list[tuple[str, torch.nn.Parameter]], config: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; names matching ``config.no_decay`` form a group without weight decay."""
+    import fnmatch
+
+    plain = [p for n, p in trainable if not any(fnmatch.fnmatchcase(n, pat) for pat in config.no_decay)]
+    exempt = [p for n, p in trainable if any(fnmatch.fnmatchcase(n, pat) for pat in config.no_decay)]
+    groups = [{"params": plain}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay,
+                             betas=tuple(config.adam_betas), eps=config.adam_eps)
+
+
 def lr_lambda(config: TrainerConfig, spent: Callable[[], float] | None = None) -> Callable[[int], float]:
     """Multiplier of ``lr`` for step ``s`` (0-based): linear warmup to 1 over ``round(warmup_ratio * steps)``
     steps, then constant, linear to 0 or cosine to 0 at ``steps``, or ``step_gamma ** ((s - warmup) // step_every)``.
@@ -483,7 +494,7 @@ def _train_locked(task: TrainTask, config: TrainerConfig, output: Path, *, resum
     # A training-free recipe (trainer.steps 0, e.g. Tip-Adapter's cache) may have nothing to optimize: AdamW and
     # DDP both refuse an empty parameter list, and the loop below never runs.
     module = wrap_for_training(task, config) if params else None
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+    optimizer = _adamw(trainable, config) if params else None
     timings = {"train_s": 0.0, "validate_s": 0.0, "checkpoint_s": 0.0}  # cumulative over resumed sessions
     factor = lr_lambda(config, spent=lambda: sum(timings.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor) if optimizer is not None else None

@@ -19,6 +19,11 @@ class TrainerConfig:
         "help": "GLOBAL batch size: the items of one optimizer step, split evenly over the ranks under torchrun."})
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
+    no_decay: list[str] = field(default_factory=list, metadata={
+        "help": "Trainable parameter names (fnmatch patterns, e.g. '*.bias', '*ln_*', 'logit_scale') that get no weight "
+                "decay: norms, biases, embeddings and temperatures in CLIP-style pretraining."})
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW's (beta1, beta2)."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon (Tip-Adapter-F's official code: 1e-4)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of the steps with a linear warmup from ~0 to lr."})
     schedule: Literal["constant", "linear", "cosine", "step"] = field(default="linear", metadata={
         "help": "Learning rate after the warmup: constant, linear decay to 0, cosine decay to 0, or step (multiplied "
@@ -77,6 +82,12 @@ class TrainerConfig:
             bad("lr", "a finite number >= 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             bad("weight_decay", "a finite number >= 0")
+        if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.adam_betas):
+            bad("adam_betas", "two numbers in [0, 1)")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            bad("adam_eps", "a positive number")
+        if not all(isinstance(p, str) and p for p in self.no_decay):
+            bad("no_decay", "a list of non-empty fnmatch patterns of parameter names")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             bad("warmup_ratio", "a number in [0, 1]")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
