@@ -41,7 +41,6 @@ without reference words has NaN WER (null in the file) and stays out of the aver
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -159,17 +158,17 @@ def _latency_summary(values: list[float]) -> dict[str, float]:
             "p90": round(p90, 4), "max": round(ordered[-1], 4)}
 
 
-def _timings(records: Sequence[Mapping[str, Any]], *, load_s: float, total_s: float, streaming: bool) -> dict[str, float]:
+def _record_timings(records: Sequence[Mapping[str, Any]], *, streaming: bool) -> dict[str, float]:
+    """Timings summed over the utterance records: decoding and audio seconds, real-time factor (and, streaming,
+    the first pass's and the first-partial latencies)."""
     decode_s = sum(float(r["decode_s"]) for r in records)
     audio_s = sum(float(r["audio_s"]) for r in records)
-    timings = {"model_load_s": round(load_s, 4), "decode_s": round(decode_s, 4), "audio_s": round(audio_s, 3),
-               "rtf": decode_s / audio_s if audio_s else math.nan}
+    timings = {"decode_s": round(decode_s, 4), "audio_s": round(audio_s, 3), "rtf": decode_s / audio_s if audio_s else math.nan}
     if streaming:
         timings["rtf_first_pass"] = sum(float(r["first_pass_s"]) for r in records) / audio_s if audio_s else math.nan
         latencies = [float(r["latency_s"]) for r in records if r.get("latency_s") is not None]
         timings.update({f"first_partial_latency_{k}_s": v for k, v in _latency_summary(latencies).items()})
         timings["first_partial_missing"] = len(records) - len(latencies)
-    timings["total_s"] = round(total_s, 4)
     return timings
 
 
@@ -269,9 +268,7 @@ def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None
     from mmadapters.speech.model import load_asr
     from mmadapters.speech.readers import read_speech_dataset
 
-    from .results_io import prepare_output
-    from .results_schema import build_results, run_key, write_results
-    from .sample_runner import SampleLog, run_samples
+    from .sample_runner import Summary, evaluate
 
     device = distributed.device_for_rank(args.device)
     torch.manual_seed(args.seed)
@@ -296,52 +293,29 @@ def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None
         "baseline": None if args.baseline is None else str(Path(args.baseline).resolve()),
         "normalization": "mmadapters.eval.metrics.normalize_text", "device": str(torch.device(args.device)),
     }
-    key = run_key(dataset=dataset, model=model_name, pretrained=None, task=TASK, settings=settings)
-    output = prepare_output(args, key, dataset=dataset, model=Path(model_name).name, pretrained="", task=TASK)
-    log = SampleLog.open(output, key, restart=args.restart)
-    predictor = AsrPredictor(bundle, lang_map, decode=args.decode, beam=args.beam, pass_=args.pass_, streaming=args.streaming,
-                             chunk_ms=args.chunk_ms, max_seconds=max_seconds, mono=args.mono)
-    outcome = run_samples(utterances, sample_id=lambda u: u.id, predict=predictor, batch_size=args.batch_size, log=log,
-                          fail_fast=args.fail_fast, progress=args.progress, desc="asr")
-    if not outcome.records:
-        raise ValueError(f"none of the {len(utterances)} utterances of {args.manifest} could be evaluated; first skipped: "
-                         f"{outcome.skipped[0]['id']}: {outcome.skipped[0]['reason']}")
-    lang_of = {u.id: u.lang for u in utterances}
-    records = list(outcome.records.values())
-    metrics, per_group = asr_scores(records, sorted(set(lang_of.values())), [lang_of[s["id"]] for s in outcome.skipped],
-                                    baseline_wer=baseline_wer, streaming=args.streaming)
     parameters = None
     if adapters_info is not None:
         adapter_total = sum(adapters_info["parameters"].values())
         parameters = {"trainable": adapter_total, "total": adapters_info["base_parameters"] + adapter_total,
                       "base": adapters_info["base_parameters"], "per_adapter": adapters_info["parameters"]}
+    lang_of = {u.id: u.lang for u in utterances}
     if baseline_info is not None:
         baseline_info["missing_languages"] = sorted(set(lang_of.values()) - set(baseline_wer))
-    results = build_results(
-        dataset=dataset, model=model_name, pretrained=None, task=TASK, metrics=metrics,
-        counts={"total": outcome.total, "evaluated": len(outcome.records), "skipped": len(outcome.skipped),
-                "resumed": outcome.resumed},
-        skipped=outcome.skipped, settings=settings, per_group=per_group, parameters=parameters,
-        timings=_timings(records, load_s=load_s, total_s=time.perf_counter() - t_start, streaming=args.streaming),
-        extra={"adapters": adapters_info, "baseline": baseline_info})
-    if results["run_key"] != key:  # the samples log was opened under `key`
-        raise RuntimeError(f"run key changed while evaluating ({key} -> {results['run_key']})")
-    if distributed.is_main():
-        write_results(output, results, overwrite=args.overwrite)
-        results["output"] = str(output)
-        if args.predictions:
-            write_predictions(Path(args.predictions), outcome.records)
-            results["predictions"] = str(args.predictions)
-    log.remove()
-    return results if distributed.is_main() else None
 
+    def summarize(outcome) -> Summary:
+        records = list(outcome.records.values())
+        metrics, per_group = asr_scores(records, sorted(set(lang_of.values())), [lang_of[s["id"]] for s in outcome.skipped],
+                                        baseline_wer=baseline_wer, streaming=args.streaming)
+        return Summary(metrics, per_group, _record_timings(records, streaming=args.streaming))
 
-def write_predictions(path: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
-    """One JSON line per evaluated utterance (``id`` and its record: reference, hypothesis, edit counts), atomically."""
-    from mmadapters.atomic import atomic_write_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, "".join(json.dumps({"id": k, **r}, ensure_ascii=False) + "\n" for k, r in records.items()).encode())
+    predictor = AsrPredictor(bundle, lang_map, decode=args.decode, beam=args.beam, pass_=args.pass_, streaming=args.streaming,
+                             chunk_ms=args.chunk_ms, max_seconds=max_seconds, mono=args.mono)
+    return evaluate(
+        args, identity={"dataset": dataset, "model": model_name, "pretrained": None, "task": TASK},
+        output_fields={"dataset": dataset, "model": Path(model_name).name, "pretrained": "", "task": TASK},
+        settings=settings, samples=utterances, sample_id=lambda u: u.id, predict=predictor, summarize=summarize,
+        source=args.manifest, what="utterances", desc="asr", t_start=t_start, timings={"model_load_s": load_s},
+        loop_timing=None, parameters=parameters, extra={"adapters": adapters_info, "baseline": baseline_info})
 
 
 def _pct(x: float | None) -> str:
@@ -368,4 +342,4 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 __all__ = ["AsrPredictor", "asr_scores", "corpus_scores", "dataset_name", "format_table", "read_baseline",
-           "relative_reduction", "run_eval_asr", "utterance_scores", "write_predictions"]
+           "relative_reduction", "run_eval_asr", "utterance_scores"]

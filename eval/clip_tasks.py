@@ -1,7 +1,7 @@
 """Image classification with CLIP: the evaluators behind ``mmadapters eval zeroshot`` (and its CLIP_benchmark-style
 door ``mmadapters zeroshot``) and ``mmadapters eval fewshot``. Flags: :mod:`mmadapters.eval.eval_clip_args`.
 
-Both score images one batch at a time through :func:`mmadapters.eval.sample_runner.run_samples`: each
+Both score images one batch at a time through :func:`mmadapters.eval.sample_runner.evaluate`: each
 image's record is ``{"label": int, "top5": [class indices, best first]}`` (top-k with k = min(5, C)),
 appended to ``<output>.samples.jsonl`` as soon as its batch is done. A rerun of an interrupted evaluation
 (same settings, hence the same ``run_key``) takes the recorded images from that log and evaluates only
@@ -75,28 +75,33 @@ def _items(batch: list) -> list:
 class ReadAhead:
     """Dataset items for the batches run_samples will ask for, read one batch ahead while the model runs.
 
-    ``batches`` are the index lists in the order they will be requested. With ``num_workers`` > 0 DataLoader
+    :meth:`start` takes the index lists in the order they will be requested. With ``num_workers`` > 0 DataLoader
     worker processes read them; with 0, a small thread pool in this process does (image decoding and resizing
     release the GIL, so reading overlaps with the model on another core). A request that is not the next
     planned batch (run_samples retrying a failed batch one image at a time) is read directly.
     """
 
-    def __init__(self, dataset, batches: list[list[int]], num_workers: int, threads: int | None = None):
-        import os
-
-        self.dataset = dataset
-        self.planned = deque(batches)
+    def __init__(self, dataset, num_workers: int, threads: int | None = None):
+        self.dataset, self.num_workers, self.threads = dataset, num_workers, threads
+        self.planned: deque = deque()
         self.it = None
         self.pool = None
         self.ahead: deque = deque()  # futures of the planned batches already submitted to the pool
-        if num_workers > 0 and batches:
+
+    def start(self, batches: list[list[int]]) -> ReadAhead:
+        import os
+
+        self.planned = deque(batches)
+        if self.num_workers > 0 and batches:
             from torch.utils.data import DataLoader
 
-            self.it = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_items))
+            self.it = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_items))
         elif batches:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1), thread_name_prefix="read")
+            self.pool = ThreadPoolExecutor(max_workers=self.threads or min(4, os.cpu_count() or 1),
+                                           thread_name_prefix="read")
+        return self
 
     def _submit(self) -> None:
         """Keep the next two planned batches in flight."""
@@ -194,18 +199,10 @@ def records_metrics(records: Sequence[dict], classnames: Sequence[str]) -> tuple
     return metrics, per_class
 
 
-def write_predictions(path: Path, ids: Sequence[str], records: dict[str, dict], classnames: Sequence[str]) -> None:
-    """One JSON line per evaluated image, in dataset order: id, label, prediction, top5 (indices) and their names."""
-    import json
-
-    from mmadapters.atomic import atomic_write_bytes
-
-    lines = [json.dumps({"id": i, "label": r["label"], "prediction": r["top5"][0], "top5": r["top5"],
-                         "top5_names": [classnames[c] for c in r["top5"]]}, ensure_ascii=False)
-             for i in ids if (r := records.get(i)) is not None]
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+def prediction_line(classnames: Sequence[str]) -> Callable[[str, dict], dict]:
+    """The ``--predictions`` line of an image: id, label, prediction, top5 (indices) and their names."""
+    return lambda i, r: {"id": i, "label": r["label"], "prediction": r["top5"][0], "top5": r["top5"],
+                         "top5_names": [classnames[c] for c in r["top5"]]}
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
@@ -234,53 +231,30 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def evaluate_samples(*, args: argparse.Namespace, dataset, ids: list[str], clip, score: Callable[[Tensor], Tensor],
-                     device, classnames: list[str], identity: dict[str, Any], settings: dict[str, Any],
-                     output_fields: dict[str, str | None], timings: dict[str, float], t_start: float,
-                     parameters: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The shared second half: resumable sample loop, metrics from records, results written by rank 0."""
+def _evaluate_images(args: argparse.Namespace, *, dataset, root: Path, clip, score: Callable[[Tensor], Tensor], device,
+                     classnames: list[str], **fields: Any) -> dict[str, Any] | None:
+    """Score every image of ``dataset`` through :func:`~mmadapters.eval.sample_runner.evaluate`, the pending
+    ones read ahead; ``fields``: its identity, settings, output_fields, timings, t_start, parameters, extra."""
+    from contextlib import closing
+
     from mmadapters import distributed
 
-    from .results_io import prepare_output
-    from .results_schema import build_results, run_key, write_results
-    from .sample_runner import SampleLog, run_samples
+    from .sample_runner import Summary, evaluate
 
-    key = run_key(settings=settings, **identity)
-    output = prepare_output(args, key, **output_fields)
-    log = SampleLog.open(output, key, restart=args.restart)
-    # the batches run_samples will ask for (its pending samples, this rank's share, in order), so workers read ahead
-    mine = distributed.shard([i for i in range(len(dataset)) if ids[i] not in log.done])
-    batches = [mine[s:s + args.batch_size] for s in range(0, len(mine), args.batch_size)]
-    reader = ReadAhead(dataset, batches, getattr(args, "num_workers", 0))
-    t0 = time.perf_counter()
-    try:
-        outcome = run_samples(list(range(len(dataset))), sample_id=lambda i: ids[i],
-                              predict=make_predict(dataset, clip.model, score, device, reader=reader,
-                                                   fail_fast=args.fail_fast),
-                              batch_size=args.batch_size, log=log, fail_fast=args.fail_fast, progress=args.progress,
-                              desc=f"{identity['task'].split('_')[0]} {args.split}")
-    finally:
-        reader.close()
-    timings["evaluate_s"] = time.perf_counter() - t0
-    records = list(outcome.records.values())
-    if not records:
-        raise ValueError(f"{settings['dataset_root']}: none of the {len(dataset)} images of split {args.split!r} could be read "
-                         f"(first reason: {outcome.skipped[0]['reason'] if outcome.skipped else 'none'})")
-    metrics, per_class = records_metrics(records, classnames)
-    timings["total_s"] = time.perf_counter() - t_start
-    counts = {"total": outcome.total, "evaluated": len(records), "skipped": len(outcome.skipped),
-              "resumed": outcome.resumed, "classes": len(classnames)}
-    results = build_results(metrics=metrics, counts=counts, skipped=outcome.skipped, settings=settings,
-                            timings={k: round(v, 4) for k, v in timings.items()}, parameters=parameters,
-                            per_group=per_class, extra=extra, **identity)
-    if distributed.is_main():
-        write_results(output, results, overwrite=args.overwrite)
-        results["output"] = str(output)
-        if getattr(args, "predictions", None):
-            write_predictions(Path(args.predictions), ids, outcome.records, classnames)
-            results["predictions"] = str(args.predictions)
-    log.remove()
-    return results if distributed.is_main() else None
+    ids = sample_ids(dataset, root)
+    reader = ReadAhead(dataset, getattr(args, "num_workers", 0))
+
+    def read_ahead(log) -> closing:  # run_samples' batches: this rank's share of the images not in the log, in order
+        mine = distributed.shard([i for i in range(len(dataset)) if ids[i] not in log.done])
+        return closing(reader.start([mine[s:s + args.batch_size] for s in range(0, len(mine), args.batch_size)]))
+
+    return evaluate(
+        args, samples=list(range(len(dataset))), sample_id=lambda i: ids[i],
+        predict=make_predict(dataset, clip.model, score, device, reader=reader, fail_fast=args.fail_fast),
+        summarize=lambda outcome: Summary(*records_metrics(list(outcome.records.values()), classnames)),
+        source=fields["settings"]["dataset_root"], what=f"images of split {args.split!r}",
+        desc=f"{fields['identity']['task'].split('_')[0]} {args.split}", counts={"classes": len(classnames)},
+        prediction=prediction_line(classnames), on_open=read_ahead, **fields)
 
 
 def _in_group(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -367,10 +341,10 @@ def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
                         support_root=None if args.support_root is None else str(Path(args.support_root).resolve()))
         cache = sum(t.numel() for t in clf.state_dict().values())
         parameters = {"trainable": extra["adapter"]["trainable"], "total": parameters["total"] + cache, "cache": cache}
-    return evaluate_samples(
-        args=args, dataset=dataset, ids=sample_ids(dataset, root), clip=clip, score=score, device=device,
-        classnames=classnames, identity=identity, settings=settings, output_fields={**identity, "method": method},
-        timings=timings, t_start=t_start, parameters=parameters, extra=extra)
+    return _evaluate_images(
+        args, dataset=dataset, root=root, clip=clip, score=score, device=device, classnames=classnames, identity=identity,
+        settings=settings, output_fields={**identity, "method": method}, timings=timings, t_start=t_start,
+        parameters=parameters, extra=extra)
 
 
 def _fit_adapter(args: argparse.Namespace, fmt: str, root: Path, clip, weights: Tensor, classnames: list[str], device,
@@ -496,8 +470,7 @@ def _fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
     extra = {"random_init": clip.info.random_init,
              "adapter": {"kind": loaded.kind, "directory": str(adapters), "hyperparams": cfg.get("hyperparams"),
                          "shots": data.get("shots"), "validation": cfg.get("validation")}}
-    return evaluate_samples(
-        args=args, dataset=dataset, ids=sample_ids(dataset, root), clip=clip, score=model.logits, device=device,
-        classnames=classnames, identity=identity, settings=settings,
-        output_fields={**identity, "kind": loaded.kind}, timings=timings, t_start=t_start, parameters=parameters,
-        extra=extra)
+    return _evaluate_images(
+        args, dataset=dataset, root=root, clip=clip, score=model.logits, device=device, classnames=classnames,
+        identity=identity, settings=settings, output_fields={**identity, "kind": loaded.kind}, timings=timings,
+        t_start=t_start, parameters=parameters, extra=extra)

@@ -10,6 +10,19 @@ written the evaluator removes the logs (:meth:`SampleLog.remove`).
 A record is whatever the task's metric needs (label and top-5, hypothesis and reference, scores of the
 candidates...), normalized through JSON so a fresh record and one read back from a log are identical. A
 skipped sample is recorded too (``{"id", "skipped": reason}``) and is not retried on resume.
+
+:func:`evaluate` is the one second half of every evaluator (``mmadapters eval zeroshot|fewshot|videoqa|dfer|asr|
+vqa|gqa|nlvr|caption``): each task loads its model and samples and describes its settings, then hands over to
+it. The flow, in order:
+
+1. ``run_key`` of the task's identity (dataset, model, pretrained, task) and settings;
+2. :func:`~mmadapters.eval.results_io.prepare_output`: ``--output`` filled in and checked before any work;
+3. :meth:`SampleLog.open`: the records of an interrupted run of the same ``run_key`` (``--restart`` drops them);
+4. :func:`run_samples`: every missing sample predicted and logged, sharded over torchrun's ranks, gathered;
+5. no evaluated sample at all is an error naming the data and the first sample skipped, with its reason;
+6. the task's ``summarize(outcome)``: metrics and per-group numbers from the records alone;
+7. :func:`~mmadapters.eval.results_schema.build_results`: counts, skipped samples, settings, timings, parameters;
+8. rank 0 writes the results file (and ``--predictions``: one JSON line per evaluated sample); the logs go.
 """
 
 from __future__ import annotations
@@ -17,7 +30,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -285,3 +300,90 @@ def run_samples(samples: Sequence[T], *, sample_id: Callable[[T], str],
         else:
             outcome.records[i] = record
     return outcome
+
+
+@dataclass
+class Summary:
+    """What a task makes of its records: the results' ``metrics`` and ``per_group``, and ``timings`` measured in the
+    records themselves (ASR's decoding seconds and real-time factor), written as the task rounded them."""
+
+    metrics: dict[str, Any]
+    per_group: dict[str, dict[str, Any]] | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(args: Any, *, identity: Mapping[str, Any], settings: Mapping[str, Any], samples: Sequence[T],
+             sample_id: Callable[[T], str], predict: Callable[[list[T]], list[dict[str, Any] | BaseException]],
+             summarize: Callable[[SampleOutcome], Summary], source: str | os.PathLike, desc: str, what: str = "samples",
+             t_start: float, timings: Mapping[str, float] | None = None, loop_timing: str | None = "evaluate_s",
+             output_fields: Mapping[str, Any] | None = None, counts: Mapping[str, int] | None = None,
+             rejected: Sequence[dict[str, Any]] = (), parameters: Mapping[str, Any] | None = None,
+             extra: Mapping[str, Any] | None = None,
+             prediction: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+             on_open: Callable[[SampleLog], AbstractContextManager[Any]] | None = None) -> dict[str, Any] | None:
+    """Evaluate ``samples`` resumably and write the results (steps 1-8 of the module docstring).
+
+    ``args``: the task's parsed flags; used here: ``output``, ``overwrite``, ``restart``, ``batch_size``,
+    ``fail_fast``, ``progress`` and, when the task has it, ``predictions``.
+
+    - ``identity``: ``dataset``, ``model``, ``pretrained``, ``task`` of the results (and of the ``run_key`` with
+      ``settings``); ``output_fields`` fill the ``{fields}`` of ``--output`` (default: ``identity``).
+    - ``sample_id``, ``predict``: as :func:`run_samples` takes them; ``desc`` labels its progress bar.
+    - ``summarize(outcome)`` -> :class:`Summary`, from the records (in sample order) and the skipped samples.
+    - ``source`` and ``what`` name the data in the error raised when no sample could be evaluated:
+      ``"<source>: none of the <N> <what> could be evaluated (first skipped: <id>: <reason>)"``.
+    - ``timings``: what the task measured before (``model_load_s``...); the sample loop's seconds are added as
+      ``loop_timing`` (None: not recorded), then the summary's timings, then ``total_s`` since ``t_start``.
+    - ``counts``: the task's counts after ``total``, ``evaluated``, ``skipped``, ``resumed``; ``rejected``:
+      ``{"id", "reason"}`` of samples refused before the run (malformed rows), listed first in ``skipped``
+      and counted in ``total``.
+    - ``parameters``, ``extra``: the results' fields of those names (``extra`` at the top level).
+    - ``prediction(id, record)``: the ``--predictions`` line of an evaluated sample (default ``{"id", **record}``),
+      one per evaluated sample in sample order, UTF-8, when the task has that flag and it is given.
+    - ``on_open(log)``: a context manager entered around the sample loop once the log is open (what is left
+      to do is known then): the image evaluators read their pending images ahead in it.
+
+    Returns the results (with ``output`` and ``predictions`` paths) on rank 0, None on the other ranks.
+    """
+    from .results_io import prepare_output
+    from .results_schema import build_results, run_key, write_results
+
+    dist = _dist()
+    key = run_key(settings=settings, **identity)
+    output = prepare_output(args, key, **(identity if output_fields is None else output_fields))  # before any work
+    log = SampleLog.open(output, key, restart=args.restart)
+    with on_open(log) if on_open is not None else nullcontext():
+        t0 = time.perf_counter()
+        outcome = run_samples(samples, sample_id=sample_id, predict=predict, batch_size=args.batch_size, log=log,
+                              fail_fast=args.fail_fast, progress=args.progress, desc=desc)
+        loop_s = time.perf_counter() - t0
+    skipped = [*rejected, *outcome.skipped]
+    total = len(rejected) + outcome.total
+    if not outcome.records:
+        first = f" (first skipped: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else ""
+        raise ValueError(f"{source}: none of the {total} {what} could be evaluated{first}; skipped samples are not "
+                         "retried on resume: pass --restart once the data is fixed")
+    summary = summarize(outcome)
+    measured = {**(timings or {}), **({loop_timing: loop_s} if loop_timing else {})}
+    results = build_results(
+        metrics=summary.metrics, per_group=summary.per_group, skipped=skipped, settings=settings,
+        counts={"total": total, "evaluated": len(outcome.records), "skipped": len(skipped), "resumed": outcome.resumed,
+                **(counts or {})},
+        timings={**{k: round(v, 4) for k, v in measured.items()}, **summary.timings,
+                 "total_s": round(time.perf_counter() - t_start, 4)},
+        parameters=parameters, extra=extra, **identity)
+    if results["run_key"] != key:  # the samples log and the output check used `key`
+        raise RuntimeError(f"run key changed while evaluating ({key} -> {results['run_key']}); settings are not JSON-stable")
+    if dist.is_main():
+        write_results(output, results, overwrite=args.overwrite)
+        results["output"] = str(output)
+        if getattr(args, "predictions", None):
+            from mmadapters.atomic import atomic_write_bytes
+
+            line = prediction or (lambda i, r: {"id": i, **r})
+            Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(args.predictions), "".join(json.dumps(line(i, r), ensure_ascii=False) + "\n"
+                                                               for i, r in outcome.records.items()).encode())
+            results["predictions"] = str(args.predictions)
+    log.remove()
+    return results if dist.is_main() else None

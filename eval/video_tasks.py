@@ -1,6 +1,6 @@
 """``mmadapters eval videoqa`` and ``mmadapters eval dfer``: per-sample, resumable, rank-sharded evaluators.
 
-Both follow the shared pattern (:mod:`mmadapters.eval.sample_runner`): samples are scored batch by batch,
+Both hand their samples to :func:`mmadapters.eval.sample_runner.evaluate`: samples are scored batch by batch,
 each sample's record is appended to ``<output>.samples.jsonl`` as soon as its batch is done, a rerun after a
 crash scores only the missing ones, and the metrics are computed from all records once every sample is
 evaluated or skipped; rank 0 writes the :mod:`~mmadapters.eval.results_schema` file.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -68,51 +67,6 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     from .results_io import default_cache_dir
 
     return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-
-
-def evaluate_samples(args: argparse.Namespace, *, identity: dict[str, Any], method: str, settings: dict[str, Any],
-                     samples: Sequence[Any], sample_id: Callable[[Any], str],
-                     predict: Callable[[list[Any]], list[dict | BaseException]],
-                     metrics: Callable[[list[dict]], tuple[dict[str, float], dict[str, dict[str, float | None]]]],
-                     counts: dict[str, int], timings: dict[str, float], t_start: float, parameters: dict[str, int],
-                     desc: str) -> dict[str, Any] | None:
-    """The shared second half: resumable sample loop, metrics from the records, results written by rank 0."""
-    from mmadapters import distributed
-    from mmadapters.atomic import atomic_write_bytes
-
-    from .results_io import prepare_output
-    from .results_schema import build_results, run_key, write_results
-    from .sample_runner import SampleLog, run_samples
-
-    key = run_key(settings=settings, **identity)
-    output = prepare_output(args, key, method=method, **identity)  # before any work
-    log = SampleLog.open(output, key, restart=args.restart)
-    t0 = time.perf_counter()
-    outcome = run_samples(samples, sample_id=sample_id, predict=predict, batch_size=args.batch_size, log=log,
-                          fail_fast=args.fail_fast, progress=args.progress and distributed.is_main(), desc=desc)
-    timings["evaluate_s"] = time.perf_counter() - t0
-    records = list(outcome.records.values())
-    if not records:
-        first = outcome.skipped[0]["reason"] if outcome.skipped else "none"
-        raise ValueError(f"{settings['annotations']}: none of the {len(samples)} samples could be evaluated "
-                         f"(first reason: {first})")
-    values, per_group = metrics(records)
-    timings["total_s"] = time.perf_counter() - t_start
-    results = build_results(metrics=values, counts={"total": outcome.total, "evaluated": len(records),
-                                                    "skipped": len(outcome.skipped), "resumed": outcome.resumed, **counts},
-                            skipped=outcome.skipped, settings=settings, timings={k: round(v, 4) for k, v in timings.items()},
-                            parameters=parameters, per_group=per_group, **identity)
-    if distributed.is_main():
-        write_results(output, results, overwrite=args.overwrite)
-        results["output"] = str(output)
-        if args.predictions:  # one JSON line per evaluated sample, in the annotation file's order
-            lines = [json.dumps({"id": i, **outcome.records[i]}) + "\n" for i in map(sample_id, samples)
-                     if i in outcome.records]
-            Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(Path(args.predictions), "".join(lines).encode())
-            results["predictions"] = str(args.predictions)
-    log.remove()
-    return results if distributed.is_main() else None
 
 
 # ------------------------------------------------------------------------------------------------ videoqa
@@ -176,6 +130,8 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmadapters.video.tem_train import META_NAME, WEIGHTS_NAME, load_tem_run
     from mmadapters.vision.clip import load_clip
 
+    from .sample_runner import Summary, evaluate
+
     t_start = time.perf_counter()
     _check_common(args)
     if args.num_workers < 0:
@@ -232,9 +188,11 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
     adapter_params = sum(p.numel() for p in adapter.parameters()) if adapter is not None else 0
     predict = make_videoqa_predict(cache=cache, clip=clip, model=adapter, root=root, template=template, device=device,
                                    num_workers=args.num_workers, fail_fast=args.fail_fast)
-    return evaluate_samples(
-        args, identity=identity, method=method, settings=settings, samples=rows, sample_id=lambda r: f"line{r.line}",
-        predict=predict, metrics=videoqa_metrics, counts={"videos": len({r.vid_filename for r in rows})},
+    return evaluate(
+        args, identity=identity, output_fields={**identity, "method": method}, settings=settings, samples=rows,
+        sample_id=lambda r: f"line{r.line}", predict=predict,
+        summarize=lambda outcome: Summary(*videoqa_metrics(list(outcome.records.values()))),
+        source=settings["annotations"], what="questions", counts={"videos": len({r.vid_filename for r in rows})},
         timings=timings, t_start=t_start, parameters={"trainable": adapter_params, "total": adapter_params + clip_params},
         desc=f"videoqa {identity['dataset']}")
 
@@ -242,21 +200,18 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------------- dfer
 
 
-def dfer_metrics_for(classes: Sequence[str]) -> Callable[[list[dict]], tuple[dict[str, float], dict[str, dict[str, float | None]]]]:
+def dfer_metrics(records: list[dict], classes: Sequence[str]) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
     """Metrics of clip records ``{"pred", "label"}``: UAR, WAR, and per class ``{recall, clips}`` (recall None if absent)."""
     from .metrics import uar, war
 
-    def metrics(records: list[dict]) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
-        y = torch.tensor([r["label"] for r in records], dtype=torch.long)
-        p = torch.tensor([r["pred"] for r in records], dtype=torch.long)
-        per_class: dict[str, dict[str, float | None]] = {}
-        for k, name in enumerate(classes):
-            members = y == k
-            n = int(members.sum())
-            per_class[name] = {"recall": float((p[members] == k).double().mean()) if n else None, "clips": n}
-        return {"uar": uar(y, p, len(classes)), "war": war(y, p)}, per_class
-
-    return metrics
+    y = torch.tensor([r["label"] for r in records], dtype=torch.long)
+    p = torch.tensor([r["pred"] for r in records], dtype=torch.long)
+    per_class: dict[str, dict[str, float | None]] = {}
+    for k, name in enumerate(classes):
+        members = y == k
+        n = int(members.sum())
+        per_class[name] = {"recall": float((p[members] == k).double().mean()) if n else None, "clips": n}
+    return {"uar": uar(y, p, len(classes)), "war": war(y, p)}, per_class
 
 
 def make_dfer_predict(*, model, num_frames: int, cues, fail_fast: bool) -> Callable[[list[Any]], list]:
@@ -310,6 +265,8 @@ def run_dfer(args: argparse.Namespace) -> dict[str, Any] | None:
     )
     from mmadapters.video.readers import DFER_DATASETS, dfer_annotation_path, read_dfer_annotation
     from mmadapters.vision.clip import load_clip
+
+    from .sample_runner import Summary, evaluate
 
     t_start = time.perf_counter()
     _check_common(args)
@@ -370,8 +327,9 @@ def run_dfer(args: argparse.Namespace) -> dict[str, Any] | None:
     # what training trained: the parts of unused cues (and all but the linear probe's head) stay frozen
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if adapters_dir else 0
     predict = make_dfer_predict(model=model, num_frames=num_frames, cues=PrecomputedCues(cues_root), fail_fast=args.fail_fast)
-    return evaluate_samples(
-        args, identity=identity, method=method, settings=settings, samples=clips,
+    return evaluate(
+        args, identity=identity, output_fields={**identity, "method": method}, settings=settings, samples=clips,
         sample_id=lambda a: clip_sample_id(a.frame_dir, data_dir), predict=predict,
-        metrics=dfer_metrics_for(list(model.classes)), counts={"classes": len(model.classes)}, timings=timings,
+        summarize=lambda outcome: Summary(*dfer_metrics(list(outcome.records.values()), model.classes)),
+        source=settings["annotations"], what="clips", counts={"classes": len(model.classes)}, timings=timings,
         t_start=t_start, parameters={"trainable": trainable, "total": backbone + trainable}, desc=f"dfer {dataset_name}")

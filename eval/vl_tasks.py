@@ -21,7 +21,8 @@ One evaluation, four tasks, in the order it runs:
    human answers), GQA / NLVR2 exact-match accuracy, captioning CIDEr and BLEU-4 computed over all records at
    the end (CIDEr's IDF depends on the whole set, so it is never averaged over batches). ``per_group``: VQA
    per answer type and per question type, GQA yes/no vs open questions, NLVR2 per label.
-6. **Results**: :mod:`mmadapters.eval.results_schema`, written by rank 0.
+6. **Results**: :mod:`mmadapters.eval.results_schema`, written by rank 0
+   (:func:`mmadapters.eval.sample_runner.evaluate` runs steps 4 to 6).
 """
 
 from __future__ import annotations
@@ -36,9 +37,7 @@ import torch
 
 from mmadapters import distributed
 
-from .results_io import prepare_output
-from .results_schema import build_results, run_key, write_results
-from .sample_runner import SampleLog, run_samples
+from .sample_runner import Summary, evaluate
 
 RESULT_TASK = {"vqa": "vqa", "gqa": "gqa", "nlvr": "nlvr", "caption": "captioning"}  # the results' "task" field
 
@@ -183,33 +182,17 @@ def evaluate_vl_task(args: argparse.Namespace) -> dict[str, Any] | None:
         "seed": args.seed,
     }
     model_name = model_dir.name
-    pretrained = None if args.adapters is None else str(args.adapters)
-    key = run_key(dataset=dataset, model=model_name, pretrained=pretrained, task=RESULT_TASK[task], settings=settings)
-    output = prepare_output(args, key, dataset=dataset, model=model_name, task=task)  # before evaluating, not after
-    log = SampleLog.open(output, key, restart=args.restart)
     predictor = VLPredictor(model, setup, task, FeatureCache(source), max_text_length=args.max_text_length,
                             max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-    t0 = time.perf_counter()
-    outcome = run_samples(samples, sample_id=lambda s: s.uid, predict=predictor, batch_size=args.batch_size, log=log,
-                          fail_fast=args.fail_fast, progress=args.progress, desc=f"eval {task}")
-    eval_s = time.perf_counter() - t0
-    records = list(outcome.records.values())
-    metrics, per_group = task_metrics(task, records)
-    skipped = bad_rows + outcome.skipped
-    counts = {"total": len(samples) + len(bad_rows), "evaluated": len(records), "skipped": len(skipped),
-              "resumed": outcome.resumed, "bad_rows": len(bad_rows)}
-    if not distributed.is_main():
-        log.remove()
-        return None
-    results = build_results(dataset=dataset, model=model_name, pretrained=pretrained, task=RESULT_TASK[task],
-                            metrics=metrics, counts=counts, skipped=skipped, settings=settings,
-                            timings={"total_s": time.perf_counter() - t_start, "model_load_s": load_s, "eval_s": eval_s},
-                            parameters=parameters, per_group=per_group, extra={"world_size": distributed.world_size()})
-    if results["run_key"] != key:
-        raise RuntimeError(f"run key changed while evaluating ({key} -> {results['run_key']}); settings are not JSON-stable")
-    write_results(output, results, overwrite=args.overwrite)
-    log.remove()
-    return {**results, "output": str(output)}
+    return evaluate(
+        args, identity={"dataset": dataset, "model": model_name, "task": RESULT_TASK[task],
+                        "pretrained": None if args.adapters is None else str(args.adapters)},
+        output_fields={"dataset": dataset, "model": model_name, "task": task}, settings=settings, samples=samples,
+        sample_id=lambda s: s.uid, predict=predictor,
+        summarize=lambda outcome: Summary(*task_metrics(task, list(outcome.records.values()))), source=annotations,
+        desc=f"eval {task}", t_start=t_start, timings={"model_load_s": load_s}, loop_timing="eval_s",
+        counts={"bad_rows": len(bad_rows)}, rejected=bad_rows, parameters=parameters,
+        extra={"world_size": distributed.world_size()})
 
 
 __all__ = ["RESULT_TASK", "evaluate_vl_task", "load_vl_model", "resolve_model_dir"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmadapters.eval.results_schema import SCHEMA, ResultsFormatError, build_results, read_results, validate_results, write_results
-from mmadapters.eval.sample_runner import SampleLog, run_samples
+from mmadapters.eval.sample_runner import SampleLog, Summary, evaluate, run_samples
 
 
 def _results(**overrides):
@@ -134,6 +134,58 @@ def test_two_runs_on_one_output_never_resume_on_each_others_records(tmp_path):
     second.path.unlink()  # removed under a running evaluation
     with pytest.raises(ValueError, match="was removed while it ran"):
         first_again.append([{"id": "1", "pred": 3}])
+
+
+def _evaluate_toy(tmp_path, samples, **overrides):
+    """``evaluate`` on integer samples (odd ones refused by ``predict``); metrics: the mean of the even ones."""
+    import argparse
+
+    args = argparse.Namespace(output=str(tmp_path / "{task}.json"), overwrite=False, restart=False, batch_size=3,
+                              fail_fast=False, progress=False, predictions=str(tmp_path / "p" / "preds.jsonl"))
+    kwargs = dict(
+        identity={"dataset": "toy", "model": "m", "pretrained": None, "task": "toy"}, settings={"k": 1}, samples=samples,
+        sample_id=lambda s: f"s{s}", predict=lambda b: [ValueError(f"odd {s}") if s % 2 else {"x": s} for s in b],
+        summarize=lambda o: Summary({"mean": sum(r["x"] for r in o.records.values()) / len(o.records)},
+                                    timings={"from_records": 1.23456}),
+        source="toy.jsonl", what="toys", desc="toy", t_start=0.0, timings={"model_load_s": 0.123456})
+    return evaluate(args, **{**kwargs, **overrides}), args
+
+
+def test_evaluate_writes_results_and_predictions_and_removes_the_log(tmp_path):
+    opened = []
+
+    class Reader:  # what on_open hands back is entered around the sample loop, with the log's pending samples known
+        def __init__(self, log):
+            self.pending = [s for s in range(6) if f"s{s}" not in log.done]
+
+        def __enter__(self):
+            opened.append(("enter", self.pending))
+
+        def __exit__(self, *exc):
+            opened.append("exit")
+
+    results, args = _evaluate_toy(tmp_path, list(range(6)), counts={"toys": 6}, rejected=[{"id": "row9", "reason": "bad"}],
+                                  prediction=lambda i, r: {"id": i, "double": 2 * r["x"]}, on_open=Reader)
+    assert opened == [("enter", list(range(6))), "exit"]
+    written = read_results(tmp_path / "toy.json")
+    assert results["output"] == str(tmp_path / "toy.json") and results["predictions"] == args.predictions
+    assert written["counts"] == {"total": 7, "evaluated": 3, "skipped": 4, "resumed": 0, "toys": 6}
+    assert [s["id"] for s in written["skipped"]] == ["row9", "s1", "s3", "s5"]  # refused rows first, then sample order
+    assert written["metrics"] == {"mean": 2.0}
+    assert list(written["timings"]) == ["model_load_s", "evaluate_s", "from_records", "total_s"]
+    assert written["timings"]["model_load_s"] == 0.1235 and written["timings"]["from_records"] == 1.23456
+    lines = [json.loads(line) for line in Path(args.predictions).read_text().splitlines()]
+    assert lines == [{"id": "s0", "double": 0}, {"id": "s2", "double": 4}, {"id": "s4", "double": 8}]
+    assert not SampleLog.paths(tmp_path / "toy.json")
+
+
+def test_evaluate_refuses_a_run_where_nothing_could_be_evaluated(tmp_path):
+    with pytest.raises(ValueError, match=r"^toy.jsonl: none of the 2 toys could be evaluated \(first skipped: s1: "
+                                         r"ValueError: odd 1\); .* pass --restart once the data is fixed"):
+        _evaluate_toy(tmp_path, [1, 3])
+    assert not (tmp_path / "toy.json").exists() and SampleLog.paths(tmp_path / "toy.json")  # the records stay
+    results, _ = _evaluate_toy(tmp_path, [1, 3, 4], loop_timing=None)  # same settings: s1, s3 resumed
+    assert results["counts"]["resumed"] == 2 and "evaluate_s" not in results["timings"]
 
 
 def test_two_ranks_shard_and_gather(tmp_path):
