@@ -13,7 +13,8 @@ package and import their heavy dependencies only when they run.
   streaming runner that ``mmadapters eval asr`` (``asr_tasks``) times;
 - :mod:`~mmadapters.eval.results_schema` — the one results schema of ``mmadapters eval <task>`` (torch-free);
   :mod:`~mmadapters.eval.results_io` — run keys, the overwrite guard, output name templates, the cache folder;
-- :mod:`~mmadapters.eval.sample_runner` — per-sample records for resumable, rank-sharded evaluation;
+- :mod:`~mmadapters.eval.sample_runner` — per-sample records for resumable, rank-sharded evaluation, and
+  ``evaluate()``, every evaluator's shared second half (records -> metrics -> results file);
 - :mod:`~mmadapters.eval.eval_cli` — ``mmadapters eval``; its tasks: ``eval_clip_args``/``clip_tasks`` (zeroshot,
   also as ``mmadapters zeroshot``; fewshot), ``eval_vl_args``/``vl_tasks`` (vqa, gqa, nlvr, caption), ``eval_video_args``/``video_tasks``
   (videoqa, dfer), ``eval_asr_args``/``asr_tasks`` (asr);

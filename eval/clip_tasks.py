@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .results_io import default_cache_dir
+
 TOPK = 5
 ADAPTERS = ("none", "tip", "tip-f", "caps")
 
@@ -205,12 +207,6 @@ def prediction_line(classnames: Sequence[str]) -> Callable[[str, dict], dict]:
                          "top5_names": [classnames[c] for c in r["top5"]]}
 
 
-def _cache_dir(args: argparse.Namespace) -> Path:
-    from .results_io import default_cache_dir
-
-    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-
-
 def _prepare_root(dataset: str, dataset_root: str | None, cache_dir: Path, progress: bool) -> tuple[str, Path]:
     """``vision.readers.prepare_dataset_root``; under torchrun rank 0 alone generates a missing task."""
     from mmadapters.training.trainer import run_on_main
@@ -299,7 +295,7 @@ def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
     t_start = time.perf_counter()
     device = distributed.device_for_rank(args.device)
     progress = args.progress and distributed.is_main()
-    cache_dir = _cache_dir(args)
+    cache_dir = default_cache_dir(args.cache_dir)
     fmt, root = _prepare_root(args.dataset, args.dataset_root, cache_dir, progress)
     name = dataset_name(args.dataset, fmt, root)
     classnames, classnames_source = resolve_classnames(args.classnames, root)
@@ -423,7 +419,7 @@ def _fewshot(args: argparse.Namespace) -> dict[str, Any] | None:
     t_start = time.perf_counter()
     device = distributed.device_for_rank(args.device)
     progress = args.progress and distributed.is_main()
-    cache_dir = _cache_dir(args)
+    cache_dir = default_cache_dir(args.cache_dir)
     adapters = Path(args.adapters)
     loaded = load_cache_model(adapters, device=device)
     cfg, source = loaded.config, adapters / CACHE_CONFIG

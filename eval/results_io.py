@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 
-def default_cache_dir() -> Path:
-    """``$MMADAPTERS_CACHE``, else ``$XDG_CACHE_HOME/mmadapters``, else ``~/.cache/mmadapters``."""
+def default_cache_dir(chosen: str | os.PathLike | None = None) -> Path:
+    """``chosen`` (a ``--cache-dir``) when given, else ``$MMADAPTERS_CACHE``, else ``$XDG_CACHE_HOME/mmadapters``,
+    else ``~/.cache/mmadapters``."""
+    if chosen:
+        return Path(chosen)
     if os.environ.get("MMADAPTERS_CACHE"):
         return Path(os.environ["MMADAPTERS_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

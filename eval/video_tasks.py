@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .results_io import default_cache_dir
+
 VIDEOQA_TASK = "videoqa_multiple_choice"
 DFER_TASK = "dfer"
 
@@ -61,12 +63,6 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-frames: expected an integer >= 1, got {args.num_frames}")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-
-
-def _cache_dir(args: argparse.Namespace) -> Path:
-    from .results_io import default_cache_dir
-
-    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
 # ------------------------------------------------------------------------------------------------ videoqa
@@ -138,7 +134,7 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError(f"--num-workers: expected an integer >= 0, got {args.num_workers}")
     distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
-    cache_dir = _cache_dir(args)
+    cache_dir = default_cache_dir(args.cache_dir)
     adapter, meta, adapters_dir = None, None, None
     if args.adapters:
         adapters_dir = Path(args.adapters)
@@ -272,7 +268,7 @@ def run_dfer(args: argparse.Namespace) -> dict[str, Any] | None:
     _check_common(args)
     distributed.init_from_env(args.device)
     device = distributed.device_for_rank(args.device)
-    weights_cache = str(_cache_dir(args) / "weights")
+    weights_cache = str(default_cache_dir(args.cache_dir) / "weights")
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         raise NotADirectoryError(f"--data-dir {data_dir}: not a directory")

@@ -232,7 +232,7 @@ def build_task(config: TemAdapterRecipeConfig, trainer: Any) -> TemAdapterTask:
     if not config.train_annotations:
         raise ValueError("recipe.train_annotations: the SUTD-TrafficQA jsonl of the training split is required")
     device = device_for_rank(trainer.device)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    cache_dir = default_cache_dir(config.cache_dir)
     clip = load_clip(config.model, config.pretrained, device=device, cache_dir=str(cache_dir / "weights"),
                      seed=trainer.seed, declare_points=False)
     backbone = sum(p.numel() for p in clip.model.parameters())
