@@ -24,12 +24,35 @@ def _print_adapter(results: dict) -> None:
         print(f"adapter {adapter['kind']}{shots}: {adapter.get('hyperparams')}")
 
 
+def _seeded_root(args: argparse.Namespace) -> None:
+    """--data-seed: draw the generated task afresh from that seed (same recipe) into its own folder and point
+    --dataset-root there, so the evaluators open it as they open any generated task (rank 0 alone generates)."""
+    if getattr(args, "data_seed", None) is None:
+        return
+    from pathlib import Path
+
+    from mmadapters.training.trainer import run_on_main
+    from mmadapters.vision.readers import prepare_dataset_root
+
+    from .results_io import default_cache_dir
+
+    if args.data_seed < 0:
+        raise ValueError(f"--data-seed {args.data_seed}: expected an integer >= 0")
+    if args.dataset is None:
+        raise ValueError("--data-seed needs --dataset (the generated task to draw afresh)")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    _, root = run_on_main(lambda: prepare_dataset_root(args.dataset, args.dataset_root, cache_dir,
+                                                       data_seed=args.data_seed))
+    args.dataset_root = str(root)
+
+
 def _zeroshot(args: argparse.Namespace) -> int:
     from .eval_cli import print_summary, run_guarded
 
     def go() -> None:
         from .clip_tasks import run_zeroshot
 
+        _seeded_root(args)
         results = run_zeroshot(args)
         if results is not None:
             _print_adapter(results)
@@ -49,6 +72,7 @@ def _fewshot(args: argparse.Namespace) -> int:
     def go() -> None:
         from .clip_tasks import run_fewshot
 
+        _seeded_root(args)
         results = run_fewshot(args)
         if results is not None:
             _print_adapter(results)
@@ -69,6 +93,8 @@ def _dataset_args(p: argparse.ArgumentParser, *, default_dataset: str | None) ->
     add("--dataset", default=default_dataset,
         help=f"imagefolder, csv, coop, wds, or a generated task such as synth-shapes (default: {shown})")
     add("--dataset-root", default=None, help="dataset location (generated tasks: a folder in the cache dir by default)")
+    add("--data-seed", type=int, default=None, help="generated task: draw it afresh from this seed, same recipe, into "
+        "<cache dir>/datasets/<task>_seed<S> (default: the canonical draw, seed 0)")
     add("--split", default="test", help="split to evaluate (default: test)")
     add("--num-workers", type=int, default=NUM_WORKERS,
         help=f"DataLoader worker processes reading images ahead (default: {NUM_WORKERS})")

@@ -75,6 +75,8 @@ class CompareConfig:
     val_per_class: int | None = None
     test_per_class: int | None = None
     image_size: int | None = None
+    data_seed: int | None = None  # generated tasks drawn afresh from this seed (None: the canonical seed 0)
+    views: int = 10  # augmented passes over the train split: cache keys = their mean, Tip-F trains on them
     overwrite: bool = False
     progress: bool = True
 
@@ -90,6 +92,7 @@ class TaskData:
     weights: torch.Tensor  # (D, C) zero-shot classifier
     splits: dict[str, Any]  # split -> vision.zeroshot.ImageFeatures (features (N, D) on CPU, labels (N,))
     caption_feats: torch.Tensor | None  # (N_train, D): caps_prompt(class, caption) of each train image, or None
+    views: torch.Tensor | None  # (V, N_train, D): augmented views of each train image, or None
     info: dict[str, Any]  # JSON-ready: root, counts, timings, classifier cache hit
 
 
@@ -102,13 +105,16 @@ def generator_sizes(config: CompareConfig) -> dict[str, int]:
 
 
 def task_root(config: CompareConfig, cache_dir: Path, task: str) -> Path:
-    """``<data dir>/<task>`` for the canonical sizes (the folder ``mmadapters zeroshot`` uses too), else a
-    folder whose name records the sizes, so two sizes never overwrite each other."""
+    """``<data dir>/<task>`` for the canonical sizes and seed (the folder ``mmadapters zeroshot`` uses too), else
+    a folder whose name records the sizes and the data seed, so two draws never overwrite each other."""
+    from mmadapters.vision.readers import seeded_name
+
     base = Path(config.data_dir) if config.data_dir else cache_dir / "datasets"
+    name = seeded_name(task, config.data_seed)
     if all(getattr(config, k) is None for k in SIZE_OPTIONS):
-        return base / task
+        return base / name
     s = generator_sizes(config)
-    return base / f"{task}_tr{s['train_per_class']}_va{s['val_per_class']}_te{s['test_per_class']}_px{s['image_size']}"
+    return base / f"{name}_tr{s['train_per_class']}_va{s['val_per_class']}_te{s['test_per_class']}_px{s['image_size']}"
 
 
 def validate(config: CompareConfig) -> None:
@@ -138,6 +144,10 @@ def validate(config: CompareConfig) -> None:
         if k < 1 or k > sizes["train_per_class"]:
             raise ValueError(f"--shots {k}: expected 1 <= K <= {sizes['train_per_class']} (train images per class; "
                              "raise --train-per-class for more)")
+    if config.data_seed is not None and (isinstance(config.data_seed, bool) or config.data_seed < 0):
+        raise ValueError(f"--data-seed {config.data_seed!r}: expected an integer >= 0")
+    if isinstance(config.views, bool) or not isinstance(config.views, int) or config.views < 1:
+        raise ValueError(f"--views {config.views!r}: expected an integer >= 1 (augmented passes over the support images)")
     if config.batch_size < 1 or config.num_workers < 0:
         raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -154,7 +164,8 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
     timings: dict[str, Any] = {}
     t0 = time.perf_counter()
     root = task_root(config, cache_dir, task)
-    generate_task(task, root, progress=config.progress, **generator_sizes(config))  # returns at once when present
+    generate_task(task, root, progress=config.progress, seed=config.data_seed or 0,
+                  **generator_sizes(config))  # returns at once when present
     timings["generate_s"] = round(time.perf_counter() - t0, 4)
 
     classnames, _ = resolve_classnames(None, root)
@@ -179,6 +190,18 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
         features_s[split] = round(time.perf_counter() - t0, 4)
     timings["features_s"] = features_s
 
+    views = None
+    if any(m != "zeroshot" for m in config.methods):
+        from mmadapters.vision.fewshot import augmented_transform, encode_views
+
+        t0 = time.perf_counter()
+        augmented = open_split("imagefolder", root, "train", augmented_transform(clip.preprocess), classnames)
+        views, _, view_paths = encode_views(clip.model, augmented, config.views, seed=0, batch_size=config.batch_size,
+                                            device=config.device, progress=config.progress)
+        if view_paths != splits["train"].paths:
+            raise ValueError(f"{root / 'train'}: an image could not be read; augmented views need every train image")
+        timings["views_s"] = round(time.perf_counter() - t0, 4)
+
     caption_feats = None
     if "caps" in config.methods:
         t0 = time.perf_counter()
@@ -190,9 +213,27 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
                                      desc=f"{task} captions")
         timings["captions_s"] = round(time.perf_counter() - t0, 4)
 
+    t0 = time.perf_counter()
+    gate = task_gate(root, splits, classifier.weights, shipped=config.model is None)
+    timings["gate_s"] = round(time.perf_counter() - t0, 4)
     info = {"root": str(root), "classes": len(classnames), "templates": len(templates), "counts": counts,
-            "skipped": skipped, "classifier_cache_hit": classifier.cache_hit, "timings": timings}
-    return TaskData(task, root, classnames, templates, classifier.weights, splits, caption_feats, info)
+            "skipped": skipped, "classifier_cache_hit": classifier.cache_hit, "gate": gate, "timings": timings}
+    return TaskData(task, root, classnames, templates, classifier.weights, splits, caption_feats, views, info)
+
+
+def task_gate(root: Path, splits: dict[str, Any], weights: torch.Tensor, *, shipped: bool) -> dict[str, Any]:
+    """The task's gate (:mod:`mmadapters.vision.gate`) for this CLIP, from the features already encoded.
+
+    For the shipped CLIP the gate is also the one ``task.json`` records: written there the first time (atomically)
+    and rewritten if the recorded one differs (e.g. after the CLIP was re-shipped)."""
+    from mmadapters.vision import gate as gates
+
+    train, val, test = (splits[s] for s in SPLITS)
+    gate = gates.compute_gate(train.features, train.labels, val.features, val.labels, test.features, test.labels,
+                              weights.float().cpu())
+    if shipped and gates.read_gate(root) != gate:
+        gates.write_gate(root, gate)
+    return gate
 
 
 def fit_and_score(data: TaskData, method: str, shots: int, seed: int, device: str) -> dict[str, Any]:
@@ -215,7 +256,8 @@ def fit_and_score(data: TaskData, method: str, shots: int, seed: int, device: st
         train, val = data.splits["train"], data.splits["val"]
         index = fewshot.sample_shots(train.labels, shots, seed, num_classes=len(data.classnames))
         caps = data.caption_feats[index].to(device) if method == "caps" else None
-        support = fewshot.SupportSet(train.features[index].to(device), train.labels[index].to(device), caps)
+        # the official cache: keys are the mean of the augmented views (Tip-F trains on the views themselves)
+        support = fewshot.SupportSet.from_views(data.views[:, index].to(device), train.labels[index].to(device), caps)
         clf = fewshot.fit_fewshot(method, weights, support, val.features.to(device), val.labels.to(device),
                                   seed=seed, progress=False)
         fit_s = time.perf_counter() - t0
@@ -235,8 +277,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0
 
 
-def summarize(runs: list[dict[str, Any]], tasks: list[str], shots: list[int], methods: list[str]) -> list[dict[str, Any]]:
-    """One row per (task, shots, method): mean and std over seeds of acc1 and mean per-class recall."""
+def summarize(runs: list[dict[str, Any]], tasks: list[str], shots: list[int], methods: list[str],
+              gates: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per (task, shots, method): mean and std over seeds of acc1 and mean per-class recall, and
+    ``gate_passed`` (whether an adapter gain may be claimed on the task; None without a gate)."""
     rows = []
     for task in tasks:
         for k in shots:
@@ -245,7 +289,9 @@ def summarize(runs: list[dict[str, Any]], tasks: list[str], shots: list[int], me
                          and (method == "zeroshot" or r["shots"] == k)]
                 if not group:
                     continue
-                row: dict[str, Any] = {"task": task, "shots": k, "method": method, "n": len(group)}
+                gate = (gates or {}).get(task)
+                row: dict[str, Any] = {"task": task, "shots": k, "method": method, "n": len(group),
+                                       "gate_passed": None if gate is None else bool(gate["passed"])}
                 for metric in ("acc1", "mean_per_class_recall"):
                     row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r["metrics"][metric] for r in group])
                 rows.append(row)
@@ -263,20 +309,54 @@ def _cell(row: dict[str, Any] | None, metric: str = "acc1") -> str:
 
 def _grid(summary: list[dict[str, Any]], methods: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows (task, shots, one cell per method) of the comparison table."""
+    from mmadapters.vision.gate import NOT_PASSED
+
     index = {(r["task"], r["shots"], r["method"]): r for r in summary}
     keys = list(dict.fromkeys((r["task"], r["shots"]) for r in summary))
-    body = [[task, str(k), *(_cell(index.get((task, k, m)), metric) for m in methods)] for task, k in keys]
-    return ["task", "shots", *methods], body
+    passed = {r["task"]: r.get("gate_passed") for r in summary}
+    gate = {True: "passed", False: NOT_PASSED, None: "-"}
+    body = [[task, str(k), *(_cell(index.get((task, k, m)), metric) for m in methods), gate[passed[task]]]
+            for task, k in keys]
+    return ["task", "shots", *methods, "gate"], body
 
 
 def format_table(summary: list[dict[str, Any]], methods: list[str], metric: str = "acc1") -> str:
     """A plain-text table for the terminal: rows task × shots, columns methods, percent (mean ± std over seeds)."""
     header, body = _grid(summary, methods, metric)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+    last = len(header) - 1
+    lines = ["  ".join(cell.ljust(w) if i < 2 or i == last else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
              for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_gates(results: dict[str, Any]) -> list[str]:
+    """One line per task: its gate and, where it passed, each method's gain over zero-shot (points, mean over seeds);
+    where it did not, the table's rows are marked "gate not passed: no adapter gain claimed"."""
+    from mmadapters.vision.gate import NOT_PASSED
+
+    index = {(r["task"], r["shots"], r["method"]): r for r in results["summary"]}
+    lines = []
+    for task, info in results["tasks"].items():
+        g = info.get("gate")
+        if not g:
+            continue
+        head = (f"{task}: gate linear probe {100 * g['linear_probe_acc']:.1f} − zero-shot {100 * g['zeroshot_acc']:.1f} "
+                f"= {100 * g['gap']:+.1f} points")
+        if not g["passed"]:
+            lines.append(f"{head}: {NOT_PASSED}")
+            continue
+        gains = []
+        for k in results["settings"]["shots"]:
+            zs = index.get((task, k, "zeroshot"))
+            cells = [f"{m} {100 * (r['acc1_mean'] - zs['acc1_mean']):+.1f}" for m in results["settings"]["methods"]
+                     if m != "zeroshot" and zs is not None and (r := index.get((task, k, m))) is not None]
+            if cells:
+                gains.append(f"{k}-shot " + ", ".join(cells))
+        lines.append(f"{head} (passed); gain over zero-shot: " + ("; ".join(gains) if gains else "-"))
+    return lines
 
 
 _SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "best_epoch": "epoch"}
@@ -309,8 +389,13 @@ def format_markdown(results: dict[str, Any]) -> str:
            f"only; test top-1 accuracy in %, mean ± std over seeds {seeds}.", ""]
     for metric, title in (("acc1", "Top-1 accuracy (%)"), ("mean_per_class_recall", "Mean per-class recall (%)")):
         header, body = _grid(results["summary"], methods, metric)
-        out += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * len(methods)) + "|"]
+        rule = "|" + "|".join(["---", "---:", *["---:"] * len(methods), "---"]) + "|"
+        out += [f"**{title}**", "", "| " + " | ".join(header) + " |", rule]
         out += ["| " + " | ".join(line) + " |" for line in body] + [""]
+    gate_lines = format_gates(results)
+    if gate_lines:
+        out += ["**Gates** (16-shot linear probe minus zero-shot on test, shipped CLIP; a gain is claimed only "
+                "where the gap is at least 10 points)", "", *(f"- {line}" for line in gate_lines), ""]
     fewshot = [m for m in methods if m in HYPER_KEYS]
     if fewshot:
         out += ["**Searched hyperparameters** (per seed; val acc1 in %)", "",
@@ -374,7 +459,8 @@ def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
             bar.update(1)
     bar.close()
 
-    summary = summarize(runs, config.tasks, config.shots or [0], config.methods)
+    summary = summarize(runs, config.tasks, config.shots or [0], config.methods,
+                        {t: info["gate"] for t, info in tasks_info.items()})
     metrics = {f"{m}_acc1": _mean_std([r["acc1_mean"] for r in summary if r["method"] == m])[0] for m in config.methods}
     test = [info["counts"]["test"] for info in tasks_info.values()]
     skipped = [s for info in tasks_info.values() for s in info["skipped"] if s["split"] == "test"]

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def compared(clip_dir, tmp_path_factory):
         mp.setattr(zeroshot_mod, "encode_texts", encode)
         mp.setattr(fewshot_mod, "fit_fewshot", fit)
         argv = _args(clip_dir, tmp / "cache", "--task", TASKS[0], "--task", TASKS[1], "--shots", "1,2",
-                     "--seeds", "0,1", "--output", "out/cmp.json", "--markdown", "out/cmp.md")
+                     "--seeds", "0,1", "--views", "2", "--output", "out/cmp.json", "--markdown", "out/cmp.md")
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             rc = main(argv)
@@ -110,13 +111,26 @@ def test_runs_end_to_end_and_writes_json_markdown(compared):
     assert set(info["timings"]["features_s"]) == {"train", "val", "test"}
     # markdown: both tables with one row per task x shots, and the searched hyperparameters
     md = (tmp / "out" / "cmp.md").read_text()
-    assert "| task | shots | zeroshot | tip | tip-f | caps |" in md
+    assert "| task | shots | zeroshot | tip | tip-f | caps | gate |" in md
     assert md.count(f"| {TASKS[0]} | 2 |") == 3 and "δ" in md
     # the printed table
     printed = compared["printed"]
     header = next(line for line in printed.splitlines() if line.startswith("task"))
-    assert header.split() == ["task", "shots", "zeroshot", "tip", "tip-f", "caps"]
-    assert sum(line.startswith(TASKS[0]) for line in printed.splitlines()) == 2 and "±" in printed
+    assert header.split() == ["task", "shots", "zeroshot", "tip", "tip-f", "caps", "gate"]
+    assert sum(line.split()[:2] in ([TASKS[0], "1"], [TASKS[0], "2"]) for line in printed.splitlines()) == 2
+    assert "±" in printed
+    # every task carries its gate (16-shot probe capped at the 4 train images per class here), in the JSON, the
+    # summary rows, the printed lines and the markdown; a random CLIP's gate is not written into task.json
+    for task in TASKS:
+        gate = results["tasks"][task]["gate"]
+        assert {"linear_probe_acc", "zeroshot_acc", "gap", "passed", "shots"} <= set(gate) and gate["shots"] == 4
+        assert gate["gap"] == pytest.approx(gate["linear_probe_acc"] - gate["zeroshot_acc"], abs=1e-5)
+        assert gate["passed"] == (gate["gap"] >= 0.10)
+        assert {r["gate_passed"] for r in summary if r["task"] == task} == {gate["passed"]}
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f"{task}: gate linear probe"))
+        assert ("gate not passed: no adapter gain claimed" in line) != gate["passed"]
+        assert "gate" not in json.loads((Path(results["tasks"][task]["root"]) / "task.json").read_text())
+    assert "**Gates**" in md
 
 
 def test_report_tables_the_comparison(compared, capsys):
@@ -145,8 +159,10 @@ def test_report_tables_the_comparison(compared, capsys):
 
 def test_features_extracted_once_per_split_and_captions_once(compared):
     calls = compared["calls"]
-    descs = [d for d, _ in calls["images"]]
+    descs = [d for d, _ in calls["images"] if not d.startswith("augmented view")]
     assert sorted(descs) == sorted(f"{t} {s} images" for t in TASKS for s in ("train", "val", "test"))
+    # --views 2: two augmented passes over each task's train split, once
+    assert [d for d, _ in calls["images"] if d.startswith("augmented view")] == ["augmented view 1/2", "augmented view 2/2"] * 2
     captions = [(d, n) for d, n in calls["texts"] if d and "captions" in d]
     assert captions == [(f"{t} captions", 40) for t in TASKS]  # every train image's caption, once per task
     assert sum(d == "classifier" for d, _ in calls["texts"]) == 2  # one classifier per task (cache was empty)
@@ -158,17 +174,23 @@ def test_search_sees_val_only_and_support_comes_from_train(compared):
     assert len(calls["fits"]) == 2 * 3 * 2 * 2
     for task in TASKS:
         train, val, test = (feats[f"{task} {s} images"] for s in ("train", "val", "test"))
+        assert all(f["support"].views.shape[0] == 2 for f in calls["fits"])
         fits = [f for f in calls["fits"] if f["val_feats"].shape[0] == val.features.shape[0]
                 and torch.equal(f["val_feats"], val.features)]
         assert len(fits) == 3 * 2 * 2  # every fit of this task got exactly the val split
         for f in fits:
             assert torch.equal(f["val_labels"], val.labels)
             assert f["val_feats"].shape[0] != test.features.shape[0]
-            rows = f["support"].image_feats
-            # each support row is a train image (of the right label), never a test or val image
-            match = (rows @ train.features.T).max(dim=1)
-            assert torch.allclose(match.values, torch.ones(len(rows)), atol=1e-5)
-            assert torch.equal(train.labels[match.indices], f["support"].labels)
+            # each support view is an augmented view of a train image (of the right label), never of test or val;
+            # the cache keys are the mean of the views
+            views = [out.features for d, out in calls["images"] if d.startswith("augmented view")]
+            banks = views[2 * TASKS.index(task) : 2 * TASKS.index(task) + 2]  # --views 2, tasks in order
+            for v, bank in enumerate(banks):
+                match = (f["support"].views[v] @ bank.T).max(dim=1)
+                assert torch.allclose(match.values, torch.ones(len(match.values)), atol=1e-5)
+                assert torch.equal(train.labels[match.indices], f["support"].labels)
+            keys = torch.nn.functional.normalize(f["support"].views.mean(0), dim=-1)
+            assert torch.allclose(f["support"].image_feats, keys, atol=1e-6)
 
 
 def test_second_run_reuses_cache_and_output_guard(clip_dir, compared, capsys, monkeypatch):

@@ -126,3 +126,38 @@ def test_world_size_and_captions_describe_the_scene():
     rng = np.random.default_rng(0)
     partial = {synth.caption(scene, rng) for _ in range(50)}
     assert len(partial) > 5 and all(c.startswith(("a ", "an ")) for c in partial)
+
+
+def test_synth_novel_has_the_images_of_synth_shapes_and_made_up_names(tmp_path):
+    kw = dict(train_per_class=1, val_per_class=1, test_per_class=1, image_size=16, progress=False)
+    shapes = _files(synth.generate_task("synth-shapes", tmp_path / "s", **kw))
+    novel = _files(synth.generate_task("synth-novel", tmp_path / "n", **kw))
+    pngs = [k for k in shapes if k.endswith(".png")]
+    assert pngs and all(novel[k] == shapes[k] for k in pngs)  # byte for byte
+    names = (tmp_path / "n" / "classnames.txt").read_text().splitlines()
+    assert len(set(names)) == 10 and not set(names) & set(synth.SHAPES)
+    assert synth.novel_words(10, "synth-novel") == tuple(c.name for c in synth.TASKS["synth-novel"].classes)
+    assert synth.novel_words(10, "other") != synth.novel_words(10, "synth-novel")
+
+
+def test_novel_words_share_no_token_with_pretraining_captions():
+    from mmadapters.vision.clip import load_clip
+
+    tokenizer = load_clip(None, None, declare_points=False).tokenizer
+    rng = np.random.default_rng(0)
+    texts = [synth.caption(synth.sample_scene(rng, None, synth.PRETRAIN_STYLES), rng) for _ in range(2000)]
+    seen = set(tokenizer(texts).flatten().tolist())
+    novel = set(tokenizer([c.name for c in synth.TASKS["synth-novel"].classes]).flatten().tolist())
+    special = set(tokenizer([""]).flatten().tolist())  # start, end, padding
+    assert novel - special and not (novel - special) & seen
+
+
+def test_false_colour_is_the_photo_with_channels_rotated_and_colour_named_classes():
+    scene = synth.Scene("star", "red", "large", "solid", "center", "beige", "photo")
+    photo = np.asarray(synth.render(scene, 32, np.random.default_rng(1)))
+    false = np.asarray(synth.render(synth.Scene(**{**scene.__dict__, "style": "falsecolour"}), 32, np.random.default_rng(1)))
+    assert np.array_equal(false, photo[..., [1, 2, 0]])
+    spec = synth.TASKS["combos-colour-named"]
+    assert all(set(c.fixed) == {"colour", "shape"} and c.name.split()[0] == c.fixed["colour"] for c in spec.classes)
+    colours = [c.fixed["colour"] for c in spec.classes]
+    assert all(colours.count(c) == 2 for c in colours)  # the name alone cannot tell a class from its twin

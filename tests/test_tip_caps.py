@@ -290,6 +290,8 @@ def test_caps_prompt_and_support_prompts(tmp_path):
     assert caps_prompt("circle", "  ") == "A photo of circle."
     captions = {caption_key(tmp_path / "1.png"): "red", caption_key(tmp_path / "2.png"): "blue"}
     prompts = support_prompts([tmp_path / "1.png", tmp_path / "2.png"], torch.tensor([1, 0]), ["square", "circle"], captions)
+    # each image is prompted with its own class's name (the official few-shot loader prompts every class after
+    # the first with the first class's name)
     assert prompts == ["A photo of circle. red", "A photo of square. blue"]
     with pytest.raises(KeyError, match=r"caps\.tsv: no caption for 1 of 2 support images: .*3\.png"):
         support_prompts([tmp_path / "1.png", tmp_path / "3.png"], [0, 0], ["a"], captions, source="caps.tsv")
@@ -371,3 +373,53 @@ def test_inputs_are_checked_with_names_and_shapes(problem):
         fit_fewshot("lora", w, support, xv, yv)
     with pytest.raises(ValueError, match=r"feats: expected feature dim D=64"):
         TipAdapter(w, support).logits(xv[:, :8])
+
+
+def test_tip_f_trains_at_the_initial_values_on_augmented_views(problem):
+    w, support, (xv, yv), _ = problem
+    # the keys move even where the search picks α = 0 (zero-shot already right on val): the official fixed
+    # initial (α, β) = (1, 1) gives them a gradient; the searched values would not
+    perfect = w.T[torch.arange(C).repeat_interleave(2)]
+    g = torch.Generator().manual_seed(1)
+    views = F.normalize(support.image_feats[None] + 0.05 * torch.randn(3, *support.image_feats.shape, generator=g), dim=-1)
+    aug = SupportSet.from_views(views, support.labels)
+    torch.testing.assert_close(aug.image_feats, F.normalize(views.mean(0), dim=-1))
+    model = TipAdapterF(w, aug)
+    hp = model.fit(perfect, torch.arange(C).repeat_interleave(2), epochs=3, progress=False)
+    assert hp["tip_alpha"] == 0 and hp["train_alpha"] == 1.0 and hp["train_beta"] == 1.0
+    assert hp["train_inputs"] == "augmented views" and hp["views"] == 3
+    trained = TipAdapterF(w, aug)
+    trained.alpha, trained.beta = 1.0, 1.0
+    loss = F.cross_entropy(trained(views[0]), support.labels)
+    loss.backward()
+    assert trained.keys.weight.grad.abs().sum() > 0
+    # without views the keys themselves are the training inputs, and the model says so
+    assert fit_fewshot("tip-f", w, support, xv, yv, progress=False).hyperparams["train_inputs"] == "cache keys"
+    with pytest.raises(ValueError, match=r"support.views: expected shape \(V, N=40, D=64\)"):
+        SupportSet(support.image_feats, support.labels, None, views[:, :3])
+
+
+def test_caps_full_joint_grid_finds_the_brute_force_optimum(problem):
+    w, support, (xv, yv), _ = problem
+    grids = dict(alphas=[0.0, 1.0, 10.0], betas=[0.5, 5.0, 30.0], gammas=[0.0, 0.3, 3.0], deltas=[0.0, 0.5, 1.0])
+    caps = CapsAdapter(w, support)
+    hp = caps.search(xv, yv, **grids)
+    best, probe = -1.0, CapsAdapter(w, support)
+    for d in grids["deltas"]:  # one (δ, γ, β, α) point at a time, through the model's own forward
+        probe.calibrate(xv, d)
+        for g in grids["gammas"]:
+            for b in grids["betas"]:
+                for a in grids["alphas"]:
+                    probe.alpha, probe.beta, probe.gamma, probe.delta = a, b, g, d
+                    best = max(best, acc(probe.logits(xv), yv))
+    assert hp["val_acc1"] == pytest.approx(best) == pytest.approx(acc(caps.logits(xv), yv))
+    assert hp["grid"]["points"] == 81 and set(hp["at_edge"]) <= {"alpha", "beta", "gamma"}
+
+
+def test_default_grids_reach_the_official_edges():
+    from mmadapters.vision.caps_adapter import DEFAULT_CAPS_BETAS, DEFAULT_DELTAS, DEFAULT_GAMMAS
+    from mmadapters.vision.tip_adapter import DEFAULT_ALPHAS, DEFAULT_BETAS
+
+    assert len(DEFAULT_BETAS) == 200 and max(DEFAULT_BETAS) == pytest.approx(13.0)  # Tip configs: 7-13
+    assert len(DEFAULT_CAPS_BETAS) == 200 and max(DEFAULT_CAPS_BETAS) == pytest.approx(50.0)  # SuS-X / CapS
+    assert (len(DEFAULT_ALPHAS) - 1, len(DEFAULT_GAMMAS), len(DEFAULT_DELTAS)) == (20, 50, 11)  # α: 20 and 0

@@ -19,6 +19,9 @@ Differences from the official code, on purpose:
   embedding dimensions) before the KL. That is not TIP-X's quantity: it ignores the classes entirely
   and changes under a rotation of the embedding space, which leaves every CLIP similarity unchanged.
   We compute the KL between class distributions, as TIP-X defines it (tested).
+- The official few-shot loader overwrites its prompt template inside the loop over classes, so every class
+  after the first is prompted "A photo of {first class}." with its captions: the class names stop telling
+  the support images apart. ``support_prompts`` builds each image's prompt from its own class's name (tested).
 - TIP-X's KL loop over test batches drops the last partial batch; here the KL is one batched matmul
   over all rows (``kl_divergence``).
 - TIP-X rescales the KL matrix by the min/max over the whole test set, so one image's logits depend
@@ -45,16 +48,15 @@ from tqdm import tqdm
 
 from .fewshot import SupportSet, caps_prompt, check_features, check_labels
 from .readers import split_lines
-from .tip_adapter import DEFAULT_ALPHAS, DEFAULT_BETAS, CacheModel, accuracy, as_grid, grid_accuracy, tidy
+from .tip_adapter import DEFAULT_ALPHAS, CacheModel, accuracy, as_grid, at_edge, describe_grid, grid_accuracy, tidy
 
 if TYPE_CHECKING:
     from PIL import Image
 
+# The official CapS/SuS-X joint grid: δ 11 × γ 50 × β 200 × α 20 (here α adds 0, plain zero-shot).
 DEFAULT_DELTAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
-DEFAULT_GAMMAS: tuple[float, ...] = (0.0, *torch.logspace(-1, 2, 10).tolist())  # 0 and 0.1 .. 100
-# The joint (δ, γ, β, α) grid is coarse in β and α; a Tip-sized fine (β, α) grid follows at the best (δ, γ).
-DEFAULT_COARSE_BETAS: tuple[float, ...] = tuple(torch.linspace(0.1, 10.0, 10).tolist())
-DEFAULT_COARSE_ALPHAS: tuple[float, ...] = (0.0, *torch.logspace(-1, 2, 10).tolist())
+DEFAULT_GAMMAS: tuple[float, ...] = (0.0, *torch.logspace(-1, 2, 49).tolist())  # 0 and 0.1 .. 100
+DEFAULT_CAPS_BETAS: tuple[float, ...] = tuple(torch.linspace(0.1, 50.0, 200).tolist())  # SuS-X / CapS: up to 50
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,31 +320,24 @@ class CapsAdapter(CacheModel):
         *,
         alphas: Sequence[float] | Tensor | None = None,
         betas: Sequence[float] | Tensor | None = None,
-        coarse_alphas: Sequence[float] | Tensor | None = None,
-        coarse_betas: Sequence[float] | Tensor | None = None,
         gammas: Sequence[float] | Tensor | None = None,
         deltas: Sequence[float] | Tensor | None = None,
         progress: bool = False,
     ) -> dict[str, Any]:
         """Pick (α, β, γ, δ) maximizing top-1 accuracy on the validation features; sets and returns them.
 
-        1. Joint coarse grid: every δ (default 0, 0.1, …, 1) × γ (0 and 10 log-spaced in 0.1..100) ×
-           ``coarse_betas`` (10 steps in 0.1..10) × ``coarse_alphas`` (like γ), batched per δ.
-        2. Fine (β, α) grid — Tip-Adapter's (200 × 21 by default) — at the best coarse (δ, γ) and at
-           (δ, γ) = (0, 0), i.e. plain Tip-Adapter. Ties go to (0, 0), then to the first grid point.
-           So with the same α/β grids CapS never ends below Tip-Adapter on validation.
-
-        The KL matrix is computed once (it does not depend on δ); its rescaling to the affinity range is
-        taken on the validation features for each δ and frozen with the chosen δ.
-        Returns ``self.hyperparams``.
+        One full joint grid, as the official code searches: every δ (default 0, 0.1, …, 1) × γ (0 and 49
+        log-spaced in 0.1..100) × β (200 steps in 0.1..50) × α (0 and 20 log-spaced in 0.1..1000), batched per
+        δ (``grid_accuracy`` takes all γ at once). Ties go to the first grid point in (δ, γ, β, α) order, so
+        an unhelpful caption or KL term leaves δ = 0, γ = 0 (Tip-Adapter). The KL matrix is computed once (it
+        does not depend on δ); its rescaling to the affinity range is taken on the validation features for
+        each δ and frozen with the chosen δ. Returns ``self.hyperparams``.
         """
         start = time.perf_counter()
         device = self.clip_weights.device
         val_feats = check_features("val_feats", val_feats, dim=self.dim).to(device)
         val_labels = check_labels("val_labels", val_labels, rows=val_feats.shape[0], num_classes=self.num_classes).to(device)
-        fine_a, fine_b = as_grid("alphas", alphas, DEFAULT_ALPHAS), as_grid("betas", betas, DEFAULT_BETAS)
-        coarse_a = as_grid("coarse_alphas", coarse_alphas, DEFAULT_COARSE_ALPHAS)
-        coarse_b = as_grid("coarse_betas", coarse_betas, DEFAULT_COARSE_BETAS)
+        alpha_grid, beta_grid = as_grid("alphas", alphas, DEFAULT_ALPHAS), as_grid("betas", betas, DEFAULT_CAPS_BETAS)
         gamma_grid = as_grid("gammas", gammas, DEFAULT_GAMMAS)
         delta_grid = as_grid("deltas", deltas, DEFAULT_DELTAS)
         if ((delta_grid < 0) | (delta_grid > 1)).any():
@@ -356,51 +351,32 @@ class CapsAdapter(CacheModel):
         shots = values.sum(0, keepdim=True)  # (1, C) shots per class
         s_img, s_cap = val_feats @ self.image_keys.T, val_feats @ self.caption_keys.T
 
-        def terms(delta: float) -> tuple[Tensor, Tensor]:
-            aff = (1 - delta) * s_img + delta * s_cap
-            a_lo, a_hi = aff.min(), aff.max()
-            scale = (a_hi - a_lo) / (k_hi - k_lo).clamp_min(1e-12)
-            return aff, -(scale * kl_per_class + a_lo * shots)  # kl_logits = −Σ_j∈c rescale(KL_ij)
-
-        coarse = torch.empty(delta_grid.numel(), gamma_grid.numel(), coarse_b.numel(), coarse_a.numel())
+        acc = torch.empty(delta_grid.numel(), gamma_grid.numel(), beta_grid.numel(), alpha_grid.numel())
         for i, delta in enumerate(tqdm(delta_grid.tolist(), desc="caps search (δ)", disable=not progress, leave=False)):
-            aff, kl_logits = terms(delta)
+            aff = (1 - delta) * s_img + delta * s_cap
+            scale = (aff.max() - aff.min()) / (k_hi - k_lo).clamp_min(1e-12)
+            kl_logits = -(scale * kl_per_class + aff.min() * shots)  # −Σ_j∈c rescale(KL_ij)
             bases = base + gamma_grid.to(device).view(-1, 1, 1) * kl_logits
-            coarse[i] = grid_accuracy(bases, aff, values, coarse_b, coarse_a, val_labels).cpu()
-        d_i, g_i, _, _ = torch.unravel_index(torch.argmax(coarse), coarse.shape)
-        candidates = [(delta_grid[d_i].item(), gamma_grid[g_i].item())]
-        if (delta_grid == 0).any() and (gamma_grid == 0).any() and candidates[0] != (0.0, 0.0):
-            candidates.insert(0, (0.0, 0.0))
-
-        best: tuple[float, float, float, float, float] | None = None  # (acc, δ, γ, β, α)
-        for delta in dict.fromkeys(d for d, _ in candidates):  # one pass per δ: candidates sharing it share the cache
-            aff, kl_logits = terms(delta)
-            gammas_here = [g for d, g in candidates if d == delta]
-            bases = torch.stack([base + gamma * kl_logits for gamma in gammas_here])
-            fine = grid_accuracy(bases, aff, values, fine_b, fine_a, val_labels)
-            for gamma, acc in zip(gammas_here, fine, strict=True):
-                b, a = divmod(int(torch.argmax(acc).item()), fine_a.numel())
-                if best is None or acc[b, a].item() > best[0]:
-                    best = (acc[b, a].item(), delta, gamma, fine_b[b].item(), fine_a[a].item())
-        assert best is not None
-        val_acc, self.delta, self.gamma, self.beta, self.alpha = best
+            acc[i] = grid_accuracy(bases, aff, values, beta_grid, alpha_grid, val_labels).cpu()
+        d_i, g_i, b_i, a_i = (int(i) for i in torch.unravel_index(torch.argmax(acc), acc.shape))
+        self.delta, self.gamma = delta_grid[d_i].item(), gamma_grid[g_i].item()
+        self.beta, self.alpha = beta_grid[b_i].item(), alpha_grid[a_i].item()
         self.calibrate(val_feats, self.delta)
+        grids = {"alpha": alpha_grid, "beta": beta_grid, "gamma": gamma_grid}
         self.hyperparams.update(
             alpha=tidy(self.alpha),
             beta=tidy(self.beta),
             gamma=tidy(self.gamma),
             delta=tidy(self.delta),
             temperature=self.temperature,
-            val_acc1=val_acc,
+            val_acc1=acc[d_i, g_i, b_i, a_i].item(),
+            tip_val_acc1=acc[0, 0].max().item() if delta_grid[0] == 0 and gamma_grid[0] == 0 else None,
             zeroshot_val_acc1=accuracy(base, val_labels),
-            coarse_val_acc1=coarse.max().item(),
             val_images=val_feats.shape[0],
             support_images=self.cache_labels.numel(),
-            grid={
-                "deltas": [tidy(d) for d in delta_grid.tolist()], "gammas": [tidy(g) for g in gamma_grid.tolist()],
-                "coarse": {"alphas": coarse_a.numel(), "betas": coarse_b.numel()},
-                "fine": {"alphas": fine_a.numel(), "betas": fine_b.numel()},
-            },
+            grid={"deltas": [tidy(d) for d in delta_grid.tolist()], "gammas": describe_grid(gamma_grid),
+                  "betas": describe_grid(beta_grid), "alphas": describe_grid(alpha_grid), "points": acc.numel()},
+            at_edge=at_edge({"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma}, grids),
             search_seconds=round(time.perf_counter() - start, 4),
         )
         return self.hyperparams

@@ -111,11 +111,14 @@ class SupportSet:
         labels: (N,) int64 class indices.
         caption_feats: (N, D) L2-normalized CLIP text features of ``caps_prompt(class, caption)`` for each
             support image (row i describes image i), or None (CapS-Adapter needs them; Tip does not).
+        views: (V, N, D) L2-normalized features of V augmented views of each support image (``encode_views``),
+            or None. Tip-Adapter-F trains on them; ``from_views`` makes ``image_feats`` their mean.
     """
 
     image_feats: Tensor
     labels: Tensor
     caption_feats: Tensor | None = None
+    views: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.image_feats = check_features("support.image_feats", self.image_feats)
@@ -124,6 +127,18 @@ class SupportSet:
         if self.caption_feats is not None:
             self.caption_feats = check_features("support.caption_feats", self.caption_feats, rows=n, dim=d)
             self.caption_feats = self.caption_feats.to(self.image_feats.device)
+        if self.views is not None:
+            if not isinstance(self.views, Tensor) or self.views.ndim != 3 or self.views.shape[1:] != (n, d):
+                got = tuple(self.views.shape) if isinstance(self.views, Tensor) else type(self.views).__name__
+                raise ValueError(f"support.views: expected shape (V, N={n}, D={d}), got {got}")
+            self.views = check_features("support.views", self.views.flatten(0, 1), dim=d).view(-1, n, d)
+            self.views = self.views.to(self.image_feats.device)
+
+    @classmethod
+    def from_views(cls, views: Tensor, labels: Tensor, caption_feats: Tensor | None = None) -> SupportSet:
+        """The cache of the official code: keys F = normalize(mean of the V views) (V, N, D) -> (N, D)."""
+        keys = torch.nn.functional.normalize(views.float().mean(0), dim=-1)
+        return cls(keys, labels, caption_feats, views)
 
     def __len__(self) -> int:
         return self.image_feats.shape[0]
@@ -134,7 +149,8 @@ class SupportSet:
 
     def to(self, device: torch.device | str) -> SupportSet:
         caps = None if self.caption_feats is None else self.caption_feats.to(device)
-        return SupportSet(self.image_feats.to(device), self.labels.to(device), caps)
+        views = None if self.views is None else self.views.to(device)
+        return SupportSet(self.image_feats.to(device), self.labels.to(device), caps, views)
 
 
 def caps_prompt(classname: str, caption: str) -> str:
@@ -182,8 +198,8 @@ def sample_shots(labels: Tensor, k: int, seed: int, *, num_classes: int | None =
 # The keyword options each kind accepts (forwarded to the recipe's constructor and search).
 _OPTIONS: dict[str, frozenset[str]] = {
     "tip": frozenset({"alphas", "betas"}),
-    "tip-f": frozenset({"alphas", "betas", "epochs", "lr", "eps", "batch_size", "weight_decay"}),
-    "caps": frozenset({"alphas", "betas", "coarse_alphas", "coarse_betas", "gammas", "deltas", "temperature"}),
+    "tip-f": frozenset({"alphas", "betas", "epochs", "lr", "eps", "batch_size", "weight_decay", "init_alpha", "init_beta"}),
+    "caps": frozenset({"alphas", "betas", "gammas", "deltas", "temperature"}),
 }
 
 
@@ -210,8 +226,8 @@ def fit_fewshot(
         seed: seeds Tip-Adapter-F's training; Tip and CapS are deterministic.
         progress: show progress bars (Tip-F epochs, CapS search).
         options: per kind — tip: ``alphas``, ``betas`` (grids); tip-f: those plus ``epochs``, ``lr``,
-            ``eps``, ``batch_size``, ``weight_decay``; caps: ``alphas``, ``betas`` (the fine grid),
-            ``coarse_alphas``, ``coarse_betas``, ``gammas``, ``deltas``, ``temperature``.
+            ``eps``, ``batch_size``, ``weight_decay``, ``init_alpha``, ``init_beta`` (the fixed training values);
+            caps: ``alphas``, ``betas``, ``gammas``, ``deltas`` (one joint grid), ``temperature``.
 
     Returns:
         A classifier with ``.logits(feats (B, D)) -> (B, C)`` and ``.hyperparams`` (the searched values,
@@ -231,7 +247,7 @@ def fit_fewshot(
     val_labels = check_labels("val_labels", val_labels, rows=val_feats.shape[0], num_classes=w.shape[1]).to(device)
     check_labels("support.labels", support.labels, num_classes=w.shape[1])
 
-    search_keys = {"alphas", "betas", "coarse_alphas", "coarse_betas", "gammas", "deltas"}
+    search_keys = {"alphas", "betas", "gammas", "deltas"}
     search_opts = {k: v for k, v in options.items() if k in search_keys}
     build_opts = {k: v for k, v in options.items() if k not in search_keys}
     if kind == "tip":
@@ -255,3 +271,44 @@ def fit_fewshot(
         model = CapsAdapter(w, support, **build_opts)
         model.search(val_feats, val_labels, progress=progress, **search_opts)
     return model
+
+
+def augmented_transform(preprocess: Any) -> Any:
+    """The official Tip-Adapter training augmentation for a CLIP's eval ``preprocess``: RandomResizedCrop(size,
+    scale (0.5, 1), bicubic) and a horizontal flip (p 0.5), then the preprocess's own tensor conversion and
+    normalization (the steps after its centre crop)."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    crops = [i for i, t in enumerate(steps) if isinstance(t, T.CenterCrop)]
+    if not crops:
+        raise ValueError(f"preprocess: expected a torchvision Compose with a CenterCrop (a CLIP eval transform), got {preprocess!r}")
+    size = steps[crops[0]].size
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(p=0.5), *steps[crops[0] + 1:]])
+
+
+def encode_views(model: Any, dataset: Any, views: int, *, seed: int = 0, batch_size: int = 64, device: str = "cpu",
+                 progress: bool = False) -> tuple[Tensor, Tensor, list[str]]:
+    """Features of ``views`` augmented passes over ``dataset`` (a reader whose transform is ``augmented_transform``).
+
+    Returns (features (V, N, D) L2-normalized float32 on CPU, labels (N,), paths). The augmentation draws from
+    torch's global RNG, seeded with ``seed`` inside ``torch.random.fork_rng`` (the caller's RNG state is kept),
+    so the same seed gives the same views. Every image must be readable (a view set needs all N images).
+    """
+    from .readers import image_loader
+    from .zeroshot import extract_image_features
+
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views (augmented passes): expected an int >= 1, got {views!r}")
+    passes = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(int(seed))
+        for v in range(views):
+            feats = extract_image_features(model, image_loader(dataset, batch_size=batch_size, device=device),
+                                           device=device, progress=progress, desc=f"augmented view {v + 1}/{views}")
+            if feats.skipped:
+                raise ValueError(f"{feats.skipped[0].path}: cannot read image ({feats.skipped[0].reason}); augmented "
+                                 "views need every support image")
+            passes.append(feats.features.float())
+    return torch.stack(passes), feats.labels, list(feats.paths)

@@ -8,12 +8,15 @@ fits the cache model on those features:
 - ``tip-adapter`` with ``variant: tip`` and ``caps-adapter`` are training-free: their hyperparameters are
   searched on the validation features in ``build_task``; the engine runs with ``trainer.steps: 0``, which
   means validate + save.
-- ``tip-adapter`` with ``variant: tip-f`` (Tip-Adapter-F): (α, β) are first searched as Tip-Adapter does,
-  then the engine trains the cache keys (the only parameter with ``requires_grad``) with the cross-entropy
-  of the Tip-F logits on the support features at that (α, β). ``validate`` searches (α, β) again for the
-  current keys on the **validation** split only (on a copy, so training keeps its (α, β) and resuming is
-  bit-identical) and reports the accuracy of the searched model's logits; the engine keeps the best
-  validation step in ``best/``. The official code picks the epoch by test accuracy; we never look at test.
+- ``tip-adapter`` with ``variant: tip-f`` (Tip-Adapter-F): (α, β) are first searched as Tip-Adapter does, then
+  the engine trains the cache keys (the only parameter with ``requires_grad``) with the cross-entropy of the
+  Tip-F logits at the official fixed initial (α, β) = (1, 1) (a searched α = 0 would give the keys no
+  gradient) on ``recipe.views`` augmented views (random crop, flip) of the support images; the cache keys are
+  the mean of those views, as in the official code (a training item is one view of one image). ``validate``
+  searches (α, β) again for the current keys on the **validation** split only (on a copy, so training keeps
+  its (α, β) and resuming is bit-identical) and reports the accuracy of the searched model's logits; the
+  engine keeps the best validation step in ``best/``. The official code picks the epoch by test accuracy; we
+  never look at test.
 
 What is saved (:func:`save_cache_model`, loaded by :func:`load_cache_model`) is the fitted **cache model**,
 not a core adapter: ``cache_model.safetensors`` (the zero-shot classifier W (D, C), the cache keys and
@@ -70,6 +73,8 @@ class FewShotRecipeConfig:
         "help": "prompt templates file with {c} (default: <root>/templates.txt, else a built-in set)"})
     shots: int = field(default=16, metadata={"help": "support images per class (K)"})
     seed: int = field(default=0, metadata={"help": "seed of the shot sampling"})
+    data_seed: int | None = field(default=None, metadata={
+        "help": "generated task: draw it afresh from this seed, same recipe (default: the canonical draw, seed 0)"})
     model: str | None = field(default=None, metadata={
         "help": "open_clip model name, local-dir:DIR or hf-hub:org/repo (default: the shipped tiny CLIP)"})
     pretrained: str | None = field(default=None, metadata={"help": "pretrained tag or weights file for a built-in model name"})
@@ -83,8 +88,9 @@ class FewShotRecipeConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes for encoding"})
     on_error: Literal["skip", "fail"] = field(default="skip", metadata={
         "help": "an unreadable support/validation image: skip it (counted in the saved JSON) or fail"})
-    alphas: list[float] | None = field(default=None, metadata={"help": "α grid (default: 0 and 20 log-spaced in 0.1..100)"})
-    betas: list[float] | None = field(default=None, metadata={"help": "β grid (default: 200 steps in 0.1..10)"})
+    alphas: list[float] | None = field(default=None, metadata={"help": "α grid (default: 0 and 20 log-spaced in 0.1..1000)"})
+    betas: list[float] | None = field(default=None, metadata={
+        "help": "β grid (default: 200 steps in 0.1..13 for Tip, 0.1..50 for CapS)"})
 
 
 @dataclass
@@ -93,6 +99,9 @@ class TipRecipeConfig(FewShotRecipeConfig):
 
     variant: Literal["tip", "tip-f"] = field(default="tip-f", metadata={
         "help": "tip: training-free (trainer.steps must be 0); tip-f: the cache keys train (Tip-Adapter-F)"})
+    views: int = field(default=10, metadata={
+        "help": "tip-f: augmented passes (random crop, flip) over the support images; the keys are their mean "
+                "and the keys train on them (official: 10)"})
 
 
 @dataclass
@@ -101,7 +110,7 @@ class CapsRecipeConfig(FewShotRecipeConfig):
 
     captions: str | None = field(default=None, metadata={
         "help": "captions of the support images, JSONL {image, caption} or TSV (default: <root>/captions.jsonl)"})
-    gammas: list[float] | None = field(default=None, metadata={"help": "γ grid of the KL term (default: 0 and 0.1..100)"})
+    gammas: list[float] | None = field(default=None, metadata={"help": "γ grid of the KL term (default: 0 and 49 in 0.1..100)"})
     deltas: list[float] | None = field(default=None, metadata={"help": "δ grid of the caption affinity (default: 0, 0.1, ..., 1)"})
     temperature: float = field(default=0.5, metadata={"help": "T of the class distributions of the KL term (TIP-X: 0.5)"})
 
@@ -117,6 +126,7 @@ class FewShotData:
     Attributes:
         weights: (D, C) zero-shot classifier.
         support_feats: (N, D), support_labels: (N,), support_paths: N image paths.
+        support_views: (V, N, D) augmented views of the support images (Tip-F), or None.
         caption_feats: (N, D) text features of ``caps_prompt(class, caption)`` per support image, or None.
         val_feats: (M, D), val_labels: (M,).
         info: JSON-ready description (dataset, root, counts, skipped images, timings, CLIP identity).
@@ -133,6 +143,7 @@ class FewShotData:
     val_labels: Tensor
     clip_info: Any
     info: dict[str, Any]
+    support_views: Tensor | None = None
 
 
 def _cache_dir(config: FewShotRecipeConfig) -> Path:
@@ -161,7 +172,7 @@ def resolve_dataset(config: FewShotRecipeConfig, cache_dir: Path, *, progress: b
                          f"task ({', '.join(sorted(TASKS))})")
     sizes_cfg = CompareConfig(tasks=[config.dataset], train_per_class=config.train_per_class,
                               val_per_class=config.val_per_class, test_per_class=config.test_per_class,
-                              image_size=config.image_size)
+                              image_size=config.image_size, data_seed=config.data_seed)
     root = Path(config.dataset_root) if config.dataset_root else task_root(sizes_cfg, cache_dir, config.dataset)
     meta = root / "task.json"
     sized = any(getattr(config, k) is not None for k in ("train_per_class", "val_per_class", "test_per_class", "image_size"))
@@ -173,9 +184,10 @@ def resolve_dataset(config: FewShotRecipeConfig, cache_dir: Path, *, progress: b
         if recorded != config.dataset:
             raise ValueError(f"{meta}: field 'task' is {recorded!r}, expected {config.dataset!r}; point "
                              "recipe.dataset_root at that task's folder (or an empty one to generate it)")
-        if config.dataset_root and not sized:
+        if config.dataset_root and not sized and config.data_seed is None:
             return "imagefolder", root, config.dataset  # a given folder of this task is used as it is
-    generate_task(config.dataset, root, progress=progress, **generator_sizes(sizes_cfg))  # no-op when up to date
+    generate_task(config.dataset, root, progress=progress, seed=config.data_seed or 0,
+                  **generator_sizes(sizes_cfg))  # no-op when up to date
     return "imagefolder", root, config.dataset
 
 
@@ -249,6 +261,19 @@ def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu",
                                      on_unreadable=on_unreadable, desc="support images")
     val = extract_image_features(clip.model, _loader(val_ds, config, device), device=device, progress=progress,
                                  on_unreadable=on_unreadable, desc=f"{config.val_split} images")
+    support_views = None
+    if getattr(config, "variant", None) == "tip-f":
+        from mmadapters.vision.fewshot import augmented_transform, encode_views
+
+        views = getattr(config, "views", 10)
+        augmented = torch.utils.data.Subset(
+            open_split(fmt, root, config.train_split, augmented_transform(clip.preprocess), classnames)
+            if not config.support_root else ImageFolderDataset(config.support_root, augmented_transform(clip.preprocess),
+                                                               classnames), index.tolist())
+        support_views, _, view_paths = encode_views(clip.model, augmented, views, seed=config.seed,
+                                                    batch_size=config.feature_batch_size, device=device)
+        if view_paths != support.paths:
+            raise ValueError(f"{root}: a support image could not be read; Tip-F's augmented views need every one")
     features_s = time.perf_counter() - t0
     if not support.paths:
         raise ValueError(f"{root}: none of the {len(shots)} sampled support images could be read")
@@ -280,7 +305,7 @@ def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu",
                     "features_s": round(features_s, 4), "total_s": round(time.perf_counter() - t_start, 4)},
     }
     return FewShotData(classnames, templates, classifier.weights.float().cpu(), support.features, support.labels,
-                       support.paths, caption_feats, val.features, val.labels, clip.info, info)
+                       support.paths, caption_feats, val.features, val.labels, clip.info, info, support_views)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,10 +472,16 @@ class CacheModelTask:
         self.kind, self.data, self.config, self.device = kind, data, config, device
         self.settings = settings or {}
         weights = data.weights.to(device)
-        support = SupportSet(data.support_feats.to(device), data.support_labels.to(device),
-                             None if data.caption_feats is None else data.caption_feats.to(device))
+        captions = None if data.caption_feats is None else data.caption_feats.to(device)
+        if data.support_views is not None:  # the official cache: keys = mean of the augmented views
+            support = SupportSet.from_views(data.support_views.to(device), data.support_labels.to(device), captions)
+            # a training item is one view of one support image: item i is view i // N of image i % N
+            self.train_feats = support.views.flatten(0, 1)
+            self.train_labels = support.labels.repeat(support.views.shape[0])
+        else:
+            support = SupportSet(data.support_feats.to(device), data.support_labels.to(device), captions)
+            self.train_feats, self.train_labels = support.image_feats, support.labels
         self.val_feats, self.val_labels = data.val_feats.to(device), data.val_labels.to(device)
-        self.train_feats, self.train_labels = support.image_feats, support.labels
         self.search_options: dict[str, Any] = {k: getattr(config, k) for k in ("alphas", "betas")
                                                if getattr(config, k, None) is not None}
         t0 = time.perf_counter()
@@ -466,11 +497,15 @@ class CacheModelTask:
             self.model = (TipAdapterF if kind == "tip-f" else TipAdapter)(weights, support)
             self.model.search(self.val_feats, self.val_labels, **self.search_options)
         self.fit_s = time.perf_counter() - t0
-        # Tip-F trains at the (α, β) of the Tip search, as TipAdapterF.fit does; validate searches on a copy.
-        self.train_hyperparams = dict(self.model.hyperparams)
         self.model.requires_grad_(False)
         if kind == "tip-f":
+            # Tip-F trains at the official fixed initial (α, β), as TipAdapterF.fit does; validate searches on a copy.
+            from mmadapters.vision.tip_adapter import INIT_ALPHA, INIT_BETA
+
+            self.model.alpha, self.model.beta = INIT_ALPHA, INIT_BETA
             self.model.keys.weight.requires_grad_(True)
+        self.train_hyperparams = {**self.model.hyperparams, "train_alpha": self.model.alpha,
+                                  "train_beta": self.model.beta, "train_items": int(self.train_labels.numel())}
 
     # -- training ----------------------------------------------------------------------------------
 

@@ -435,35 +435,49 @@ FORMATS = ("imagefolder", "csv", "coop", "wds")
 FLAT_SPLIT = "test"  # the one split a flat image folder holds: the evaluators' default --split
 
 
-def prepare_dataset_root(dataset: str, dataset_root: str | os.PathLike | None, cache_dir: Path, *,
-                         progress: bool = True) -> tuple[str, Path]:
-    """(format, root) of ``--dataset``/``--dataset-root``.
+def seeded_name(task: str, data_seed: int | None) -> str:
+    """The folder name of a generated task drawn from ``data_seed``: ``<task>`` for the canonical seed (None
+    or 0), else ``<task>_seed<S>``."""
+    return task if not data_seed else f"{task}_seed{data_seed}"
 
-    A generated task (``synth-shapes`` ...) is written into its root (default ``cache_dir/datasets/<task>``)
-    when missing, with the task's canonical sizes; a root that holds another task is refused.
+
+def prepare_dataset_root(dataset: str, dataset_root: str | os.PathLike | None, cache_dir: Path, *,
+                         progress: bool = True, data_seed: int | None = None) -> tuple[str, Path]:
+    """(format, root) of ``--dataset``/``--dataset-root`` (and ``--data-seed``).
+
+    A generated task (``synth-shapes`` ...) is written into its root (default ``cache_dir/datasets/<task>``,
+    ``<task>_seed<S>`` for ``data_seed`` S) when missing, with the task's canonical sizes; a root that holds
+    another task, or the task drawn from another seed than a given ``data_seed``, is refused.
     """
     if dataset in FORMATS:
         if not dataset_root:
             raise ValueError(f"--dataset {dataset} needs --dataset-root")
+        if data_seed is not None:
+            raise ValueError(f"--data-seed applies to generated tasks only, not to --dataset {dataset}")
         return dataset, Path(dataset_root)
     from mmadapters.vision.synth import TASKS, generate_task
 
     if dataset not in TASKS:
         raise ValueError(f"--dataset {dataset!r}: expected a format ({', '.join(FORMATS)}) or a generated "
                          f"task ({', '.join(sorted(TASKS))})")
-    root = Path(dataset_root) if dataset_root else cache_dir / "datasets" / dataset
+    root = Path(dataset_root) if dataset_root else cache_dir / "datasets" / seeded_name(dataset, data_seed)
     meta = root / "task.json"
     if not meta.is_file():
         print(f"generating {dataset} into {root}")
-        generate_task(dataset, root, progress=progress)
+        generate_task(dataset, root, progress=progress, seed=data_seed or 0)
         return "imagefolder", root
     try:
-        recorded = json.loads(meta.read_text(encoding="utf-8")).get("task")
+        record = json.loads(meta.read_text(encoding="utf-8"))
+        recorded, seed = record.get("task"), record.get("seed")
     except (ValueError, AttributeError):
-        recorded = None
+        recorded = seed = None
     if recorded != dataset:
         raise ValueError(f"{meta}: field 'task' is {recorded!r}, expected {dataset!r}; point --dataset-root at that "
                          "task's folder (or an empty one to generate it)")
+    if data_seed is not None and seed != data_seed:
+        raise ValueError(f"{meta}: field 'seed' is {seed!r}, expected --data-seed {data_seed}; leave --dataset-root out "
+                         f"(the seeded task goes to <cache dir>/datasets/{seeded_name(dataset, data_seed)}) or point it "
+                         "at an empty folder")
     return "imagefolder", root
 
 

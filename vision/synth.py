@@ -47,6 +47,7 @@ __all__ = [
     "caption",
     "caption_pairs",
     "generate_task",
+    "novel_words",
     "render",
     "sample_scene",
 ]
@@ -97,8 +98,11 @@ POSITIONS: dict[str, tuple[float, float, str]] = {
     "bottom": (0.5, 0.7, "at the bottom"),
     "center": (0.5, 0.5, "in the center"),
 }
-STYLES: tuple[str, ...] = ("photo", "cartoon", "sketch", "noisy")
-_STYLE_PREFIX = {"photo": "a photo of", "cartoon": "a cartoon of", "sketch": "a sketch of", "noisy": "a noisy photo of"}
+# "falsecolour" is a photo whose channels are rotated (R, G, B) -> (G, B, R), as a false-colour satellite or
+# infrared image maps bands to colours: consistent, so a few shots learn it, but never seen in pretraining.
+STYLES: tuple[str, ...] = ("photo", "cartoon", "sketch", "noisy", "falsecolour")
+_STYLE_PREFIX = {"photo": "a photo of", "cartoon": "a cartoon of", "sketch": "a sketch of", "noisy": "a noisy photo of",
+                 "falsecolour": "a false-colour photo of"}
 
 # The style mix of pretraining: sketch and noisy are rare, so the shifted benchmark tasks stay hard.
 PRETRAIN_STYLES: tuple[tuple[str, float], ...] = (("photo", 0.6), ("cartoon", 0.3), ("sketch", 0.05), ("noisy", 0.05))
@@ -136,10 +140,12 @@ class ClassSpec:
 class TaskSpec:
     """A task of the generated world.
 
-    ``classes`` lists the classes (folder order need not be sorted; label indices follow the sorted
-    folder names). ``styles`` gives, per split, the style mix as (style, weight) pairs. Attributes a
-    class does not fix are drawn uniformly; ``avoid_heldout`` keeps :data:`HELDOUT_COMBOS` out of
-    classes that do not fix both colour and shape. ``templates`` are the zero-shot prompts with ``{c}``.
+    ``classes`` lists the classes (folder order need not be sorted; label indices follow the sorted folder
+    names). With ``images_of`` the images are those of that task, byte for byte (its class folders and styles
+    must be the same); only the class names and templates differ. ``styles`` gives, per split, the style mix
+    as (style, weight) pairs. Attributes a class does not fix are drawn uniformly; ``avoid_heldout`` keeps
+    :data:`HELDOUT_COMBOS` out of classes that do not fix both colour and shape. ``templates`` are the
+    zero-shot prompts with ``{c}``.
     """
 
     name: str
@@ -148,6 +154,8 @@ class TaskSpec:
     styles: Mapping[str, tuple[tuple[str, float], ...]]
     templates: tuple[str, ...]
     avoid_heldout: bool = field(default=True)
+    # Draw the images of another task (same seed streams, same class folders): only the names differ.
+    images_of: str | None = None
 
 
 def _shape_classes() -> tuple[ClassSpec, ...]:
@@ -156,6 +164,29 @@ def _shape_classes() -> tuple[ClassSpec, ...]:
 
 def _all_splits(mix: tuple[tuple[str, float], ...]) -> dict[str, tuple[tuple[str, float], ...]]:
     return {split: mix for split in SPLITS}
+
+
+def novel_words(n: int, key: str) -> tuple[str, ...]:
+    """``n`` distinct pronounceable made-up words, a pure function of ``key`` ("vostrel", "kimbrask"...).
+
+    Built from syllables whose letters pairs are rare in English (and absent from every word the
+    pretraining captions use: tested against the tokenizer), so the tiny CLIP's text tower never saw
+    them: zero-shot CLIP knows nothing about a class named this way, as with a new species name.
+    """
+    onsets = ("v", "z", "kr", "thl", "gw", "sk", "dr", "qu", "br", "j")
+    vowels = ("o", "u", "ei", "ao", "y")
+    codas = ("x", "sk", "vn", "lt", "zz", "mb", "rk")
+    rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[int(rng.integers(len(options)))]
+
+    words: list[str] = []
+    while len(words) < n:
+        word = "".join(pick(onsets) + pick(vowels) for _ in range(2)) + pick(codas)
+        if word not in words:
+            words.append(word)
+    return tuple(words)
 
 
 _GENERIC_TEMPLATES = ("a {c}.", "a photo of a {c}.", "a cartoon of a {c}.", "a sketch of a {c}.", "a noisy photo of a {c}.")
@@ -194,6 +225,45 @@ TASKS: dict[str, TaskSpec] = {
             classes=tuple(ClassSpec(f"{c}_{s}", f"{c} {s}", {"colour": c, "shape": s}) for c, s in sorted(HELDOUT_COMBOS)),
             styles=_all_splits((("photo", 0.7), ("cartoon", 0.3))),
             templates=("a {c}.", "a photo of a {c}.", "a cartoon of a {c}."),
+        ),
+        TaskSpec(
+            name="synth-novel",
+            description="the images of synth-shapes (10 shape classes, pretraining style mix), but each class is named "
+            "with a made-up word the text tower never saw (novel_words): zero-shot is at chance, a few shots carry "
+            "what the prompts miss, as with new species or EuroSAT on real CLIP. Class folders keep the shape names.",
+            classes=tuple(ClassSpec(s, w, {"shape": s}) for s, w in zip(SHAPES, novel_words(len(SHAPES), "synth-novel"),
+                                                                           strict=True)),
+            styles=_all_splits(PRETRAIN_STYLES),
+            templates=_GENERIC_TEMPLATES,
+            images_of="synth-shapes",
+        ),
+        TaskSpec(
+            name="combos-colour-named",
+            description="10 classes = 5 colours x 2 shapes (red circle, red star, ...), named by the colour only "
+            "(\"red one\", \"red two\"): the names give one attribute, the class is defined by two, so zero-shot "
+            "can at best find the colour; the shots show the shape.",
+            classes=tuple(ClassSpec(f"{c}_{s}", f"{c} {('one', 'two')[k]}", {"colour": c, "shape": s})
+                          for i, c in enumerate(TASK_COLOURS[::2]) for k, s in enumerate((SHAPES[i], SHAPES[i + 5]))),
+            styles=_all_splits((("photo", 0.7), ("cartoon", 0.3))),
+            templates=("a {c}.", "a photo of a {c}.", "a cartoon of a {c}.", "a photo of a {c} shape."),
+        ),
+        TaskSpec(
+            name="shapes-noisy",
+            description="10 shape classes, every split (the shots too) in noisy style (heavy blur, noise, colour "
+            "cast), rare in pretraining: a style-shifted target domain whose few shots are in the target style.",
+            classes=_shape_classes(),
+            styles=_all_splits((("noisy", 1.0),)),
+            templates=("a noisy photo of a {c}.", "a {c}.", "a photo of a {c}.", "a noisy photo of a small {c}."),
+        ),
+        TaskSpec(
+            name="colours-falsecolour",
+            description="10 colour classes (any shape), every split (the shots too) in false colour (the photo's "
+            "channels rotated, as in false-colour satellite imagery), a style never seen in pretraining: the colour "
+            "names point at the wrong colours, a few target-style shots show the mapping.",
+            classes=tuple(ClassSpec(c, c, {"colour": c}) for c in TASK_COLOURS),
+            styles=_all_splits((("falsecolour", 1.0),)),
+            templates=("a false-colour photo of a {c} shape.", "a {c} shape.", "a photo of a {c} shape.",
+                       "a photo of something {c}."),
         ),
         TaskSpec(
             name="combos-100",
@@ -463,7 +533,7 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
             out = canvas * (1 - mask) + fill * mask
             outline = np.asarray(_edge(mask_img, 2 * ss), dtype=np.float32)[..., None] / 255.0
             out = out * (1 - outline) + 20.0 * outline
-        else:  # photo and noisy: soft lit background, shaded object, drop shadow
+        else:  # photo, noisy and falsecolour: soft lit background, shaded object, drop shadow
             yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
             light = 1.0 + 0.12 * (0.5 - yy)[..., None] + 0.06 * _smooth_field(rng, side, 4)[..., None]
             canvas = np.broadcast_to(bg, (side, side, 3)) * light
@@ -477,9 +547,9 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
             out = canvas * (1 - mask) + fill * np.clip(shade, 0.7, 1.15) * mask
     img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGB").resize((image_size, image_size), Image.LANCZOS)
 
-    if scene.style in ("photo", "noisy"):
-        sigma = 3.0 if scene.style == "photo" else float(rng.uniform(22, 38))
-        blur = 0.4 if scene.style == "photo" else float(rng.uniform(0.8, 1.4)) * image_size / 64
+    if scene.style in ("photo", "noisy", "falsecolour"):
+        sigma = float(rng.uniform(22, 38)) if scene.style == "noisy" else 3.0
+        blur = float(rng.uniform(0.8, 1.4)) * image_size / 64 if scene.style == "noisy" else 0.4
         img = img.filter(ImageFilter.GaussianBlur(blur))
         arr = np.asarray(img, dtype=np.float32)
         if scene.style == "noisy":
@@ -488,6 +558,8 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
             arr = grey + (arr - grey) * rng.uniform(0.45, 0.9)
             arr = arr * rng.uniform(0.75, 1.1) + rng.normal(0, 22, size=3)
         arr = arr + rng.normal(0, sigma, size=arr.shape)
+        if scene.style == "falsecolour":
+            arr = arr[..., [1, 2, 0]]
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     return img
 
@@ -525,6 +597,7 @@ def caption_pairs(
 def _task_record(spec: TaskSpec, seed: int, image_size: int, counts: Mapping[str, int]) -> dict:
     return {
         "task": spec.name,
+        **({"images_of": spec.images_of} if spec.images_of else {}),
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
@@ -553,8 +626,10 @@ def generate_task(
     ``{"image": "train/red_circle/0003.png", "caption": ...}`` per image); ``classnames.txt`` (class
     names in the order of the sorted class folders = label indices); ``templates.txt`` (one prompt
     template with ``{c}`` per line); ``task.json`` (written last). If ``task.json`` already records
-    the same arguments nothing is written; otherwise the three split folders are rebuilt.
-    Image ``i`` of a class depends only on (seed, task, split, class folder, i).
+    the same arguments nothing is written (its ``gate``, added by :mod:`mmadapters.vision.gate` when a
+    CLIP first meets the task, is kept); otherwise the three split folders are rebuilt.
+    Image ``i`` of a class depends only on (seed, task — or the task named by ``images_of`` —, split,
+    class folder, i); another ``seed`` draws the task afresh with the same recipe.
     """
     if task not in TASKS:
         raise KeyError(f"generate_task: unknown task {task!r}; expected one of {sorted(TASKS)}")
@@ -570,7 +645,8 @@ def generate_task(
     meta = root / "task.json"
     if meta.is_file():
         try:
-            if json.loads(meta.read_text(encoding="utf-8")) == record:
+            recorded = json.loads(meta.read_text(encoding="utf-8"))
+            if isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k != "gate"} == record:
                 return root
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass  # unreadable: regenerate
@@ -589,12 +665,13 @@ def generate_task(
         bar = tqdm(total=total, desc=f"generating {task}", unit="img", disable=None)  # off when not a terminal
     lines: list[str] = []
     avoid = HELDOUT_COMBOS if spec.avoid_heldout else frozenset()
+    stream = _key(spec.images_of or task)
     for split_index, split in enumerate(SPLITS):
         for cls in classes:
             folder = root / split / cls.folder
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(counts[split]):
-                rng = _rng(seed, _key(task), split_index, _key(cls.folder), i)
+                rng = _rng(seed, stream, split_index, _key(cls.folder), i)
                 scene = sample_scene(rng, cls.fixed, spec.styles[split], avoid=avoid)
                 img = render(scene, image_size, rng)
                 rel = f"{split}/{cls.folder}/{i:04d}.png"

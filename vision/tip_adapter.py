@@ -8,12 +8,17 @@ support image features, values L (N, C) their one-hot labels. For an image featu
     logits       = clip_logits + α · A · L           (B, C)
 
 α weighs the cache against CLIP's prior, β sharpens the affinities. Both come from a grid search
-(β: 200 steps, α: 0 and 20 log-spaced values) on a **validation** split. The official code grid-searches
+(β: 200 steps in 0.1..13, the top of the official configs' 7–13; α: 0 and 20 log-spaced values) on a
+**validation** split. The official code grid-searches
 on the test set in some scripts; we never do: ``search`` only ever receives validation features.
 
 Tip-Adapter-F turns the keys into a trainable ``nn.Linear`` initialized from F and trains only them
-(AdamW, lr 1e-3, eps 1e-4, cosine schedule, 20 epochs). The official code keeps the epoch with the
-best **test** accuracy; ``TipAdapterF.fit`` keeps the epoch with the best **validation** accuracy.
+(AdamW, lr 1e-3, eps 1e-4, cosine schedule, 20 epochs) as the official code does: at the fixed initial
+α, β of its configs (not at searched values: a searched α = 0 would give the keys no gradient), on
+augmented views (random crop, flip) of the support images (training on the keys themselves teaches
+nothing: each key matches its own sample perfectly), with F the mean of the views' features (official:
+10 augmented passes; ``fewshot.encode_views``). The official code keeps the epoch with the best **test**
+accuracy; ``TipAdapterF.fit`` keeps the epoch with the best searched **validation** accuracy.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ from tqdm import tqdm
 
 from .fewshot import SupportSet, check_clip_weights, check_features, check_labels
 
-# β from 0.1 to 10 in 200 linear steps. α: 0 (zero-shot CLIP, so the search never ends below zero-shot
-# accuracy on validation) and 20 log-spaced values from 0.1 to 100 — the right α scales with how spread
-# the zero-shot logits are, which differs between backbones (1-2 for OpenAI CLIP on ImageNet).
-DEFAULT_BETAS: tuple[float, ...] = tuple(torch.linspace(0.1, 10.0, 200).tolist())
-DEFAULT_ALPHAS: tuple[float, ...] = (0.0, *torch.logspace(-1, 2, 20).tolist())
+# β from 0.1 to 13 in 200 linear steps (official configs: 7 to 13). α: 0 (zero-shot CLIP, so the search never ends below zero-shot
+# accuracy on validation) and 20 log-spaced values from 0.1 to 1000 — the right α scales with how spread
+# the zero-shot logits are, which differs between backbones (1-2 for OpenAI CLIP on ImageNet), and where the
+# prompts say nothing (class names the text tower never saw) the cache must outweigh them: 100 was an edge.
+DEFAULT_BETAS: tuple[float, ...] = tuple(torch.linspace(0.1, 13.0, 200).tolist())
+# Tip-Adapter-F trains at these (the official configs' init_alpha / init_beta for most datasets).
+INIT_ALPHA, INIT_BETA = 1.0, 1.0
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0, *torch.logspace(-1, 3, 20).tolist())
 
 # Elements of the largest temporary of the grid search (float32: 2^24 elements = 64 MiB).
 _MAX_ELEMS = 1 << 24
@@ -54,8 +62,8 @@ def as_grid(name: str, values: Sequence[float] | Tensor | None, default: Sequenc
 
 
 def margins(base: Tensor, labels: Tensor) -> Tensor:
-    """(M, C) logits, (M,) labels -> (M, C) u = base_y − base_c, with u_y set to 1 (see ``correct_interval``)."""
-    y = labels.view(-1, 1)
+    """(..., M, C) logits, (M,) labels -> (..., M, C) u = base_y − base_c, with u_y set to 1 (see ``correct_interval``)."""
+    y = labels.view(-1, 1).expand(*base.shape[:-1], 1)
     return (base.gather(-1, y) - base).scatter_(-1, y, 1.0)
 
 
@@ -63,14 +71,14 @@ def correct_interval(u: Tensor, cache: Tensor, labels: Tensor) -> tuple[Tensor, 
     """For which α is ``base + α · cache`` right? Returns (lo, hi): right exactly when lo < α < hi.
 
     Args:
-        u: (M, C) ``margins(base, labels)``; cache: (..., M, C) cache logits; labels: (M,).
+        u: (..., M, C) ``margins(base, labels)``; cache: (..., M, C) cache logits (the two broadcast); labels: (M,).
 
     The true class y beats class c when u_c + α v_c > 0, with u = base_y − base_c and v = cache_y − cache_c:
     for v_c > 0 that is α > −u_c/v_c, for v_c < 0 it is α < −u_c/v_c, and for v_c = 0 it needs u_c > 0
     (then −u_c/v_c is −inf; with u_c < 0 it is +inf, with u_c = 0 NaN: never right). So the good α form
     one open interval, found in O(C) per image instead of trying every α on all C classes. Setting
     u_y = 1 makes the true class's own column (v_y = 0) a non-constraint. Exact ties count as errors.
-    Returns two (..., M) tensors.
+    Returns two (..., M) tensors (the broadcast shape of u and cache without C).
     """
     y = labels.view(-1, 1)
     v = cache.gather(-1, y.expand(*cache.shape[:-1], 1)) - cache  # (..., M, C)
@@ -111,33 +119,37 @@ def grid_accuracy(bases: Tensor, affinity: Tensor, values: Tensor, betas: Tensor
         labels: (M,) validation labels.
 
     Returns:
-        (G, B, P) top-1 accuracies. Per β the cache logits are one pass over (M, N); per (g, β) and
-        image the α values that classify it right form one interval (``correct_interval``), so the α
-        axis costs a comparison, not a pass over the classes. Rows and β values go through in chunks
-        so no temporary exceeds ``_MAX_ELEMS`` elements; nothing loops per grid point in Python.
+        (G, B, P) top-1 accuracies. Per β the cache logits are one pass over (M, N), shared by every g;
+        per (g, β) and image the α values that classify it right form one interval (``correct_interval``),
+        so the α axis costs a comparison, not a pass over the classes. Rows and β values go through in
+        chunks so no temporary exceeds ``_MAX_ELEMS`` elements; nothing loops per grid point in Python.
     """
     g_count, m, c = bases.shape
     n = affinity.shape[1]
     order, class_sum = _class_summer(values)
     if order is not None:
         affinity = affinity[:, order]
-    per_row = max(n, 4 * c, alphas.numel())
+    per_row = max(n, g_count * 4 * c, g_count * alphas.numel())
     rows = max(1, min(m, _MAX_ELEMS // per_row))
     correct = torch.zeros(g_count, betas.numel(), alphas.numel(), device=bases.device)
     alphas = alphas.to(bases.device)
     for r0 in range(0, m, rows):
         aff = affinity[r0 : r0 + rows] - 1  # (m', N)
         y = labels[r0 : r0 + rows]
-        u = [margins(bases[g, r0 : r0 + rows], y) for g in range(g_count)]
+        u = margins(bases[:, r0 : r0 + rows], y).unsqueeze(1)  # (G, 1, m', C)
         chunk = max(1, _MAX_ELEMS // (aff.shape[0] * per_row))
         for b0 in range(0, betas.numel(), chunk):
             beta = betas[b0 : b0 + chunk].to(bases.device).view(-1, 1, 1)
             cache = class_sum(torch.mul(beta, aff).exp_())  # (b, m', C)
-            for g in range(g_count):
-                lo, hi = correct_interval(u[g], cache, y)  # (b, m')
-                inside = (alphas > lo.unsqueeze(-1)) & (alphas < hi.unsqueeze(-1))  # (b, m', P)
-                correct[g, b0 : b0 + chunk] += inside.sum(-2)
+            lo, hi = correct_interval(u, cache, y)  # (G, b, m')
+            inside = (alphas > lo.unsqueeze(-1)) & (alphas < hi.unsqueeze(-1))  # (G, b, m', P)
+            correct[:, b0 : b0 + chunk] += inside.sum(-2)
     return correct / m
+
+
+def at_edge(chosen: dict[str, float], grids: dict[str, Tensor]) -> list[str]:
+    """The searched hyperparameters whose value is the top of a grid of several values (the grid may be too short)."""
+    return [k for k, v in chosen.items() if grids[k].numel() > 1 and v >= grids[k].max().item()]
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -234,7 +246,7 @@ class TipAdapter(CacheModel):
         Args:
             val_feats: (M, D) L2-normalized validation image features.
             val_labels: (M,) validation labels.
-            alphas, betas: grids (default: α = 0 and 20 log-spaced values in 0.1..100; β in 0.1..10, 200 steps).
+            alphas, betas: grids (default: α = 0 and 20 log-spaced values in 0.1..1000; β in 0.1..13, 200 steps).
 
         The whole grid is evaluated in a few batched tensor operations (``grid_accuracy``). Ties go to
         the first grid point in (β, α) order, so an unhelpful cache leaves α = 0 (zero-shot).
@@ -257,7 +269,8 @@ class TipAdapter(CacheModel):
             zeroshot_val_acc1=accuracy(base, val_labels),
             val_images=val_feats.shape[0],
             support_images=self.cache_labels.numel(),
-            grid={"alphas": _describe(alpha_grid), "betas": _describe(beta_grid)},
+            grid={"alphas": describe_grid(alpha_grid), "betas": describe_grid(beta_grid)},
+            at_edge=at_edge({"alpha": self.alpha, "beta": self.beta}, {"alpha": alpha_grid, "beta": beta_grid}),
             search_seconds=round(time.perf_counter() - start, 4),
         )
         return self.hyperparams
@@ -268,7 +281,7 @@ def tidy(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def _describe(grid: Tensor) -> dict[str, float | int]:
+def describe_grid(grid: Tensor) -> dict[str, float | int]:
     return {"min": tidy(grid.min().item()), "max": tidy(grid.max().item()), "steps": grid.numel()}
 
 
@@ -276,8 +289,9 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter-F: the cache keys become a trainable ``nn.Linear`` (``keys``) initialized from F.
 
     Only ``keys.weight`` (N, D) trains; the zero-shot classifier and the cache values stay fixed
-    (they are buffers). ``cache_keys`` keeps the original support features, which are the training
-    inputs (there are no augmented views of precomputed features).
+    (they are buffers). The training inputs are ``support.views`` (V, N, D), augmented views of the
+    support images, when the support set has them, else the cache keys (a fallback that teaches little:
+    ``hyperparams["train_inputs"]`` says which).
     """
 
     kind = "tip-f"
@@ -288,6 +302,9 @@ class TipAdapterF(TipAdapter):
         self.keys = nn.Linear(d, n, bias=False).to(self.cache_keys.device)
         with torch.no_grad():
             self.keys.weight.copy_(self.cache_keys)
+        views = None if support.views is None else support.views.to(self.cache_keys.device)
+        self.train_views: Tensor = views if views is not None else self.cache_keys[None]  # (V, N, D)
+        self.train_inputs = "augmented views" if views is not None else "cache keys"
 
     def affinity(self, feats: Tensor) -> Tensor:
         """(B, D) -> (B, N): f · Kᵀ with the trained keys K (not re-normalized, as in the paper)."""
@@ -303,29 +320,33 @@ class TipAdapterF(TipAdapter):
         eps: float = 1e-4,
         batch_size: int = 256,
         weight_decay: float = 0.01,
+        init_alpha: float = INIT_ALPHA,
+        init_beta: float = INIT_BETA,
         seed: int = 0,
         progress: bool = True,
         alphas: Sequence[float] | Tensor | None = None,
         betas: Sequence[float] | Tensor | None = None,
     ) -> dict[str, Any]:
-        """Train the keys on the support set, keep the best epoch on validation, then re-search (α, β).
+        """Train the keys at the fixed (``init_alpha``, ``init_beta``), keep the best epoch on validation.
 
-        1. Search (α, β) as Tip-Adapter does (the keys are still F): training starts from Tip.
-        2. Train the keys with cross-entropy on the support features at that (α, β): AdamW(lr, eps,
-           weight_decay), cosine schedule over all steps, batches shuffled by ``seed``.
-        3. After each epoch measure validation accuracy; keep the best keys. Epoch 0 (the untrained keys)
-           is a candidate, so Tip-F never ends below Tip on validation. The official code picks this
-           epoch by *test* accuracy; we use validation.
-        4. Search (α, β) again with the kept keys (same grid).
+        1. Search (α, β) as Tip-Adapter does (the keys are still F): epoch 0, the training-free Tip.
+        2. Train the keys with cross-entropy at (``init_alpha``, ``init_beta``) — the official code's fixed
+           initial values — on the training inputs: epoch e uses view e mod V of every support image
+           (``support.views``), batches shuffled by ``seed``; AdamW(lr, eps, weight_decay), cosine schedule.
+        3. After each epoch search (α, β) on validation for the current keys; keep the best epoch (epoch 0
+           included, so Tip-F never ends below Tip on validation). The official code picks the epoch by
+           *test* accuracy at the initial values; we use the searched validation accuracy.
 
-        Returns ``self.hyperparams`` (adds ``tip_val_acc1``, ``best_epoch``, ``epoch_val_acc1`` and the
-        training settings).
+        Returns ``self.hyperparams`` (adds ``tip_val_acc1``, ``best_epoch``, ``epoch_val_acc1``, the
+        training (α, β), ``train_inputs``, ``views`` and the training settings).
         """
         for name, value, ok in (
             ("epochs", epochs, isinstance(epochs, int) and epochs >= 0),
             ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
             ("lr", lr, lr > 0),
             ("eps", eps, eps > 0),
+            ("init_beta", init_beta, init_beta > 0),
+            ("init_alpha", init_alpha, init_alpha > 0),
         ):
             if not ok:
                 raise ValueError(f"{name}: expected a positive value, got {value!r}")
@@ -336,9 +357,7 @@ class TipAdapterF(TipAdapter):
         best_state = copy.deepcopy(self.keys.state_dict())
         history = [best_acc]
 
-        train_x, train_y = self.cache_keys, self.cache_labels
-        base = self.clip_logits(val_feats)[None]
-        alpha0, beta0 = torch.tensor([self.alpha]), torch.tensor([self.beta])
+        views, train_y = self.train_views, self.cache_labels
         n = train_y.numel()
         steps_per_epoch = math.ceil(n / batch_size)
         opt = torch.optim.AdamW(self.keys.parameters(), lr=lr, eps=eps, weight_decay=weight_decay)
@@ -347,6 +366,8 @@ class TipAdapterF(TipAdapter):
         bar = tqdm(range(1, epochs + 1), desc="tip-f epochs", disable=not progress, leave=False)
         for epoch in bar:
             self.train()
+            self.alpha, self.beta = float(init_alpha), float(init_beta)
+            train_x = views[(epoch - 1) % views.shape[0]]
             perm = torch.randperm(n, generator=gen).to(train_x.device)
             for s in range(0, n, batch_size):
                 idx = perm[s : s + batch_size]
@@ -356,8 +377,7 @@ class TipAdapterF(TipAdapter):
                 opt.step()
                 sched.step()
             self.eval()
-            with torch.no_grad():  # the search's own kernel, so epoch and grid accuracies compare exactly
-                acc = grid_accuracy(base, self.affinity(val_feats), self.cache_values, beta0, alpha0, val_labels).item()
+            acc = self.search(val_feats, val_labels, alphas=alphas, betas=betas)["val_acc1"]
             history.append(acc)
             bar.set_postfix(loss=f"{loss.item():.3f}", val_acc1=f"{acc:.4f}")
             if acc > best_acc:
@@ -371,6 +391,10 @@ class TipAdapterF(TipAdapter):
             tip_val_acc1=tip["val_acc1"],
             tip_alpha=tip["alpha"],
             tip_beta=tip["beta"],
+            train_alpha=float(init_alpha),
+            train_beta=float(init_beta),
+            train_inputs=self.train_inputs,
+            views=int(views.shape[0]) if self.train_inputs == "augmented views" else 0,
             best_epoch=best_epoch,
             epoch_val_acc1=[round(a, 6) for a in history],
             epochs=epochs,
