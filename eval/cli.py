@@ -36,7 +36,7 @@ def _csv_list(kind):
 
 
 def _fewshot_compare(args: argparse.Namespace) -> int:
-    from mmadapters.eval.fewshot_compare import DEFAULT_TASKS, CompareConfig, compare_fewshot, format_table
+    from mmadapters.eval.fewshot_compare import DEFAULT_TASKS, CompareConfig, compare_fewshot, format_gates, format_table
 
     tasks = [t for group in args.task for t in group] if args.task else list(DEFAULT_TASKS)
     config = CompareConfig(tasks=list(dict.fromkeys(tasks)), shots=args.shots, methods=args.methods, seeds=args.seeds,
@@ -44,7 +44,8 @@ def _fewshot_compare(args: argparse.Namespace) -> int:
                            num_workers=args.num_workers, output=args.output, markdown=args.markdown,
                            cache_dir=args.cache_dir, data_dir=args.data_dir, train_per_class=args.train_per_class,
                            val_per_class=args.val_per_class, test_per_class=args.test_per_class,
-                           image_size=args.image_size, overwrite=args.overwrite)
+                           image_size=args.image_size, data_seed=args.data_seed, views=args.views,
+                           overwrite=args.overwrite)
     try:
         results = compare_fewshot(config)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
@@ -54,6 +55,7 @@ def _fewshot_compare(args: argparse.Namespace) -> int:
     spread = f"mean ± std over seeds {seeds}" if len(config.seeds) > 1 else f"seed {seeds}"
     print(f"\ntest top-1 accuracy (%) of {results['model']}; hyperparameters searched on val; {spread}")
     print(format_table(results["summary"], config.methods))
+    print("\n".join(format_gates(results)))
     t = results["timings"]
     print(f"total {t['total_s']:.1f}s (model load {t['model_load_s']:.1f}s, fits {t['fits_s']:.1f}s)")
     for key in ("output", "markdown"):
@@ -89,6 +91,10 @@ def _add_fewshot_compare(sub) -> None:
     add("--val-per-class", type=int, default=None, help="generated val images per class (default: the task's)")
     add("--test-per-class", type=int, default=None, help="generated test images per class (default: the task's)")
     add("--image-size", type=int, default=None, help="generated image side in pixels (default: the task's)")
+    add("--data-seed", type=int, default=None, help="draw the generated tasks afresh from this seed, same recipe, into "
+        "folders named with the seed (default: the canonical draw, seed 0)")
+    add("--views", type=int, default=10, help="augmented passes (random crop, flip) over the support images: the cache "
+        "keys are their mean and Tip-F trains on them (default: 10, the official code's)")
     add("--overwrite", action="store_true", help="replace an output file that holds a different comparison")
     p.set_defaults(func=_fewshot_compare)
 
