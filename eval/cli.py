@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``mmadapters`` command. Run as the console script (``argv`` None), it ends the process itself once the
+    command is done (:func:`_fast_exit`); called from Python, it returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -137,7 +139,30 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    code = args.func(args)
+    if argv is None:
+        _fast_exit(code)
+    return code
+
+
+def _fast_exit(code: int) -> None:
+    """End the process without tearing the interpreter down. After torch, torchvision, open_clip and transformers
+    are imported, Python's module teardown takes about a second on a 2-core CPU (measured: 4.2-4.8 s for
+    ``import torch, open_clip`` and exit, 3.3-3.6 s when exiting this way) — longer than many evaluations here.
+    Everything a command writes is already flushed, fsynced and renamed into place; exit handlers still run and
+    the standard streams and logging are flushed. ``MMADAPTERS_SLOW_EXIT=1`` keeps the normal exit."""
+    import os
+
+    if "torch" not in sys.modules or os.environ.get("MMADAPTERS_SLOW_EXIT"):
+        return
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,24 @@ def test_fewshot_eval_refuses_another_clip(fitted, cache, tmp_path, capsys):
 def test_fewshot_eval_on_a_folder_without_cache_model(tmp_path, capsys):
     assert main(["eval", "fewshot", "--adapters", str(tmp_path), "--output", str(tmp_path / "x.json"), "--no-progress"]) == 2
     assert "no cache_model.json" in capsys.readouterr().err
+
+
+def test_console_script_ends_fast_with_complete_files_and_its_exit_code(uninterrupted, task_root, cache, tmp_path):
+    """The `mmadapters` console script skips interpreter teardown after a command (cli._fast_exit): the results and
+    predictions it wrote are complete, stdout is flushed, and the exit code is the command's."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("mmadapters") or str(Path(sys.executable).with_name("mmadapters"))
+    out, preds = tmp_path / "zs.json", tmp_path / "zs.jsonl"
+    done = subprocess.run([exe, *_zeroshot(task_root, cache, out, "--predictions", str(preds))], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"results written to {out}" in done.stdout
+    results, _ = uninterrupted
+    assert read_results(out)["per_group"] == results["per_group"]
+    assert len(preds.read_text().splitlines()) == results["counts"]["evaluated"]
+    bad = subprocess.run([exe, "eval", "zeroshot", "--dataset", "no-such-task", "--cache-dir", str(cache),
+                          "--output", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "error" in bad.stderr
