@@ -64,7 +64,7 @@ def test_zeroshot_schema_counts_and_metrics_same_as_mmadapters_zeroshot_with_wor
     reference = read_results(door)
     assert reference["run_key"] == results["run_key"] and reference["per_group"] == results["per_group"]
     assert json.dumps(reference["metrics"]) == json.dumps(results["metrics"])  # NaN acc5 equal too
-    # --num-workers 0: read ahead by a thread pool in this process, same predictions image by image
+    # --num-workers 0: read in this process, same predictions image by image
     threads, preds = tmp_path / "threads.json", tmp_path / "threads.jsonl"
     assert main(["zeroshot", "--dataset", "shapes-sketch", "--dataset-root", str(task_root), "--cache-dir", str(cache),
                  "--output", str(threads), "--num-workers", "0", "--batch-size", "3", "--no-progress",
