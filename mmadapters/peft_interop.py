@@ -41,6 +41,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,6 +264,19 @@ def _peft_target_modules(model: nn.Module, targets: list[str]) -> list[str] | st
 
 # -- import ------------------------------------------------------------------------------------------------
 
+PeftTranslator = Callable[[dict[str, Tensor], Path], "tuple[dict[str, Tensor], int] | None"]
+
+
+def set_peft_translator(model: nn.Module, translator: PeftTranslator) -> nn.Module:
+    """Let :func:`import_peft` read peft LoRAs saved on another implementation of ``model`` (a backbone
+    converted from another library). ``translator(tensors, source)`` returns None for files already in
+    ``model``'s own layout, else ``(tensors, rank)``: the same LoRA keyed by ``model``'s module paths in
+    peft's layout (:data:`MHA_OUT` for an nn.MultiheadAttention's out_proj), every unit of that one rank,
+    scaled as the file's ``lora_alpha`` / ``r`` say. Returns ``model``."""
+    model.__dict__["_mmadapters_peft_translator"] = translator  # a plain attribute: not a submodule or parameter
+    return model
+
+
 def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> str:
     """Load a peft LoRA directory onto ``model`` as adapter ``name`` (at the same module paths). Returns ``name``.
 
@@ -280,6 +294,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     r, alpha = peft_cfg["r"], peft_cfg["lora_alpha"]
     dropout = float(peft_cfg.get("lora_dropout", 0.0) or 0.0)
     rslora = bool(peft_cfg.get("use_rslora", False))
+    translator = model.__dict__.get("_mmadapters_peft_translator")
+    translated = translator(tensors, weights_path) if translator is not None else None
+    if translated is not None:  # saved on another implementation: its LoRAs re-packed for this model's modules
+        tensors, rank = translated
+        # keep peft's scale alpha / r (alpha / sqrt(r) with rslora) at the translated rank
+        alpha, r, rslora = (alpha / (r ** 0.5 if rslora else r)) * rank, rank, False
 
     modules = {n: m for n, m, _, _ in iter_logical_modules(model)}
     parents = {n: p for n, _, p, _ in iter_logical_modules(model)}
@@ -314,7 +334,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
             if names != want:
                 raise ValueError(f"{weights_path}: module {path!r}{'' if part == 'main' else ' ' + part} has tensors "
                                  f"{sorted(names)}, expected {sorted(want)}")
-        if isinstance(module, nn.MultiheadAttention) and set(parts) != {"in_proj", "out_proj"}:
+        if isinstance(module, nn.MultiheadAttention) and set(parts) != {"in_proj", "out_proj"} and translated is None:
             raise ValueError(f"{weights_path}: nn.MultiheadAttention {path!r} has LoRA tensors for {sorted(parts)} only; "
                              "peft writes both in_proj and out_proj")
         targets.append(Target(path, module, None, set(parts) - {"main"}))
@@ -325,12 +345,15 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
     try:
         config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                            target_modules=_our_target_modules(model, peft_cfg.get("target_modules"), targets))
+                            target_modules=_our_target_modules(
+            model, peft_cfg.get("target_modules") if translated is None else None, targets))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path}: {err}") from None
     add_adapter(model, name, config, _targets=targets)
     try:
-        _copy_in(model, name, tensors, weights_path, r, double_mha_out=peft_doubles_mha_out_proj(peft_cfg.get("peft_version")))
+        # a translated out_proj LoRA comes from a plain Linear, which peft adds once
+        _copy_in(model, name, tensors, weights_path, r, double_mha_out=translated is None and peft_doubles_mha_out_proj(
+            peft_cfg.get("peft_version")))
     except Exception:
         delete_adapter(model, name)
         raise
@@ -456,4 +479,5 @@ def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], source: Pa
             slot.param.copy_(value * 2 if slot.mha_out and double_mha_out else value)
 
 
-__all__ = ["PEFT_MHA_FIX_VERSION", "PEFT_VERSION", "export_peft", "import_peft", "peft_doubles_mha_out_proj"]
+__all__ = ["PEFT_MHA_FIX_VERSION", "PEFT_VERSION", "export_peft", "import_peft", "peft_doubles_mha_out_proj",
+           "set_peft_translator"]

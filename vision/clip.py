@@ -155,17 +155,29 @@ def load_clip(model: str | None = None, pretrained: str | None = None, *, device
     """
     import open_clip
 
+    from . import hf_clip
+
     name = resolve_model_name(model)
+    open_clip_name = name  # what open_clip loads: the converted folder for a transformers CLIP
     weights_path: Path | None = None
     digest: str | None = None
     if name.startswith(("local-dir:", "hf-hub:")):
         if pretrained:
             raise ValueError(f"pretrained={pretrained!r} given with model {name!r}: a local-dir:/hf-hub: model carries "
                              "its own weights; leave pretrained out")
-        if name.startswith("local-dir:"):
-            directory = Path(name[len("local-dir:"):]).expanduser()
+        directory = Path(name[len("local-dir:"):]).expanduser() if name.startswith("local-dir:") else None
+        if directory is None:
+            directory = hf_clip.hub_snapshot(name[len("hf-hub:"):], cache_dir)
+        if directory is not None and not (directory / CONFIG_NAME).is_file() and hf_clip.is_hf_clip_dir(directory):
+            # a transformers CLIPModel folder: converted once into an open_clip folder, loaded like any other
+            files = hf_clip.hf_clip_source_files(directory)
+            weights_path, digest = files[1], _sha256_files(files)
+            open_clip_name = f"local-dir:{hf_clip.converted_clip_dir(directory, digest, cache_dir)}"
+        elif name.startswith("local-dir:"):
             if not (directory / CONFIG_NAME).is_file():
-                raise FileNotFoundError(f"model {name!r}: expected a config file {directory / CONFIG_NAME}")
+                raise FileNotFoundError(f"model {name!r}: expected an open_clip config file {directory / CONFIG_NAME} "
+                                        f"or a transformers CLIP folder ({directory / hf_clip.HF_CONFIG} with "
+                                        "model_type 'clip')")
             chosen, files = _local_dir_files(directory)
             weights_path, digest = chosen, _sha256_files(files)
     elif pretrained and os.path.isfile(pretrained):
@@ -184,8 +196,8 @@ def load_clip(model: str | None = None, pretrained: str | None = None, *, device
 
     torch.manual_seed(seed)  # only matters for a randomly initialized model (no weights)
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
-                                                                    cache_dir=cache_dir)
+        clip, _, preprocess = open_clip.create_model_and_transforms(open_clip_name, pretrained=pretrained,
+                                                                    device=device, cache_dir=cache_dir)
     except pickle.UnpicklingError as err:
         raise ValueError(f"pretrained {pretrained!r}: the file holds pickled Python objects, which mmadapters never "
                          f"unpickles (torch.load with weights_only=True refused it: {type(err).__name__}); expected a "
@@ -196,7 +208,11 @@ def load_clip(model: str | None = None, pretrained: str | None = None, *, device
     clip.eval()
     if declare_points:
         declare_clip_points(clip)
-    tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    if open_clip_name != name:  # peft LoRAs saved on the transformers model import onto this one
+        from mmadapters.peft_interop import set_peft_translator
+
+        set_peft_translator(clip, hf_clip.peft_translator)
+    tokenizer = open_clip.get_tokenizer(open_clip_name, cache_dir=cache_dir)
     info = ClipInfo(model=name, pretrained=pretrained or None,
                     weights_path=str(weights_path) if weights_path else None, weights_sha256=digest,
                     seed=None if (digest or pretrained or name.startswith("hf-hub:")) else seed)
