@@ -32,6 +32,9 @@ tensors carry over unchanged. Deliberate choices:
   ``peft_version`` is such a peft, so outputs match peft's both ways and export -> import is exact.
   When a peft release carries the fix, set :data:`PEFT_MHA_FIX_VERSION` to it.
 
+A backbone converted from another library (a transformers CLIP loaded as open_clip) carries a translator
+(:func:`set_peft_translator`) that re-keys LoRAs saved on the original model onto its own modules.
+
 peft itself is not needed at run time: the format is plain JSON + safetensors.
 """
 
