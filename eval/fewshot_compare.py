@@ -3,9 +3,11 @@
 For each task of :data:`mmadapters.vision.synth.TASKS` named on the command line:
 
 1. generate its image folders (once; later runs reuse them),
-2. encode every image of the train, val and test splits with the CLIP image tower **once**, the
-   support captions (``captions.jsonl`` through ``caps_prompt``) **once**, and build (or load the
-   cached) zero-shot classifier **once**,
+2. encode every image of the train, val and test splits with the CLIP image tower **once**, build (or load the
+   cached) zero-shot classifier **once**, and for CapS caption every train image with the ``captioner``
+   (:mod:`mmadapters.vision.captioners`: ``truth``, ``noisy`` or ``vlt5``), encode its prompt
+   ``caps_prompt(class, caption)`` and one image rendered from that prompt by the generator (the paper's generated
+   support image) **once**; for SuS-X render max(shots) images per class from ``"a photo of a {class}."`` **once**,
 3. for each K in ``shots`` and each seed: sample K train images per class (``sample_shots``), fit each
    method on those shots with its hyperparameters searched on the **val** split only
    (``fit_fewshot``), and score the test split (acc1, acc5, mean per-class recall).
@@ -45,7 +47,10 @@ from .results_io import default_cache_dir
 
 TASK = "fewshot_comparison"
 
-METHODS: tuple[str, ...] = ("zeroshot", "tip", "tip-f", "caps")
+METHODS: tuple[str, ...] = ("zeroshot", "tip", "tip-f", "caps", "susx")
+# The default captioner of CapS's support captions: the shipped VL-T5, the only real captioner here (the paper
+# captions with a multimodal LM); "truth" is the generator's own caption, an oracle, and "noisy" a simulation.
+DEFAULT_CAPTIONER = "vlt5"
 DEFAULT_TASKS: tuple[str, ...] = ("shapes-sketch", "colours-noisy", "combos-heldout")
 DEFAULT_SHOTS: tuple[int, ...] = (1, 4, 16)
 DEFAULT_OUTPUT = "fewshot_compare.json"
@@ -77,6 +82,8 @@ class CompareConfig:
     image_size: int | None = None
     data_seed: int | None = None  # generated tasks drawn afresh from this seed (None: the canonical seed 0)
     views: int = 10  # augmented passes over the train split: cache keys = their mean, Tip-F trains on them
+    captioner: str = DEFAULT_CAPTIONER  # who captions CapS's support images (vision.captioners.CAPTIONERS)
+    generated: int = 1  # CapS: images rendered from each support prompt, added to the real shots (0: none)
     overwrite: bool = False
     progress: bool = True
 
@@ -94,6 +101,10 @@ class TaskData:
     caption_feats: torch.Tensor | None  # (N_train, D): caps_prompt(class, caption) of each train image, or None
     views: torch.Tensor | None  # (V, N_train, D): augmented views of each train image, or None
     info: dict[str, Any]  # JSON-ready: root, counts, timings, classifier cache hit
+    # (G, N_train, D): G images rendered from each train image's CapS prompt (CapS's generated support), or None
+    generated_feats: torch.Tensor | None = None
+    # SuS-X support: (C·G, D) images rendered from "a photo of a {class}.", (C·G,) labels, (C·G, D) prompt features
+    susx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def generator_sizes(config: CompareConfig) -> dict[str, int]:
@@ -144,6 +155,12 @@ def validate(config: CompareConfig) -> None:
         if k < 1 or k > sizes["train_per_class"]:
             raise ValueError(f"--shots {k}: expected 1 <= K <= {sizes['train_per_class']} (train images per class; "
                              "raise --train-per-class for more)")
+    from mmadapters.vision.captioners import CAPTIONERS
+
+    if isinstance(config.generated, bool) or not isinstance(config.generated, int) or config.generated < 0:
+        raise ValueError(f"--generated {config.generated!r}: expected an integer >= 0 (images rendered per CapS prompt)")
+    if config.captioner not in CAPTIONERS:
+        raise ValueError(f"--captioner {config.captioner!r}: expected one of {', '.join(CAPTIONERS)}")
     if config.data_seed is not None and (isinstance(config.data_seed, bool) or config.data_seed < 0):
         raise ValueError(f"--data-seed {config.data_seed!r}: expected an integer >= 0")
     if isinstance(config.views, bool) or not isinstance(config.views, int) or config.views < 1:
@@ -156,7 +173,8 @@ def validate(config: CompareConfig) -> None:
 
 def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> TaskData:
     """Generate ``task`` if needed and encode it: each split's images once, the train captions once, the classifier."""
-    from mmadapters.vision.caps_adapter import read_captions, support_prompts
+    from mmadapters.vision.caps_adapter import support_prompts
+    from mmadapters.vision.captioners import SynthImageGenerator, encode_images, support_captions, susx_prompt
     from mmadapters.vision.readers import image_loader, open_split, resolve_classnames, resolve_templates
     from mmadapters.vision.synth import generate_task
     from mmadapters.vision.zeroshot import cached_classifier, encode_texts, extract_image_features
@@ -191,7 +209,7 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
     timings["features_s"] = features_s
 
     views = None
-    if any(m != "zeroshot" for m in config.methods):
+    if any(m not in ("zeroshot", "susx") for m in config.methods):  # SuS-X uses no real shots
         from mmadapters.vision.fewshot import augmented_transform, encode_views
 
         t0 = time.perf_counter()
@@ -202,23 +220,47 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
             raise ValueError(f"{root / 'train'}: an image could not be read; augmented views need every train image")
         timings["views_s"] = round(time.perf_counter() - t0, 4)
 
-    caption_feats = None
+    caption_feats = generated_feats = susx = None
+    generator = SynthImageGenerator(generator_sizes(config)["image_size"])
+    captions_info: dict[str, Any] = {}
     if "caps" in config.methods:
         t0 = time.perf_counter()
-        source = root / "captions.jsonl"
-        texts = support_prompts(splits["train"].paths, splits["train"].labels, classnames, read_captions(source),
-                                source=str(source))
+        paths = splits["train"].paths
+        captions = support_captions(config.captioner, root, paths, seed=config.data_seed or 0, device=config.device,
+                                    batch_size=config.batch_size)
+        texts = support_prompts(paths, splits["train"].labels, classnames, captions,
+                                source=f"--captioner {config.captioner} ({root / 'train'})")
         caption_feats = encode_texts(clip.model, clip.tokenizer, texts, device=config.device,
                                      batch_size=max(config.batch_size, 256), progress=config.progress,
                                      desc=f"{task} captions")
         timings["captions_s"] = round(time.perf_counter() - t0, 4)
+        t0 = time.perf_counter()
+        if config.generated:
+            images = generator.generate([t for _ in range(config.generated) for t in texts], seed=config.data_seed or 0)
+            generated_feats = encode_images(clip, images, device=config.device, batch_size=config.batch_size)
+            generated_feats = generated_feats.view(config.generated, len(texts), -1)
+        timings["caps_generated_s"] = round(time.perf_counter() - t0, 4)
+        captions_info = {"captioner": config.captioner, "examples": texts[:: max(1, len(texts) // 5)][:5]}
+    if "susx" in config.methods:
+        t0 = time.perf_counter()
+        per_class = max(config.shots)
+        prompts = [susx_prompt(c) for c in classnames for _ in range(per_class)]
+        labels = torch.arange(len(classnames)).repeat_interleave(per_class)
+        prompt_feats = encode_texts(clip.model, clip.tokenizer, prompts, device=config.device,
+                                    batch_size=max(config.batch_size, 256), progress=False, desc=f"{task} susx prompts")
+        images = encode_images(clip, generator.generate(prompts, seed=config.data_seed or 0), device=config.device,
+                               batch_size=config.batch_size)
+        susx = (images, labels, prompt_feats.float().cpu())
+        timings["susx_generated_s"] = round(time.perf_counter() - t0, 4)
 
     t0 = time.perf_counter()
     gate = task_gate(root, splits, classifier.weights, shipped=config.model is None)
     timings["gate_s"] = round(time.perf_counter() - t0, 4)
     info = {"root": str(root), "classes": len(classnames), "templates": len(templates), "counts": counts,
-            "skipped": skipped, "classifier_cache_hit": classifier.cache_hit, "gate": gate, "timings": timings}
-    return TaskData(task, root, classnames, templates, classifier.weights, splits, caption_feats, views, info)
+            "skipped": skipped, "classifier_cache_hit": classifier.cache_hit, "gate": gate, "timings": timings,
+            **({"captions": captions_info} if captions_info else {})}
+    return TaskData(task, root, classnames, templates, classifier.weights, splits, caption_feats, views, info,
+                    generated_feats, susx)
 
 
 def task_gate(root: Path, splits: dict[str, Any], weights: torch.Tensor, *, shipped: bool) -> dict[str, Any]:
@@ -254,16 +296,34 @@ def fit_and_score(data: TaskData, method: str, shots: int, seed: int, device: st
         fit_s = 0.0
     else:
         train, val = data.splits["train"], data.splits["val"]
-        index = fewshot.sample_shots(train.labels, shots, seed, num_classes=len(data.classnames))
-        caps = data.caption_feats[index].to(device) if method == "caps" else None
-        # the official cache: keys are the mean of the augmented views (Tip-F trains on the views themselves)
-        support = fewshot.SupportSet.from_views(data.views[:, index].to(device), train.labels[index].to(device), caps)
-        clf = fewshot.fit_fewshot(method, weights, support, val.features.to(device), val.labels.to(device),
-                                  seed=seed, progress=False)
+        options: dict[str, Any] = {}
+        if method == "susx":
+            # SuS-X: no real shots; K images per class generated from the class name, scored by TIP-X (CapS's
+            # formula with δ = 0: image affinity and the KL term, α β γ searched on val)
+            images, labels, prompts = data.susx
+            index = fewshot.sample_shots(labels, shots, seed, num_classes=len(data.classnames))
+            support = fewshot.SupportSet(images[index].to(device), labels[index].to(device), prompts[index].to(device))
+            options["deltas"] = (0.0,)
+        else:
+            index = fewshot.sample_shots(train.labels, shots, seed, num_classes=len(data.classnames))
+            # the official cache: keys are the mean of the augmented views (Tip-F trains on the views themselves)
+            support = fewshot.SupportSet.from_views(data.views[:, index].to(device), train.labels[index].to(device))
+        if method == "caps":
+            # the K real shots with their captions, and G images generated from each shot's prompt (same caption)
+            caps = data.caption_feats[index].to(device)
+            if data.generated_feats is None:
+                support = fewshot.SupportSet(support.image_feats, support.labels, caps, support.views)
+            else:
+                generated = data.generated_feats[:, index].to(device).flatten(0, 1)  # (G·K·C, D), prompt order repeated
+                g = data.generated_feats.shape[0]
+                support = fewshot.SupportSet(torch.cat([support.image_feats, generated]), support.labels.repeat(g + 1),
+                                             caps.repeat(g + 1, 1))
+        clf = fewshot.fit_fewshot("caps" if method == "susx" else method, weights, support, val.features.to(device),
+                                  val.labels.to(device), seed=seed, progress=False, **options)
         fit_s = time.perf_counter() - t0
         with torch.inference_mode():
             logits = clf.logits(test.features.to(device)).float().cpu()
-        hyper = dict(clf.hyperparams)
+        hyper = {**clf.hyperparams, "kind": method}
     metrics = classification_metrics(logits, test.labels)
     return {"task": data.name, "method": method, "shots": shots if method != "zeroshot" else 0,
             "seed": seed if method != "zeroshot" else None, "metrics": metrics, "hyperparams": hyper,
@@ -375,7 +435,7 @@ def _hyper_cell(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
 
 
 HYPER_KEYS: dict[str, tuple[str, ...]] = {"tip": ("alpha", "beta"), "tip-f": ("alpha", "beta", "best_epoch"),
-                                           "caps": ("alpha", "beta", "gamma", "delta")}
+                                           "caps": ("alpha", "beta", "gamma", "delta"), "susx": ("alpha", "beta", "gamma")}
 
 
 def format_markdown(results: dict[str, Any]) -> str:

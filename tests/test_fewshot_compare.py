@@ -93,7 +93,10 @@ def test_runs_end_to_end_and_writes_json_markdown(compared):
     caps = [r for r in runs if r["method"] == "caps"]
     assert all({"alpha", "beta", "gamma", "delta", "val_acc1"} <= set(r["hyperparams"]) for r in caps)
     assert all(r["hyperparams"]["val_images"] == 20 for r in caps)  # 10 classes x 2 val images
-    assert {r["hyperparams"]["support_images"] for r in caps if r["shots"] == 2} == {20}
+    # 2 shots x 10 classes real, and one image generated from each shot's prompt
+    assert {r["hyperparams"]["support_images"] for r in caps if r["shots"] == 2} == {40}
+    assert all(t["captions"]["captioner"] == "vlt5" and len(t["captions"]["examples"]) == 5
+               for t in results["tasks"].values())  # the default captioner, and examples of its prompts
     tip_means = [r["acc1_mean"] for r in results["summary"] if r["method"] == "tip"]
     assert results["metrics"]["tip_acc1"] == pytest.approx(sum(tip_means) / len(tip_means))
     tipf = [r for r in runs if r["method"] == "tip-f"]
@@ -174,11 +177,17 @@ def test_search_sees_val_only_and_support_comes_from_train(compared):
     assert len(calls["fits"]) == 2 * 3 * 2 * 2
     for task in TASKS:
         train, val, test = (feats[f"{task} {s} images"] for s in ("train", "val", "test"))
-        assert all(f["support"].views.shape[0] == 2 for f in calls["fits"])
+        assert all(f["support"].views.shape[0] == 2 for f in calls["fits"] if f["kind"] != "caps")
         fits = [f for f in calls["fits"] if f["val_feats"].shape[0] == val.features.shape[0]
                 and torch.equal(f["val_feats"], val.features)]
         assert len(fits) == 3 * 2 * 2  # every fit of this task got exactly the val split
         for f in fits:
+            if f["kind"] == "caps":  # CapS: the Tip cache (checked through Tip's fits) + one generated image per shot
+                n = len(f["support"]) // 2
+                assert torch.equal(f["support"].labels[:n], f["support"].labels[n:])
+                assert torch.equal(f["support"].caption_feats[:n], f["support"].caption_feats[n:])
+                assert (f["support"].image_feats[n:] @ train.features.T).max() < 1 - 1e-4  # rendered, not a shot
+                continue
             assert torch.equal(f["val_labels"], val.labels)
             assert f["val_feats"].shape[0] != test.features.shape[0]
             # each support view is an augmented view of a train image (of the right label), never of test or val;
@@ -219,6 +228,7 @@ def test_second_run_reuses_cache_and_output_guard(clip_dir, compared, capsys, mo
         (["--task", "no-such-task"], "--task 'no-such-task'"),
         (["--task", "shapes-sketch", "--methods", "zeroshot,lora"], "--methods 'lora'"),
         (["--task", "shapes-sketch", "--shots", "8"], "--shots 8"),
+        (["--task", "shapes-sketch", "--shots", "1", "--generated", "-1"], "--generated -1"),
     ],
 )
 def test_errors_name_the_flag(extra, message, tmp_path, monkeypatch, capsys):
@@ -229,6 +239,64 @@ def test_errors_name_the_flag(extra, message, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "mmadapters fewshot-compare: error:" in err and message in err
     assert not (tmp_path / "datasets").exists() and not (tmp_path / "fewshot_compare.json").exists()
+
+
+def test_susx_and_noisy_captions(clip_dir, tmp_path, monkeypatch):
+    """SuS-X: support images generated from "a photo of a {class}." only (no train image), TIP-X scoring (δ = 0);
+    CapS with the noisy captioner: captions differ from the generator's for some images."""
+    from mmadapters.vision.caps_adapter import read_captions
+
+    fits = []
+    real_fit = fewshot_mod.fit_fewshot
+
+    def fit(kind, clip_weights, support, val_feats, val_labels, **kwargs):
+        fits.append((kind, support, kwargs))
+        return real_fit(kind, clip_weights, support, val_feats, val_labels, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fewshot_mod, "fit_fewshot", fit)
+    argv = _args(clip_dir, tmp_path / "cache", "--task", "colours-noisy", "--shots", "1,2", "--methods", "susx,caps",
+                 "--captioner", "noisy", "--views", "1", "--output", "s.json")
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert results["settings"]["captioner"] == "noisy" and list(results["metrics"]) == ["susx_acc1", "caps_acc1"]
+    susx = [r for r in results["runs"] if r["method"] == "susx"]
+    assert [r["shots"] for r in susx] == [1, 2]
+    assert all(r["hyperparams"]["kind"] == "susx" and r["hyperparams"]["delta"] == 0 for r in susx)
+    assert [r["hyperparams"]["support_images"] for r in susx] == [10, 20]
+    susx_fits = [(s, kw) for kind, s, kw in fits if kw.get("deltas") == (0.0,)]
+    assert len(susx_fits) == 2 and all(kind == "caps" for kind, _, _ in fits)
+    info = results["tasks"]["colours-noisy"]
+    truth = read_captions(Path(info["root"]) / "captions.jsonl")
+    for support, _ in susx_fits:
+        assert support.views is None
+        # every caption feature of a class is the same prompt's, "a photo of a {class}."
+        for c in support.labels.unique():
+            rows = support.caption_feats[support.labels == c]
+            assert torch.allclose(rows, rows[0].expand_as(rows))
+    examples = info["captions"]["examples"]
+    assert info["captions"]["captioner"] == "noisy" and all(e.startswith("A photo of ") for e in examples)
+    assert any(e.split(". ", 1)[1] not in truth.values() for e in examples)  # some captions were perturbed
+
+
+def test_caps_without_generated_images_and_with_two(clip_dir, tmp_path, monkeypatch):
+    """--generated G: G rendered images per support prompt join the K real shots; 0 keeps the real shots only."""
+    monkeypatch.chdir(tmp_path)
+    sizes = {}
+    for g in (0, 2):
+        argv = _args(clip_dir, tmp_path / "cache", "--task", "colours-noisy", "--shots", "1", "--methods", "caps",
+                     "--captioner", "truth", "--views", "1", "--generated", str(g), "--output", f"g{g}.json")
+        assert main(argv) == 0
+        results = json.loads((tmp_path / f"g{g}.json").read_text())
+        assert results["settings"]["generated"] == g
+        sizes[g] = results["runs"][0]["hyperparams"]["support_images"]
+    assert sizes == {0: 10, 2: 30}
+
+
+def test_bad_captioner_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fewshot-compare", "--captioner", "blip"])
+    assert info.value.code == 2 and "--captioner" in capsys.readouterr().err
 
 
 def test_bad_list_values_are_usage_errors(capsys):
