@@ -3,8 +3,10 @@
 Modules (import the one you need; nothing heavy is imported here):
 
 - :mod:`~mmadapters.vision.clip` — CLIP through open_clip's factory (tags, local files, ``local-dir:``,
-  ``hf-hub:``, the shipped tiny CLIP) with adapter points on both towers;
-- :mod:`~mmadapters.vision.vit` — timm ViTs (local weights via ``pretrained_cfg_overlay``) with adapter points;
+  ``hf-hub:``, the shipped tiny CLIP) with adapter points on both towers; :mod:`~mmadapters.vision.hf_clip`
+  converts transformers CLIP folders into open_clip ones once (and maps peft LoRAs saved on them);
+- :mod:`~mmadapters.vision.vit` — timm ViTs (timm state dicts and transformers ViT folders, loaded strictly) with
+  adapter points;
 - :mod:`~mmadapters.vision.zeroshot` — the zero-shot classifier (batched, cached on disk) and image features;
 - :mod:`~mmadapters.vision.readers` — image classification datasets (image folder, CSV, CoOp split JSON,
   CLIP_benchmark wds) and how a run opens them (generated tasks, splits, class names, templates);
@@ -20,5 +22,8 @@ Modules (import the one you need; nothing heavy is imported here):
   per-task / half-shared / shared adapters, Hyperformer, Compacter, PHM, LoRA, prompt tuning; the recipe's
   inputs and batches, its one prediction + metrics path (``mmadapters eval`` and validation) and checkpoints;
 - :mod:`~mmadapters.vision.fewshot_train`, :mod:`~mmadapters.vision.vl_train` — ``mmadapters train tip-adapter |
-  caps-adapter | vl-adapter`` (the recipes on the training engine).
+  caps-adapter | vl-adapter`` (the recipes on the training engine); :mod:`~mmadapters.vision.gate` — the few-shot
+  gate of generated tasks (16-shot linear probe minus zero-shot);
+- :mod:`~mmadapters.vision.clip_pretrain`, :mod:`~mmadapters.vision.vlt5_pretrain` — ``mmadapters train
+  clip-pretrain | vlt5-pretrain``: pretraining the shipped tiny backbones on generated data.
 """
