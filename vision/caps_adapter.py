@@ -28,8 +28,9 @@ Differences from the official code, on purpose:
   on the other test images. We freeze that affine map (``kl_range``, ``aff_range``) on the validation
   features during the search, so ``logits`` is per image.
 
-Captioning and text-to-image generation are optional plug-ins (``Captioner``, ``ImageGenerator``);
-the offline path reads captions from a file (``read_captions``).
+Captioning and text-to-image generation are plug-ins (``Captioner``, ``ImageGenerator``): on the generated
+tasks :mod:`mmadapters.vision.captioners` gives the shipped VL-T5, a noisy simulated captioner and the generator
+as text-to-image; captions can also be read from a file (``read_captions``).
 """
 
 from __future__ import annotations
