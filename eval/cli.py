@@ -45,7 +45,7 @@ def _fewshot_compare(args: argparse.Namespace) -> int:
                            cache_dir=args.cache_dir, data_dir=args.data_dir, train_per_class=args.train_per_class,
                            val_per_class=args.val_per_class, test_per_class=args.test_per_class,
                            image_size=args.image_size, data_seed=args.data_seed, views=args.views,
-                           overwrite=args.overwrite)
+                           captioner=args.captioner, generated=args.generated, overwrite=args.overwrite)
     try:
         results = compare_fewshot(config)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
@@ -76,7 +76,15 @@ def _add_fewshot_compare(sub) -> None:
         help="generated task(s), repeatable (default: shapes-sketch, colours-noisy, combos-heldout)")
     add("--shots", type=_csv_list(int), default=[1, 4, 16], help="shots per class, comma-separated (default: 1,4,16)")
     add("--methods", type=_csv_list(str), default=["zeroshot", "tip", "tip-f", "caps"],
-        help="comma-separated subset of zeroshot,tip,tip-f,caps (default: all four)")
+        help="comma-separated subset of zeroshot,tip,tip-f,caps,susx (default: zeroshot,tip,tip-f,caps); susx: SuS-X-style "
+        "baseline, support images generated from the class names only (no real shots), scored with TIP-X's KL term")
+    add("--captioner", choices=["truth", "noisy", "vlt5"], default="vlt5",
+        help="who captions CapS's support images: vlt5 = the shipped tiny VL-T5 (the default: the only real captioner "
+        "here, as the paper captions with a multimodal LM), noisy = the generator's caption with each attribute "
+        "dropped (p 0.3) or wrong (p 0.15), truth = the generator's own caption (an oracle)")
+    add("--generated", type=int, default=1, help="CapS: images the generator renders from each support prompt "
+        "\"A photo of {class}. {caption}\" (the paper's text-to-image support images), added to the real shots; "
+        "0: the real shots and their captions only (default: 1)")
     add("--seeds", type=_csv_list(int), default=[0], help="shot-sampling seeds, comma-separated (default: 0)")
     add("--model", default=None, help="open_clip model name, local-dir:DIR or hf-hub:org/repo (default: the shipped tiny CLIP)")
     add("--pretrained", default=None, help="pretrained tag or local weights file for a built-in model name")
