@@ -231,7 +231,7 @@ def test_coco_karpathy_unknown_split_and_escaping_path(tmp_path):
     path.write_text(json.dumps({"images": [{**image, "filepath": "../.."}]}))
     with pytest.raises(ValueError) as err:
         read_coco_karpathy(path, "val", image_root=tmp_path / "images")
-    _names(err, str(path), "images[0]", "fields 'filepath'/'filename'", "escapes the root")
+    _names(err, str(path), "images[0]", "fields 'filepath'/'filename'", "escapes the dataset root")
 
 
 # -------------------------------------------------------------------------------------------------- video

@@ -220,7 +220,7 @@ def test_read_coco_karpathy_image_root_and_bad_images(tmp_path):
     data["images"][3]["split"] = "holdout"
     data["images"].append({"filename": "x.jpg", "imgid": 9, "split": "test", "sentences": []})
     bad = _json(tmp_path / "bad.json", data)
-    with pytest.raises(ValueError, match=r"bad\.json: images\[0\]: .*escapes the root"):
+    with pytest.raises(ValueError, match=r"bad\.json: images\[0\]: .*escapes the dataset root"):
         read_coco_karpathy(bad, image_root=root)
     split = read_coco_karpathy(bad, splits=("test", "val"), image_root=root, on_error="skip")
     assert len(split) == 0 and [i for i, _ in split.skipped] == [0, 3, 4]

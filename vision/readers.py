@@ -126,19 +126,21 @@ def size_problem(width: int, height: int) -> str | None:
     return None
 
 
-def _inside(root: Path, relative: str, where: str) -> Path:
-    """``root / relative``, refusing paths that leave ``root`` (``..``, absolute paths, symlinked escapes)."""
-    if not relative:
-        raise ValueError(f"{where}: empty path")
+def inside_root(root: Path, relative: str, where: str, error: type[ValueError] = ValueError) -> Path:
+    """``root / relative`` resolved, refusing paths that leave ``root`` (``..``, absolute paths, symlinked escapes)
+    with ``error`` (a ValueError) naming ``where``. The image and the VL readers share it."""
+    if not relative or not relative.strip():
+        raise error(f"{where}: empty path")
     if "\x00" in relative:
-        raise ValueError(f"{where}: path {relative!r} contains a NUL byte; expected a file path")
+        raise error(f"{where}: path {relative!r} contains a NUL byte; expected a file path")
     try:
         path = (root / relative).resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
-        raise ValueError(f"{where}: path {relative!r} cannot be resolved ({e})") from None
+        raise error(f"{where}: path {relative!r} cannot be resolved ({e})") from None
     if not path.is_relative_to(root.resolve()):
-        raise ValueError(f"{where}: path {relative!r} escapes the dataset root {root}")
+        raise error(f"{where}: path {relative!r} escapes the dataset root {root}")
     return path
+
 
 
 class ImageDataset(Dataset):
@@ -203,7 +205,7 @@ class ImageFolderDataset(ImageDataset):
             for file in sorted((root / folder).iterdir()):
                 if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
                     if linked or file.is_symlink():  # resolving every file would cost a stat per path component
-                        _inside(boundary, os.path.relpath(file, boundary), f"{root}: image {folder}/{file.name} (a symlink)")
+                        inside_root(boundary, os.path.relpath(file, boundary), f"{root}: image {folder}/{file.name} (a symlink)")
                     samples.append((str(file), label))
         if not samples:
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
@@ -247,7 +249,7 @@ class CsvDataset(ImageDataset):
         for line, row in rows:
             if len(row) <= max(path_col, label_col):
                 raise ValueError(f"{csv_path}: row {line}: expected fields 'path,label', got {row!r}")
-            path = _inside(root, row[path_col].strip(), f"{csv_path}: row {line} field 'path'")
+            path = inside_root(root, row[path_col].strip(), f"{csv_path}: row {line} field 'path'")
             parsed.append((path, row[label_col].strip(), line))
         all_int = all(_INDEX_RE.fullmatch(label) for _, label, _ in parsed)
         if classnames is None:
@@ -328,7 +330,7 @@ class CoopSplitDataset(ImageDataset):
             candidates = [split_file.parent] + sorted(d for d in split_file.parent.iterdir() if d.is_dir())
             image_root = next((c for c in candidates if "\x00" not in first and (c / first).exists()), split_file.parent)
         image_root = Path(image_root)
-        samples = [(str(_inside(image_root, rel, f"{split_file}: {split}[{i}] field 'path'")), label)
+        samples = [(str(inside_root(image_root, rel, f"{split_file}: {split}[{i}] field 'path'")), label)
                    for i, (rel, label, _) in enumerate(entries)]
         self.split_file, self.image_root = split_file, image_root
         super().__init__(samples, classnames, transform)

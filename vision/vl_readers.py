@@ -55,6 +55,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .readers import inside_root
+
 TASKS = ("vqa", "gqa", "nlvr", "caption")
 COCO_SPLITS = ("train", "val", "test", "restval")
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -99,18 +101,7 @@ def _check_on_error(on_error: str) -> None:
 
 
 def _inside(root: Path, relative: str, what: str) -> Path:
-    """``root / relative`` resolved; ``ValueError`` when it leaves ``root`` (``..``, absolute paths, symlinks out)."""
-    if not relative or not relative.strip():
-        raise _RowError(f"{what}: empty path")
-    if "\x00" in relative:
-        raise _RowError(f"{what}: path {relative!r} contains a NUL byte; expected a file path")
-    try:
-        path = (root / relative).resolve()
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
-        raise _RowError(f"{what}: path {relative!r} cannot be resolved ({e})") from None
-    if not path.is_relative_to(root.resolve()):
-        raise _RowError(f"{what}: path {relative!r} escapes the root {root}")
-    return path
+    return inside_root(root, relative, what, _RowError)
 
 
 # ------------------------------------------------------------------------------------------ field checks
