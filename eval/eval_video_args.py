@@ -44,7 +44,11 @@ def register(sub) -> None:
     add("--model", default=None, help="CLIP: open_clip name, local-dir:DIR or hf-hub:org/repo (default: the one recorded "
         "with --adapters, else the shipped tiny CLIP)")
     add("--pretrained", default=None, help="pretrained tag or weights file for a built-in --model name")
-    add("--num-frames", type=int, default=None, help="frames per video (default: the adapters' setting, else 8)")
+    add("--num-frames", type=int, default=None, help="frames per video (default: the adapters' setting, else 8; the "
+        "official Tem-Adapter: 128 = 8 clips x 16 frames)")
+    add("--candidate-text", default=None, choices=("question_answer", "options"), help="candidate texts: the question "
+        "and option fused by --template, or the option alone as the official code scores them (default: the adapters' "
+        "setting, else question_answer)")
     add("--template", default=None, help="question+answer fusion template (default: the adapters' setting, else "
         "'{question} {answer}')")
     add("--dataset", default=None, help="dataset name in the results (default: the annotation file's stem)")

@@ -7,8 +7,10 @@ evaluated or skipped; rank 0 writes the :mod:`~mmadapters.eval.results_schema` f
 
 **videoqa** — a sample is one question (id ``line<N>`` of the jsonl). Its video's frames are sampled and
 encoded by the frozen CLIP through :class:`~mmadapters.video.data.FrameFeatureCache` (the cache training
-used, so a trained run's features are found again), its question+candidate texts by
-:func:`~mmadapters.video.qa_features.encode_candidates`. Scores: a Tem-Adapter from ``--adapters``
+used, so a trained run's features are found again), its candidate texts by
+:func:`~mmadapters.video.qa_features.encode_candidates` (``--candidate-text``; with ``--adapters`` the run's
+recorded ``candidate_text``, ``frame_features`` and ``num_frames`` are used; a contradicting flag is an error).
+Scores: a Tem-Adapter from ``--adapters``
 (:func:`~mmadapters.video.tem_train.load_tem_run`), else the zero-shot frame-mean cosine. Record:
 ``{"scores", "prediction", "answer", "options", "q_type", "video"}``; metrics ``acc`` and ``chance``, per
 question type in ``per_group``.
@@ -36,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .results_io import default_cache_dir
@@ -90,10 +91,11 @@ def videoqa_metrics(records: list[dict]) -> tuple[dict[str, float], dict[str, di
 
 
 def make_videoqa_predict(*, cache, clip, model: torch.nn.Module | None, root: Path, template: str,
-                         device: torch.device, num_workers: int, fail_fast: bool) -> Callable[[list[Any]], list]:
+                         device: torch.device, num_workers: int, fail_fast: bool, candidate_text: str = "question_answer",
+                         frame_features: str = "normalized") -> Callable[[list[Any]], list]:
     """``predict`` for :func:`run_samples`: TrafficQA rows -> question records (or the video's VideoError)."""
     from mmadapters.video.io import VideoError
-    from mmadapters.video.qa_features import encode_candidates
+    from mmadapters.video.qa_features import encode_candidates, scale_frames
     from mmadapters.video.readers import trafficqa_video_path
 
     def predict(rows: list[Any]) -> list[dict | BaseException]:
@@ -105,9 +107,10 @@ def make_videoqa_predict(*, cache, clip, model: torch.nn.Module | None, root: Pa
         if not good:
             return out
         videos = list(dict.fromkeys(paths[i] for i in good))
-        frames = F.normalize(cache.load(videos).float(), dim=-1)[[videos.index(paths[i]) for i in good]]
+        frames = scale_frames(cache.load(videos), frame_features)[[videos.index(paths[i]) for i in good]]
         kept = [rows[i] for i in good]
-        candidates, mask = encode_candidates(clip, kept, template=template, device=str(device), dim=frames.shape[-1])
+        candidates, mask = encode_candidates(clip, kept, template=template, candidate_text=candidate_text,
+                                             device=str(device), dim=frames.shape[-1])
         scores = score_questions(model, frames.to(device), candidates.to(device), mask.to(device)).cpu()
         for i, row, s in zip(good, kept, scores, strict=True):
             out[i] = {"scores": [None if math.isinf(x) else x for x in s.tolist()], "prediction": int(s.argmax()),
@@ -140,7 +143,8 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
         adapters_dir = Path(args.adapters)
         adapter, meta = load_tem_run(adapters_dir)
         for flag, given, recorded in (("--num-frames", args.num_frames, meta["num_frames"]),
-                                      ("--template", args.template, meta["template"])):
+                                      ("--template", args.template, meta["template"]),
+                                      ("--candidate-text", args.candidate_text, meta["candidate_text"])):
             if given is not None and given != recorded:
                 raise ValueError(f"{flag} {given!r}: the Tem-Adapter in {adapters_dir} was trained on features made with "
                                  f"{recorded!r} (field {flag[2:].replace('-', '_')!r} of {META_NAME}); leave {flag} out")
@@ -149,6 +153,12 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
     pretrained = args.pretrained if args.pretrained is not None else recorded_clip.get("pretrained")
     num_frames = args.num_frames or (meta["num_frames"] if meta else 8)
     template = args.template or (meta["template"] if meta else DEFAULT_TEMPLATE)
+    candidate_text = args.candidate_text or (meta["candidate_text"] if meta else "question_answer")
+    # zero-shot: the frame-mean cosine is taken on unit-norm frames (scale-free per frame)
+    frame_features = meta["frame_features"] if meta else "normalized"
+    if args.template is not None and candidate_text == "options":
+        raise ValueError(f"--template {args.template!r}: candidate texts are the options alone (candidate_text "
+                         "'options'), no template is used; leave --template out or use --candidate-text question_answer")
 
     t0 = time.perf_counter()
     clip = load_clip(model_name, pretrained, device=device, cache_dir=str(cache_dir / "weights"), seed=args.seed,
@@ -176,14 +186,16 @@ def run_videoqa(args: argparse.Namespace) -> dict[str, Any] | None:
                 "adapters": str(adapters_dir.resolve()) if adapters_dir else None,
                 "adapters_sha256": files_sha256([adapters_dir / WEIGHTS_NAME, adapters_dir / META_NAME]) if adapters_dir else None,
                 "model_resolved": clip.info.model, "weights": clip.info.identity(), "num_frames": num_frames,
-                "template": template, "sampling": "uniform (TSN middles)", "seed": args.seed, "device": str(args.device),
+                "template": template, "candidate_text": candidate_text, "frame_features": frame_features,
+                "sampling": "uniform (TSN middles)", "seed": args.seed, "device": str(args.device),
                 "batch_size": args.batch_size}
     identity = {"dataset": args.dataset or annotations.stem, "model": clip.info.short_name, "pretrained": pretrained,
                 "task": VIDEOQA_TASK}
     clip_params = sum(p.numel() for p in clip.model.parameters())
     adapter_params = sum(p.numel() for p in adapter.parameters()) if adapter is not None else 0
     predict = make_videoqa_predict(cache=cache, clip=clip, model=adapter, root=root, template=template, device=device,
-                                   num_workers=args.num_workers, fail_fast=args.fail_fast)
+                                   num_workers=args.num_workers, fail_fast=args.fail_fast,
+                                   candidate_text=candidate_text, frame_features=frame_features)
     return evaluate(
         args, identity=identity, output_fields={**identity, "method": method}, settings=settings, samples=rows,
         sample_id=lambda r: f"line{r.line}", predict=predict,

@@ -1,8 +1,12 @@
 """Frozen-CLIP features of multiple-choice VideoQA (SUTD-TrafficQA rows), shared by training and evaluation.
 
 - :func:`fuse_question_answer` — one candidate's text (question and answer fused by a template);
-- :func:`encode_candidates` — the frozen CLIP text features of every question+candidate (N, K, D), with the
+- :func:`candidate_texts` — every candidate's text as ``candidate_text`` asks: ``"question_answer"`` (ours, the
+  paper's description) or ``"options"`` (the official code: the option alone);
+- :func:`encode_candidates` — the frozen CLIP text features of every candidate (N, K, D), with the
   mask of real options (SUTD-TrafficQA pads yes/no questions with empty options);
+- :func:`scale_frames` — frame features as ``frame_features`` asks: ``"normalized"`` (unit L2 norm, ours) or
+  ``"raw"`` (CLIP's unnormalized output, as the official code feeds them);
 - :func:`encode_split` — a whole annotation file: frame features from
   :class:`~mmadapters.video.data.FrameFeatureCache` (computed once per weights, file and sampling) and text
   features, as a :class:`VideoQASplit` (what ``mmadapters train tem-adapter`` trains and validates on);
@@ -22,6 +26,8 @@ import torch
 from torch import Tensor
 
 DEFAULT_TEMPLATE = "{question} {answer}"
+CANDIDATE_TEXTS = ("question_answer", "options")
+FRAME_FEATURES = ("normalized", "raw")
 
 
 def fuse_question_answer(question: str, answer: str, template: str = DEFAULT_TEMPLATE) -> str:
@@ -29,6 +35,29 @@ def fuse_question_answer(question: str, answer: str, template: str = DEFAULT_TEM
     if "{answer}" not in template:
         raise ValueError(f"template {template!r}: expected an '{{answer}}' placeholder")
     return template.replace("{question}", question.strip()).replace("{answer}", answer.strip())
+
+
+def candidate_texts(rows, *, candidate_text: str = "question_answer", template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """The N·K candidate texts of TrafficQA ``rows``, question-major (row b's K options, then row b+1's).
+
+    ``"question_answer"``: ``template`` fills in the question and the option (the paper's "question and answer
+    fused by a template"); ``"options"``: the option alone — what the official code scores (it encodes the
+    question too but never uses it), ``template`` unused.
+    """
+    if candidate_text == "options":
+        return [option.strip() for row in rows for option in row.options]
+    if candidate_text != "question_answer":
+        raise ValueError(f"candidate_text {candidate_text!r}: expected one of {', '.join(CANDIDATE_TEXTS)}")
+    return [fuse_question_answer(row.question, option, template) for row in rows for option in row.options]
+
+
+def scale_frames(frames: Tensor, frame_features: str = "normalized") -> Tensor:
+    """``frames`` (..., D) CLIP image features -> float, L2-normalized per frame (``"normalized"``) or as CLIP
+    gives them (``"raw"``, the official code's input)."""
+    if frame_features not in FRAME_FEATURES:
+        raise ValueError(f"frame_features {frame_features!r}: expected one of {', '.join(FRAME_FEATURES)}")
+    frames = frames.float()
+    return torch.nn.functional.normalize(frames, dim=-1) if frame_features == "normalized" else frames
 
 
 @dataclass
@@ -87,9 +116,9 @@ class VideoQASplit:
 
 
 @torch.inference_mode()
-def encode_candidates(clip, rows, *, template: str = DEFAULT_TEMPLATE, device: str | torch.device = "cpu",
-                      dim: int = 1) -> tuple[Tensor, Tensor]:
-    """Frozen-CLIP text features of every question+candidate of ``rows`` (TrafficQA rows).
+def encode_candidates(clip, rows, *, template: str = DEFAULT_TEMPLATE, candidate_text: str = "question_answer",
+                      device: str | torch.device = "cpu", dim: int = 1) -> tuple[Tensor, Tensor]:
+    """Frozen-CLIP text features of every candidate of ``rows`` (TrafficQA rows; texts: :func:`candidate_texts`).
 
     Returns (features (N, K, D) L2-normalized with empty options zeroed, mask (N, K) True for real options).
     ``dim`` sizes the empty result (N = 0).
@@ -98,7 +127,7 @@ def encode_candidates(clip, rows, *, template: str = DEFAULT_TEMPLATE, device: s
 
     rows = list(rows)
     k = len(rows[0].options) if rows else 4
-    texts = [fuse_question_answer(row.question, option, template) for row in rows for option in row.options]
+    texts = candidate_texts(rows, candidate_text=candidate_text, template=template)
     if texts:
         feats = encode_texts(clip.model, clip.tokenizer, texts, device=device).reshape(len(rows), k, -1)
     else:
@@ -110,12 +139,14 @@ def encode_candidates(clip, rows, *, template: str = DEFAULT_TEMPLATE, device: s
 
 @torch.inference_mode()
 def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.PathLike | None = None,
-                 num_frames: int = 8, template: str = DEFAULT_TEMPLATE, device: str | torch.device = "cpu",
-                 on_error: str = "skip", cache_dir: str | os.PathLike, num_workers: int = 0) -> VideoQASplit:
+                 num_frames: int = 8, template: str = DEFAULT_TEMPLATE, candidate_text: str = "question_answer",
+                 frame_features: str = "normalized", device: str | torch.device = "cpu", on_error: str = "skip",
+                 cache_dir: str | os.PathLike, num_workers: int = 0) -> VideoQASplit:
     """Read ``annotations`` and encode it with ``clip`` (a :class:`~mmadapters.vision.clip.ClipBundle`).
 
     Frame features (V, T, D) come from the cache under ``cache_dir/frame_features`` (the one
-    ``mmadapters eval videoqa`` reads) and are L2-normalized here, as the candidate features are. A video that
+    ``mmadapters eval videoqa`` reads), scaled by :func:`scale_frames` (``frame_features``); candidate texts follow
+    ``candidate_text`` (:func:`candidate_texts`). A video that
     cannot be decoded leaves its questions out (listed in ``skipped``); ``on_error="fail"`` raises its
     :class:`~mmadapters.video.io.VideoError` instead.
     """
@@ -124,6 +155,10 @@ def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.P
 
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error {on_error!r}: expected 'skip' or 'fail'")
+    for name, value, allowed in (("candidate_text", candidate_text, CANDIDATE_TEXTS),
+                                 ("frame_features", frame_features, FRAME_FEATURES)):
+        if value not in allowed:  # checked before any video is decoded
+            raise ValueError(f"{name} {value!r}: expected one of {', '.join(allowed)}")
     annotations = Path(annotations)
     root = Path(video_root) if video_root is not None else annotations.parent
     rows = read_trafficqa(annotations, video_root=root)
@@ -138,8 +173,8 @@ def encode_split(clip, annotations: str | os.PathLike, *, video_root: str | os.P
                for name, path in paths.items() if path in bad]
     kept = [row for row in rows if paths[row.vid_filename] not in bad]
     frames = cache.load([paths[name] for name in kept_names])
-    frames = torch.nn.functional.normalize(frames.float(), dim=-1) if kept_names else frames
-    candidates, mask = encode_candidates(clip, kept, template=template, device=device,
+    frames = scale_frames(frames, frame_features) if kept_names else frames
+    candidates, mask = encode_candidates(clip, kept, template=template, candidate_text=candidate_text, device=device,
                                          dim=frames.shape[-1] if frames.ndim == 3 else 1)
     if not kept_names:
         frames = torch.zeros(0, num_frames, candidates.shape[-1])

@@ -20,9 +20,28 @@ Validation never reads the test split: ``val_annotations`` names a file, or ``va
 ``split_seed``. ``val_annotations`` equal to ``train_annotations`` trains on every question and reports
 training accuracy (the protocol of ``scripts/run_tem_adapter.py``: fixed steps, ``last/`` evaluated).
 
+Official-code options (today's defaults are ours; each is recorded with the run and
+``mmadapters eval videoqa --adapters`` uses the recorded value, an explicit contradicting flag is an error):
+
+- ``candidate_text``: ``question_answer`` (default) scores ``template`` filled with question and option — the
+  paper's description, and on the generated worlds the only way a candidate can tell "starts left" questions from
+  their reverse; ``options`` scores the option alone, as the official code does (it encodes the question but
+  never uses it), so ``template`` is unused.
+- ``frame_features``: ``normalized`` (default) feeds unit-L2 frame features, on the scale of the (normalized)
+  candidate texts; ``raw`` feeds CLIP's unnormalized image features, as the official code does. The sinusoidal
+  positions have norm ``sqrt(D/2)`` per frame whatever the input: measured on the shipped tiny CLIP (D = 96,
+  24 generated test videos × 8 frames) that is 6.93 against 1.0 at unit norm (~7×; 31.7× the frames' own
+  change over time, 0.22) but 0.46× the raw features (norm 14.9, range 13.6–16.6; 2.1× their change over
+  time, 3.28). ViT-B/32 (D = 512): positions 16.0, raw features ~10. Normalizing thus lets the positions
+  drown the frame content at the Temporal Aligner's input; ``raw`` is the scale the official code trained at.
+- ``num_frames``: frames per video (default 8, uniform TSN middles). The official code takes 8 clips × 16
+  consecutive frames and flattens them into 128 frames for the Temporal Aligner: ``num_frames: 128`` gives it
+  128 evenly spaced frames (the same count; evenly spaced rather than 8 bursts of 16), ``max_frames`` 1024.
+
 A run directory's ``best/`` and ``last/`` hold ``tem_adapter.safetensors`` (weights + the module config,
 :func:`~mmadapters.video.tem_adapter.save_tem_adapter`) and ``tem_adapter.json`` (the frozen CLIP, frame
-sampling and text template the features were made with); :func:`load_tem_run` reads both.
+sampling, text template, candidate text and frame scale the features were made with); :func:`load_tem_run`
+reads both.
 """
 
 from __future__ import annotations
@@ -37,7 +56,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .qa_features import DEFAULT_TEMPLATE, VideoQAFeatures, VideoQASplit, videoqa_accuracy
+from .qa_features import CANDIDATE_TEXTS, DEFAULT_TEMPLATE, FRAME_FEATURES, VideoQAFeatures, VideoQASplit, videoqa_accuracy
 from .tem_adapter import TemAdapter, TemAdapterConfig, load_tem_adapter, save_tem_adapter
 
 RECIPE_NAME = "tem-adapter"
@@ -59,8 +78,14 @@ class TemAdapterRecipeConfig:
     model: str | None = field(default=None, metadata={
         "help": "frozen CLIP: open_clip name, local-dir:DIR or hf-hub:org/repo (default: the shipped tiny CLIP)"})
     pretrained: str | None = field(default=None, metadata={"help": "pretrained tag or weights file for a built-in name"})
-    num_frames: int = field(default=8, metadata={"help": "frames sampled per video (TSN test-time sampling)"})
-    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "question+answer fusion template"})
+    num_frames: int = field(default=8, metadata={
+        "help": "frames sampled per video (TSN test-time sampling); official: 128 (8 clips x 16 frames)"})
+    candidate_text: Literal["question_answer", "options"] = field(default="question_answer", metadata={
+        "help": "candidate texts: question_answer (template, ours) or options (the option alone, official code)"})
+    frame_features: Literal["normalized", "raw"] = field(default="normalized", metadata={
+        "help": "frame features: normalized (unit L2, ours) or raw (CLIP's unnormalized output, official code)"})
+    template: str = field(default=DEFAULT_TEMPLATE, metadata={
+        "help": "question+answer fusion template (candidate_text: question_answer only)"})
     cache_dir: str | None = field(default=None, metadata={
         "help": "frame-feature and weights cache (default: $MMADAPTERS_CACHE or ~/.cache/mmadapters)"})
     num_workers: int = field(default=0, metadata={"help": "video decoding worker processes"})
@@ -88,6 +113,9 @@ class TemAdapterRecipeConfig:
         if self.num_frames < 2:
             raise ValueError(f"recipe.num_frames: expected >= 2 (the Temporal Aligner predicts the next frame), "
                              f"got {self.num_frames}")
+        for name, allowed in (("candidate_text", CANDIDATE_TEXTS), ("frame_features", FRAME_FEATURES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"recipe.{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.eval_batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"recipe.eval_batch_size >= 1 and recipe.num_workers >= 0 expected, got "
                              f"{self.eval_batch_size} and {self.num_workers}")
@@ -116,7 +144,8 @@ def run_metadata(config: TemAdapterRecipeConfig, clip_info: dict[str, Any], mode
 
     return {"recipe": RECIPE_NAME, "clip": {"model": config.model, "pretrained": config.pretrained, **{
         k: clip_info.get(k) for k in ("weights_sha256", "seed")}}, "num_frames": config.num_frames,
-        "template": config.template, "tem_adapter_config": asdict(model_config), "library_version": __version__}
+        "template": config.template, "candidate_text": config.candidate_text,
+        "frame_features": config.frame_features, "tem_adapter_config": asdict(model_config), "library_version": __version__}
 
 
 def save_tem_run(model: TemAdapter, directory: str | Path, metadata: dict[str, Any]) -> None:
@@ -148,6 +177,12 @@ def load_tem_run(directory: str | Path) -> tuple[TemAdapter, dict[str, Any]]:
     for key, kind in (("num_frames", int), ("template", str), ("clip", dict)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"{meta_path}: field {key!r}: expected {kind.__name__}, got {meta.get(key)!r}")
+    # runs recorded before these options existed used today's defaults
+    meta.setdefault("candidate_text", "question_answer")
+    meta.setdefault("frame_features", "normalized")
+    for key, allowed in (("candidate_text", CANDIDATE_TEXTS), ("frame_features", FRAME_FEATURES)):
+        if meta[key] not in allowed:
+            raise ValueError(f"{meta_path}: field {key!r}: expected one of {', '.join(allowed)}, got {meta[key]!r}")
     return load_tem_adapter(weights), meta
 
 
@@ -237,6 +272,7 @@ def build_task(config: TemAdapterRecipeConfig, trainer: Any) -> TemAdapterTask:
                      seed=trainer.seed, declare_points=False)
     backbone = sum(p.numel() for p in clip.model.parameters())
     common = {"video_root": config.video_root, "num_frames": config.num_frames, "template": config.template,
+              "candidate_text": config.candidate_text, "frame_features": config.frame_features,
               "device": device, "on_error": config.on_error, "cache_dir": cache_dir, "num_workers": config.num_workers}
     train = encode_split(clip, config.train_annotations, **common)
     if not config.val_annotations:
