@@ -317,65 +317,31 @@ def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
 def _fit_adapter(args: argparse.Namespace, fmt: str, root: Path, clip, weights: Tensor, classnames: list[str], device,
                  progress: bool) -> tuple[Any, dict[str, Any]]:
     """Fit ``--adapter`` on ``--shots`` images per class (sampled with ``--seed``) of the train split or
-    ``--support-root``, its hyperparameters searched on ``--val-split``. Returns (classifier with
+    ``--support-root``, its hyperparameters searched on ``--val-split``: the recipes' few-shot data
+    (``vision.fewshot_train.encode_fewshot``, no augmented views) and ``fit_fewshot``. Returns (classifier with
     ``.logits((B, D)) -> (B, C)``, what was fitted as JSON-ready info)."""
-    from mmadapters.vision.caps_adapter import read_captions, support_prompts
-    from mmadapters.vision.fewshot import SupportSet, fit_fewshot, sample_shots
-    from mmadapters.vision.readers import ImageFolderDataset, image_loader, open_split
-    from mmadapters.vision.zeroshot import encode_texts, extract_image_features
-
-    captions_path = None
-    if args.adapter == "caps":
-        captions_path = Path(args.captions) if args.captions else (root if root.is_dir() else root.parent) / "captions.jsonl"
-        if not captions_path.is_file():
-            raise FileNotFoundError(f"--adapter caps needs captions for the support images: no {captions_path}; pass "
-                                    "--captions FILE (JSON lines {\"image\": <path relative to the file>, \"caption\": ...} "
-                                    "or TSV)")
-    if args.support_root:
-        support_ds = ImageFolderDataset(args.support_root, clip.preprocess, classnames)
-    else:
-        try:
-            support_ds = open_split(fmt, root, "train", clip.preprocess, classnames)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"--adapter {args.adapter} samples its support images from the train split (or "
-                             f"--support-root): {e}") from e
-    try:
-        val_ds = open_split(fmt, root, args.val_split, clip.preprocess, classnames)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--adapter {args.adapter} searches its hyperparameters on a validation split "
-                         f"(--val-split {args.val_split!r}), never on test: {e}") from e
-    for what, ds in (("support", support_ds), ("validation", val_ds)):
-        if ds.classnames is not None and len(ds.classnames) != len(classnames):
-            raise ValueError(f"the {what} set has {len(ds.classnames)} classes, the evaluated split {len(classnames)}")
+    from mmadapters.vision.fewshot import fit_fewshot, support_set
+    from mmadapters.vision.fewshot_train import encode_fewshot
+    from mmadapters.vision.readers import cli_flag
 
     def on_unreadable(item) -> None:
         if args.fail_fast:
             raise UnreadableImage(f"{item.path}: cannot read image ({item.reason}); leave out --fail-fast (or use "
                                   "--on-error skip) to skip and count it")
 
-    def features(ds, desc: str):
-        loader = image_loader(ds, batch_size=args.batch_size, num_workers=args.num_workers, device=str(device))
-        return extract_image_features(clip.model, loader, device=device, progress=progress, on_unreadable=on_unreadable,
-                                      desc=desc)
-
-    index = sample_shots(torch.tensor(support_ds.labels), args.shots, args.seed, num_classes=len(classnames))
-    support = features(torch.utils.data.Subset(support_ds, index.tolist()), "support images")
-    val = features(val_ds, f"{args.val_split} images")
-    if not support.paths or not val.paths:
-        raise ValueError(f"{root}: no readable support images ({len(support.skipped)} skipped) or validation images "
-                         f"({len(val.skipped)} skipped)")
-    caption_feats = None
-    if captions_path is not None:
-        prompts = support_prompts(support.paths, support.labels, classnames, read_captions(captions_path),
-                                  source=str(captions_path))
-        caption_feats = encode_texts(clip.model, clip.tokenizer, prompts, device=device, progress=progress,
-                                     desc="captions").to(device)
-    support_set = SupportSet(support.features.to(device), support.labels.to(device), caption_feats)
-    clf = fit_fewshot(args.adapter, weights, support_set, val.features.to(device), val.labels.to(device),
+    data = encode_fewshot(clip, fmt, root, classnames, [], lambda names: weights, kind=args.adapter, shots=args.shots,
+                          seed=args.seed, val_split=args.val_split, support_root=args.support_root,
+                          captions=args.captions, batch_size=args.batch_size, num_workers=args.num_workers,
+                          device=str(device), progress=progress, on_unreadable=on_unreadable,
+                          flag=lambda f: f"--adapter {args.adapter}" if f == "train_split" else cli_flag(f))
+    caption_feats = None if data.caption_feats is None else data.caption_feats.to(device)
+    support = support_set(data.support_feats.to(device), data.support_labels.to(device), caption_feats=caption_feats)
+    clf = fit_fewshot(args.adapter, weights, support, data.val_feats.to(device), data.val_labels.to(device),
                       seed=args.seed, progress=progress)
-    info = {"kind": args.adapter, "shots": args.shots, "support_images": len(support.paths),
-            "support_skipped": len(support.skipped), "val_images": len(val.paths), "val_skipped": len(val.skipped),
-            "captions": None if captions_path is None else str(captions_path.resolve()),
+    counts = data.info["counts"]
+    info = {"kind": args.adapter, "shots": args.shots, **{k: counts[k] for k in (
+                "support_images", "support_skipped", "val_images", "val_skipped")},
+            "captions": data.info["captions"],
             "trainable": clf.keys.weight.numel() if args.adapter == "tip-f" else 0,  # Tip-F trains its cache keys
             "hyperparams": clf.hyperparams}
     return clf, info

@@ -32,7 +32,6 @@ Files are written atomically; an existing output holding a *different* compariso
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 import time
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmadapters.vision.readers import SIZE_OPTIONS, generated_root, generator_sizes
 
 from .metrics import classification_metrics
 from .results_io import default_cache_dir
@@ -55,8 +56,6 @@ DEFAULT_TASKS: tuple[str, ...] = ("shapes-sketch", "colours-noisy", "combos-held
 DEFAULT_SHOTS: tuple[int, ...] = (1, 4, 16)
 DEFAULT_OUTPUT = "fewshot_compare.json"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-# generate_task's keyword arguments that a comparison may override (None: the task's canonical value).
-SIZE_OPTIONS: tuple[str, ...] = ("train_per_class", "val_per_class", "test_per_class", "image_size")
 
 
 @dataclass
@@ -107,25 +106,16 @@ class TaskData:
     susx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-def generator_sizes(config: CompareConfig) -> dict[str, int]:
-    """The generate_task sizes of this comparison: the flags that were given, else generate_task's defaults."""
-    from mmadapters.vision.synth import generate_task
-
-    params = inspect.signature(generate_task).parameters
-    return {k: getattr(config, k) if getattr(config, k) is not None else params[k].default for k in SIZE_OPTIONS}
+def _sizes(config: CompareConfig) -> dict[str, int | None]:
+    """The generate_task sizes given on the command line (None: the task's own)."""
+    return {k: getattr(config, k) for k in SIZE_OPTIONS}
 
 
 def task_root(config: CompareConfig, cache_dir: Path, task: str) -> Path:
-    """``<data dir>/<task>`` for the canonical sizes and seed (the folder ``mmadapters zeroshot`` uses too), else
-    a folder whose name records the sizes and the data seed, so two draws never overwrite each other."""
-    from mmadapters.vision.readers import seeded_name
-
+    """Where ``task`` is generated: ``vision.readers.generated_root`` under ``--data-dir`` (default
+    ``<cache dir>/datasets``, the folder ``mmadapters zeroshot`` uses for the canonical sizes and seed)."""
     base = Path(config.data_dir) if config.data_dir else cache_dir / "datasets"
-    name = seeded_name(task, config.data_seed)
-    if all(getattr(config, k) is None for k in SIZE_OPTIONS):
-        return base / name
-    s = generator_sizes(config)
-    return base / f"{name}_tr{s['train_per_class']}_va{s['val_per_class']}_te{s['test_per_class']}_px{s['image_size']}"
+    return generated_root(base, task, config.data_seed, _sizes(config))
 
 
 def validate(config: CompareConfig) -> None:
@@ -147,7 +137,7 @@ def validate(config: CompareConfig) -> None:
     few = [m for m in config.methods if m != "zeroshot"]
     if few and not config.shots:
         raise ValueError(f"--shots: methods {','.join(few)} need at least one shot count")
-    sizes = generator_sizes(config)
+    sizes = generator_sizes(_sizes(config))
     for k, v in sizes.items():
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"--{k.replace('_', '-')} {v!r}: expected an integer >= 1")
@@ -175,15 +165,19 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
     """Generate ``task`` if needed and encode it: each split's images once, the train captions once, the classifier."""
     from mmadapters.vision.caps_adapter import support_prompts
     from mmadapters.vision.captioners import SynthImageGenerator, encode_images, support_captions, susx_prompt
-    from mmadapters.vision.readers import image_loader, open_split, resolve_classnames, resolve_templates
-    from mmadapters.vision.synth import generate_task
+    from mmadapters.vision.readers import (
+        image_loader,
+        open_split,
+        prepare_dataset_root,
+        resolve_classnames,
+        resolve_templates,
+    )
     from mmadapters.vision.zeroshot import cached_classifier, encode_texts, extract_image_features
 
     timings: dict[str, Any] = {}
     t0 = time.perf_counter()
-    root = task_root(config, cache_dir, task)
-    generate_task(task, root, progress=config.progress, seed=config.data_seed or 0,
-                  **generator_sizes(config))  # returns at once when present
+    _, root = prepare_dataset_root(task, None, cache_dir, progress=config.progress, data_seed=config.data_seed,
+                                   sizes=_sizes(config), data_dir=config.data_dir)
     timings["generate_s"] = round(time.perf_counter() - t0, 4)
 
     classnames, _ = resolve_classnames(None, root)
@@ -221,7 +215,7 @@ def prepare_task(task: str, clip, config: CompareConfig, cache_dir: Path) -> Tas
         timings["views_s"] = round(time.perf_counter() - t0, 4)
 
     caption_feats = generated_feats = susx = None
-    generator = SynthImageGenerator(generator_sizes(config)["image_size"])
+    generator = SynthImageGenerator(generator_sizes(_sizes(config))["image_size"])
     captions_info: dict[str, Any] = {}
     if "caps" in config.methods:
         t0 = time.perf_counter()
@@ -302,12 +296,14 @@ def fit_and_score(data: TaskData, method: str, shots: int, seed: int, device: st
             # formula with δ = 0: image affinity and the KL term, α β γ searched on val)
             images, labels, prompts = data.susx
             index = fewshot.sample_shots(labels, shots, seed, num_classes=len(data.classnames))
-            support = fewshot.SupportSet(images[index].to(device), labels[index].to(device), prompts[index].to(device))
+            support = fewshot.support_set(images.to(device), labels.to(device), index=index,
+                                          caption_feats=prompts.to(device))
             options["deltas"] = (0.0,)
         else:
             index = fewshot.sample_shots(train.labels, shots, seed, num_classes=len(data.classnames))
             # the official cache: keys are the mean of the augmented views (Tip-F trains on the views themselves)
-            support = fewshot.SupportSet.from_views(data.views[:, index].to(device), train.labels[index].to(device))
+            support = fewshot.support_set(train.features.to(device), train.labels.to(device), index=index,
+                                          views=data.views.to(device))
         if method == "caps":
             # the K real shots with their captions, and G images generated from each shot's prompt (same caption)
             caps = data.caption_feats[index].to(device)
@@ -492,7 +488,7 @@ def compare_fewshot(config: CompareConfig) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("progress", "output", "markdown", "overwrite", "device", "num_workers", "cache_dir",
                              *SIZE_OPTIONS)}
-    settings.update({"sizes": generator_sizes(config), "model_resolved": clip.info.model,
+    settings.update({"sizes": generator_sizes(_sizes(config)), "model_resolved": clip.info.model,
                      "weights": clip.info.identity(), "splits": {"support": "train", "search": "val", "score": "test"}})
     identity = {"dataset": ",".join(config.tasks), "model": clip.info.short_name, "pretrained": config.pretrained,
                 "task": TASK}

@@ -26,7 +26,7 @@ from mmadapters.vision.caps_adapter import (
     read_captions,
     support_prompts,
 )
-from mmadapters.vision.fewshot import SupportSet, caps_prompt, fit_fewshot, sample_shots
+from mmadapters.vision.fewshot import SupportSet, caps_prompt, fit_fewshot, sample_shots, support_set
 from mmadapters.vision.tip_adapter import TipAdapter, TipAdapterF, correct_interval, grid_accuracy, margins
 
 C, D = 10, 64
@@ -397,6 +397,26 @@ def test_tip_f_trains_at_the_initial_values_on_augmented_views(problem):
     assert fit_fewshot("tip-f", w, support, xv, yv, progress=False).hyperparams["train_inputs"] == "cache keys"
     with pytest.raises(ValueError, match=r"support.views: expected shape \(V, N=40, D=64\)"):
         SupportSet(support.image_feats, support.labels, None, views[:, :3])
+
+
+def test_support_set_of_sampled_shots_keeps_views_and_captions_with_their_shot(problem):
+    w, support, (xv, yv), _ = problem
+    g = torch.Generator().manual_seed(2)
+    views = F.normalize(support.image_feats[None] + 0.05 * torch.randn(2, *support.image_feats.shape, generator=g), dim=-1)
+    index = sample_shots(support.labels, 2, seed=3)
+    plain = support_set(support.image_feats, support.labels, index=index, caption_feats=support.caption_feats)
+    assert torch.equal(plain.image_feats, support.image_feats[index]) and torch.equal(plain.labels, support.labels[index])
+    assert torch.equal(plain.caption_feats, support.caption_feats[index]) and plain.views is None
+    cached = support_set(support.image_feats, support.labels, index=index, views=views)
+    assert torch.equal(cached.views, views[:, index])  # the official cache: keys = mean of the shots' views
+    torch.testing.assert_close(cached.image_feats, F.normalize(views[:, index].mean(0), dim=-1))
+    # train=False (the recipe's engine trains the keys): Tip-F's keys stay F, (α, β) as Tip's search finds them
+    tip = fit_fewshot("tip", w, cached, xv, yv)
+    untrained = fit_fewshot("tip-f", w, cached, xv, yv, train=False)
+    assert torch.equal(untrained.keys.weight, untrained.cache_keys) and "best_epoch" not in untrained.hyperparams
+    assert (untrained.alpha, untrained.beta) == (tip.alpha, tip.beta)
+    with pytest.raises(TypeError, match=r"training options \['epochs'\] need train=True"):
+        fit_fewshot("tip-f", w, cached, xv, yv, train=False, epochs=2)
 
 
 def test_caps_full_joint_grid_finds_the_brute_force_optimum(problem):

@@ -194,3 +194,20 @@ def test_cache_model_errors_name_the_file_and_field(tmp_path):
         load_cache_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="no cache_model.json"):
         load_cache_model(tmp_path / "nowhere")
+
+
+def test_recipes_resolve_datasets_with_the_shared_resolver_naming_recipe_fields(tmp_path, task_root):
+    from mmadapters.vision.fewshot_train import recipe_flag
+    from mmadapters.vision.readers import generated_root, prepare_dataset_root
+
+    with pytest.raises(ValueError, match="recipe.dataset imagefolder needs recipe.dataset_root"):
+        prepare_dataset_root("imagefolder", None, tmp_path, flag=recipe_flag)
+    with pytest.raises(ValueError, match="recipe.data_seed applies to generated tasks only"):
+        prepare_dataset_root("imagefolder", tmp_path, tmp_path, data_seed=1, flag=recipe_flag)
+    with pytest.raises(ValueError, match="field 'task' is 'shapes-sketch', expected 'colours-noisy'; point "
+                                         "recipe.dataset_root"):
+        prepare_dataset_root("colours-noisy", task_root, tmp_path, flag=recipe_flag)
+    # sizes given: the task goes to a folder named after them (two draws never overwrite each other)
+    fmt, root = prepare_dataset_root("shapes-sketch", None, tmp_path, progress=False, sizes=SIZES, flag=recipe_flag)
+    assert (fmt, root) == ("imagefolder", generated_root(tmp_path / "datasets", "shapes-sketch", None, SIZES))
+    assert root.name == "shapes-sketch_tr2_va2_te2_px32" and len(list((root / "val").rglob("*.png"))) == 20

@@ -7,7 +7,8 @@ Everything here works on CLIP features that were already computed (no model is l
   (``"tip"``), Tip-Adapter-F (``"tip-f"``) or CapS-Adapter (``"caps"``) and searches its
   hyperparameters on the **validation** features only; the result has ``.logits(feats)`` and
   ``.hyperparams``.
-- ``sample_shots(labels, k, seed)`` — K indices per class, seeded.
+- ``sample_shots(labels, k, seed)`` — K indices per class, seeded; ``support_set(feats, labels, index=...)``
+  — the cache of those shots (keys: the mean of their augmented views when given).
 - ``caps_prompt(classname, caption)`` — the text CapS-Adapter encodes for a captioned support image.
 
 Shapes: N support images, M validation images, B images to classify, D feature dim, C classes.
@@ -212,6 +213,7 @@ def fit_fewshot(
     *,
     seed: int = 0,
     progress: bool = True,
+    train: bool = True,
     **options: Any,
 ) -> FewShotClassifier:
     """Build a few-shot classifier and tune it on validation features only.
@@ -225,6 +227,8 @@ def fit_fewshot(
         val_labels: (M,) int64 validation labels.
         seed: seeds Tip-Adapter-F's training; Tip and CapS are deterministic.
         progress: show progress bars (Tip-F epochs, CapS search).
+        train: Tip-Adapter-F only: False searches (α, β) with the keys still F and leaves the training of the
+            keys to the caller (``mmadapters train tip-adapter`` trains them on the training engine).
         options: per kind — tip: ``alphas``, ``betas`` (grids); tip-f: those plus ``epochs``, ``lr``,
             ``eps``, ``batch_size``, ``weight_decay``, ``init_alpha``, ``init_beta`` (the fixed training values);
             caps: ``alphas``, ``betas``, ``gammas``, ``deltas`` (one joint grid), ``temperature``.
@@ -259,7 +263,12 @@ def fit_fewshot(
         from .tip_adapter import TipAdapterF
 
         model = TipAdapterF(w, support)
-        model.fit(val_feats, val_labels, seed=seed, progress=progress, **build_opts, **search_opts)
+        if train:
+            model.fit(val_feats, val_labels, seed=seed, progress=progress, **build_opts, **search_opts)
+        elif build_opts:
+            raise TypeError(f"fit_fewshot(kind='tip-f', train=False): training options {sorted(build_opts)} need train=True")
+        else:
+            model.search(val_feats, val_labels, **search_opts)
     else:
         from .caps_adapter import CapsAdapter
 
@@ -271,6 +280,23 @@ def fit_fewshot(
         model = CapsAdapter(w, support, **build_opts)
         model.search(val_feats, val_labels, progress=progress, **search_opts)
     return model
+
+
+def support_set(feats: Tensor, labels: Tensor, *, index: Tensor | None = None, views: Tensor | None = None,
+                caption_feats: Tensor | None = None) -> SupportSet:
+    """The cache of the shots ``index`` (default: all) of encoded images ``feats`` (N, D), ``labels`` (N,).
+
+    With ``views`` (V, N, D) the keys are the official cache, the mean of the shots' augmented views
+    (``SupportSet.from_views``; Tip-F trains on the views), else the shots' own features. ``caption_feats``
+    (N, D): CapS's prompt feature of each image, kept with its shot.
+    """
+    if index is not None:
+        feats, labels = feats[index], labels[index]
+        views = None if views is None else views[:, index]
+        caption_feats = None if caption_feats is None else caption_feats[index]
+    if views is not None:
+        return SupportSet.from_views(views, labels, caption_feats)
+    return SupportSet(feats, labels, caption_feats)
 
 
 def augmented_transform(preprocess: Any) -> Any:

@@ -36,6 +36,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,160 +153,152 @@ def _cache_dir(config: FewShotRecipeConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
 
-def resolve_dataset(config: FewShotRecipeConfig, cache_dir: Path, *, progress: bool = True) -> tuple[str, Path, str]:
-    """(format, root, dataset name). A generated task is written on first use (with the config's sizes).
+def recipe_flag(field: str) -> str:
+    """How a recipe's YAML names a setting in errors: ``recipe.<field>``."""
+    return f"recipe.{field}"
 
-    A ``dataset_root`` that holds another generated task is refused rather than regenerated over.
+
+def encode_fewshot(clip: Any, fmt: str, root: Path, classnames: list[str] | None, templates: list[str],
+                   weights_for: Callable[[list[str]], Tensor], *, kind: str, shots: int, seed: int, val_split: str,
+                   train_split: str = "train", support_root: str | None = None, views: int = 0,
+                   captions: str | None = None, batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
+                   progress: bool = True, on_unreadable: Callable[[Any], None] | None = None,
+                   flag: Callable[[str], str] = recipe_flag) -> FewShotData:
+    """Sample ``shots`` images per class (``sample_shots(train labels, shots, seed)``) from ``train_split`` (or
+    the image folder ``support_root``) and encode what a few-shot fit needs, once: the shots (and ``views``
+    augmented passes over them, seeded with ``seed``; 0: none), the ``val_split`` images, and for ``kind`` caps
+    the prompt ``caps_prompt(class, caption)`` of each shot (captions from ``captions``, default
+    ``<root>/captions.jsonl``). ``weights_for(classnames)`` gives the (D, C) zero-shot classifier.
+
+    The few-shot path of ``mmadapters train tip-adapter|caps-adapter`` and of ``mmadapters zeroshot --adapter``;
+    ``flag`` names their settings in errors. ``info`` holds the counts, skipped images, captions file and
+    ``features_s``.
     """
-    from mmadapters.eval.fewshot_compare import CompareConfig, generator_sizes, task_root
-    from mmadapters.vision.readers import FORMATS
+    from mmadapters.vision.caps_adapter import read_captions, support_prompts
+    from mmadapters.vision.fewshot import augmented_transform, encode_views, sample_shots
+    from mmadapters.vision.readers import ImageFolderDataset, image_loader, open_split
+    from mmadapters.vision.zeroshot import encode_texts, extract_image_features
 
-    if config.dataset in FORMATS:
-        if not config.dataset_root:
-            raise ValueError(f"recipe.dataset_root: dataset format {config.dataset!r} needs the dataset's location")
-        root = Path(config.dataset_root)
-        return config.dataset, root, root.stem if root.is_file() else root.name
-    from mmadapters.vision.synth import TASKS, generate_task
+    captions_path = None
+    if kind == "caps":
+        captions_path = Path(captions) if captions else (root if root.is_dir() else root.parent) / "captions.jsonl"
+        if not captions_path.is_file():
+            raise FileNotFoundError(f"{flag('captions')}: CapS-Adapter needs captions for the support images; no file "
+                                    f"{captions_path} (JSON lines {{\"image\": <path relative to the file>, \"caption\": "
+                                    "...} or TSV)")
 
-    if config.dataset not in TASKS:
-        raise ValueError(f"recipe.dataset: {config.dataset!r} is neither a format ({', '.join(FORMATS)}) nor a generated "
-                         f"task ({', '.join(sorted(TASKS))})")
-    sizes_cfg = CompareConfig(tasks=[config.dataset], train_per_class=config.train_per_class,
-                              val_per_class=config.val_per_class, test_per_class=config.test_per_class,
-                              image_size=config.image_size, data_seed=config.data_seed)
-    root = Path(config.dataset_root) if config.dataset_root else task_root(sizes_cfg, cache_dir, config.dataset)
-    meta = root / "task.json"
-    sized = any(getattr(config, k) is not None for k in ("train_per_class", "val_per_class", "test_per_class", "image_size"))
-    if meta.is_file():
+    def support_reader(transform):
+        if support_root:
+            return ImageFolderDataset(support_root, transform, classnames)
         try:
-            recorded = json.loads(meta.read_text(encoding="utf-8")).get("task")
-        except (ValueError, AttributeError):
-            recorded = None
-        if recorded != config.dataset:
-            raise ValueError(f"{meta}: field 'task' is {recorded!r}, expected {config.dataset!r}; point "
-                             "recipe.dataset_root at that task's folder (or an empty one to generate it)")
-        if config.dataset_root and not sized and config.data_seed is None:
-            return "imagefolder", root, config.dataset  # a given folder of this task is used as it is
-    generate_task(config.dataset, root, progress=progress, seed=config.data_seed or 0,
-                  **generator_sizes(sizes_cfg))  # no-op when up to date
-    return "imagefolder", root, config.dataset
+            return open_split(fmt, root, train_split, transform, classnames)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{flag('train_split')} samples its support images from the {train_split} split (or "
+                             f"{flag('support_root')}): {e}") from e
 
+    support_ds = support_reader(clip.preprocess)
+    names = classnames or support_ds.classnames
+    try:
+        val_ds = open_split(fmt, root, val_split, clip.preprocess, names)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{flag('val_split')}: the hyperparameters are searched on a validation split "
+                         f"({val_split!r}), never on test: {e}") from e
+    for what, ds in (("support", support_ds), ("validation", val_ds)):
+        if ds.classnames is not None and len(ds.classnames) != len(names):
+            raise ValueError(f"the {what} set has {len(ds.classnames)} classes, expected {len(names)}")
+    weights = weights_for(names)
 
-def _loader(dataset, config: FewShotRecipeConfig, device: str):
-    from torch.utils.data import DataLoader
+    def features(ds, desc: str):
+        loader = image_loader(ds, batch_size=batch_size, num_workers=num_workers, device=device)
+        return extract_image_features(clip.model, loader, device=device, progress=progress,
+                                      on_unreadable=on_unreadable, desc=desc)
 
-    from mmadapters.vision.readers import collate_with_skips
-
-    return DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, num_workers=config.num_workers,
-                      collate_fn=collate_with_skips, pin_memory=device.startswith("cuda"))
+    t0 = time.perf_counter()
+    index = sample_shots(torch.tensor(support_ds.labels), shots, seed, num_classes=len(names)).tolist()
+    support = features(torch.utils.data.Subset(support_ds, index), "support images")
+    val = features(val_ds, f"{val_split} images")
+    support_views = None
+    if views:
+        augmented = torch.utils.data.Subset(support_reader(augmented_transform(clip.preprocess)), index)
+        support_views, _, view_paths = encode_views(clip.model, augmented, views, seed=seed, batch_size=batch_size,
+                                                    device=device)
+        if view_paths != support.paths:
+            raise ValueError(f"{root}: a support image could not be read; Tip-F's augmented views need every one")
+    features_s = time.perf_counter() - t0
+    if not support.paths:
+        raise ValueError(f"{root}: none of the {len(index)} sampled support images could be read")
+    if not val.paths:
+        raise ValueError(f"{root}: none of the {len(val_ds)} images of split {val_split!r} could be read")
+    caption_feats = None
+    if captions_path is not None:
+        prompts = support_prompts(support.paths, support.labels, names, read_captions(captions_path),
+                                  source=str(captions_path))
+        caption_feats = encode_texts(clip.model, clip.tokenizer, prompts, device=device,
+                                     batch_size=max(batch_size, 256), progress=progress, desc="captions")
+    info = {
+        "captions": None if captions_path is None else str(captions_path.resolve()),
+        "counts": {"classes": len(names), "support_sampled": len(index), "support_images": len(support.paths),
+                   "val_images": len(val.paths), "support_skipped": len(support.skipped), "val_skipped": len(val.skipped)},
+        "skipped": [{"id": s.path, "reason": s.reason} for s in [*support.skipped, *val.skipped]],
+        "features_s": features_s,
+    }
+    return FewShotData(names, templates, weights.float().cpu(), support.features, support.labels, support.paths,
+                       caption_feats, val.features, val.labels, clip.info, info, support_views)
 
 
 def prepare_data(config: FewShotRecipeConfig, kind: str, *, device: str = "cpu", progress: bool = True) -> FewShotData:
-    """Load the CLIP, sample the shots (``sample_shots(train labels, shots, seed)``) and encode everything once."""
-    from mmadapters.vision.caps_adapter import read_captions, support_prompts
+    """Resolve the dataset, load the CLIP and encode everything once (:func:`encode_fewshot`)."""
+    from mmadapters.training.trainer import run_on_main
+    from mmadapters.vision import readers
     from mmadapters.vision.clip import load_clip
-    from mmadapters.vision.fewshot import sample_shots
-    from mmadapters.vision.readers import open_split, resolve_classnames, resolve_templates
-    from mmadapters.vision.zeroshot import cached_classifier, encode_texts, extract_image_features
+    from mmadapters.vision.zeroshot import cached_classifier
 
     t_start = time.perf_counter()
     if isinstance(config.shots, bool) or config.shots < 1:
         raise ValueError(f"recipe.shots: expected an integer >= 1, got {config.shots!r}")
     if config.feature_batch_size < 1 or config.num_workers < 0:
         raise ValueError("recipe.feature_batch_size must be >= 1 and recipe.num_workers >= 0")
-    from mmadapters.training.trainer import run_on_main
-
     cache_dir = _cache_dir(config)
     # under torchrun rank 0 alone generates a missing task; the other ranks take its answer
-    fmt, root, name = run_on_main(lambda: resolve_dataset(config, cache_dir, progress=progress))
-    classnames, classnames_source = resolve_classnames(config.classnames, root)
-    templates, templates_source = resolve_templates(config.templates, root)
+    fmt, root = run_on_main(lambda: readers.prepare_dataset_root(
+        config.dataset, config.dataset_root, cache_dir, progress=progress, data_seed=config.data_seed,
+        sizes={k: getattr(config, k) for k in readers.SIZE_OPTIONS}, flag=recipe_flag))
+    classnames, classnames_source = readers.resolve_classnames(config.classnames, root)
+    templates, templates_source = readers.resolve_templates(config.templates, root)
 
     t0 = time.perf_counter()
     clip = load_clip(config.model, config.pretrained, device=device, cache_dir=str(cache_dir / "weights"),
                      seed=config.seed, declare_points=False)
     load_s = time.perf_counter() - t0
-    if config.support_root:
-        from mmadapters.vision.readers import ImageFolderDataset
+    classifier_s = []
 
-        support_ds = ImageFolderDataset(config.support_root, clip.preprocess, classnames)
-    else:
-        try:
-            support_ds = open_split(fmt, root, config.train_split, clip.preprocess, classnames)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"recipe.train_split: the support images are sampled from {config.train_split!r} (or "
-                             f"recipe.support_root): {e}") from e
-    classnames = classnames or support_ds.classnames
-    try:
-        val_ds = open_split(fmt, root, config.val_split, clip.preprocess, classnames)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"recipe.val_split: the hyperparameters are searched on a validation split "
-                         f"({config.val_split!r}), never on test: {e}") from e
-    for what, ds in (("support", support_ds), ("validation", val_ds)):
-        if ds.classnames is not None and len(ds.classnames) != len(classnames):
-            raise ValueError(f"the {what} set has {len(ds.classnames)} classes, expected {len(classnames)} "
-                             f"(from {classnames_source})")
-
-    classifier = cached_classifier(clip.model, clip.tokenizer, classnames, templates, model_name=clip.info.model,
-                                   weights_identity=clip.info.identity(), cache_dir=cache_dir / "classifiers",
-                                   device=device, batch_size=max(config.feature_batch_size, 256), progress=progress)
+    def weights_for(names: list[str]) -> Tensor:
+        classifier = cached_classifier(clip.model, clip.tokenizer, names, templates, model_name=clip.info.model,
+                                       weights_identity=clip.info.identity(), cache_dir=cache_dir / "classifiers",
+                                       device=device, batch_size=max(config.feature_batch_size, 256), progress=progress)
+        classifier_s.append(classifier.seconds)
+        return classifier.weights
 
     def on_unreadable(item) -> None:
         if config.on_error == "fail":
             raise ValueError(f"{item.path}: cannot read image ({item.reason}); set recipe.on_error: skip to go on")
 
-    t0 = time.perf_counter()
-    index = sample_shots(torch.tensor(support_ds.labels), config.shots, config.seed, num_classes=len(classnames))
-    shots = torch.utils.data.Subset(support_ds, index.tolist())
-    support = extract_image_features(clip.model, _loader(shots, config, device), device=device, progress=progress,
-                                     on_unreadable=on_unreadable, desc="support images")
-    val = extract_image_features(clip.model, _loader(val_ds, config, device), device=device, progress=progress,
-                                 on_unreadable=on_unreadable, desc=f"{config.val_split} images")
-    support_views = None
-    if getattr(config, "variant", None) == "tip-f":
-        from mmadapters.vision.fewshot import augmented_transform, encode_views
-
-        views = getattr(config, "views", 10)
-        augmented = torch.utils.data.Subset(
-            open_split(fmt, root, config.train_split, augmented_transform(clip.preprocess), classnames)
-            if not config.support_root else ImageFolderDataset(config.support_root, augmented_transform(clip.preprocess),
-                                                               classnames), index.tolist())
-        support_views, _, view_paths = encode_views(clip.model, augmented, views, seed=config.seed,
-                                                    batch_size=config.feature_batch_size, device=device)
-        if view_paths != support.paths:
-            raise ValueError(f"{root}: a support image could not be read; Tip-F's augmented views need every one")
-    features_s = time.perf_counter() - t0
-    if not support.paths:
-        raise ValueError(f"{root}: none of the {len(shots)} sampled support images could be read")
-    if not val.paths:
-        raise ValueError(f"{root}: none of the {len(val_ds)} images of split {config.val_split!r} could be read")
-
-    caption_feats = None
-    captions_path = None
-    if kind == "caps":
-        base = root if root.is_dir() else root.parent
-        captions_path = Path(config.captions) if getattr(config, "captions", None) else base / "captions.jsonl"
-        if not captions_path.is_file():
-            raise FileNotFoundError(f"recipe.captions: CapS-Adapter needs a caption per support image; no file "
-                                    f"{captions_path} (JSONL {{\"image\": relpath, \"caption\": str}} or TSV)")
-        prompts = support_prompts(support.paths, support.labels, classnames, read_captions(captions_path),
-                                  source=str(captions_path))
-        caption_feats = encode_texts(clip.model, clip.tokenizer, prompts, device=device,
-                                     batch_size=max(config.feature_batch_size, 256), progress=progress, desc="captions")
-
-    info = {
-        "dataset": name, "format": fmt, "generated": fmt != config.dataset, "root": str(root.resolve()), "train_split": config.train_split,
-        "val_split": config.val_split, "support_root": config.support_root, "shots": config.shots, "seed": config.seed,
-        "classnames_source": classnames_source, "templates_source": templates_source,
-        "captions": None if captions_path is None else str(captions_path.resolve()),
-        "counts": {"classes": len(classnames), "support_sampled": len(shots), "support_images": len(support.paths),
-                   "val_images": len(val.paths), "support_skipped": len(support.skipped), "val_skipped": len(val.skipped)},
-        "skipped": [{"id": s.path, "reason": s.reason} for s in [*support.skipped, *val.skipped]],
-        "timings": {"model_load_s": round(load_s, 4), "classifier_s": round(classifier.seconds, 4),
+    data = encode_fewshot(clip, fmt, root, classnames, templates, weights_for, kind=kind, shots=config.shots,
+                          seed=config.seed, val_split=config.val_split, train_split=config.train_split,
+                          support_root=config.support_root, views=getattr(config, "views", 10) if kind == "tip-f" else 0,
+                          captions=getattr(config, "captions", None), batch_size=config.feature_batch_size,
+                          num_workers=config.num_workers, device=device, progress=progress,
+                          on_unreadable=on_unreadable)
+    features_s = data.info.pop("features_s")
+    data.info = {
+        "dataset": readers.dataset_name(config.dataset, fmt, root), "format": fmt, "generated": fmt != config.dataset,
+        "root": str(root.resolve()), "train_split": config.train_split, "val_split": config.val_split,
+        "support_root": config.support_root, "shots": config.shots, "seed": config.seed,
+        "classnames_source": classnames_source, "templates_source": templates_source, **data.info,
+        "timings": {"model_load_s": round(load_s, 4), "classifier_s": round(classifier_s[0], 4),
                     "features_s": round(features_s, 4), "total_s": round(time.perf_counter() - t_start, 4)},
     }
-    return FewShotData(classnames, templates, classifier.weights.float().cpu(), support.features, support.labels,
-                       support.paths, caption_feats, val.features, val.labels, clip.info, info, support_views)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -467,35 +460,31 @@ class CacheModelTask:
 
     def __init__(self, kind: str, data: FewShotData, config: FewShotRecipeConfig, *, device: str = "cpu",
                  progress: bool = True, settings: dict[str, Any] | None = None):
-        from mmadapters.vision.fewshot import SupportSet
+        from mmadapters.vision.fewshot import fit_fewshot, support_set
 
         self.kind, self.data, self.config, self.device = kind, data, config, device
         self.settings = settings or {}
-        weights = data.weights.to(device)
         captions = None if data.caption_feats is None else data.caption_feats.to(device)
-        if data.support_views is not None:  # the official cache: keys = mean of the augmented views
-            support = SupportSet.from_views(data.support_views.to(device), data.support_labels.to(device), captions)
-            # a training item is one view of one support image: item i is view i // N of image i % N
+        views = None if data.support_views is None else data.support_views.to(device)
+        # with views, the official cache: keys = mean of the augmented views
+        support = support_set(data.support_feats.to(device), data.support_labels.to(device), views=views,
+                              caption_feats=captions)
+        if views is not None:  # a training item is one view of one support image: item i is view i // N of image i % N
             self.train_feats = support.views.flatten(0, 1)
             self.train_labels = support.labels.repeat(support.views.shape[0])
         else:
-            support = SupportSet(data.support_feats.to(device), data.support_labels.to(device), captions)
             self.train_feats, self.train_labels = support.image_feats, support.labels
         self.val_feats, self.val_labels = data.val_feats.to(device), data.val_labels.to(device)
         self.search_options: dict[str, Any] = {k: getattr(config, k) for k in ("alphas", "betas")
                                                if getattr(config, k, None) is not None}
-        t0 = time.perf_counter()
+        options = dict(self.search_options)
         if kind == "caps":
-            from mmadapters.vision.caps_adapter import CapsAdapter
-
-            caps_opts = {k: getattr(config, k) for k in ("gammas", "deltas") if getattr(config, k, None) is not None}
-            self.model: nn.Module = CapsAdapter(weights, support, temperature=config.temperature)
-            self.model.search(self.val_feats, self.val_labels, progress=progress, **self.search_options, **caps_opts)
-        else:
-            from mmadapters.vision.tip_adapter import TipAdapter, TipAdapterF
-
-            self.model = (TipAdapterF if kind == "tip-f" else TipAdapter)(weights, support)
-            self.model.search(self.val_feats, self.val_labels, **self.search_options)
+            options.update({k: getattr(config, k) for k in ("gammas", "deltas") if getattr(config, k, None) is not None},
+                           temperature=config.temperature)
+        t0 = time.perf_counter()
+        # Tip-F: (α, β) searched with the keys still F; the engine trains the keys (train=False)
+        self.model: nn.Module = fit_fewshot(kind, data.weights.to(device), support, self.val_feats, self.val_labels,
+                                            seed=config.seed, progress=progress, train=False, **options)
         self.fit_s = time.perf_counter() - t0
         self.model.requires_grad_(False)
         if kind == "tip-f":

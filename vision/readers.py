@@ -31,7 +31,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -443,30 +443,67 @@ def seeded_name(task: str, data_seed: int | None) -> str:
     return task if not data_seed else f"{task}_seed{data_seed}"
 
 
-def prepare_dataset_root(dataset: str, dataset_root: str | os.PathLike | None, cache_dir: Path, *,
-                         progress: bool = True, data_seed: int | None = None) -> tuple[str, Path]:
-    """(format, root) of ``--dataset``/``--dataset-root`` (and ``--data-seed``).
+# Sizes of a generated task that a run may override (generate_task's keyword arguments; None: the task's own).
+SIZE_OPTIONS: tuple[str, ...] = ("train_per_class", "val_per_class", "test_per_class", "image_size")
 
-    A generated task (``synth-shapes`` ...) is written into its root (default ``cache_dir/datasets/<task>``,
-    ``<task>_seed<S>`` for ``data_seed`` S) when missing, with the task's canonical sizes; a root that holds
-    another task, or the task drawn from another seed than a given ``data_seed``, is refused.
+
+def generator_sizes(sizes: Mapping[str, int | None] | None = None) -> dict[str, int]:
+    """generate_task's sizes: the given ones (not None), else generate_task's defaults."""
+    import inspect
+
+    from mmadapters.vision.synth import generate_task
+
+    params, sizes = inspect.signature(generate_task).parameters, sizes or {}
+    return {k: sizes[k] if sizes.get(k) is not None else params[k].default for k in SIZE_OPTIONS}
+
+
+def generated_root(base: Path, task: str, data_seed: int | None = None,
+                   sizes: Mapping[str, int | None] | None = None) -> Path:
+    """``base/<task>`` for the canonical sizes and seed, else a folder whose name records the data seed and the
+    sizes, so two draws never overwrite each other."""
+    name = seeded_name(task, data_seed)
+    if not sizes or all(sizes.get(k) is None for k in SIZE_OPTIONS):
+        return base / name
+    s = generator_sizes(sizes)
+    return base / f"{name}_tr{s['train_per_class']}_va{s['val_per_class']}_te{s['test_per_class']}_px{s['image_size']}"
+
+
+def cli_flag(field: str) -> str:
+    """How the command line names a setting: ``dataset_root`` -> ``--dataset-root``."""
+    return "--" + field.replace("_", "-")
+
+
+def prepare_dataset_root(dataset: str, dataset_root: str | os.PathLike | None, cache_dir: Path, *,
+                         progress: bool = True, data_seed: int | None = None,
+                         sizes: Mapping[str, int | None] | None = None, data_dir: str | os.PathLike | None = None,
+                         flag: Callable[[str], str] = cli_flag) -> tuple[str, Path]:
+    """(format, root) of ``--dataset``/``--dataset-root`` (``--data-seed``): the dataset resolver of ``mmadapters
+    eval``, the few-shot recipes and ``fewshot-compare``; ``flag`` names their settings in errors.
+
+    A generated task is written into its root (default ``generated_root(data_dir or cache_dir/datasets, ...)``)
+    when missing; given ``sizes`` (None: the task's own), an existing root is brought up to date with them. A
+    root that holds another task, or the task drawn from another seed than a given ``data_seed``, is refused.
     """
     if dataset in FORMATS:
         if not dataset_root:
-            raise ValueError(f"--dataset {dataset} needs --dataset-root")
+            raise ValueError(f"{flag('dataset')} {dataset} needs {flag('dataset_root')} (the dataset's location)")
         if data_seed is not None:
-            raise ValueError(f"--data-seed applies to generated tasks only, not to --dataset {dataset}")
+            raise ValueError(f"{flag('data_seed')} applies to generated tasks only, not to {flag('dataset')} {dataset}")
         return dataset, Path(dataset_root)
     from mmadapters.vision.synth import TASKS, generate_task
 
     if dataset not in TASKS:
-        raise ValueError(f"--dataset {dataset!r}: expected a format ({', '.join(FORMATS)}) or a generated "
+        raise ValueError(f"{flag('dataset')} {dataset!r}: expected a format ({', '.join(FORMATS)}) or a generated "
                          f"task ({', '.join(sorted(TASKS))})")
-    root = Path(dataset_root) if dataset_root else cache_dir / "datasets" / seeded_name(dataset, data_seed)
+    base = Path(data_dir) if data_dir else cache_dir / "datasets"
+    root = Path(dataset_root) if dataset_root else generated_root(base, dataset, data_seed, sizes)
+    sized = bool(sizes) and any(v is not None for v in sizes.values())
+    size_kwargs = generator_sizes(sizes) if sized else {}  # none given: generate_task's own
     meta = root / "task.json"
     if not meta.is_file():
-        print(f"generating {dataset} into {root}")
-        generate_task(dataset, root, progress=progress, seed=data_seed or 0)
+        if progress:
+            print(f"generating {dataset} into {root}")
+        generate_task(dataset, root, progress=progress, seed=data_seed or 0, **size_kwargs)
         return "imagefolder", root
     try:
         record = json.loads(meta.read_text(encoding="utf-8"))
@@ -474,12 +511,14 @@ def prepare_dataset_root(dataset: str, dataset_root: str | os.PathLike | None, c
     except (ValueError, AttributeError):
         recorded = seed = None
     if recorded != dataset:
-        raise ValueError(f"{meta}: field 'task' is {recorded!r}, expected {dataset!r}; point --dataset-root at that "
-                         "task's folder (or an empty one to generate it)")
+        raise ValueError(f"{meta}: field 'task' is {recorded!r}, expected {dataset!r}; point {flag('dataset_root')} at "
+                         "that task's folder (or an empty one to generate it)")
     if data_seed is not None and seed != data_seed:
-        raise ValueError(f"{meta}: field 'seed' is {seed!r}, expected --data-seed {data_seed}; leave --dataset-root out "
-                         f"(the seeded task goes to <cache dir>/datasets/{seeded_name(dataset, data_seed)}) or point it "
-                         "at an empty folder")
+        raise ValueError(f"{meta}: field 'seed' is {seed!r}, expected {flag('data_seed')} {data_seed}; leave "
+                         f"{flag('dataset_root')} out (the seeded task goes to <cache dir>/datasets/"
+                         f"{seeded_name(dataset, data_seed)}) or point it at an empty folder")
+    if sized:  # no-op when the folder already holds these sizes
+        generate_task(dataset, root, progress=progress, seed=data_seed or 0, **size_kwargs)
     return "imagefolder", root
 
 
