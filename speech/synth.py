@@ -3,13 +3,15 @@
 ``python -m mmadapters.speech.synth --languages en,de,es --utterances N --seed S --out DIR`` writes a small
 multilingual ASR data set for the LDA recipe (head languages with ample data, tail languages with little):
 
-- **Text.** A sentence is 3–7 words drawn from the shipped word list of its language
+- **Text.** A sentence is 3–7 words (``--words-per-utterance``) drawn from (the first ``--vocabulary`` words of)
+  the shipped word list of its language
   (``speech/assets/wordlists/<lang>.txt``: the most frequent words of the wordfreq package, letters only,
   made by ``scripts/make_wordlists.py``) with Zipf–Mandelbrot weights ``1 / (rank + ZIPF_OFFSET)``.
   Lowercase, no punctuation: the text is exactly the words espeak-ng reads.
 - **Speakers.** Each language has ``speakers`` synthetic speakers, each an espeak-ng voice variant
   (``+m3``, ``+f2``, ``+klatt4``, ...) with its own speaking rate, pitch and word gap; every utterance
-  jitters rate and pitch around its speaker's. The last ``heldout_speakers`` speakers speak only the dev and
+  jitters rate and pitch around its speaker's (``--shared-speakers``: the same speakers, each a distinct
+  variant, in every language). The last ``heldout_speakers`` speakers speak only the dev and
   test splits, the others only train and unlabeled, so evaluation is on unseen voices.
 - **Audio.** espeak-ng's 22,050 Hz output is resampled to 16 kHz (``torchaudio.functional.resample``),
   normalized to a random level (gain), padded with random leading/trailing silence and mixed with white,
@@ -19,9 +21,15 @@ multilingual ASR data set for the LDA recipe (head languages with ample data, ta
   training. Its rows still carry the ``text`` the audio was made from so pseudo-labels can be scored, but
   **recipes must not read that text for training** — it is the untranscribed pool of the paper.
 
+**Foundation data** (``--foundation``, issue 20): every language in train, the tail at ``--tail-fraction``
+(0.12) of the head's utterances, 2–5 words from 400-word vocabularies, 8 shared training voices plus 2 held-out
+voices for dev/test, SNR 25–40 dB; any flag given explicitly overrides the preset.
+
 Layout of ``DIR``: ``audio/<lang>/<split>/<lang>_<split>_<index>.wav``; ``manifest.jsonl`` (every
 utterance) and ``{train,dev,test,unlabeled}.jsonl``, NeMo JSONL rows ``{"audio_filepath": path relative to
-DIR, "duration": seconds, "text", "lang", "split", "speaker"}``; ``synth_config.json`` (the settings, the
+DIR, "duration": seconds, "text", "lang", "split", "speaker", "snr_db"}``; ``tokenizer/tokenizer.json``
+(a character tokenizer over every character of the languages' word lists, so tail-only letters are targets);
+``synth_config.json`` (the settings, the
 speaker table, word-list checksums, counts and hours; written last, so its presence means a complete run).
 
 Determinism: the same arguments and seed give byte-identical files, with any number of ``workers``.
@@ -69,10 +77,12 @@ __all__ = [
     "SynthError",
     "UtterancePlan",
     "find_espeak",
+    "FOUNDATION",
     "generate",
     "load_wordlist",
     "main",
     "make_sentence",
+    "make_shared_speakers",
     "make_speakers",
     "plan_utterance",
     "render_utterance",
@@ -98,6 +108,19 @@ GAIN_DB = (-8.0, 4.0)
 SILENCE_S = (0.05, 0.35)  # leading and trailing silence, each drawn separately
 NOISE_KINDS: tuple[str, ...] = ("white", "pink", "brown")
 DEFAULT_NOISE_SNR = (15.0, 35.0)
+DEFAULT_TAIL_FRACTION = 0.12  # --foundation: tail train utterances per head train utterance
+# --foundation: the settings of the foundation's pretraining data (issue 20), applied to every flag left unset.
+# Every language is in train (the tail at DEFAULT_TAIL_FRACTION of the head), sentences of 2-5 words from a
+# 400-word vocabulary, 8 voices shared by all languages plus 2 held-out voices that speak only dev and test.
+FOUNDATION: dict[str, Any] = {
+    "tail_fraction": DEFAULT_TAIL_FRACTION,
+    "words_per_utterance": (2, 5),
+    "vocabulary": 400,
+    "speakers": 10,
+    "heldout_speakers": 2,
+    "shared_speakers": True,
+    "noise_snr": (25.0, 40.0),
+}
 PEAK = 0.99  # a mix louder than this is scaled down as a whole (keeps its SNR)
 
 
@@ -303,6 +326,25 @@ def make_speakers(lang: str, seed: int, n: int, heldout: int, variants: Sequence
     return speakers
 
 
+def make_shared_speakers(seed: int, n: int, heldout: int, variants: Sequence[str] = VARIANTS) -> list[Speaker]:
+    """``n`` speakers with distinct voice variants, the same in every language; the last ``heldout`` speak only dev and test.
+
+    The variants are a seeded permutation of ``variants``, so no held-out speaker shares a variant with a training
+    speaker, and speaker k depends only on (seed, k) and ``variants``.
+    """
+    if n > len(variants):
+        raise SynthError(f"{n} shared speakers need {n} distinct voice variants; espeak-ng has {len(variants)} of VARIANTS")
+    order = _rng(seed, _key("shared-speakers")).permutation(len(variants))
+    speakers = []
+    for k in range(n):
+        rng = _rng(seed, _key("shared-speaker"), k)
+        rate = int(rng.integers(SPEAKER_RATE_WPM[0], SPEAKER_RATE_WPM[1] + 1))
+        pitch = int(rng.integers(SPEAKER_PITCH[0], SPEAKER_PITCH[1] + 1))
+        gap = int(rng.integers(SPEAKER_WORD_GAP[0], SPEAKER_WORD_GAP[1] + 1))
+        speakers.append(Speaker(f"s{k:02d}", variants[int(order[k])], rate, pitch, gap, k >= n - heldout))
+    return speakers
+
+
 @dataclass(frozen=True)
 class UtterancePlan:
     """Everything needed to render one utterance; ``path`` is relative to the output folder.
@@ -336,16 +378,19 @@ def plan_utterance(
     index: int,
     speakers: Sequence[Speaker],
     noise_snr: tuple[float, float] | None = DEFAULT_NOISE_SNR,
+    words_per_utterance: tuple[int, int] = (MIN_WORDS, MAX_WORDS),
+    vocabulary: int | None = None,
 ) -> UtterancePlan:
     """Utterance ``index`` of ``split`` in ``lang``: a function of (seed, lang, split, index) and the speaker table only.
 
     train and unlabeled draw from the non-held-out speakers, dev and test from the held-out ones (all
-    speakers when none is held out).
+    speakers when none is held out). The sentence has ``words_per_utterance`` (low, high) words from the first
+    ``vocabulary`` words of the language's list (all of it when None).
     """
     eval_split = split in ("dev", "test")
     pool = [s for s in speakers if s.heldout == eval_split] or list(speakers)
     rng = _rng(seed, _key(lang), _key(split), index)
-    text = make_sentence(rng, load_wordlist(lang))
+    text = make_sentence(rng, load_wordlist(lang)[:vocabulary], *words_per_utterance)
     spk = pool[int(rng.integers(len(pool)))]
     rate = int(round(spk.rate * (1.0 + rng.uniform(-RATE_JITTER, RATE_JITTER))))
     pitch = int(np.clip(spk.pitch + int(rng.integers(-PITCH_JITTER, PITCH_JITTER + 1)), 0, 99))
@@ -519,11 +564,13 @@ def _iter_plans(
     speakers: dict[str, list[Speaker]],
     seed: int,
     noise_snr: tuple[float, float] | None,
+    words_per_utterance: tuple[int, int],
+    vocabulary: int | None,
 ) -> Iterator[UtterancePlan]:
     for lang in langs:
         for split in SPLITS:
             for i in range(counts[roles[lang]].get(split, 0)):
-                yield plan_utterance(seed, lang, split, i, speakers[lang], noise_snr)
+                yield plan_utterance(seed, lang, split, i, speakers[lang], noise_snr, words_per_utterance, vocabulary)
 
 
 def generate(
@@ -532,6 +579,7 @@ def generate(
     *,
     utterances: int = 200,
     tail_utterances: int | None = None,
+    tail_fraction: float | None = None,
     eval_utterances: int | None = None,
     unlabeled: int | None = None,
     tail_languages: Sequence[str] | str | None = None,
@@ -539,16 +587,24 @@ def generate(
     speakers: int = 24,
     heldout_speakers: int = 6,
     noise_snr: tuple[float, float] | None = DEFAULT_NOISE_SNR,
+    words_per_utterance: tuple[int, int] = (MIN_WORDS, MAX_WORDS),
+    vocabulary: int | None = None,
+    shared_speakers: bool = False,
     workers: int = 2,
     progress: bool = True,
 ) -> Path:
     """Write the generated data set under ``out`` and return the path of ``manifest.jsonl``.
 
-    Counts per language: head ``train`` = ``utterances``; tail ``train`` = ``tail_utterances`` (default
-    ``max(1, utterances // 10)``); ``dev`` and ``test`` = ``eval_utterances`` each (default
+    Counts per language: head ``train`` = ``utterances``; tail ``train`` = ``tail_utterances``, or
+    ``max(1, round(tail_fraction * utterances))`` (default ``max(1, utterances // 10)``); ``dev`` and ``test`` =
+    ``eval_utterances`` each (default
     ``max(1, utterances // 10)``); tail ``unlabeled`` = ``unlabeled`` (default ``3 * tail_utterances``).
     ``tail_languages`` overrides which of ``languages`` are tail (default: the ``role`` in
-    :data:`LANGUAGES`). ``noise_snr`` = (low, high) dB, or None for clean audio.
+    :data:`LANGUAGES`). ``noise_snr`` = (low, high) dB, or None for clean audio. A sentence has
+    ``words_per_utterance`` (low, high) words from the first ``vocabulary`` words of its list (None: all).
+    ``shared_speakers``: every language has the same ``speakers`` voices (:func:`make_shared_speakers`, distinct
+    variants) instead of its own. ``out/tokenizer/tokenizer.json`` is a character tokenizer covering every
+    character of every generated language's word list (:meth:`CharTokenizer.for_languages`).
 
     If ``out/synth_config.json`` records the same settings and every file of the manifest exists, nothing
     is written. Otherwise all files are (re)written and wavs under ``out/audio`` that the new manifest
@@ -556,6 +612,12 @@ def generate(
     """
     langs, roles = _resolve_languages(languages, tail_languages)
     utterances = _check_count("utterances", utterances)
+    if tail_fraction is not None:
+        if tail_utterances is not None:
+            raise ValueError("synth: give tail_utterances or tail_fraction, not both")
+        if isinstance(tail_fraction, bool) or not isinstance(tail_fraction, (int, float)) or not 0.0 < tail_fraction <= 1.0:
+            raise ValueError(f"synth: tail_fraction={tail_fraction!r}; expected a number in (0, 1]")
+        tail_utterances = max(1, round(tail_fraction * utterances))
     tail_n = _check_count("tail_utterances", max(1, utterances // 10) if tail_utterances is None else tail_utterances)
     eval_n = _check_count("eval_utterances", max(1, utterances // 10) if eval_utterances is None else eval_utterances)
     unlab_n = _check_count("unlabeled", 3 * tail_n if unlabeled is None else unlabeled)
@@ -570,13 +632,20 @@ def generate(
         noise_snr = (lo, hi)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"synth: workers={workers!r}; expected an integer >= 1")
+    lo_w, hi_w = words_per_utterance
+    if not (isinstance(lo_w, int) and isinstance(hi_w, int) and 1 <= lo_w <= hi_w):
+        raise ValueError(f"synth: words_per_utterance={words_per_utterance!r}; expected (low, high) integers with 1 <= low <= high")
+    if vocabulary is not None and (isinstance(vocabulary, bool) or not isinstance(vocabulary, int) or vocabulary < max(hi_w, 2)):
+        raise ValueError(f"synth: vocabulary={vocabulary!r}; expected an integer >= {max(hi_w, 2)} (words per list) or None")
 
     espeak = find_espeak()
     version, voices, installed_variants = espeak_info(espeak)
     for lang in langs:
         if LANGUAGES[lang].voice not in voices:
             raise SynthError(f"espeak-ng {version} at {espeak} has no voice {LANGUAGES[lang].voice!r} for language {lang!r}")
-        load_wordlist(lang)  # fail early on a missing list
+        n_words = len(load_wordlist(lang))  # also fails early on a missing list
+        if vocabulary is not None and n_words < vocabulary:
+            raise SynthError(f"word list {WORDLIST_DIR / f'{lang}.txt'} has {n_words} words; vocabulary={vocabulary} needs more")
     variants = [v for v in VARIANTS if v in installed_variants]
     if not variants:
         raise SynthError(f"espeak-ng {version} at {espeak} has none of the voice variants in VARIANTS (see `espeak-ng --voices=variant`)")
@@ -585,7 +654,11 @@ def generate(
         "head": {"train": utterances, "dev": eval_n, "test": eval_n},
         "tail": {"train": tail_n, "dev": eval_n, "test": eval_n, "unlabeled": unlab_n},
     }
-    speaker_table = {lang: make_speakers(lang, seed, speakers, heldout_speakers, variants) for lang in langs}
+    if shared_speakers:
+        shared = make_shared_speakers(seed, speakers, heldout_speakers, variants)
+        speaker_table = {lang: shared for lang in langs}
+    else:
+        speaker_table = {lang: make_speakers(lang, seed, speakers, heldout_speakers, variants) for lang in langs}
     settings: dict[str, Any] = {
         "generator": "mmadapters.speech.synth",
         "generator_version": GENERATOR_VERSION,
@@ -593,12 +666,15 @@ def generate(
         "sample_rate": SAMPLE_RATE,
         "languages": {c: {**asdict(LANGUAGES[c]), "role": roles[c]} for c in langs},
         "counts_per_language": counts,
+        "tail_fraction": tail_fraction,
+        "shared_speakers": shared_speakers,
         "noise_snr_db": list(noise_snr) if noise_snr is not None else None,
         "noise_kinds": list(NOISE_KINDS),
         "gain_db": list(GAIN_DB),
         "level_dbfs": LEVEL_DBFS,
         "silence_s": list(SILENCE_S),
-        "words_per_sentence": [MIN_WORDS, MAX_WORDS],
+        "words_per_sentence": [lo_w, hi_w],
+        "vocabulary": vocabulary,
         "word_weights": f"1/(rank + {ZIPF_OFFSET:g})",
         "speaker_rate_wpm": list(SPEAKER_RATE_WPM),
         "speaker_pitch": list(SPEAKER_PITCH),
@@ -618,12 +694,15 @@ def generate(
         raise SynthError(f"output {root} exists and is not a directory")
     config_path = root / "synth_config.json"
     manifest_path = root / "manifest.jsonl"
-    plans = list(_iter_plans(langs, roles, counts, speaker_table, seed, noise_snr))
+    plans = list(_iter_plans(langs, roles, counts, speaker_table, seed, noise_snr, (lo_w, hi_w), vocabulary))
     if _up_to_date(config_path, settings, root, plans):
         return manifest_path
 
     root.mkdir(parents=True, exist_ok=True)
     config_path.unlink(missing_ok=True)  # an interrupted run leaves no config, so it is never taken as complete
+    from mmadapters.speech.tokenizer import CharTokenizer
+
+    CharTokenizer.for_languages(langs).save(root / "tokenizer")
     for folder in sorted({str(Path(p.path).parent) for p in plans}):
         (root / folder).mkdir(parents=True, exist_ok=True)
     tasks = [(p, espeak, str(root)) for p in plans]
@@ -655,7 +734,7 @@ def generate(
     for plan, n in zip(plans, lengths, strict=True):
         duration = n / SAMPLE_RATE  # the wav's length; JSON writes the shortest digits that read back to it
         row = {"audio_filepath": plan.path, "duration": duration, "text": plan.text, "lang": plan.lang}
-        rows.append({**row, "split": plan.split, "speaker": plan.speaker})
+        rows.append({**row, "split": plan.split, "speaker": plan.speaker, "snr_db": plan.snr_db})
         t = totals.setdefault(plan.lang, {}).setdefault(plan.split, {"utterances": 0, "seconds": 0.0})
         t["utterances"] += 1
         t["seconds"] = round(t["seconds"] + duration, 6)
@@ -682,7 +761,7 @@ def _up_to_date(config_path: Path, settings: dict[str, Any], root: Path, plans: 
         return False
     if not isinstance(old, dict) or {k: old.get(k) for k in settings} != json.loads(json.dumps(settings)):
         return False
-    names = ["manifest.jsonl", *(f"{s}.jsonl" for s in SPLITS), *(p.path for p in plans)]
+    names = ["manifest.jsonl", "tokenizer/tokenizer.json", *(f"{s}.jsonl" for s in SPLITS), *(p.path for p in plans)]
     return all((root / name).is_file() for name in names)
 
 
@@ -713,6 +792,21 @@ def _parse_snr(text: str) -> tuple[float, float] | None:
     return values[0], values[1]
 
 
+def _parse_words(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(p) for p in text.split(","))
+    except ValueError:
+        lo, hi = 0, -1
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"--words-per-utterance {text!r}: expected LOW,HIGH integers with 1 <= LOW <= HIGH")
+    return lo, hi
+
+
+# The defaults of the flags that --foundation changes (generate()'s own defaults).
+_PLAIN = {"speakers": 24, "heldout_speakers": 6, "shared_speakers": False, "noise_snr": DEFAULT_NOISE_SNR,
+          "words_per_utterance": (MIN_WORDS, MAX_WORDS), "vocabulary": None, "tail_fraction": None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mmadapters.speech.synth",
@@ -723,14 +817,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--languages", default=",".join(DEFAULT_LANGUAGES), help="comma-separated codes (default: the 12 head+tail)")
     parser.add_argument("--utterances", type=int, default=200, help="train utterances per head language (default 200)")
     parser.add_argument("--tail-utterances", type=int, default=None, help="train utterances per tail language (default utterances // 10)")
+    parser.add_argument("--tail-fraction", type=float, default=None,
+                        help=f"tail train utterances = this x --utterances (--foundation: {DEFAULT_TAIL_FRACTION})")
     parser.add_argument("--eval-utterances", type=int, default=None, help="dev and test utterances per language (default utterances // 10)")
     parser.add_argument("--unlabeled", type=int, default=None, help="unlabeled utterances per tail language (default 3 x tail utterances)")
     parser.add_argument("--tail-languages", default=None, help="which of --languages are tail (default: the table's roles)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--speakers", type=int, default=24, help="synthetic speakers per language (default 24)")
-    parser.add_argument("--heldout-speakers", type=int, default=6, help="of those, speakers used only for dev/test (default 6)")
-    parser.add_argument("--noise-snr", type=_parse_snr, default=DEFAULT_NOISE_SNR, help="SNR range LOW,HIGH dB, or 'none' (default 15,35)")
+    parser.add_argument("--speakers", type=int, default=None, help="synthetic speakers per language (default 24; --foundation: 10)")
+    parser.add_argument("--heldout-speakers", type=int, default=None,
+                        help="of those, speakers used only for dev/test (default 6; --foundation: 2)")
+    parser.add_argument("--shared-speakers", action="store_true", default=None,
+                        help="the same speakers (distinct voice variants) in every language (--foundation: on)")
+    parser.add_argument("--noise-snr", type=_parse_snr, default=None,
+                        help="SNR range LOW,HIGH dB, or 'none' (default 15,35; --foundation: 25,40)")
+    parser.add_argument("--words-per-utterance", type=_parse_words, default=None,
+                        help="LOW,HIGH words per sentence (default 3,7; --foundation: 2,5)")
+    parser.add_argument("--vocabulary", type=int, default=None,
+                        help="draw words from the first N of each word list (default: all 2500; --foundation: 400)")
+    parser.add_argument("--foundation", action="store_true",
+                        help="the foundation's pretraining data (issue 20): every flag left unset takes the FOUNDATION preset: "
+                        "--tail-fraction 0.12 --words-per-utterance 2,5 --vocabulary 400 --speakers 10 --heldout-speakers 2 "
+                        "--shared-speakers --noise-snr 25,40")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2); the output does not depend on it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -739,12 +847,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 with a one-line message on a usage or environment error)."""
     args = build_parser().parse_args(argv)
+    preset = dict(FOUNDATION if args.foundation else _PLAIN)
+    if args.tail_utterances is not None:
+        preset["tail_fraction"] = None  # an explicit count wins over the preset's fraction
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
         manifest = generate(
             args.out,
             args.languages,
             utterances=args.utterances,
             tail_utterances=args.tail_utterances,
+            tail_fraction=args.tail_fraction,
             eval_utterances=args.eval_utterances,
             unlabeled=args.unlabeled,
             tail_languages=args.tail_languages,
@@ -752,6 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             speakers=args.speakers,
             heldout_speakers=args.heldout_speakers,
             noise_snr=args.noise_snr,
+            words_per_utterance=args.words_per_utterance,
+            vocabulary=args.vocabulary,
+            shared_speakers=args.shared_speakers,
             workers=args.workers,
             progress=not args.quiet,
         )

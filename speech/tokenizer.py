@@ -58,6 +58,20 @@ class CharTokenizer:
             raise ValueError("CharTokenizer.from_texts: the texts contain no characters")
         return cls(chars)
 
+    @classmethod
+    def for_languages(cls, languages: Iterable[str], texts: Iterable[str] = ()) -> CharTokenizer:
+        """The alphabet of every word in the shipped word lists of ``languages`` (plus the space and ``texts``).
+
+        Generated sentences are words of those lists, so every character a language can produce (a tail-only
+        letter such as ``ł`` or ``ї`` included) is a training target, whatever share of the data it has.
+        """
+        from mmadapters.speech.synth import load_wordlist
+
+        words = [w for lang in languages for w in load_wordlist(lang)]
+        if not words:
+            raise ValueError("CharTokenizer.for_languages: no languages given")
+        return cls.from_texts([" ".join(words), *texts])
+
     @property
     def vocab_size(self) -> int:
         return len(self.chars) + 2

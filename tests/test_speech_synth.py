@@ -100,7 +100,7 @@ def test_sentences_have_three_to_seven_words_with_rank_weights():
 
 def test_manifest_rows_splits_and_counts(tiny):
     rows = _rows(tiny / "manifest.jsonl")
-    assert all(set(r) == {"audio_filepath", "duration", "text", "lang", "split", "speaker"} for r in rows)
+    assert all(set(r) == {"audio_filepath", "duration", "text", "lang", "split", "speaker", "snr_db"} for r in rows)
     per = Counter((r["lang"], r["split"]) for r in rows)
     assert per == {
         ("en", "train"): 3, ("en", "dev"): 1, ("en", "test"): 1,
