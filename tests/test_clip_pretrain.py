@@ -66,14 +66,15 @@ def test_clip_loss_is_clips_with_identity_targets_and_spreads_equal_captions():
 
 
 def test_still_groups_differ_only_in_shape_and_are_deterministic():
-    images, scenes = cp.render_stills(16, seed=3, group=4, image_size=32)
+    images, scenes, centres = cp.render_stills(16, seed=3, group=4, image_size=32)
+    assert centres is None
     assert images.shape == (4, 4, 32, 32, 3) and images.dtype == np.uint8
     for row in scenes:
         for attr in ("colour", "style", "size", "texture", "background"):
             assert len({getattr(s, attr) for s in row}) == 1
         assert len({s.shape for s in row}) == 4
         assert not {(s.colour, s.shape) for s in row} & synth.HELDOUT_COMBOS
-    again, _ = cp.render_stills(16, seed=3, group=4, image_size=32)
+    again, _, _ = cp.render_stills(16, seed=3, group=4, image_size=32)
     assert np.array_equal(images, again)
 
 
@@ -171,7 +172,7 @@ def test_video_frames_from_an_init_record_probes_before_and_after(tmp_path, stil
 @pytest.mark.parametrize("sets, needle", [
     (["recipe.group=9"], "recipe.group: expected 2..8"),
     (["recipe.eval_tasks=[nope]"], "recipe.eval_tasks: expected names of generated tasks"),
-    (["recipe.eval_tasks=[]"], "recipe.eval_tasks: expected at least one task, or recipe.probe_clips > 0"),
+    (["recipe.eval_tasks=[]"], "recipe.eval_tasks: expected at least one task, or recipe.probe_clips / probe_stills > 0"),
     (["recipe.probe_clips=1"], "recipe.probe_clips: expected 0 or at least 2"),
     (["recipe.data=frames"], "recipe.data: expected one of 'stills', 'video-frames', 'both'"),
     (["recipe.init={tmp}/missing"], "recipe.init: {tmp}/missing: expected a local-dir CLIP"),

@@ -83,6 +83,50 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def simclr_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """SimCLR's NT-Xent as SLIP uses it (temperature 0.1): ``z1``, ``z2`` (N, D) head outputs of two views of N
+    images (normalized here). Each of the 2N views must pick the other view of its image among the other 2N - 1."""
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)
+    n = len(z1)
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+def image_mlp(width: int, hidden: int = 512, out: int = 128) -> nn.Sequential:
+    """SLIP's image-SSL head (Linear, BN, ReLU, Linear, BN, ReLU, Linear; theirs 4096 wide, 256 out) on the vision
+    trunk's pooled output (before CLIP's projection): (N, width) -> (N, out). Trained, never shipped."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+def vision_trunk(visual: nn.Module, images: Tensor) -> Tensor:
+    """open_clip's pooled vision output before ``visual.proj``: (N, 3, H, W) -> (N, width)."""
+    proj = visual.proj
+    try:  # open_clip's VisionTransformer skips the projection when proj is None
+        visual.proj = None
+        return visual(images)
+    finally:
+        visual.proj = proj
+
+
+def object_crops(images: Tensor, boxes: np.ndarray, rng: np.random.Generator, min_side: float = 0.75) -> Tensor:
+    """A random square crop of each image that holds its object's box, resized back (bilinear); no flip.
+
+    ``images`` (N, 3, H, W), ``boxes`` (N, 4) x0, y0, x1, y1 fractions of the side -> (N, 3, H, W). The side is
+    uniform in [max(min_side, box width, box height), 1] and the offset uniform over the crops that hold the box:
+    SimCLR's random resized crop, bounded so that the object stays whole and moves by at most 1 - side. No flip: a
+    mirror would teach the features that left and right are the same, which position captions and the x-probe need
+    told apart. No colour jitter: colour names a class here."""
+    theta = torch.zeros(len(images), 2, 3)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        side = rng.uniform(max(min_side, x1 - x0, y1 - y0), 1.0)
+        ox, oy = rng.uniform(max(0.0, x1 - side), min(x0, 1.0 - side)), rng.uniform(max(0.0, y1 - side), min(y0, 1.0 - side))
+        theta[k] = torch.tensor([[side, 0.0, 2 * ox + side - 1], [0.0, side, 2 * oy + side - 1]])
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def to_tensor(images: np.ndarray) -> Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float normalized as the model's preprocess does."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
@@ -92,12 +136,17 @@ def to_tensor(images: np.ndarray) -> Tensor:
 # ----------------------------------------------------------------------------------------------- stills
 
 
-def render_stills(size: int, seed: int, group: int = 8, image_size: int = 64,
-                  progress: bool = False) -> tuple[np.ndarray, list[list[synth.Scene]]]:
-    """``size // group`` groups of pretraining scenes: images (G, group, H, W, 3) uint8 and each group's scenes.
+def render_stills(size: int, seed: int, group: int = 8, image_size: int = 64, progress: bool = False,
+                  spatial: bool = False) -> tuple[np.ndarray, list[list[synth.Scene]], np.ndarray | None]:
+    """``size // group`` groups of pretraining scenes: images (G, group, H, W, 3) uint8, each group's scenes and
+    the objects' centres (G, group, 2) as fractions of the side (``spatial``) or None.
 
-    A group shares colour, style, size, texture and background and differs in shape (see the module docstring)."""
+    A group shares colour, style, size, texture and background and differs in shape (see the module docstring).
+    ``spatial``: each object at a centre of its own (:func:`~mmadapters.vision.synth.random_centre`, every x and y
+    the object fits at, not the five positions of ``caption``), which ``spatial_caption`` names; without it the
+    pool is what it always was, draw for draw."""
     images = np.empty((size // group, group, image_size, image_size, 3), dtype=np.uint8)
+    centres = np.empty((size // group, group, 2)) if spatial else None
     scenes: list[list[synth.Scene]] = []
     for g in tqdm(range(len(images)), desc="rendering stills", disable=not progress, leave=False):
         rng = np.random.default_rng([seed, synth._key("pretrain"), g])
@@ -108,23 +157,46 @@ def render_stills(size: int, seed: int, group: int = 8, image_size: int = 64,
             fixed = {"shape": str(shape), "colour": base.colour, "style": base.style, "size": base.size,
                      "texture": base.texture, "background": base.background}
             row.append(synth.sample_scene(rng, fixed))
-            images[g, j] = np.asarray(synth.render(row[-1], image_size, rng))
+            centre = None
+            if centres is not None:
+                centre = centres[g, j] = synth.random_centre(row[-1], rng)
+            images[g, j] = np.asarray(synth.render(row[-1], image_size, rng, centre=centre))
         scenes.append(row)
-    return images, scenes
+    return images, scenes, centres
 
 
 @dataclass
 class Stills:
-    """Items of ``data: stills``: group ``i`` gives its images (group, H, W, 3) and fresh partial captions."""
+    """Items of ``data: stills``: group ``i`` gives its images (group, H, W, 3) and fresh partial captions
+    (:func:`~mmadapters.vision.synth.spatial_caption` of the object's centre when ``centres`` is set)."""
 
     images: np.ndarray
     scenes: list[list[synth.Scene]]
+    centres: np.ndarray | None = None  # (G, group, 2) x, y fractions of the side
 
     def __len__(self) -> int:
         return len(self.images)
 
     def item(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        if self.centres is not None:
+            return self.images[i], [synth.spatial_caption(s, tuple(c), rng) for s, c in zip(self.scenes[i], self.centres[i], strict=True)]
         return self.images[i], [synth.caption(s, rng) for s in self.scenes[i]]
+
+    def object_boxes(self, i: int) -> np.ndarray:
+        """(group, 4) x0, y0, x1, y1 (fractions of the side) that hold group ``i``'s objects, for crops that keep them.
+
+        Bounds, not the exact extent: render's radius jitter (x1.1) and margin (x1.12), and without centres the
+        position's +-0.04 jitter."""
+        out = np.empty((len(self.scenes[i]), 4))
+        for j, scene in enumerate(self.scenes[i]):
+            r = synth.centre_margin(scene.size)
+            if self.centres is not None:
+                lo = hi = self.centres[i, j]
+            else:  # render clips the jittered centre into [margin, 1 - margin], margin <= r
+                p = np.array(synth.POSITIONS[scene.position][:2])
+                lo, hi = np.minimum(p - 0.04, 1 - r), np.maximum(p + 0.04, r)
+            out[j] = np.clip([*(lo - r), *(hi + r)], 0.0, 1.0)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- video frames
@@ -294,6 +366,37 @@ def _ridge(xtr: Tensor, ytr: Tensor, xte: Tensor, lam: float = 1e-2) -> Tensor:
     return b @ torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1]), a.T @ ytr)
 
 
+def r2(pred: Tensor, true: Tensor) -> float:
+    """Coefficient of determination of ``pred`` for ``true`` (both (N,)); NaN without spread (tiny probe sets)."""
+    spread = true.var().item() if len(true) > 1 else 0.0
+    return round(1 - ((pred - true) ** 2).mean().item() / spread, 4) if spread > 0 else math.nan
+
+
+def render_probe_stills(n: int, seed: int, image_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` held-out pretraining-style stills, each object at a random centre: images (n, H, W, 3) uint8 and the
+    centres (n, 2), x and y as fractions of the side (a stream of their own: never a training pool's)."""
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    centres = np.empty((n, 2))
+    for k in range(n):
+        rng = np.random.default_rng([seed, synth._key("probe-stills"), k])
+        scene = synth.sample_scene(rng, None, synth.PRETRAIN_STYLES)
+        centres[k] = synth.random_centre(scene, rng)
+        images[k] = np.asarray(synth.render(scene, image_size, rng, centre=tuple(centres[k])))
+    return images, centres
+
+
+def stills_probe(model: nn.Module, images: np.ndarray, centres: np.ndarray, *, device: torch.device | str = "cpu",
+                 batch_size: int = 256) -> dict[str, float]:
+    """``stills_x_r2``, ``stills_y_r2``: R² of ridge probes from L2-normalized image features of ``images``
+    (n, H, W, 3) to the objects' centres (n, 2); the first half fits, the second scores. Call under no_grad, eval mode."""
+    x = torch.cat([model.encode_image(to_tensor(images[s:s + batch_size]).to(device)).float().cpu()
+                   for s in range(0, len(images), batch_size)])
+    x, y = F.normalize(x, dim=-1), torch.from_numpy(centres).float()
+    half = len(x) // 2
+    pred = _ridge(x[:half], y[:half], x[half:])
+    return {"stills_x_r2": r2(pred[:, 0], y[half:, 0]), "stills_y_r2": r2(pred[:, 1], y[half:, 1])}
+
+
 def probe_targets(worlds: list, frames_per_clip: int) -> dict[str, Tensor]:
     """Per-frame state of the middle-lane object (NaN / -1 where the lane is empty), frames flattened clip-major."""
     from mmadapters.video.synth_traffic import COLOURS, SHAPES
@@ -327,9 +430,7 @@ def linear_probes(model: nn.Module, tokenizer, frames: np.ndarray, worlds: list,
     for name in ("x", "r"):
         a, b = ~y[name][:half].isnan(), ~y[name][half:].isnan()
         pred = _ridge(x[:half][a], y[name][:half][a, None].float(), x[half:][b])[:, 0]
-        true = y[name][half:][b].float()
-        spread = true.var().item() if len(true) > 1 else 0.0  # R² is undefined without spread (tiny probe sets)
-        out[f"{name}_r2"] = round(1 - ((pred - true) ** 2).mean().item() / spread, 4) if spread > 0 else math.nan
+        out[f"{name}_r2"] = r2(pred, y[name][half:][b].float())
     for name, classes in (("colour", len(COLOURS)), ("shape", len(SHAPES))):
         a, b = y[name][:half] >= 0, y[name][half:] >= 0
         pred = _ridge(x[:half][a], F.one_hot(y[name][:half][a], classes).float(), x[half:][b]).argmax(1)
@@ -364,6 +465,10 @@ class ClipPretrainConfig:
     eval_seed: int = 1000  # held-out tasks and clips
     probe_clips: int = 0
     eval_batch_size: int = 256
+    captions: Literal["classic", "spatial"] = "classic"  # spatial: stills at random centres, spatial_caption
+    image_loss_weight: float = 0.0  # > 0: SLIP's image-image term on two object-keeping crops (stills only)
+    crop_min_side: float = 0.75  # smallest crop side of the image-image views (fraction of the image)
+    probe_stills: int = 0  # > 0: x / y-position ridge probes (stills_x_r2) on held-out stills at random centres
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> None:
@@ -384,8 +489,21 @@ class ClipPretrainConfig:
                 bad(name, "an integer >= 1")
         if self.probe_clips == 1 or self.probe_clips < 0:
             bad("probe_clips", "0 or at least 2 (half the clips fit the probes, half score them)")
-        if not self.eval_tasks and not self.probe_clips:
-            bad("eval_tasks", "at least one task, or recipe.probe_clips > 0 (validation needs a measure)")
+        if self.probe_stills == 1 or self.probe_stills < 0:
+            bad("probe_stills", "0 or at least 2 (half the stills fit the probes, half score them)")
+        if not self.eval_tasks and not self.probe_clips and not self.probe_stills:
+            bad("eval_tasks", "at least one task, or recipe.probe_clips / probe_stills > 0 (validation needs a measure)")
+        if self.captions not in ("classic", "spatial"):
+            bad("captions", "classic or spatial")
+        if self.captions == "spatial" and self.data == "video-frames":
+            bad("captions", "classic with data: video-frames (spatial captions are for stills; frames name position already)")
+        if not (isinstance(self.image_loss_weight, (int, float)) and math.isfinite(self.image_loss_weight)
+                and self.image_loss_weight >= 0):
+            bad("image_loss_weight", "a finite number >= 0")
+        if self.image_loss_weight > 0 and self.data != "stills":
+            bad("image_loss_weight", "0 unless recipe.data is stills (the views' crops keep a still's object whole)")
+        if not 0 < self.crop_min_side <= 1:
+            bad("crop_min_side", "a fraction in (0, 1]")
 
     def images_per_item(self) -> int:
         """Images of one training item (``trainer.batch_size`` counts items)."""
@@ -436,13 +554,19 @@ class ClipPretrainTask:
 
     def __init__(self, model: nn.Module, model_cfg: dict[str, Any], tokenizer, sources: list, *,
                  heldout: list[HeldOutTask], probe: tuple[np.ndarray, list] | None, record: dict[str, Any],
-                 device: torch.device | str = "cpu", eval_batch_size: int = 256, seed: int = 0):
+                 device: torch.device | str = "cpu", eval_batch_size: int = 256, seed: int = 0,
+                 probe_stills: tuple[np.ndarray, np.ndarray] | None = None, image_loss_weight: float = 0.0,
+                 crop_min_side: float = 0.75):
         self.model: nn.Module = model.to(device).train()
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.model_cfg, self.tokenizer, self.sources, self.device = model_cfg, tokenizer, sources, torch.device(device)
         self.heldout, self.probe, self.record, self.eval_batch_size, self.seed = heldout, probe, record, eval_batch_size, seed
-        self.select_metric = "zeroshot_acc1" if heldout else "position_zeroshot_acc"
+        self.probe_stills, self.image_loss_weight, self.crop_min_side = probe_stills, image_loss_weight, crop_min_side
+        if image_loss_weight > 0 and not hasattr(self.model, "ssl_head"):
+            raise ValueError("image_loss_weight > 0 needs the model's ssl_head (image_mlp), as build_task adds it")
+        self.select_metric = ("zeroshot_acc1" if heldout else "position_zeroshot_acc" if probe is not None
+                              else "stills_x_r2")
         self.metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -450,7 +574,8 @@ class ClipPretrainTask:
         return sum(len(s) for s in self.sources)
 
     def get_batch(self, indices: list[int]) -> dict[str, Tensor]:
-        """{"images": (B, 3, H, W), "tokens": (B, L), "same": (B, B)} for the items' images (B = their image count)."""
+        """{"images": (B, 3, H, W), "tokens": (B, L), "same": (B, B)} for the items' images (B = their image count);
+        with ``image_loss_weight`` also "views": (2B, 3, H, W), two :func:`object_crops` of every image."""
         rng = np.random.default_rng([self.seed, *indices])
         images, captions = [], []
         for i in indices:
@@ -462,15 +587,26 @@ class ClipPretrainTask:
                     break
                 i -= len(source)
         ids = torch.from_numpy(np.unique(np.array(captions), return_inverse=True)[1].reshape(-1))
-        return {"images": to_tensor(np.concatenate(images)).to(self.device),
-                "tokens": self.tokenizer(captions).to(self.device),
-                "same": (ids[:, None] == ids[None, :]).float().to(self.device)}
+        batch = {"images": to_tensor(np.concatenate(images)), "tokens": self.tokenizer(captions),
+                 "same": (ids[:, None] == ids[None, :]).float()}
+        if self.image_loss_weight > 0:  # drawn after the captions: the captions stay those of the weight-0 run
+            boxes = np.concatenate([self.sources[0].object_boxes(i) for i in indices])
+            batch["views"] = torch.cat([object_crops(batch["images"], boxes, rng, self.crop_min_side) for _ in range(2)])
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)  # CLIP's cap on the temperature
-        image_features, text_features, logit_scale = model(batch["images"], batch["tokens"])[:3]
-        return clip_loss(image_features, text_features, logit_scale, batch["same"])
+        if "views" not in batch:
+            image_features, text_features, logit_scale = model(batch["images"], batch["tokens"])[:3]
+            return clip_loss(image_features, text_features, logit_scale, batch["same"])
+        # SLIP: CLIP's loss on the plain images, SimCLR's on the two views through the SSL head, one trunk pass
+        n = len(batch["images"])
+        pooled = vision_trunk(model.visual, torch.cat([batch["images"], batch["views"]]))  # (3n, width)
+        image_features = F.normalize(pooled[:n] @ model.visual.proj, dim=-1)
+        text_features = model.encode_text(batch["tokens"], normalize=True)
+        contrastive = clip_loss(image_features, text_features, model.logit_scale.exp(), batch["same"])
+        return contrastive + self.image_loss_weight * simclr_loss(*model.ssl_head(pooled[n:]).chunk(2))
 
     def validate(self) -> dict[str, float]:
         """``<task>_acc1`` per held-out task and their mean ``zeroshot_acc1``; the probes' metrics with probe clips."""
@@ -480,6 +616,8 @@ class ClipPretrainTask:
             metrics["zeroshot_acc1"] = sum(metrics.values()) / len(metrics)
         if self.probe is not None:
             metrics.update(linear_probes(self.model, self.tokenizer, *self.probe, device=self.device))
+        if self.probe_stills is not None:
+            metrics.update(stills_probe(self.model, *self.probe_stills, device=self.device, batch_size=self.eval_batch_size))
         self.metrics = {k: round(v, 4) for k, v in metrics.items()}
         return metrics
 
@@ -496,7 +634,8 @@ class ClipPretrainTask:
         from safetensors.torch import save
 
         size = self.model_cfg["vision_cfg"]["image_size"]
-        state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.model.state_dict().items()
+                 if not k.startswith("ssl_head.")}  # SLIP's head is for training only
         state["logit_scale"] = state["logit_scale"].clamp(0, MAX_LOGIT_SCALE)
         zero_shot = {t.name: self.metrics[f"{t.name}_acc1"] for t in self.heldout if f"{t.name}_acc1" in self.metrics}
         config = {"model_cfg": self.model_cfg,
@@ -525,18 +664,24 @@ def build_task(config: ClipPretrainConfig, trainer: Any) -> ClipPretrainTask:
     tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     sources: list = []
     if config.data in ("stills", "both"):
-        sources.append(Stills(*render_stills(config.pool_size, trainer.seed, config.group, size, trainer.progress)))
+        sources.append(Stills(*render_stills(config.pool_size, trainer.seed, config.group, size, trainer.progress,
+                                             spatial=config.captions == "spatial")))
     if config.data in ("video-frames", "both"):
         frames, worlds = render_clips(config.clips, trainer.seed, size, progress=trainer.progress)
         sources.append(Frames(frames, worlds, config.frames_per_clip, config.flip))
     heldout = [load_heldout_task(name, config.eval_per_class, config.eval_seed, size) for name in config.eval_tasks]
     probe = render_clips(config.probe_clips, config.eval_seed, size, HELDOUT_STREAM) if config.probe_clips else None
+    probe_stills = render_probe_stills(config.probe_stills, config.eval_seed, size) if config.probe_stills else None
+    if config.image_loss_weight > 0:  # after the pools: the weight-0 run's draws are unchanged
+        model.ssl_head = image_mlp(model.visual.proj.shape[0])
     rng = np.random.default_rng(0)
     record = {"trained_by": f"mmadapters train {RECIPE_NAME}", "recipe": to_mapping(config), "trainer": to_mapping(trainer),
               "heldout_combos": sorted(" ".join(c) for c in synth.HELDOUT_COMBOS),
               "example_captions": [c for s in sources for c in s.item(0, rng)[1][:4]]}
     task = ClipPretrainTask(model, model_cfg, tokenizer, sources, heldout=heldout, probe=probe, record=record,
-                            device=device, eval_batch_size=config.eval_batch_size, seed=trainer.seed)
+                            device=device, eval_batch_size=config.eval_batch_size, seed=trainer.seed,
+                            probe_stills=probe_stills, image_loss_weight=config.image_loss_weight,
+                            crop_min_side=config.crop_min_side)
     if config.init:  # what training starts from (e.g. the still-image CLIP's probes before video frames)
         task.model.eval()
         with torch.no_grad():

@@ -48,8 +48,11 @@ __all__ = [
     "caption_pairs",
     "generate_task",
     "novel_words",
+    "position_words",
+    "random_centre",
     "render",
     "sample_scene",
+    "spatial_caption",
 ]
 
 # Bump when rendering or captions change: a task folder written by another version is regenerated.
@@ -395,6 +398,66 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     return text
 
 
+# Horizontal / vertical words of a spatial caption: thirds of the range an object's centre can take.
+_SIDE_EDGES = (0.42, 0.58)
+
+
+def centre_margin(size: str) -> float:
+    """The largest margin :func:`render` keeps between the object's centre and the border (fraction of the side)."""
+    return 1.12 * SIZES[size] * 1.1
+
+
+def random_centre(scene: Scene, rng: np.random.Generator) -> tuple[float, float]:
+    """A centre (x, y), fractions of the side, uniform over where the whole object fits (render never clips it)."""
+    m = centre_margin(scene.size)
+    return float(rng.uniform(m, 1 - m)), float(rng.uniform(m, 1 - m))
+
+
+def position_words(centre: tuple[float, float]) -> str:
+    """"at the top left", "on the right", "at the bottom", "in the centre" for a centre (x, y) in fractions."""
+    x, y = centre
+    horizontal = "left" if x < _SIDE_EDGES[0] else "right" if x > _SIDE_EDGES[1] else ""
+    vertical = "top" if y < _SIDE_EDGES[0] else "bottom" if y > _SIDE_EDGES[1] else ""
+    if vertical:
+        return f"at the {vertical} {horizontal}".rstrip()
+    return f"on the {horizontal}" if horizontal else "in the centre"
+
+
+def spatial_caption(scene: Scene, centre: tuple[float, float], rng: np.random.Generator | None = None) -> str:
+    """A pretraining caption that names where the object is (from ``centre``, see :func:`position_words`), its size
+    (small / medium / large) and the count (one object) more often than :func:`caption` does.
+
+    "one small red striped circle at the top left of a beige background". A mirrored image (x -> 1 - x) takes the
+    mirrored centre, so left and right swap with the pixels. With ``rng`` None: canonical and complete."""
+
+    def keep(p: float) -> bool:
+        return rng is None or rng.random() < p
+
+    prefix = _STYLE_PREFIX[scene.style] if keep(0.5 if scene.style == "photo" else 0.8) else ""
+    words = [scene.size] if keep(0.8) else []
+    if keep(0.8):
+        words.append(scene.colour)
+    if scene.style != "sketch" and scene.texture != "solid" and keep(0.4):
+        words.append(scene.texture)
+    words.append(scene.shape if keep(0.93) else "shape")
+    noun_phrase = " ".join(words)
+    article = "one" if rng is not None and rng.random() < 0.2 else _article(noun_phrase, rng)
+    text = f"{article} {noun_phrase}"
+    if prefix:
+        text = f"{prefix} {text}"
+    where = position_words(centre) if keep(0.85) else ""
+    background = scene.style != "sketch" and keep(0.4)
+    if where and background:
+        text += f" {where} of {_article(scene.background, rng)} {scene.background} background"
+    elif where:
+        text += f" {where}"
+    elif background:
+        text += f" on {_article(scene.background, rng)} {scene.background} background"
+    if rng is not None and rng.random() < 0.5:
+        text += "."
+    return text
+
+
 # ----------------------------------------------------------------------------------------------- rendering
 
 
@@ -489,11 +552,14 @@ def _edge(mask: Image.Image, width: int) -> Image.Image:
     return ImageChops.subtract(mask.filter(ImageFilter.MaxFilter(k)), mask.filter(ImageFilter.MinFilter(k)))
 
 
-def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
+def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None = None, *,
+           centre: tuple[float, float] | None = None) -> Image.Image:
     """Render ``scene`` as an RGB image of ``image_size`` x ``image_size``.
 
     ``rng`` draws the continuous jitter (exact radius, angle, offset, tones, noise); the same rng state
     gives the same pixels. Drawing happens at 2x (at least 64 px) and is downsampled, for smooth edges.
+    ``centre``: the object's exact centre (x, y) as fractions of the side instead of ``scene.position`` with
+    jitter (see :func:`random_centre`); the rng draws stay the same, so None renders what it always did.
     """
     if image_size < 8:
         raise ValueError(f"render: image_size={image_size} is too small; expected at least 8")
@@ -506,10 +572,11 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
     bg = np.clip(bg + rng.normal(0, 8, size=3), 0, 255)
 
     r = SIZES[scene.size] * float(rng.uniform(0.9, 1.1)) * side
-    px, py, _ = POSITIONS[scene.position]
+    px, py = centre if centre is not None else POSITIONS[scene.position][:2]
+    jitter = 0.0 if centre is not None else 0.04
     margin = 1.12 * r / side
-    cx = float(np.clip(px + rng.uniform(-0.04, 0.04), margin, 1 - margin)) * side
-    cy = float(np.clip(py + rng.uniform(-0.04, 0.04), margin, 1 - margin)) * side
+    cx = float(np.clip(px + rng.uniform(-jitter, jitter), margin, 1 - margin)) * side
+    cy = float(np.clip(py + rng.uniform(-jitter, jitter), margin, 1 - margin)) * side
     angle = float(rng.uniform(-0.25, 0.25))
     mask_img = _shape_mask(scene.shape, side, cx, cy, r, angle)
     mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
