@@ -1,6 +1,6 @@
 """Generated video worlds: shared writing code and the command line.
 
-Two worlds live in their own modules and write through the helpers here:
+Three worlds live in their own modules and write through the helpers here:
 
 - :mod:`mmadapters.video.synth_traffic` — moving coloured shapes with events (moves left/right, grows,
   changes colour, collides) and 4-option questions about them, including "what happens next", written as
@@ -8,11 +8,15 @@ Two worlds live in their own modules and write through the helpers here:
 - :mod:`mmadapters.video.synth_faces` — cartoon faces whose expression changes over time across DFEW's 7
   classes, with the renderer's exact landmarks, part masks and a templated description of the change,
   written in the DFEW / DFER-CLIP layout (for FineCLIPER).
+- :mod:`mmadapters.video.synth_motion` — one or two big shapes that move, grow/shrink or change colour, asked
+  about in order-dependent questions (an option against its reverse), SUTD-TrafficQA rows; ``dataset.json``
+  records the CLIP x-position gate (:mod:`mmadapters.video.gate`).
 
 Command line::
 
     python -m mmadapters.video.synth trafficqa --n 600 --seed 0 --out data/trafficqa
     python -m mmadapters.video.synth faces --n 700 --seed 0 --out data/faces
+    python -m mmadapters.video.synth motion --n 600 --seed 0 --out data/motion
 
 Everything is a pure function of the seed: the same seed gives the same bytes (mp4 files included: libx264
 runs single-threaded, the zip members of the NPZ cue files carry a fixed timestamp). Files are written to
@@ -284,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "F (what happens next)")
     t.add_argument("--frame-dirs", action="store_true", help="also write frames/<video stem>/00001.png ...")
 
+    m = sub.add_parser("motion", help="one or two big shapes that move, grow/shrink or change colour; order-dependent "
+                       "4-option questions (SUTD-TrafficQA rows) and the CLIP x-position gate in dataset.json")
+    common(m, 16)
+    m.add_argument("--objects", type=int, nargs=2, default=(1, 2), metavar=("MIN", "MAX"), help="shapes per clip (1 or 2)")
+    m.add_argument("--test-fraction", type=float, default=0.2, help="share of clips in R2_test.jsonl")
+    m.add_argument("--gate-model", default=None, help="CLIP whose frame features the x-position probe reads "
+                   "(what load_clip accepts, e.g. local-dir:DIR; default: the shipped tiny CLIP)")
+    m.add_argument("--no-gate", action="store_true", help="skip the x-position probe")
+
     f = sub.add_parser("faces", help="cartoon faces with 7 expression classes (DFEW layout, landmarks, masks, descriptions)")
     common(f, 16)
     f.add_argument("--max-frames", type=int, default=None, help="clip lengths drawn in [--frames, --max-frames]")
@@ -304,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             args.out, n=args.n, seed=args.seed, size=args.size, num_frames=args.frames, codec=args.codec,
             objects=tuple(args.objects), test_fraction=args.test_fraction, q_types=tuple(q.strip() for q in args.q_types.split(",")),
             frame_dirs=args.frame_dirs, workers=args.workers, progress=progress,
+        )
+    elif args.world == "motion":
+        from .synth_motion import generate_motion
+
+        root = generate_motion(
+            args.out, n=args.n, seed=args.seed, size=args.size, num_frames=args.frames, codec=args.codec,
+            objects=tuple(args.objects), test_fraction=args.test_fraction, gate_model=args.gate_model,
+            gate=not args.no_gate, workers=args.workers, progress=progress,
         )
     else:
         from .synth_faces import generate_faces
