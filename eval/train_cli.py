@@ -24,6 +24,7 @@ RECIPES: dict[str, str] = {
     "lda": "mmadapters.speech.lda_train:RECIPE",
     "clip-pretrain": "mmadapters.vision.clip_pretrain:RECIPE",
     "vlt5-pretrain": "mmadapters.vision.vlt5_pretrain:RECIPE",
+    "diffusion-pretrain": "mmadapters.vision.diffusion_pretrain:RECIPE",
 }
 
 PROG = "mmadapters train"

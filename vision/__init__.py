@@ -25,5 +25,7 @@ Modules (import the one you need; nothing heavy is imported here):
   caps-adapter | vl-adapter`` (the recipes on the training engine); :mod:`~mmadapters.vision.gate` — the few-shot
   gate of generated tasks (16-shot linear probe minus zero-shot);
 - :mod:`~mmadapters.vision.clip_pretrain`, :mod:`~mmadapters.vision.vlt5_pretrain` — ``mmadapters train
-  clip-pretrain | vlt5-pretrain``: pretraining the shipped tiny backbones on generated data.
+  clip-pretrain | vlt5-pretrain``: pretraining the shipped tiny backbones on generated data;
+  :mod:`~mmadapters.vision.diffusion_pretrain` — ``mmadapters train diffusion-pretrain``: a tiny text-conditioned
+  diffusion DiT on generated shapes (the generation adapters' go / no-go; needs the ``gen`` extra, diffusers).
 """
