@@ -3,7 +3,9 @@
 - :mod:`.features`, :mod:`.tokenizer`, :mod:`.conformer`, :mod:`.model` — the cascaded Conformer transducer:
   log-mel + global CMVN + SpecAugment, a causal chunked first pass feeding torchaudio's non-causal
   Conformer as second pass, one LSTM predictor + joiner, ``rnnt_loss`` on both passes; adapter points;
-  ``load_asr()`` (the shipped tiny model) and ``save_asr``.
+  ``load_asr()`` (the shipped tiny model) and ``save_asr``; ``mmadapters.speech.load_asr`` is the same function.
+- :mod:`.parakeet` — transformers' Parakeet RNN-T / TDT folders (FastConformer transducers) as a backbone:
+  ``load_asr(DIR)`` loads them with adapter points; greedy decoding equals transformers' ``generate``.
 - :mod:`.decode` — batched greedy, beam search, streaming transcription with second-pass redecoding.
 - :mod:`.audio`, :mod:`.readers` — audio loading with named errors; Common Voice, MLS and NeMo manifests.
 - :mod:`.train` — the transducer's task for the training engine (batches, transducer loss, validation by
@@ -13,3 +15,11 @@
 - :mod:`.lda_train` — ``mmadapters train lda`` (the LDA recipe on the training engine).
 - :mod:`.synth` — generated multilingual speech with espeak-ng (``python -m mmadapters.speech.synth``).
 """
+
+
+def __getattr__(name: str):
+    if name in ("load_asr", "save_asr"):  # lazily: importing the package stays free of torch
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -213,17 +213,52 @@ class GreedyDecoder:
         return [list(h) for h in self.tokens]
 
 
-def greedy_decode(model: nn.Module, enc: Tensor, enc_lengths: Tensor, max_symbols_per_frame: int = 5) -> list[list[int]]:
+def greedy_decode(model: nn.Module, enc: Tensor, enc_lengths: Tensor, max_symbols_per_frame: int | None = None) -> list[list[int]]:
     """Batched transducer greedy search.
 
     ``enc (B,T,E)`` encoder output of either pass, ``enc_lengths (B,)`` valid frames per sample. Per frame,
     up to ``max_symbols_per_frame`` non-blank arg-max symbols are emitted (the predictor advances only on an
-    emission). Returns token ids (blank excluded) per sample.
+    emission); None: the model's own ``max_symbols_per_step`` (a Parakeet folder's config) or 5. A token-and-duration
+    model (``model.durations``, Parakeet TDT) decodes with :func:`tdt_greedy_decode`. Returns token ids (blank
+    excluded) per sample.
     """
     _check_encoder_output(enc, enc_lengths, "greedy_decode")
-    dec = GreedyDecoder(model, enc.shape[0], max_symbols_per_frame=max_symbols_per_frame, device=enc.device)
+    if getattr(model, "durations", None):
+        return tdt_greedy_decode(model, enc, enc_lengths)
+    dec = GreedyDecoder(model, enc.shape[0], max_symbols_per_frame=max_symbols_limit(model, max_symbols_per_frame),
+                        device=enc.device)
     dec.advance(enc, enc_lengths)
     return dec.hypotheses()
+
+
+def max_symbols_limit(model: nn.Module, max_symbols_per_frame: int | None) -> int:
+    """``max_symbols_per_frame``, or (None) the model's own ``max_symbols_per_step``, or 5."""
+    return max_symbols_per_frame if max_symbols_per_frame is not None else int(getattr(model, "max_symbols_per_step", 5))
+
+
+@torch.no_grad()
+def tdt_greedy_decode(model: nn.Module, enc: Tensor, enc_lengths: Tensor) -> list[list[int]]:
+    """Token-and-duration transducer greedy search, as transformers' ``generate`` for ``ParakeetForTDT``: per step the
+    arg-max token and duration (``model.joint_logits``: token logits, then one per ``model.durations``); the frame
+    pointer advances by the duration (a blank's by at least 1), the predictor on a non-blank token. At most
+    ``model.max_symbols_per_step`` x frames steps per utterance."""
+    hyps: list[list[int]] = []
+    for b in range(enc.shape[0]):
+        pred, state = model.predict(torch.full((1, 1), model.blank, dtype=torch.long, device=enc.device))
+        t, n, out, steps = 0, int(enc_lengths[b]), [], 0
+        while t < n and steps < model.max_symbols_per_step * n:
+            logits = model.joint_logits(enc[b : b + 1, t : t + 1], pred)[0, 0, 0]
+            token = int(logits[: model.vocab_size].argmax())
+            duration = model.durations[int(logits[model.vocab_size:].argmax())]
+            if token == model.blank:
+                duration = max(duration, 1)
+            else:
+                out.append(token)
+                pred, state = model.predict(torch.tensor([[token]], device=enc.device), state)
+            t += duration
+            steps += 1
+        hyps.append(out)
+    return hyps
 
 
 # -- beam search -------------------------------------------------------------------------------------------
@@ -336,6 +371,8 @@ def beam_search_nbest(model: nn.Module, enc: Tensor, enc_lengths: Tensor, beam: 
     hypotheses, best first. ``enc (B,T,E)``, ``enc_lengths (B,)``. ``adapters``: one adapter name (or None)
     per sample, routed for that sample's hypotheses."""
     _check_encoder_output(enc, enc_lengths, "beam_search")
+    if getattr(model, "durations", None):
+        raise ValueError("beam_search: this is a token-and-duration (TDT) model; decode it greedily (decode='greedy')")
     if beam < 1:
         raise ValueError(f"beam_search: beam must be >= 1, got {beam}")
     if max_symbols_per_frame < 1:
@@ -419,22 +456,23 @@ def _pad(waves: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]
     return out.to(device), lengths.to(device)
 
 
-def _decode_tokens(model: nn.Module, enc: Tensor, enc_lengths: Tensor, decode: str, *, beam: int, max_symbols_per_frame: int,
+def _decode_tokens(model: nn.Module, enc: Tensor, enc_lengths: Tensor, decode: str, *, beam: int, max_symbols_per_frame: int | None,
                    adapters: Sequence[str | None] | None) -> list[list[int]]:
     if decode == "greedy":
         with _routed(model, adapters):
             return greedy_decode(model, enc, enc_lengths, max_symbols_per_frame)
-    return beam_search(model, enc, enc_lengths, beam, max_symbols_per_frame=max_symbols_per_frame, adapters=adapters)
+    return beam_search(model, enc, enc_lengths, beam, max_symbols_per_frame=max_symbols_limit(model, max_symbols_per_frame),
+                       adapters=adapters)
 
 
 def transcribe(bundle: Any, waves: Sequence[Tensor], *, decode: str = "greedy", pass_: str = "second", batch_size: int = 16,
-               beam: int = 4, max_symbols_per_frame: int = 5, adapters: Sequence[str | None] | None = None) -> list[str]:
+               beam: int = 4, max_symbols_per_frame: int | None = None, adapters: Sequence[str | None] | None = None) -> list[str]:
     """Transcribe 16 kHz waveforms (1-D float tensors) offline; one text per wave, in the input order.
 
     ``bundle``: an :class:`~mmadapters.speech.model.AsrBundle` (``.model``, ``.tokenizer``). Waves are sorted
     by length and padded into batches of ``batch_size``; ``pass_`` picks the encoder ("first": causal,
     "second": the full cascade); ``decode``: "greedy" or "beam" (``beam`` hypotheses); both decoders emit at most
-    ``max_symbols_per_frame`` symbols per frame.
+    ``max_symbols_per_frame`` symbols per frame (None: the model's own limit, see :func:`greedy_decode`).
     ``adapters``: one adapter name (or None for the base) per wave, routed per sample.
     """
     if decode not in ("greedy", "beam"):
