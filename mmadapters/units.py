@@ -43,6 +43,12 @@ class AdapterUnit(nn.Module, abc.ABC):
         """``x``: the wrapped module's input; ``h``: its (possibly already adapted) output."""
         return h + self.gated(self.change(x, h))
 
+    def fast_forward(self):
+        """A callable ``(x, h) -> output`` equal to :meth:`forward` with less per-call overhead, or None. The wrapper
+        caches it per active adapter, so it may hold references to this unit's modules but must read their
+        parameters at call time (they train and load in place)."""
+        return None
+
     # -- weight units -------------------------------------------------------------------------------
     def delta_params(self) -> dict[str, Tensor]:
         """For ``"weight"`` units: parameter name (relative to the base module) -> delta."""

@@ -8,6 +8,10 @@ wrapped module keeps working.
 Forward, for the active composition (see :mod:`mmadapters.composition`):
 1. weight units: the base runs with ``W + sum c_i * dW_i`` through ``torch.func.functional_call``;
 2. parallel and series units: applied to the output (the first element when it is a tuple).
+
+For a single active adapter the wrapper caches its plan (which units edit weights, which change activations and
+each one's :meth:`~mmadapters.units.AdapterUnit.fast_forward`), rebuilt when the adapter's units change. A
+streaming model calls every wrapper once per few frames, where this per-call bookkeeping is the cost.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class AdaptedModule(nn.Module):
         self._original_params: dict[str, Tensor] | None = None
         self.route_plan = None  # set inside ``mmadapters.route``: per-sample adapters
         self.batch_dim: int | None = None  # where the batch is in this module's input/output (default 0)
+        self._plans: dict[str, tuple] = {}  # adapter -> (its units, has weight units, activation steps)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -72,6 +77,8 @@ class AdaptedModule(nn.Module):
         comp = self.active
         if comp is None or self.merged is not None:
             return self.base_layer(*args, **kwargs)
+        if isinstance(comp, str):
+            return self._single_forward(comp, args, kwargs)
         overrides = self._weight_overrides(comp)
         out = functional_call(self.base_layer, overrides, args, kwargs) if overrides else self.base_layer(*args, **kwargs)
         if not self._has_activation_units(comp):
@@ -79,6 +86,33 @@ class AdaptedModule(nn.Module):
         h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
         x = _main_input(args, kwargs)
         h = self._apply_composition(comp, x, h)
+        return (h, *rest) if rest is not None else h
+
+    def _plan(self, adapter: str) -> tuple:
+        """(units, has weight units, activation steps), rebuilt whenever the adapter's units are not those it was
+        built from (an identity check: code that swaps units in place, as merge_mosa does, is seen)."""
+        units = tuple(self.adapters[adapter]._modules.values()) if adapter in self.adapters else ()
+        plan = self._plans.get(adapter)
+        if plan is None or plan[0] != units:  # modules compare by identity
+            steps = tuple(u.fast_forward() or u for u in units if u.kind in ("parallel", "series"))
+            plan = self._plans[adapter] = (units, any(u.kind == "weight" for u in units), steps)
+        return plan
+
+    def _single_forward(self, adapter: str, args: tuple, kwargs: dict) -> Any:
+        """One active adapter: its cached plan (the same computation as the general path)."""
+        _, has_weights, steps = self._plan(adapter)
+        if has_weights:
+            out = functional_call(self.base_layer, self._weight_overrides(adapter), args, kwargs)
+        else:
+            out = self.base_layer(*args, **kwargs)
+        if not steps:
+            return out
+        h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        x = _main_input(args, kwargs)
+        for step in steps:
+            if x is None and getattr(step, "kind", None) == "parallel":
+                raise TypeError(f"{self.module_name}: a parallel adapter needs the module's input tensor")
+            h = step(x, h)
         return (h, *rest) if rest is not None else h
 
     def _weight_overrides(self, comp: str | Composition) -> dict[str, Tensor]:

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=TARGET_FRACTION, help="adapter size per language / model size")
     p.add_argument("--lda-steps", type=int, default=600)
     p.add_argument("--lda-minutes", type=float, default=None, help="wall-time cap for LDA training")
-    p.add_argument("--lda-lr", type=float, default=3e-3)
+    p.add_argument("--lda-lr", type=float, default=1e-2)
     p.add_argument("--ft-steps", type=int, default=100, help="full fine-tuning steps per language")
     p.add_argument("--ft-minutes", type=float, default=None, help="wall-time cap per language for full fine-tuning")
     p.add_argument("--ft-lr", type=float, default=5e-4)

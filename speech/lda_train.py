@@ -320,7 +320,7 @@ RECIPE = Recipe(
     name="lda",
     config_class=LdaConfig,
     build_task=build_task,
-    trainer_defaults={"steps": 200, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.0, "warmup_ratio": 0.05,
+    trainer_defaults={"steps": 200, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.0, "warmup_ratio": 0.05,
                       "schedule": "cosine", "grad_clip": 5.0, "eval_every": 50, "checkpoint_every": 50,
                       "select_metric": SELECT_METRIC, "select_mode": "min",
                       # per-sample routing: a language absent from a rank's share of a step leaves its adapter without

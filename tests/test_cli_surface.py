@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 EVAL_TASKS = ("zeroshot", "fewshot", "asr", "videoqa", "dfer", "vqa", "gqa", "nlvr", "caption")
-RECIPES = ("tip-adapter", "caps-adapter", "vl-adapter", "tem-adapter", "fineclipper", "lda", "vlt5-pretrain", "clip-pretrain", "diffusion-pretrain")
+RECIPES = ("tip-adapter", "caps-adapter", "vl-adapter", "tem-adapter", "fineclipper", "lda", "vlt5-pretrain", "clip-pretrain",
+           "diffusion-pretrain")
 
 
 def test_eval_train_report_without_torch():

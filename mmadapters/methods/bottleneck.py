@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_choice, check_positive, register_method, target_modules_field
@@ -129,6 +130,28 @@ class BottleneckUnit(AdapterUnit):
 
     def change(self, x: Tensor, h: Tensor) -> Tensor:
         return on_channels(self.branch, x if self.kind == "parallel" else h, self.channel_dim)
+
+    def fast_forward(self):
+        """The plain adapter (no gate, post-norm or dropout, features last) as one chain of functional ops:
+        ``h + scaling * up(act(down(norm(src))))``, without the module calls in between."""
+        act = {nn.SiLU: F.silu, nn.ReLU: F.relu, nn.Tanh: torch.tanh, nn.Identity: lambda t: t}.get(type(self.act))
+        if isinstance(self.act, nn.GELU):
+            approximate = self.act.approximate
+            act = lambda t: F.gelu(t, approximate=approximate)  # noqa: E731
+        if (act is None or self.gate is not None or self.post_norm is not None or self.channel_dim != -1
+                or not isinstance(self.dropout, nn.Identity)):
+            return None
+        norm, down, up, scaling, parallel = self.norm, self.down, self.up, self.scaling, self.kind == "parallel"
+
+        def forward(x: Tensor, h: Tensor) -> Tensor:
+            t = x if parallel else h
+            if norm is not None:
+                t = F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            t = F.linear(act(F.linear(t, down.weight, down.bias)), up.weight, up.bias)
+            return h + t if scaling == 1.0 else torch.add(h, t, alpha=scaling)
+
+        forward.kind = self.kind
+        return forward
 
     # per-sample routing: gathered down (B, bn, in), up (B, out, bn); scaling and gate folded into the
     # last affine step (up, or the post-norm's affine); bottleneck widths zero-padded (exact: padded
