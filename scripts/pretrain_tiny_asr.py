@@ -2,12 +2,17 @@
 
     python -m mmadapters.speech.synth --utterances 1500 --seed 0 --out data/speech
     python scripts/pretrain_tiny_asr.py --data data/speech --output speech/assets/tiny_asr --max-minutes 60 --threads 2
+    # issue 20's foundation: every language, imbalanced, the ~3 M "small" preset, about two hours
+    python -m mmadapters.speech.synth --foundation --utterances 2000 --eval-utterances 100 --seed 0 --out data/speech_foundation
+    python scripts/pretrain_tiny_asr.py --data data/speech_foundation --preset small --output runs/asr_foundation --max-minutes 120
     python scripts/pretrain_tiny_asr.py ... --resume        # after a crash: the same command plus --resume
 
-Steps: read ``DIR/{train,dev,test}.jsonl`` (written by the generator); pick the head languages (the roles in
-``DIR/synth_config.json``, or ``--languages``); build a character tokenizer over the training text of *all*
-languages in the data (head and tail: the tail languages' adapters later need their characters, as a
-multilingual SentencePiece model would cover them); fit the global CMVN on head training audio; train every
+Steps: read ``DIR/{train,dev,test}.jsonl`` (written by the generator); pick the languages (``--languages``; else
+every language of ``--foundation`` data, whose tail is 10-15% of the head's; else the head languages of
+``DIR/synth_config.json``); take the generator's character tokenizer ``DIR/tokenizer`` (every language's
+characters) or build one over the training text of *all* languages in the data (the tail languages' adapters
+later need their characters, as a multilingual SentencePiece model would cover them); fit the global CMVN on
+the training audio; train every
 parameter on the training engine (:func:`mmadapters.training.trainer.train` with
 :class:`mmadapters.speech.train.TransducerTask`: transducer loss on both passes, SpecAugment, AdamW, warmup +
 cosine, dev WER per language every ``--eval-every`` steps, a resumable ``train_state.pt`` every
@@ -36,7 +41,7 @@ import torch
 from mmadapters.io import atomic_write_bytes
 from mmadapters.speech.model import CascadedTransducer, TransducerConfig, load_asr, parameter_counts, save_asr
 from mmadapters.speech.readers import Utterance, read_manifest
-from mmadapters.speech.tokenizer import CharTokenizer
+from mmadapters.speech.tokenizer import CharTokenizer, load_tokenizer
 from mmadapters.speech.train import AudioSource, TransducerTask, evaluate, first_per_language
 from mmadapters.training.trainer import TrainerConfig, seed_everything, train
 
@@ -61,6 +66,24 @@ def language_roles(data: Path) -> dict[str, str]:
         return {lang: info["role"] for lang, info in meta["languages"].items()}
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise SystemExit(f"{path}: expected field 'languages' mapping codes to objects with a 'role' ({err})") from None
+
+
+def is_foundation_data(data: Path) -> bool:
+    """True for ``synth --foundation`` data (its synth_config.json records a tail_fraction): every language trains."""
+    path = data / "synth_config.json"
+    try:
+        return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("tail_fraction") is not None
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise SystemExit(f"{path}: not a JSON object ({err})") from None
+
+
+def data_tokenizer(data: Path, texts) -> tuple[CharTokenizer, str]:
+    """The generator's tokenizer (``data/tokenizer``, every language's characters) when it wrote one, else a
+    character tokenizer over ``texts``; and where it came from."""
+    folder = data / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder), str(folder)
+    return CharTokenizer.from_texts(texts), "the training text of every language"
 
 
 def read_split(data: Path, split: str, required: bool = True) -> list[Utterance]:
@@ -167,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     roles = language_roles(args.data)
     train_all, dev_all, test_all = read_split(args.data, "train"), read_split(args.data, "dev"), read_split(args.data, "test")
     present = sorted({u.lang for u in train_all})
+    foundation = is_foundation_data(args.data)
     if args.languages:
         languages = args.languages.split(",")
+    elif foundation:  # the imbalanced foundation: the tail languages' few utterances train too
+        languages = present
     else:
         languages = [lang for lang in present if roles.get(lang, "head") == "head"]
     unknown = [lang for lang in languages if lang not in present]
@@ -181,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.init is not None:  # a second stage: same model, tokenizer and CMVN, more steps
         bundle = load_asr(args.init)
         tokenizer, config = bundle.tokenizer, bundle.config
+        tokenizer_source = str(args.init)
         model = bundle.model.float().to(args.device).train()
         previous = json.loads((args.init / "training.json").read_text(encoding="utf-8")) if (args.init / "training.json").is_file() else {}
     else:
-        tokenizer = CharTokenizer.from_texts(u.text for u in train_all)
+        tokenizer, tokenizer_source = data_tokenizer(args.data, (u.text for u in train_all))
         config = model_config(args.preset, tokenizer.vocab_size, args.overrides)
         model = CascadedTransducer(config).to(args.device)
         previous = {}
@@ -229,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": command, "data_command": synth_command(args.data),
         "previous_stages": [*previous.get("previous_stages", []), {k: previous[k] for k in ("command", "train") if k in previous}]
-        if previous else [], "languages": languages, "preset": args.preset,
+        if previous else [], "languages": languages, "foundation_data": foundation, "tokenizer_source": tokenizer_source,
+        "preset": args.preset,
         "config": config.to_dict(), "parameters": counts, "size_mb": size_mb, "cmvn_utterances": n_cmvn,
         "train": {"steps": summary.steps, "stopped_by": summary.stopped_by, "minutes": minutes, "run_dir": str(run_dir),
                   "trainer": dataclasses.asdict(trainer), "timings": summary.timings, "evals": summary.history,

@@ -280,3 +280,35 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
                                                                      "noisy_student.yaml"]
     assert run_lda.main([*argv, "--variants", "base,lda"]) == 0
     assert json.loads((out / "lda" / "train_summary.json").read_text())["resumed_from"] == 4
+
+
+def test_pretraining_on_foundation_data_trains_every_language_with_the_generators_tokenizer(tmp_path):
+    """``synth --foundation`` data (synth_config.json records a tail_fraction): every language trains, and the
+    generator's tokenizer (DIR/tokenizer, every language's characters) is the model's, also for characters that
+    no training text holds."""
+    from mmadapters.speech.model import load_asr
+    from mmadapters.speech.readers import write_manifest
+    from mmadapters.speech.tokenizer import CharTokenizer
+
+    data = tmp_path / "data"
+    roles = {"hh": "head", "tt": "tail"}
+    for split, texts in (("train", ["ab ba", "ba ab", "abba"]), ("dev", ["ab"]), ("test", ["ba"])):
+        rows = []
+        for lang in roles:
+            made = make_corpus(data / "audio" / lang / split, langs=(lang,), texts=texts, seed=len(rows))
+            rows += [Utterance(f"{split}-{lang}-{u.id}", u.audio_path, u.text, u.lang, u.duration) for u in made]
+        write_manifest(data / f"{split}.jsonl", rows)
+    (data / "synth_config.json").write_text(json.dumps({"languages": {k: {"role": v} for k, v in roles.items()},
+                                                        "seed": 0, "tail_fraction": 0.12}))
+    CharTokenizer.from_texts(["abxyz"]).save(data / "tokenizer")
+    pretrain = _script("pretrain_tiny_asr")
+    tiny = [a for kv in ("d_model=16", "first_layers=1", "second_layers=1", "first_ffn_dim=32", "second_d_model=16",
+                         "second_ffn_dim=32", "subsampling_channels=4", "pred_dim=16", "joint_dim=16", "pred_embed_dim=16")
+            for a in ("--set", kv)]
+    out = tmp_path / "asr"
+    assert pretrain.main(["--data", str(data), "--output", str(out), "--run-dir", str(tmp_path / "run"), "--steps", "1",
+                          "--eval-every", "0", "--warmup", "1", "--quiet", *tiny]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["languages"] == ["hh", "tt"] and record["foundation_data"] is True
+    assert record["tokenizer_source"] == str(data / "tokenizer")
+    assert load_asr(out).tokenizer.encode("xyz") == CharTokenizer.from_texts(["abxyz"]).encode("xyz")
