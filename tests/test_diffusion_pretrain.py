@@ -81,16 +81,33 @@ def test_the_metric_reads_real_stills_colour(task):
     assert task.record["real_images"]["real_colour_acc"] >= 0.9
 
 
-def test_ema_follows_the_net(task):
-    net, ema = task.model["net"], task.model["ema"]
-    before = [p.clone() for p in ema.parameters()]
+def test_ema_follows_the_trained_weights_and_is_resume_state(task):
+    ema = task.model["ema"]
+    before = {k: v.clone() for k, v in ema.tensors().items()}
     with torch.no_grad():
-        for p in net.parameters():
+        for p in task._trained.parameters():
             p.add_(1.0)
     task._update_ema()
-    moved = [(e - b).abs().max() for e, b in zip(ema.parameters(), before, strict=True)]
-    assert all(0 < m <= 1.0 for m in moved) and not any(p.requires_grad for p in ema.parameters())
-    assert task.parameter_counts()["trainable"] == sum(p.numel() for p in net.parameters())
+    moved = [(ema.tensors()[k] - before[k]).abs().max() for k in before]
+    assert all(0 < m <= 1.0 for m in moved)
+    assert set(before) == {n for n, _ in task._trained.named_parameters()}
+    assert {n for n, b in task.model.named_buffers()} >= {f"ema.b{i}" for i in range(len(before))}  # the engine saves buffers
+    assert task.parameter_counts()["trainable"] == sum(p.numel() for p in task._trained.parameters())
+
+
+def test_the_caption_changes_the_prediction_through_both_paths(task):
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
+    with torch.no_grad():
+        for p in task._trained["text_emb"].parameters():
+            p.normal_(0, 0.5)
+        a = task.denoise(task._trained, x, t, torch.tensor([0, 0]))
+        b = task.denoise(task._trained, x, t, torch.tensor([55, 55]))
+        assert task._added is None and not torch.allclose(a, b, atol=1e-4)
+        task._trained["text_emb"][-1].weight.zero_()
+        task._trained["text_emb"][-1].bias.zero_()
+        plain = task._trained["net"](x, encoder_hidden_states=task.states[[0, 0]], encoder_attention_mask=task.masks[[0, 0]],
+                                     timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        assert torch.allclose(task.denoise(task._trained, x, t, torch.tensor([0, 0])), plain, atol=1e-6)
 
 
 def test_cli_run_saves_a_diffusers_model_that_predicts_as_the_ema(tmp_path, monkeypatch):
@@ -105,6 +122,7 @@ def test_cli_run_saves_a_diffusers_model_that_predicts_as_the_ema(tmp_path, monk
     info = json.loads((out / "last" / "conditioning.json").read_text())
     assert info["captions"][0] == "a red circle" and set(info["metrics"]) >= {"guidance_gap", "go"}
     loaded = PixArtTransformer2DModel.from_pretrained(out / "last").float()
+    assert (out / "last" / dp.TEXT_EMBEDDING_NAME).is_file()
     config = dp.DiffusionPretrainConfig(layers=1, heads=2, head_dim=8)
     assert loaded.config.num_layers == 1 and loaded.config.caption_channels == 64
     expected = dp.build_dit(config, 64).state_dict()

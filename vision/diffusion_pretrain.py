@@ -10,12 +10,16 @@ The go / no-go of the generation adapters (issue 23): can a tiny conditioned dif
   centred, medium or large; any of the 10 task colours × 10 shapes on a random background), each captioned
   "a {colour} {shape}", rendered once.
 - **Condition**: the frozen CLIP's (the shipped tiny CLIP unless ``clip``) text-tower token states after its final
-  layer norm, for the caption's tokens up to end-of-text (a key mask hides the padding); a caption is replaced by
-  the empty caption with probability ``cond_dropout`` (classifier-free guidance's unconditional branch).
+  layer norm, for the caption's tokens up to end-of-text (a key mask hides the padding), through the DiT's
+  cross-attention; and, as SDXL adds its pooled text embedding to the timestep embedding, the end-of-text state
+  through a small MLP (``text_emb``) added to the timestep embedding, so it modulates every block's adaLN (a first
+  run with cross-attention alone left the output almost independent of the caption after 1,000 steps). A caption
+  is replaced by the empty caption with probability ``cond_dropout`` (classifier-free guidance's unconditional
+  branch).
 - **Model**: diffusers' ``PixArtTransformer2DModel`` (a DiT with adaLN-single timestep modulation and cross-
   attention on the condition tokens), ε-prediction under a cosine (``squaredcos_cap_v2``) DDPM schedule; an EMA
-  of the weights (``ema_decay``) lives beside it in ``task.model`` (not trained, saved with ``--resume`` state)
-  and is what samples and ``best/`` / ``last/`` hold.
+  of the weights (``ema_decay``) lives beside it in ``task.model`` as buffers (so ``--resume`` keeps it) and is
+  what samples and ``best/`` / ``last/`` hold.
 - **Validation** every ``trainer.eval_every`` steps: one sample per colour × shape (``eval_samples`` in all,
   ``sample_steps`` DDIM steps from fixed noise), with guidance (``guidance_scale``) and without. The frozen CLIP
   classifies each sample among the 100 captions "a photo of a {colour} {shape}." (images upsampled to its input
@@ -24,8 +28,9 @@ The go / no-go of the generation adapters (issue 23): can a tiny conditioned dif
   the pool's real images is recorded once as ``real_colour_acc`` / ``real_shape_acc`` (the metric's ceiling).
 
 ``best/`` and ``last/``: the EMA model in diffusers' layout (``config.json``, fp16
-``diffusion_pytorch_model.safetensors``, loadable with ``PixArtTransformer2DModel.from_pretrained``), the
-scheduler config and ``conditioning.json`` (the CLIP, the captions, the metrics). Needs ``pip install
+``diffusion_pytorch_model.safetensors``, loadable with ``PixArtTransformer2DModel.from_pretrained``), the pooled-
+caption embedder (``text_embedding.safetensors``), the scheduler config and ``conditioning.json`` (the CLIP, the
+captions, the metrics). Needs ``pip install
 'mmadapters[gen]'`` (diffusers).
 """
 
@@ -52,6 +57,7 @@ RECIPE_NAME = "diffusion-pretrain"
 COLOURS = synth.TASK_COLOURS
 CAPTIONS = tuple(f"a {c} {s}" for c in COLOURS for s in synth.SHAPES)  # index = colour * 10 + shape
 SCORE_TEMPLATE = "a photo of a {c}."
+TEXT_EMBEDDING_NAME = "text_embedding.safetensors"
 
 
 @dataclass
@@ -145,8 +151,28 @@ def to_model_range(images: np.ndarray) -> Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+class EmaBuffers(nn.Module):
+    """An exponential moving average of named parameters, kept as buffers (so the engine's resumable state holds
+    it beside the trained parameters)."""
+
+    def __init__(self, named: dict[str, Tensor]):
+        super().__init__()
+        self.names = list(named)
+        for i, t in enumerate(named.values()):
+            self.register_buffer(f"b{i}", t.detach().clone())
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, f"b{i}") for i, name in enumerate(self.names)}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, Tensor], decay: float) -> None:
+        for i, name in enumerate(self.names):
+            getattr(self, f"b{i}").lerp_(named[name].detach(), 1 - decay)
+
+
 class DiffusionPretrainTask:
-    """The engine's TrainTask: ``model`` = {"net": the DiT (trained), "ema": its EMA (not trained)}."""
+    """The engine's TrainTask: ``model`` = {"net": the DiT, "text_emb": the pooled-caption embedder (both trained),
+    "ema": their EMA (buffers)}."""
 
     select_metric = "guided_colour_acc"
     select_mode = "max"
@@ -159,10 +185,20 @@ class DiffusionPretrainTask:
             p.requires_grad_(False)
         tokens = clip_bundle.tokenizer([*CAPTIONS, ""])
         self.states, self.masks = (t.to(self.device) for t in text_states(self.clip, tokens.to(self.device)))
+        eot = tokens.argmax(dim=-1).to(self.device)
+        self.pooled = self.states[torch.arange(len(eot), device=self.device), eot]  # (101, width): end-of-text states
         self.null = len(CAPTIONS)  # index of the empty caption
         net = build_dit(config, self.states.shape[-1])
-        ema = copy.deepcopy(net).requires_grad_(False)
-        self.model = nn.ModuleDict({"net": net, "ema": ema}).to(self.device)
+        width = config.heads * config.head_dim
+        text_emb = nn.Sequential(nn.Linear(self.states.shape[-1], width), nn.SiLU(), nn.Linear(width, width))
+        trained = nn.ModuleDict({"net": net, "text_emb": text_emb})
+        self.model = nn.ModuleDict({"net": net, "text_emb": text_emb,
+                                    "ema": EmaBuffers(dict(trained.named_parameters()))}).to(self.device)
+        self._trained = trained
+        self._ema_copy = copy.deepcopy(trained).requires_grad_(False)
+        self._added: Tensor | None = None
+        net.adaln_single.emb.register_forward_hook(self._add_text)
+        self._ema_copy["net"].adaln_single.emb.register_forward_hook(self._add_text)
         self.images, self.labels = images, labels
         self.scheduler = make_scheduler(config)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
@@ -172,6 +208,11 @@ class DiffusionPretrainTask:
         self.clip_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.score_weights = self._score_weights(clip_bundle)
         self.metrics: dict[str, float] = {}
+
+    def _add_text(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        """Forward hook on the DiT's timestep embedder: + the pooled caption's embedding (as SDXL adds its pooled
+        text embedding to the timestep embedding), so the caption also modulates every block's adaLN."""
+        return out if self._added is None else out + self._added.to(out.dtype)
 
     def _score_weights(self, clip_bundle) -> Tensor:
         from .zeroshot import build_classifier
@@ -194,30 +235,42 @@ class DiffusionPretrainTask:
         return {k: v.to(self.device) for k, v in {"x0": x0, "cond": cond, "t": t, "noise": noise}.items()}
 
     def _update_ema(self) -> None:
-        """EMA of the net's weights, updated at the start of each step (with the previous step's weights)."""
+        """EMA of the trained weights, updated at the start of each step (with the previous step's weights)."""
         self.ema_updates += 1
         decay = min(self.config.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        with torch.no_grad():
-            for e, p in zip(self.model["ema"].parameters(), self.model["net"].parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
+        self.model["ema"].update(dict(self._trained.named_parameters()), decay)
 
-    def denoise(self, net: nn.Module, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        return net(x, encoder_hidden_states=self.states[cond], encoder_attention_mask=self.masks[cond], timestep=t,
-                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    def denoise(self, modules: nn.ModuleDict, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """ε-prediction of ``modules`` ({"net", "text_emb"}) for noisy images ``x`` at timesteps ``t``, captions ``cond``."""
+        self._added = modules["text_emb"](self.pooled[cond])
+        try:
+            return modules["net"](x, encoder_hidden_states=self.states[cond], encoder_attention_mask=self.masks[cond],
+                                  timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        finally:
+            self._added = None
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         self._update_ema()
         a = self.alphas_cumprod[batch["t"]].view(-1, 1, 1, 1)
         noisy = a.sqrt() * batch["x0"] + (1 - a).sqrt() * batch["noise"]
-        return F.mse_loss(self.denoise(model["net"], noisy, batch["t"], batch["cond"]), batch["noise"])
+        return F.mse_loss(self.denoise(self._trained, noisy, batch["t"], batch["cond"]), batch["noise"])
+
+    def ema_modules(self) -> nn.ModuleDict:
+        """A copy of {"net", "text_emb"} holding the EMA weights (refreshed on each call)."""
+        with torch.no_grad():
+            params = dict(self._ema_copy.named_parameters())
+            for name, t in self.model["ema"].tensors().items():
+                params[name].copy_(t)
+        return self._ema_copy
 
     @torch.no_grad()
-    def sample(self, cond: Tensor, guidance_scale: float, *, net: nn.Module | None = None, seed: int = 0,
+    def sample(self, cond: Tensor, guidance_scale: float, *, modules: nn.ModuleDict | None = None, seed: int = 0,
                steps: int | None = None) -> Tensor:
-        """DDIM samples (N, 3, H, W) in [-1, 1] for caption ids ``cond``; guidance_scale 1 = unguided (one pass)."""
+        """DDIM samples (N, 3, H, W) in [-1, 1] for caption ids ``cond`` with ``modules`` (default: the EMA weights);
+        guidance_scale 1 = unguided (one pass)."""
         from diffusers import DDIMScheduler
 
-        net = net if net is not None else self.model["ema"]
+        modules = modules if modules is not None else self.ema_modules()
         sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(steps or self.config.sample_steps)
         gen = torch.Generator().manual_seed(seed)
@@ -228,9 +281,10 @@ class DiffusionPretrainTask:
         for t in sched.timesteps:
             tt = torch.full((len(cond),), int(t), device=self.device)
             if guidance_scale == 1:
-                eps = self.denoise(net, x, tt, cond)
+                eps = self.denoise(modules, x, tt, cond)
             else:
-                eps_c, eps_u = self.denoise(net, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])).chunk(2)
+                both = self.denoise(modules, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null]))
+                eps_c, eps_u = both.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             x = sched.step(eps, t, x).prev_sample
         return x.clamp(-1, 1)
@@ -263,16 +317,25 @@ class DiffusionPretrainTask:
         return metrics
 
     def save(self, directory: Path) -> None:
-        """The EMA model in diffusers' layout (fp16), the scheduler config and ``conditioning.json``."""
-        ema = copy.deepcopy(self.model["ema"]).to("cpu", torch.float16)
-        ema.save_pretrained(directory, safe_serialization=True)
+        """The EMA DiT in diffusers' layout (fp16), the pooled-caption embedder (``text_embedding.safetensors``), the
+        scheduler config and ``conditioning.json``."""
+        from safetensors.torch import save_file
+
+        ema = self.ema_modules()
+        net = build_dit(self.config, self.states.shape[-1])  # a clean copy: no hook, on the CPU
+        net.load_state_dict(ema["net"].state_dict())
+        net.to(torch.float16).save_pretrained(directory, safe_serialization=True)
+        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in ema["text_emb"].state_dict().items()},
+                  str(directory / TEXT_EMBEDDING_NAME))
         self.scheduler.save_pretrained(directory)
         info = {**self.record, "captions": list(CAPTIONS), "null_caption": "", "score_template": SCORE_TEMPLATE,
+                "text_embedding": {"file": TEXT_EMBEDDING_NAME, "input": "the CLIP's end-of-text token state",
+                                   "added_to": "adaln_single.emb output"},
                 "metrics": self.metrics, "ema_updates": self.ema_updates}
         (directory / "conditioning.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     def parameter_counts(self) -> dict[str, int]:
-        n = sum(p.numel() for p in self.model["net"].parameters())
+        n = sum(p.numel() for p in self._trained.parameters())
         return {"trainable": n, "total": n}
 
 
