@@ -29,10 +29,12 @@ for r in "${recipes[@]}"; do
       timed "$mma" eval caption --annotations data/vl/coco/dataset_coco.json --split test --features data/vl/features.h5 \
         --adapters runs/vl-adapter/best --output runs/vl-adapter/caption_test.json --overwrite --restart --no-progress ;;
     tem-adapter)
-      [ -d data/trafficqa/videos ] || timed "$py" -m mmadapters.video.synth trafficqa --n 60 --seed 0 --out data/trafficqa --no-progress
+      [ -d data/motion/videos ] || timed "$py" -m mmadapters.video.synth motion --n 600 --seed 0 --out data/motion --no-progress
       timed "$mma" train tem-adapter --config configs/tem-adapter.yaml --set trainer.progress=false
-      timed "$mma" eval videoqa --annotations data/trafficqa/annotations/R2_test.jsonl --video-root data/trafficqa/videos \
-        --adapters runs/tem-adapter/best --output runs/tem-adapter/test.json --overwrite --restart --no-progress ;;
+      timed "$mma" eval videoqa --annotations data/motion/annotations/R2_test.jsonl --video-root data/motion/videos \
+        --adapters runs/tem-adapter/best --output runs/tem-adapter/test.json --overwrite --restart --no-progress
+      timed "$mma" eval videoqa --annotations data/motion/annotations/R2_test.jsonl --video-root data/motion/videos \
+        --output runs/tem-adapter/zeroshot.json --overwrite --restart --no-progress ;;
     fineclipper)
       [ -d data/faces ] || timed "$py" -m mmadapters.video.synth faces --n 70 --seed 0 --frames 8 --no-video --out data/faces --no-progress
       timed "$mma" train fineclipper --config configs/fineclipper.yaml --set trainer.progress=false
