@@ -334,7 +334,13 @@ def run_dfer(args: argparse.Namespace) -> dict[str, Any] | None:
     backbone = sum(p.numel() for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n)
     # what training trained: the parts of unused cues (and all but the linear probe's head) stay frozen
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if adapters_dir else 0
-    predict = make_dfer_predict(model=model, num_frames=num_frames, cues=PrecomputedCues(cues_root), fail_fast=args.fail_fast)
+    cues = PrecomputedCues(cues_root)
+    if adapters_dir is not None:  # the cues the model was trained on: exact, or realistic with the recorded rates
+        from mmadapters.video.realistic_cues import cues_from_record
+
+        cues = cues_from_record(meta.get("cue_source"), cues, where=f"{adapters_dir / META_NAME}: field 'cue_source'")
+        settings["cue_source"] = meta.get("cue_source") or {"source": "exact"}
+    predict = make_dfer_predict(model=model, num_frames=num_frames, cues=cues, fail_fast=args.fail_fast)
     return evaluate(
         args, identity=identity, output_fields={**identity, "method": method}, settings=settings, samples=clips,
         sample_id=lambda a: clip_sample_id(a.frame_dir, data_dir), predict=predict,

@@ -9,6 +9,13 @@ checkpoints), and the loss is the cross-entropy over the description scores. Val
 metric) and WAR. ``linear_probe: true`` (with ``cues: []``, ``adapter_dim: 0``) is the CLIP linear-probe
 baseline: only a linear classifier on frozen CLIP's frame-mean feature trains.
 
+``cue_source: realistic`` replaces the exact cues by what real extractors would give
+(:class:`~mmadapters.video.realistic_cues.RealisticCues`: landmarks with jitter ``landmark_jitter`` and misses
+``landmark_miss``, masks from a simple segmenter on the frames when ``mask_segmenter``, descriptions with captioner
+errors ``description_drop`` / ``description_wrong`` / ``description_word_drop``, all seeded by ``cue_seed`` and the
+clip); the choice and its rates are recorded in ``fineclipper.json`` (``cue_source``), and ``mmadapters eval dfer
+--adapters`` reads the test clips' cues the same way.
+
 Validation never reads the test split: ``val_annotation`` names a file, or ``val_fraction`` of the training
 clips of every class (seeded with ``split_seed``) is held out. ``val_annotation`` equal to the training list
 trains on every clip and reports training UAR/WAR (the protocol of ``scripts/run_fineclipper.py``).
@@ -19,7 +26,7 @@ A saved run directory (``best/``, ``last/``) holds
   ``adapter_dim > 0``;
 - ``fineclipper_head.safetensors`` — the rest of the trainable parts (temporal encoder, cue encoders, gates,
   α and τ);
-- ``fineclipper.json`` — the classes, the :class:`FineClipperConfig`, the CLIP and the frame count.
+- ``fineclipper.json`` — the classes, the :class:`FineClipperConfig`, the CLIP, the frame count and the cue source.
 
 :func:`load_fineclipper_run` rebuilds the model from them.
 """
@@ -80,8 +87,33 @@ class FineClipperRecipeConfig:
         "help": "the CLIP linear-probe baseline: train only a linear classifier on frozen CLIP's frame-mean feature "
                 "(needs cues: [] and adapter_dim: 0)"})
     eval_batch_size: int = field(default=32, metadata={"help": "clips per batch in validation"})
+    cue_source: Literal["exact", "realistic"] = field(default="exact", metadata={
+        "help": "exact: the precomputed cues as stored (the generated faces: the renderer's); realistic: the same cues "
+                "degraded like real extractors' (video/realistic_cues.py: landmark jitter and misses, masks from a simple "
+                "segmenter on the frames, captioner errors), seeded per clip; recorded with the run, so "
+                "`mmadapters eval dfer --adapters` uses the same"})
+    cue_seed: int = field(default=0, metadata={"help": "seed of the realistic cues' noise (with each clip's id)"})
+    landmark_jitter: float = field(default=0.02, metadata={
+        "help": "realistic: Gaussian std of each landmark coordinate as a fraction of the face size"})
+    landmark_miss: float = field(default=0.1, metadata={
+        "help": "realistic: share of frames where the detector fails (previous frame's landmarks, else the mean face)"})
+    mask_segmenter: bool = field(default=True, metadata={
+        "help": "realistic: masks from the simple colour segmenter on the frames (false: the stored masks)"})
+    description_drop: float = field(default=0.2, metadata={"help": "realistic: chance that a described movement is left out"})
+    description_wrong: float = field(default=0.15, metadata={
+        "help": "realistic: chance that a kept movement is replaced by a wrong attribute (opposite direction or another part)"})
+    description_word_drop: float = field(default=0.05, metadata={"help": "realistic: chance that each word is dropped"})
 
     def __post_init__(self) -> None:
+        from .realistic_cues import RATE_FIELDS
+
+        if self.cue_source not in ("exact", "realistic"):
+            raise ValueError(f"recipe.cue_source: expected exact or realistic, got {self.cue_source!r}")
+        for name in RATE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or not 0.0 <= value <= 1.0:
+                raise ValueError(f"recipe.{name}: expected a number in [0, 1], got {value!r}")
         unknown = [c for c in self.cues if c not in ("masks", "landmarks", "description")]
         if unknown:
             raise ValueError(f"recipe.cues: unknown cue(s) {unknown}; expected among masks, landmarks, description")
@@ -96,6 +128,20 @@ class FineClipperRecipeConfig:
         if self.linear_probe and (self.cues or self.adapter_dim):
             raise ValueError(f"recipe.linear_probe: the probe reads frozen CLIP's frame mean alone; set recipe.cues: [] "
                              f"and recipe.adapter_dim: 0 (got {list(self.cues)} and {self.adapter_dim})")
+
+    def cue_provider(self):
+        """The cues the run reads: :class:`~.cues.PrecomputedCues` under ``cues_root`` (or ``data_dir``), wrapped in
+        :class:`~.realistic_cues.RealisticCues` when ``cue_source`` is realistic."""
+        from .cues import PrecomputedCues
+        from .realistic_cues import RealisticCues
+
+        exact = PrecomputedCues(self.cues_root or self.data_dir)
+        if self.cue_source == "exact":
+            return exact
+        return RealisticCues(exact, seed=self.cue_seed, landmark_jitter=self.landmark_jitter,
+                             landmark_miss=self.landmark_miss, segmenter=self.mask_segmenter and "masks" in self.cues,
+                             description_drop=self.description_drop, description_wrong=self.description_wrong,
+                             description_word_drop=self.description_word_drop)
 
     def model_config(self, num_landmarks: int | None) -> FineClipperConfig:
         return FineClipperConfig(cues=tuple(self.cues), adapter_dim=self.adapter_dim, adapter_points=tuple(self.adapter_points),
@@ -284,11 +330,17 @@ class FineClipperTask:
         return {"trainable": trainable, "total": trainable + self.backbone_parameters, "backbone": self.backbone_parameters}
 
 
-def run_metadata(config: FineClipperRecipeConfig, model: FineClipper, clip_info: dict[str, Any]) -> dict[str, Any]:
+def run_metadata(config: FineClipperRecipeConfig, model: FineClipper, clip_info: dict[str, Any],
+                 cues: Any = None) -> dict[str, Any]:
+    """What ``fineclipper.json`` records; ``cue_source`` (:func:`~.realistic_cues.cue_record`) tells
+    ``mmadapters eval dfer`` which cues the model was trained on (``cues``: the provider :meth:`cue_provider` built)."""
     from mmadapters import __version__
 
+    from .realistic_cues import RealisticCues, cue_record
+
+    source = cue_record(config.cue_source, cues if isinstance(cues, RealisticCues) else None)
     return {"recipe": RECIPE_NAME, "dataset": config.dataset, "classes": list(model.classes), "config": model.config.to_dict(),
-            "clip": clip_info, "num_frames": config.num_frames, "library_version": __version__}
+            "clip": clip_info, "num_frames": config.num_frames, "cue_source": source, "library_version": __version__}
 
 
 def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask:
@@ -296,7 +348,6 @@ def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask
     from mmadapters.distributed import device_for_rank
     from mmadapters.vision.clip import load_clip
 
-    from .cues import PrecomputedCues
     from .readers import DFER_DATASETS
 
     if not config.data_dir:
@@ -310,7 +361,7 @@ def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask
         rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
     else:
         val_rows = [] if same else annotation_rows(config.val_annotation, config)
-    cues = PrecomputedCues(config.cues_root or config.data_dir)
+    cues = config.cue_provider()
     needed = tuple(config.cues)
     train = load_split(rows, cues=cues, needed=needed, progress=False, desc="train clips")
     # validation on the training list reports training UAR/WAR (every clip trains; the clips are loaded once)
@@ -326,7 +377,7 @@ def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask
     torch.manual_seed(trainer.seed)  # adapters, temporal encoder and cue encoders
     model = FineClipper(bundle.model, bundle.tokenizer, DFER_DATASETS[config.dataset], config.model_config(num_landmarks))
     return FineClipperTask(model, train, val, num_frames=config.num_frames, device=device,
-                           eval_batch_size=config.eval_batch_size, metadata=run_metadata(config, model, clip_info))
+                           eval_batch_size=config.eval_batch_size, metadata=run_metadata(config, model, clip_info, cues))
 
 
 def _recipe():
