@@ -12,6 +12,12 @@ command line (in this process) and reports UAR / WAR on the fold's test list for
 - ``frames`` / ``middle`` / ``high`` / ``all``: FineCLIPER with frames only, frames + masks + landmarks, frames +
   descriptions, and all cue levels (``recipe.cues``).
 
+``--cues exact,realistic`` runs every FineCLIPER variant that uses a cue once per cue source (``recipe.cue_source``:
+the renderer's exact cues, or the realistic ones of :mod:`mmadapters.video.realistic_cues` at the recipe's default
+rates, seeded with ``--cue-seed``); ``mmadapters eval dfer`` reads the test clips' cues the way the run recorded.
+Zero-shot, the probe and frames-only use no cue and run once. Exact runs keep the command (and run folder) they
+had before the option.
+
 Each trained variant is ``mmadapters train fineclipper --set ...`` on the fold's training list (which is also
 its validation list, so every clip trains and the test list is never read in training) for ``--epochs``
 passes, then ``mmadapters eval dfer --adapters RUN/last``. Runs and results files are named by a hash of
@@ -54,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--adapter-dim", type=int, default=16)
     ap.add_argument("--model", default=None, help="CLIP (default: the shipped tiny CLIP)")
     ap.add_argument("--variants", default=",".join(NAMES), help=f"comma-separated subset of: {','.join(NAMES)}")
+    ap.add_argument("--cues", default="exact", help="comma-separated cue sources of the cue variants: exact, realistic")
+    ap.add_argument("--cue-seed", type=int, default=0, help="seed of the realistic cues (recipe.cue_seed)")
     ap.add_argument("--output", default="out/fineclipper")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -82,8 +90,9 @@ def mmadapters(argv: list[str], log: list[str], *, done: bool) -> None:
         raise SystemExit(f"`{log[-1]}` failed with exit status {code}")
 
 
-def run_variant(args: argparse.Namespace, variant: str, data: Path, train_list: Path, out: Path, log: list[str]) -> dict:
-    """Train (unless zero-shot) and evaluate one variant; its row of the table."""
+def run_variant(args: argparse.Namespace, variant: str, data: Path, train_list: Path, out: Path, log: list[str],
+                cues: str = "exact") -> dict:
+    """Train (unless zero-shot) and evaluate one variant with ``cues`` (exact or realistic); its row of the table."""
     from mmadapters.eval.results_schema import read_results
     from mmadapters.video.readers import read_dfer_annotation
 
@@ -99,20 +108,24 @@ def run_variant(args: argparse.Namespace, variant: str, data: Path, train_list: 
         recipe = {"data_dir": str(data), "fold": args.fold, "val_annotation": str(train_list), "model": args.model,
                   "num_frames": args.num_frames, "cues": [] if probe else CUES[variant],
                   "adapter_dim": 0 if probe else args.adapter_dim, "linear_probe": probe}
+        if cues != "exact":
+            recipe.update(cue_source=cues, cue_seed=args.cue_seed)
         trainer = {"steps": steps, "batch_size": args.batch_size, "lr": args.probe_lr if probe else args.lr,
                    "schedule": "cosine", "seed": args.seed, "eval_every": 0, "checkpoint_every": 0, "progress": False}
         argv = ["train", "fineclipper", "--device", args.device, *sets("trainer", trainer), *sets("recipe", recipe)]
-        run = out / "runs" / f"{variant}-{tag(argv)}"
+        run = out / "runs" / f"{variant}{'' if cues == 'exact' else '-' + cues}-{tag(argv)}"
         done = (run / "train_summary.json").is_file()
         resume = ["--resume"] if not done and (run / "train_state.pt").is_file() else []  # cut off while saving
         mmadapters([*argv, "--output", str(run), *resume], log, done=done)
         summary = json.loads((run / "train_summary.json").read_text())
         evaluate += ["--adapters", str(run / "last")]
-    results_file = out / "results" / f"{variant}-{tag(evaluate)}.json"
+    results_file = out / "results" / f"{variant}{'' if cues == 'exact' else '-' + cues}-{tag(evaluate)}.json"
     mmadapters([*evaluate, "--output", str(results_file)], log, done=results_file.is_file())
     res = read_results(results_file)
     params = summary["parameters"] if summary else {"trainable": 0, "backbone": res["parameters"]["total"]}
-    return {"variant": NAMES[variant], "key": variant, "trainable_params": params["trainable"],
+    name = NAMES[variant] + ("" if cues == "exact" else f" ({cues} cues)")
+    return {"variant": name, "key": variant if cues == "exact" else f"{variant}-{cues}", "cues": cues,
+            "trainable_params": params["trainable"],
             "trainable_pct": 100.0 * params["trainable"] / params["backbone"],
             "train_seconds": summary["timings"]["train_s"] if summary else 0.0, "uar": res["metrics"]["uar"],
             "war": res["metrics"]["war"], "n": res["counts"]["evaluated"], "skipped": res["counts"]["skipped"],
@@ -130,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in wanted if v not in NAMES]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; expected among {','.join(NAMES)}")
+    sources = [c.strip() for c in args.cues.split(",") if c.strip()]
+    if not sources or any(c not in ("exact", "realistic") for c in sources):
+        raise SystemExit(f"--cues {args.cues!r}: expected a comma-separated subset of exact,realistic")
     if args.threads:
         import torch
 
@@ -143,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     commands: list[str] = []
     results = []
     for variant in wanted:
-        results.append(run_variant(args, variant, data, train_list, out, commands))
-        print(f"{results[-1]['variant']}: UAR {results[-1]['uar']:.3f} WAR {results[-1]['war']:.3f}", flush=True)
+        for cues in (sources if CUES.get(variant) else ["exact"]):  # a variant without cues runs once, as before
+            results.append(run_variant(args, variant, data, train_list, out, commands, cues))
+            print(f"{results[-1]['variant']}: UAR {results[-1]['uar']:.3f} WAR {results[-1]['war']:.3f}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     payload = {"command": shlex.join(["python", "scripts/run_fineclipper.py", *(sys.argv[1:] if argv is None else argv)]),
