@@ -14,6 +14,13 @@ together).
 embeddings) each, all driven by the task's one embedding: VL-Adapter's Hyperformer has one hypernetwork
 for the encoder and one for the decoder, e.g.
 ``{"encoder": ["@enc_attn_out", "@enc_ffn_out"], "decoder": ["@dec_attn_out", "@dec_cross_out", "@dec_ffn_out"]}``.
+
+``block_types`` (Hyperformer++, the efficient shared hypernetwork of the Hyperformer paper and of its code's
+``efficient_unique_hyper_net``) names the adapter positions, e.g. ``{"attention": [...], "feed_forward": [...]}``:
+the hypernetwork then takes ``[task; layer; block type]``, a block-type embedding (``layer_embedding_dim`` wide)
+beside the layer embedding, and the layer index of a module is its rank among the modules of its block type in
+its group (model order: the transformer block's index when every block has every position). Without it (the
+default) each adapted module of a group has its own layer embedding and no block type is given.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ class HyperAdapterConfig(AdapterConfig):
         "help": "Group name -> target patterns (as target_modules): each group of adapted modules gets its own "
                 "hypernetwork and layer embeddings (e.g. one for the encoder, one for the decoder); the task "
                 "embedding is shared. None: one hypernetwork for all targets."})
+    block_types: dict[str, list[str]] | None = field(default=None, metadata={
+        "help": "Block-type name -> target patterns (e.g. attention / cross-attention / feed-forward positions): the "
+                "hypernetwork is fed a block-type embedding beside the task and layer embeddings, layers counted per "
+                "block type (Hyperformer++). None: one layer embedding per adapted module, no block type."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,18 +79,42 @@ class HyperAdapterConfig(AdapterConfig):
                                      f"got {patterns!r}")
                 groups[group] = patterns
             self.hypernet_groups = groups
+        if self.block_types is not None:
+            self.block_types = _named_patterns(self.block_types, "block_types", "block-type name")
+
+
+def _named_patterns(value, field_name: str, what: str) -> dict[str, list[str]]:
+    """``{name: [pattern, ...]}`` checked (a bare pattern string becomes a list); ValueError naming the field."""
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"HyperAdapterConfig.{field_name}: expected None or a non-empty dict "
+                         f"{{{what}: target patterns}}, got {value!r}")
+    out = {}
+    for name, patterns in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+            raise ValueError(f"HyperAdapterConfig.{field_name}: {what} {name!r} must be letters, digits, '_' or '-'")
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns) if isinstance(patterns, list | tuple) else None
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"HyperAdapterConfig.{field_name}[{name!r}]: expected target patterns, got {value[name]!r}")
+        out[name] = patterns
+    return out
 
 
 class HyperNetwork(nn.Module):
     """Shared across tasks. Generators are keyed by the adapted module's (in, out, bottleneck) shape."""
 
-    def __init__(self, config: HyperAdapterConfig, num_layers: int):
+    def __init__(self, config: HyperAdapterConfig, num_layers: int, block_types: list[str] | None = None):
         super().__init__()
         self.num_layers = num_layers
+        self.block_types = list(block_types) if block_types else []  # the block-type embedding's rows, in order
         self.layer_embedding = nn.Embedding(num_layers, config.layer_embedding_dim)
         nn.init.normal_(self.layer_embedding.weight, std=0.02)
+        inputs = config.task_embedding_dim + config.layer_embedding_dim
+        if self.block_types:
+            self.block_type_embedding = nn.Embedding(len(self.block_types), config.layer_embedding_dim)
+            nn.init.normal_(self.block_type_embedding.weight, std=0.02)
+            inputs += config.layer_embedding_dim
         self.project = nn.Sequential(
-            nn.Linear(config.task_embedding_dim + config.layer_embedding_dim, config.hidden_dim),
+            nn.Linear(inputs, config.hidden_dim),
             nn.ReLU(),
             nn.Linear(config.hidden_dim, config.hidden_dim),
             nn.LayerNorm(config.hidden_dim),
@@ -114,20 +149,23 @@ class TaskEmbedding(nn.Module):
 
 class HyperAdapterUnit(AdapterUnit):
     def __init__(self, hypernet: HyperNetwork, task: TaskEmbedding, layer: int, in_dim: int, out_dim: int,
-                 bn: int, config: HyperAdapterConfig, chdim: int):
+                 bn: int, config: HyperAdapterConfig, chdim: int, block_type: int | None = None):
         super().__init__(gate=config.gate)
         # Shared modules live at the model root; keep plain references so parameters are not duplicated.
         object.__setattr__(self, "_hypernet", hypernet)
         object.__setattr__(self, "_task", task)
         self.kind = config.placement
         self.layer, self.in_dim, self.out_dim, self.bn, self.channel_dim = layer, in_dim, out_dim, bn, chdim
+        self.block_type = block_type  # row of the hypernetwork's block-type embedding (None: no block type)
         self.act = make_activation(config.activation, "HyperAdapterConfig")
         hypernet.generator(in_dim, out_dim, bn)
 
     def generated(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         net = self._hypernet
-        layer = net.layer_embedding.weight[self.layer]
-        z = net.project(torch.cat([self._task.embedding, layer]))
+        parts = [self._task.embedding, net.layer_embedding.weight[self.layer]]
+        if self.block_type is not None:
+            parts.append(net.block_type_embedding.weight[self.block_type])
+        z = net.project(torch.cat(parts))
         gen = net.generator(self.in_dim, self.out_dim, self.bn)
         return (gen["down_w"](z).view(self.bn, self.in_dim), gen["down_b"](z),
                 gen["up_w"](z).view(self.out_dim, self.bn), gen["up_b"](z))
@@ -159,28 +197,57 @@ def _grouped_targets(ctx: BuildContext) -> dict[str, list]:
     return {alias: targets for alias, targets in out.items() if targets}
 
 
+def _block_type_of(ctx: BuildContext) -> dict[str, str]:
+    """Adapted module name -> its block type (``block_types``); every target needs exactly one."""
+    config: HyperAdapterConfig = ctx.config
+    owner: dict[str, str] = {}
+    for kind, patterns in config.block_types.items():
+        for t in resolve_targets(ctx.model, patterns, what=f"HyperAdapterConfig.block_types[{kind!r}]"):
+            if t.name in owner and owner[t.name] != kind:
+                raise ValueError(f"HyperAdapterConfig.block_types: module {t.name!r} is of block types "
+                                 f"{owner[t.name]!r} and {kind!r}; each adapted module needs exactly one")
+            owner[t.name] = kind
+    for t in ctx.targets:
+        if t.name not in owner:
+            raise ValueError(f"HyperAdapterConfig.block_types: adapted module {t.name!r} has no block type "
+                             f"(block types: {sorted(config.block_types)})")
+    return owner
+
+
 def build(ctx: BuildContext):
     config: HyperAdapterConfig = ctx.config
+    groups = _grouped_targets(ctx)  # checks the groups before anything is created
+    kinds = _block_type_of(ctx) if config.block_types is not None else None
     task = ctx.shared("task_embedding", lambda: TaskEmbedding(config.task_embedding_dim), True)
-    for alias, targets in _grouped_targets(ctx).items():
-        yield from _build_group(ctx, alias, targets, task)
+    for alias, targets in groups.items():
+        yield from _build_group(ctx, alias, targets, task, kinds)
 
 
-def _build_group(ctx: BuildContext, alias: str, targets: list, task: TaskEmbedding):
+def _build_group(ctx: BuildContext, alias: str, targets: list, task: TaskEmbedding, kinds: dict[str, str] | None):
     config: HyperAdapterConfig = ctx.config
-    n = len(targets)
-    hypernet = ctx.shared(alias, lambda: HyperNetwork(config, n), False)
-    if hypernet.num_layers != n:
+    if kinds is None:  # one layer embedding per adapted module
+        positions = [(layer, None) for layer in range(len(targets))]
+        n, types = len(targets), []
+    else:  # layer = rank among the group's modules of the same block type; block types in order of appearance
+        types = list(dict.fromkeys(kinds[t.name] for t in targets))
+        seen = dict.fromkeys(types, 0)
+        positions = []
+        for t in targets:
+            positions.append((seen[kinds[t.name]], types.index(kinds[t.name])))
+            seen[kinds[t.name]] += 1
+        n = max(seen.values())
+    hypernet = ctx.shared(alias, lambda: HyperNetwork(config, n, types), False)
+    if hypernet.num_layers != n or hypernet.block_types != types:
         raise ValueError(f"HyperAdapterConfig: hypernetwork {alias[len('hypernet_'):]!r} was built for {hypernet.num_layers} "
-                         f"adapted modules, this adapter targets {n}")
-    for layer, target in enumerate(targets):
+                         f"layers and block types {hypernet.block_types}, this adapter has {n} and {types}")
+    for (layer, block_type), target in zip(positions, targets, strict=True):
         in_dim, out_dim = feature_dims(target.module, target.dim)
         if config.placement == "series":
             in_dim = out_dim
         require_dims(target, in_dim, out_dim, "HyperAdapterConfig")
         bn = bottleneck_size(config, in_dim)
         yield target.name, "hyper", HyperAdapterUnit(hypernet, task, layer, in_dim, out_dim, bn, config,
-                                                     channel_dim(target.module))
+                                                     channel_dim(target.module), block_type)
 
 
 register_method("hyper", HyperAdapterConfig, build)
