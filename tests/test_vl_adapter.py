@@ -163,7 +163,10 @@ def test_hyperformer_has_an_encoder_and_a_decoder_hypernetwork(base_model):
     setup_variant(model, "hyperformer", tasks=("vqa", "gqa", "caption"))
     keys = sorted(model.mma_shared.keys())
     assert "hypernet_vl_encoder" in keys and "hypernet_vl_decoder" in keys
-    assert model.mma_shared["hypernet_vl_encoder"].num_layers == 4 and model.mma_shared["hypernet_vl_decoder"].num_layers == 6
+    # fed [task; layer; block type]: one layer embedding per T5 block, the adapter's position as the block type
+    assert model.mma_shared["hypernet_vl_encoder"].num_layers == 2 and model.mma_shared["hypernet_vl_decoder"].num_layers == 2
+    assert model.mma_shared["hypernet_vl_encoder"].block_types == ["self_attention", "feed_forward"]
+    assert model.mma_shared["hypernet_vl_decoder"].block_types == ["self_attention", "cross_attention", "feed_forward"]
     assert sum(k.endswith("__task_embedding") for k in keys) == 3  # one task embedding per task
 
 

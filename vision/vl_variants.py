@@ -10,9 +10,28 @@ Sung et al. 2022 (VL-Adapter), Section 3 and Table 1, on :class:`~mmadapters.vis
   / ``half_shared_up`` (per-task adapters sharing the Down or the Up projection,
   :class:`~mmadapters.methods.bottleneck.BottleneckConfig` ``share_down`` / ``share_up``) and
   ``shared_adapter`` (one set for every task; the task prefix tells tasks apart).
-- **Hyperformer**: each task is a task embedding; with layer embeddings it drives one hypernetwork for the
-  encoder and one for the decoder, which generate every adapter
-  (:class:`~mmadapters.methods.hyper.HyperAdapterConfig` ``hypernet_groups``).
+- **Task prefixes** (``"vqa: "``, ... :data:`~mmadapters.vision.vl_adapter.TASK_PREFIX`) as VL-Adapter's code
+  sets them (its ``--use_tasks_prompts``, given by the released scripts of the single shared adapter,
+  Compacter, LoRA and prompt only): a variant whose tasks share an adapter or part of one
+  (``shared_adapter``, ``half_shared_down`` / ``half_shared_up``, the single-set ``compacter``,
+  ``phm_adapter``, ``lora``, ``prompt`` and ``llama_adapter_v2``) puts the task prefix before the text;
+  ``full_ft`` and the variants with one adapter per task (``multiple_adapters``, ``hyperformer``, and the
+  others with ``per_task=True``) feed the question alone, single-task style (:func:`uses_task_prefix`). The
+  half-shared adapters (no released script) and LLaMA-Adapter V2 (not in VL-Adapter) follow the shared rule.
+  ``VariantConfig.task_prefix`` = true / false overrides the choice for every variant (true: this library's
+  behaviour before, prefixes everywhere). The choice is kept in :attr:`VariantSetup.task_prefix` and saved
+  with the checkpoint, so evaluation feeds what training fed.
+- **Hyperformer**: each task is a task embedding; with layer and block-type embeddings it drives one
+  hypernetwork for the encoder and one for the decoder, which generate every adapter
+  (:class:`~mmadapters.methods.hyper.HyperAdapterConfig` ``hypernet_groups`` and ``block_types``). The
+  hypernetwork's input is ``[task; layer; block type]``: the layer embedding indexes the transformer block and
+  the block type is the adapter's position in it (:data:`HYPER_BLOCK_TYPES`: self-attention, cross-attention,
+  feed-forward), so the two adapters of one encoder block get different weights from one hypernetwork — the
+  Hyperformer++ hypernetwork of rabeehk/hyperformer, which VL-Adapter's code carries as
+  ``AdapterLayersOneHyperNetController`` (``--efficient_unique_hyper_net``; its released Hyperformer script
+  passes ``--unique_hyper_net`` instead, the sibling controller that feeds only ``[task; layer]`` and gives
+  each block type its own weight generators). ``hyper_block_types=False`` keeps this library's earlier form:
+  one free layer embedding per adapted module and no block type.
 - **Compacter** (PHM projections with rank-1 factorized ``B_i`` and the ``A_i`` shared across layers) and
   the **plain PHM adapter** (full ``B_i``, one ``A`` per layer) — the released VL-Adapter scripts train the
   latter under the name "Compacter"; here each has its own name.
@@ -39,8 +58,9 @@ Sung et al. 2022 (VL-Adapter), Section 3 and Table 1, on :class:`~mmadapters.vis
 
 Sizes where the paper's are too big for a tiny model are scaled with the model width ``d`` (the paper's
 backbone has ``d = 768``) and can be overridden: LoRA ``r = d / 6`` with ``alpha = r / 4`` (the paper's
-``r = 128``, ``alpha = 32``: the same ``alpha / r``); Hyperformer task and layer embeddings ``2d / 3`` (512)
-and hypernetwork width ``d / 6`` (128); prompt MLP width ``d``.
+``r = 128``, ``alpha = 32``: the same ``alpha / r``); Hyperformer task, layer and block-type embeddings
+``2d / 3`` (512; the block type has the layer embedding's size) and hypernetwork width ``d / 6`` (128); prompt
+MLP width ``d``.
 """
 
 from __future__ import annotations
@@ -71,6 +91,10 @@ LLAMA_ATTENTION = "t5.encoder.block.*.layer.0.SelfAttention"  # LLaMA-Adapter V2
 _SINGLE_BY_DEFAULT = ("shared_adapter", "compacter", "phm_adapter", "lora", "prompt", "llama_adapter_v2")
 _FUSES_VISUAL_TOKENS = ("llama_adapter_v2",)  # variants fed each sample's global visual feature (VariantSetup.fusion)
 _PER_TASK_ONLY = ("multiple_adapters", "half_shared_down", "half_shared_up", "hyperformer")
+_PARTLY_SHARED = ("half_shared_down", "half_shared_up")  # per-task adapters with a shared projection: prefixed
+# Hyperformer's block types: the adapter's position inside a T5 block (the hypernetwork's block-type embedding)
+HYPER_BLOCK_TYPES = {"self_attention": ["@enc_attn_out", "@dec_attn_out"], "cross_attention": ["@dec_cross_out"],
+                     "feed_forward": ["@enc_ffn_out", "@dec_ffn_out"]}
 
 
 def _help(text: str, default=None, **kw):
@@ -97,6 +121,17 @@ class VariantConfig:
     hyper_task_dim: int | None = _help("Hyperformer: task embedding size (paper 512; default 2d / 3).")
     hyper_layer_dim: int | None = _help("Hyperformer: layer embedding size (paper 512; default 2d / 3).")
     hyper_hidden: int | None = _help("Hyperformer: hypernetwork width (paper 128; default d / 6).")
+    hyper_block_types: bool = _help(
+        "Hyperformer: feed the hypernetwork a block-type embedding (self-attention / cross-attention / feed-forward "
+        "position) beside the task and layer embeddings, the layer embedding indexing the T5 block (True, the "
+        "default: Hyperformer++ as VL-Adapter's code has it); False: one layer embedding per adapted module and no "
+        "block type (this library's Hyperformer before).", True)
+    task_prefix: bool | None = _help(
+        "Put the task prefix ('vqa: ', ...) before the encoder text. None (the default): as VL-Adapter's code does, "
+        "for the variants whose tasks share an adapter or part of one (shared_adapter, half_shared_*, the single-set "
+        "compacter / phm_adapter / lora / prompt / llama_adapter_v2), not for full_ft nor per-task adapters "
+        "(multiple_adapters, hyperformer, per_task=True). True / False: for every variant (True: the library's "
+        "behaviour before).")
     llama_prompts: int = _help("LLaMA-Adapter V2: adaptation prompts per adapted encoder self-attention.", 10)
     llama_layers: int | None = _help("LLaMA-Adapter V2: adapt the top N encoder layers only (None: all of them; "
                                      "the visual tokens join the first adapted one).")
@@ -113,6 +148,11 @@ class VariantConfig:
         if self.per_task is not None and self.variant not in ("compacter", "phm_adapter", "lora", "prompt"):
             raise ValueError(f"VariantConfig.per_task: variant {self.variant!r} fixes its sharing; per_task applies to "
                              "compacter, phm_adapter, lora and prompt")
+        for name in ("task_prefix", "hyper_block_types"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name == "task_prefix")):
+                expected = "true, false or null" if name == "task_prefix" else "true or false"
+                raise ValueError(f"VariantConfig.{name}: expected {expected}, got {value!r}")
         if self.llama_layers is not None and self.llama_layers <= 0:
             raise ValueError(f"VariantConfig.llama_layers: expected None or a positive integer, got {self.llama_layers!r}")
         for name in ("reduction_factor", "prompt_tokens", "phm_dim", "phm_rank", "llama_prompts"):
@@ -131,6 +171,8 @@ class VariantSetup:
     extras: list[str]  # base parameters that train besides the adapters (LayerNorms, visual projection)
     sizes: dict[str, float] = field(default_factory=dict)  # the resolved sizes (LoRA r, Hyperformer dims, ...)
     visual_tokens: bool = False  # the adapters take each sample's global visual feature (early fusion): see fusion()
+    task_prefix: bool = True  # the encoder text starts with the task prefix (module docstring; True: any setup
+    # not made by setup_variant, e.g. adapters loaded without a vl_adapter.json, or a checkpoint from before)
 
     def activate(self, model: nn.Module, task: str) -> None:
         """Make ``task``'s adapter the active one (before a forward pass on a batch of that task)."""
@@ -156,6 +198,18 @@ def global_visual_feature(visual_feats: Tensor) -> Tensor:
     if visual_feats.dim() not in (3, 4):
         raise ValueError(f"visual_feats: expected (B, N, D) or (B, I, N, D), got shape {tuple(visual_feats.shape)}")
     return visual_feats.reshape(visual_feats.shape[0], -1, visual_feats.shape[-1]).float().mean(dim=1)
+
+
+def uses_task_prefix(config: VariantConfig) -> bool:
+    """Whether ``config``'s variant puts the task prefix before the encoder text (module docstring):
+    ``config.task_prefix`` when set, else VL-Adapter's choice: yes when tasks share an adapter or part of one."""
+    if config.task_prefix is not None:
+        return config.task_prefix
+    if config.variant == "full_ft":
+        return False
+    if config.variant in _PARTLY_SHARED:
+        return True
+    return config.variant in _SINGLE_BY_DEFAULT and not config.per_task
 
 
 def unfreeze_extras(model: nn.Module) -> list[str]:
@@ -202,7 +256,8 @@ def _adapter_configs(config: VariantConfig, sizes: dict[str, float],
             target_modules=ADAPTER_POINTS, hypernet="vl", reduction_factor=rf, activation=config.activation,
             task_embedding_dim=int(sizes["hyper_task_dim"]), layer_embedding_dim=int(sizes["hyper_layer_dim"]),
             hidden_dim=int(sizes["hyper_hidden"]),
-            hypernet_groups={"encoder": list(ENCODER_POINTS), "decoder": list(DECODER_POINTS)})
+            hypernet_groups={"encoder": list(ENCODER_POINTS), "decoder": list(DECODER_POINTS)},
+            block_types={k: list(v) for k, v in HYPER_BLOCK_TYPES.items()} if config.hyper_block_types else None)
     elif v in ("compacter", "phm_adapter"):
         preset = mma.CompacterConfig.compacter if v == "compacter" else mma.CompacterConfig.phm_adapter
         kw = dict(target_modules=ADAPTER_POINTS, reduction_factor=rf, phm_dim=config.phm_dim)
@@ -261,7 +316,7 @@ def setup_variant(model: nn.Module, config: VariantConfig | str, tasks: tuple[st
         extras = unfreeze_extras(model) if config.train_extras else []
     adapter_for = {t: (t if per_task else SHARED_NAME) if configs else None for t in config.tasks}
     setup = VariantSetup(config.variant, config.tasks, adapter_for, list(configs), extras, sizes,
-                         visual_tokens=config.variant in _FUSES_VISUAL_TOKENS)
+                         visual_tokens=config.variant in _FUSES_VISUAL_TOKENS, task_prefix=uses_task_prefix(config))
     setup.activate(model, config.tasks[0])
     return setup
 
@@ -310,5 +365,6 @@ def parameter_report(model: nn.Module, setup: VariantSetup) -> VariantParameters
     return VariantParameters(setup.variant, core.base, core.trainable, core.adapters, extras, per_task)
 
 
-__all__ = ["ADAPTER_POINTS", "DECODER_POINTS", "ENCODER_POINTS", "LLAMA_ATTENTION", "SHARED_NAME", "TASKS", "VARIANTS", "VariantConfig",
-           "VariantParameters", "VariantSetup", "global_visual_feature", "parameter_report", "setup_variant", "unfreeze_extras"]
+__all__ = ["ADAPTER_POINTS", "DECODER_POINTS", "ENCODER_POINTS", "HYPER_BLOCK_TYPES", "LLAMA_ATTENTION", "SHARED_NAME", "TASKS",
+           "VARIANTS", "VariantConfig", "VariantParameters", "VariantSetup", "global_visual_feature", "parameter_report",
+           "setup_variant", "unfreeze_extras", "uses_task_prefix"]
