@@ -4,10 +4,14 @@ The method, in the paper's order:
 
 1. **Backbone.** VL-T5 (:mod:`mmadapters.vision.vlt5`): frozen CLIP grid features, projected by a trainable
    visual projection, are prepended to the T5 encoder's text embeddings.
-2. **One generative format for every task.** The input is the task prefix (:data:`TASK_PREFIX`) and the
-   question or statement (:func:`model_input`); the output is the answer text (:func:`training_target`) —
-   the best-scored answer for VQA, the answer for GQA, ``"true"``/``"false"`` for NLVR2, a caption (one of
-   the references, drawn per step) for COCO.
+2. **One generative format for every task.** The input is the question or statement, after the task prefix
+   (:data:`TASK_PREFIX`) for the variants whose tasks share adapters and without it for full fine-tuning and
+   per-task adapters, as VL-Adapter's code does (:func:`model_input`;
+   :func:`~mmadapters.vision.vl_variants.uses_task_prefix`); the output is the answer text
+   (:func:`training_target`) — for VQA an answer *drawn* each time the question is drawn, with probability
+   proportional to its soft score (VQA's ``min(1, annotators / 3)``, the ``label`` of the annotation file), as
+   VL-T5's and VL-Adapter's VQA loaders do (``vqa_target="best"``: always the best-scored answer); the answer
+   for GQA, ``"true"``/``"false"`` for NLVR2, a caption (one of the references, drawn per step) for COCO.
 3. **Adapters and their sharing** (:mod:`mmadapters.vision.vl_variants`): one of ``VARIANTS`` is added,
    the backbone frozen except all LayerNorms and the visual projection.
 4. **Multi-task training** runs on the training engine: ``mmadapters train vl-adapter``
@@ -96,17 +100,36 @@ def visual_input(sample: VLSample, features: Callable[[str], Tensor]) -> Tensor:
     return feats[0] if len(feats) == 1 else torch.stack(feats)
 
 
-def model_input(sample: VLSample) -> str:
-    """The encoder's text: the task prefix, then the question or statement (nothing for captioning)."""
-    return TASK_PREFIX[sample.task] + sample.text
+def model_input(sample: VLSample, task_prefix: bool = True) -> str:
+    """The encoder's text: the task prefix (when ``task_prefix``), then the question or statement (nothing for
+    captioning)."""
+    return (TASK_PREFIX[sample.task] if task_prefix else "") + sample.text
 
 
-def training_target(sample: VLSample, rng: random.Random) -> str:
-    """The decoder's target: the best-scored answer (VQA), the answer (GQA), true/false (NLVR2), or one
-    reference caption drawn at random (so every reference is learned over the epochs)."""
+VQA_TARGETS = ("sample", "best")
+
+
+def training_target(sample: VLSample, rng: random.Random, vqa_target: str = "sample") -> str:
+    """The decoder's target, drawn with ``rng``.
+
+    VQA: with ``vqa_target="sample"`` (the default, VL-T5's and VL-Adapter's loaders) an answer of the soft label
+    drawn with probability ``score / sum of scores`` — every call draws again, so over the epochs each answer is
+    learned in proportion to its score; a label whose scores are all 0 raises ``ValueError`` (the official loader
+    trains such a question with weight 0); a sample without a label (no scores) trains on its first target. With
+    ``"best"``: always the best-scored answer. GQA: the answer; NLVR2: true/false; captioning: one reference drawn
+    at random (so every reference is learned over the epochs)."""
+    if vqa_target not in VQA_TARGETS:
+        raise ValueError(f"vqa_target: expected one of {VQA_TARGETS}, got {vqa_target!r}")
     if not sample.targets:
         raise ValueError("no training target")
-    return rng.choice(sample.targets) if sample.task == "caption" else sample.targets[0]
+    if sample.task == "caption":
+        return rng.choice(sample.targets)
+    if sample.task == "vqa" and vqa_target == "sample" and sample.label:
+        answers = [a for a, score in sample.label.items() if score > 0]
+        if not answers:
+            raise ValueError("no answer with a positive score to draw a training target from")
+        return rng.choices(answers, weights=[sample.label[a] for a in answers])[0]
+    return sample.targets[0]
 
 
 @dataclass
@@ -121,10 +144,11 @@ class Batch:
 
 def make_batch(model: nn.Module, task: str, samples: Sequence[VLSample], features: Callable[[str], Tensor], *,
                max_text_length: int, max_target_length: int, rng: random.Random,
-               skipped: list | None = None) -> Batch | None:
-    """One task's training samples tokenized and stacked with their targets (``rng`` draws the captions).
-    Samples whose features or targets are unusable are appended to ``skipped`` as ``(uid, reason)``; None when
-    none is left. (Generation batches its samples in :class:`VLPredictor`.)"""
+               skipped: list | None = None, task_prefix: bool = True, vqa_target: str = "sample") -> Batch | None:
+    """One task's training samples tokenized and stacked with their targets (``rng`` draws the VQA answers and
+    the captions, :func:`training_target` with ``vqa_target``; the text after the task prefix when
+    ``task_prefix``, :func:`model_input`). Samples whose features or targets are unusable are appended to
+    ``skipped`` as ``(uid, reason)``; None when none is left. (Generation batches its samples in :class:`VLPredictor`.)"""
     kept, feats, targets = [], [], []
     for s in samples:
         if s.task != task:
@@ -133,7 +157,7 @@ def make_batch(model: nn.Module, task: str, samples: Sequence[VLSample], feature
             v = visual_input(s, features)
             if feats and v.shape != feats[0].shape:
                 raise ValueError(f"features of shape {tuple(v.shape)}, the batch has {tuple(feats[0].shape)}")
-            targets.append(training_target(s, rng))
+            targets.append(training_target(s, rng, vqa_target))
         except (KeyError, ValueError) as err:
             if skipped is not None:
                 skipped.append((s.uid, str(err).strip("'\"")))
@@ -143,7 +167,7 @@ def make_batch(model: nn.Module, task: str, samples: Sequence[VLSample], feature
     if not kept:
         return None
     device = next(model.parameters()).device
-    ids, mask = model.encode_text([model_input(s) for s in kept], max_length=max_text_length)
+    ids, mask = model.encode_text([model_input(s, task_prefix) for s in kept], max_length=max_text_length)
     labels = model.encode_targets(targets, max_length=max_target_length).to(device)
     return Batch(task, kept, ids.to(device), mask.to(device), torch.stack(feats).to(device), labels)
 
@@ -260,7 +284,8 @@ class VLPredictor:
     answer/question type (VQA), the references (captioning), the targets (GQA, NLVR2). A sample that cannot
     be scored, or whose features are missing (:class:`MissingFeaturesError`) or unusable (``ValueError``),
     gets the exception instead. Samples are batched by the shape of their visual input (``(N, D)`` for one
-    image, ``(2, N, D)`` for an NLVR2 pair). The caller activates the task's adapter and sets eval mode.
+    image, ``(2, N, D)`` for an NLVR2 pair). The encoder text has the task prefix when ``setup.task_prefix``
+    (as in training; always without a setup). The caller activates the task's adapter and sets eval mode.
     """
 
     def __init__(self, model: nn.Module, setup: VariantSetup | None, task: str, features: Callable[[str], Tensor], *,
@@ -269,6 +294,7 @@ class VLPredictor:
             raise ValueError(f"task {task!r}: expected one of {list(HEADLINE)}")
         self.model, self.setup, self.task, self.features = model, setup, task, features
         self.max_text_length, self.max_new_tokens, self.num_beams = max_text_length, max_new_tokens, num_beams
+        self.task_prefix = True if setup is None else bool(setup.task_prefix)
 
     def _visual(self, sample: VLSample) -> Tensor | BaseException:
         reason = unscorable_reason(sample)
@@ -303,7 +329,8 @@ class VLPredictor:
         device = next(self.model.parameters()).device
         for positions in by_shape.values():
             feats = torch.stack([outs[k] for k in positions]).to(device)
-            ids, mask = self.model.encode_text([model_input(samples[k]) for k in positions], max_length=self.max_text_length)
+            ids, mask = self.model.encode_text([model_input(samples[k], self.task_prefix) for k in positions],
+                                               max_length=self.max_text_length)
             fusion = self.setup.fusion(self.model, feats) if self.setup is not None else contextlib.nullcontext()
             with torch.no_grad(), fusion:
                 generated = self.model.generate(ids.to(device), mask.to(device), feats, max_new_tokens=self.max_new_tokens,
@@ -389,7 +416,8 @@ def task_metrics(task: str, records: Sequence[Mapping[str, Any]]) -> tuple[dict[
 def save_trained(model: nn.Module, setup: VariantSetup, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write what trained: the adapters (``adapters/<name>/``, via :func:`mmadapters.save_adapters`) and the
     trained backbone parameters (``trained_backbone.safetensors``: LayerNorms and visual projection, or
-    everything for full fine-tuning), plus ``vl_adapter.json`` (setup and ``extra``). Files are atomic."""
+    everything for full fine-tuning), plus ``vl_adapter.json`` (setup, its ``task_prefix`` true/false, and
+    ``extra``, which cannot replace the setup's fields). Files are atomic."""
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -400,8 +428,8 @@ def save_trained(model: nn.Module, setup: VariantSetup, directory: str | os.Path
     backbone = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
                 if p.requires_grad and id(p) not in adapter_ids}
     atomic_write_bytes(directory / TRAINED_BACKBONE, save(backbone, metadata={"format": "pt"}))
-    meta = {"variant": setup.variant, "tasks": list(setup.tasks), "adapter_for": setup.adapter_for,
-            "sizes": setup.sizes, **(extra or {})}
+    meta = {**(extra or {}), "variant": setup.variant, "tasks": list(setup.tasks), "adapter_for": setup.adapter_for,
+            "sizes": setup.sizes, "task_prefix": bool(setup.task_prefix)}
     atomic_write_bytes(directory / TRAINED_META, (json.dumps(meta, indent=1, default=str) + "\n").encode())
     return directory
 
@@ -417,8 +445,10 @@ def load_trained(model: nn.Module, directory: str | os.PathLike) -> VariantSetup
     The adapters are loaded with :func:`mmadapters.load_adapters` (injected where they were saved, shared parts
     included), then the trained backbone parameters (LayerNorms and visual projection, or all of them for
     full fine-tuning) are copied in by name; afterwards exactly the saved parameters have ``requires_grad``
-    and the first task's adapter is active. A missing file, an unknown variant or a tensor that does not match
-    the model raises an error naming the file and the field or tensor.
+    and the first task's adapter is active. ``task_prefix`` comes from the file (a checkpoint written before it
+    was recorded — no field, or the prefix table the recipe used to save under that name — was trained with
+    prefixes: true). A missing file, an unknown variant or a tensor that does not match the model raises an
+    error naming the file and the field or tensor.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
@@ -437,6 +467,11 @@ def load_trained(model: nn.Module, directory: str | os.PathLike) -> VariantSetup
         raise ValueError(f"{meta_path}: field 'tasks' must be a non-empty list of task names, got {tasks!r}")
     if not isinstance(adapter_for, dict) or set(adapter_for) != set(tasks):
         raise ValueError(f"{meta_path}: field 'adapter_for' must map every task of 'tasks' {tasks} to an adapter name or null")
+    task_prefix = meta.get("task_prefix", True)
+    if isinstance(task_prefix, dict):  # older checkpoints: the recipe's prefix table, always used then
+        task_prefix = True
+    if not isinstance(task_prefix, bool):
+        raise ValueError(f"{meta_path}: field 'task_prefix' must be true or false, got {task_prefix!r}")
     if mma.adapter_names(model):
         raise ValueError(f"load_trained: the model already has adapters {mma.adapter_names(model)}; start from a fresh VL-T5")
     adapters = sorted({a for a in adapter_for.values() if a is not None})
@@ -466,13 +501,13 @@ def load_trained(model: nn.Module, directory: str | os.PathLike) -> VariantSetup
             param.copy_(value.to(param.dtype))
             param.requires_grad_(True)
     setup = VariantSetup(variant, tuple(tasks), dict(adapter_for), adapters, sorted(state), dict(meta.get("sizes") or {}),
-                         visual_tokens=variant in _FUSES_VISUAL_TOKENS)
+                         visual_tokens=variant in _FUSES_VISUAL_TOKENS, task_prefix=task_prefix)
     setup.activate(model, setup.tasks[0])
     return setup
 
 
 
 __all__ = ["DEFAULT_LR", "HEADLINE", "SYNTH_FILES", "TASK_PREFIX", "TRAINED_ADAPTERS", "TRAINED_BACKBONE", "TRAINED_META",
-           "Batch", "FeatureCache", "MissingFeaturesError", "VLPredictor", "clip_encoder", "load_trained", "make_batch",
+           "VQA_TARGETS", "Batch", "FeatureCache", "MissingFeaturesError", "VLPredictor", "clip_encoder", "load_trained", "make_batch",
            "model_input", "open_feature_source", "predict_records", "read_split", "save_trained", "task_metrics",
            "training_target", "unscorable_reason", "visual_input"]

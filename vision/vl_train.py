@@ -15,10 +15,16 @@ clipping, DDP, checkpoints, ``--resume``, best-checkpoint selection. This module
     paper does (tasks take turns in shuffled rounds that pass over each task about once;
     ``--set trainer.group_batches=false`` mixes tasks in proportion to their sizes instead);
   * ``get_batch`` groups a batch's items by task (one :class:`~mmadapters.vision.vl_adapter.Batch` per task,
-    built by :func:`~mmadapters.vision.vl_adapter.make_batch`: each task has its own prefix and, per variant,
-    its own adapter). The reference caption a captioning item trains on is drawn from a generator seeded by
-    ``(seed, the batch's item indices)``, a pure function of the data position, so ``--resume`` and DDP ranks
-    see the same draws;
+    built by :func:`~mmadapters.vision.vl_adapter.make_batch`: per variant, each task has its own adapter and
+    its task prefix before the text — VL-Adapter's choice: prefixes for the variants whose tasks share
+    adapters, none for full fine-tuning and per-task adapters, ``recipe.task_prefix`` to force it,
+    :func:`~mmadapters.vision.vl_variants.uses_task_prefix`). The answer a VQA item trains on is drawn anew
+    each time the question is drawn, in proportion to the answers' soft scores (``recipe.vqa_target: sample``,
+    VL-T5's / VL-Adapter's VQA loader; ``best``: always the top answer), and the reference caption a captioning
+    item trains on is drawn at random; both from a generator seeded by ``(seed, the batch's item indices)``, a
+    pure function of the data position, so ``--resume`` and DDP ranks see the same draws (a question is drawn
+    again in another batch of another epoch; only a batch of the very same items in the same order would repeat
+    the draw);
   * ``loss`` runs each task group with its adapter active and returns the **item-weighted mean** of the
     groups' losses: ``sum_g n_g * loss_g / sum_g n_g`` (``loss_g``: T5's mean token cross-entropy of group
     ``g``, ``n_g``: its number of items). It is therefore a mean over this rank's items, and DDP's average
@@ -67,6 +73,7 @@ from .vl_adapter import (
     HEADLINE,
     SYNTH_FILES,
     TASK_PREFIX,
+    VQA_TARGETS,
     Batch,
     FeatureCache,
     make_batch,
@@ -113,7 +120,11 @@ class VLTrainConfig(VariantConfig):
     max_train_samples: int | None = _help("Train on at most this many samples per task (None: all).")
     max_val_samples: int | None = _help("Validate on at most this many samples per task (None: all).", 200)
     eval_batch_size: int = _help("Generation batch size in validation.", 64)
-    max_text_length: int = _help("Encoder tokens kept (task prefix + question).", 40)
+    max_text_length: int = _help("Encoder tokens kept (task prefix, when the variant uses it, + question).", 40)
+    vqa_target: Literal["sample", "best"] = _help(
+        "VQA training target: 'sample' (the default, VL-T5's and VL-Adapter's loaders) draws an answer each time the "
+        "question is drawn, with probability proportional to its soft score (the file's label, VQA's "
+        "min(1, annotators / 3)); 'best' always trains on the best-scored answer (this recipe before).", "sample")
     max_target_length: int = _help("Target tokens kept in training.", 20)
     max_new_tokens: int = _help("Generation length in validation.", 20)
     on_bad_rows: Literal["skip", "raise"] = _help("Malformed annotation rows: skip and report them, or raise.", "skip")
@@ -142,6 +153,8 @@ class VLTrainConfig(VariantConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"VLTrainConfig.{name}: expected None or a positive integer, got {value!r}")
+        if self.vqa_target not in VQA_TARGETS:
+            raise ValueError(f"VLTrainConfig.vqa_target: expected one of {list(VQA_TARGETS)}, got {self.vqa_target!r}")
         if "{img_id}" not in self.image_pattern:
             raise ValueError(f"VLTrainConfig.image_pattern: expected a file name with {{img_id}}, got {self.image_pattern!r}")
 
@@ -264,7 +277,7 @@ class VLTrainTask:
 
     def get_batch(self, indices: list[int]) -> VLTrainBatch:
         """The items at ``indices``, grouped by task: one tokenized, stacked :class:`Batch` per task."""
-        rng = random.Random(f"vl-adapter:{self.seed}:{','.join(map(str, indices))}")  # caption draws
+        rng = random.Random(f"vl-adapter:{self.seed}:{','.join(map(str, indices))}")  # VQA answer and caption draws
         by_task: dict[str, list] = {}
         for index in indices:
             task, i = self.items[index]
@@ -273,7 +286,8 @@ class VLTrainTask:
         for task in self.config.tasks:
             if task in by_task:
                 batch = make_batch(self.model, task, by_task[task], self.features, max_text_length=self.config.max_text_length,
-                                   max_target_length=self.config.max_target_length, rng=rng, skipped=skipped)
+                                   max_target_length=self.config.max_target_length, rng=rng, skipped=skipped,
+                                   task_prefix=self.setup.task_prefix, vqa_target=self.config.vqa_target)
                 if batch is not None:
                     parts.append(batch)
         self.skipped_training_items += len(skipped)
@@ -301,8 +315,9 @@ class VLTrainTask:
         from mmadapters.training.config_io import to_mapping
 
         save_trained(self.model, self.setup, directory,
-                     extra={"recipe": "vl-adapter", "model_dir": str(self.model_dir), "task_prefix": TASK_PREFIX,
-                            "headline": HEADLINE, "config": to_mapping(self.config)})
+                     extra={"recipe": "vl-adapter", "model_dir": str(self.model_dir),
+                            "task_prefixes": {t: TASK_PREFIX[t] for t in self.setup.tasks} if self.setup.task_prefix else {},
+                            "vqa_target": self.config.vqa_target, "headline": HEADLINE, "config": to_mapping(self.config)})
 
     def parameter_counts(self) -> dict[str, int]:
         report = parameter_report(self.model, self.setup)
