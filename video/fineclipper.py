@@ -24,14 +24,18 @@ The method, as its paper describes it (no public code exists; the adapter placem
 
 Because every gate starts at zero and the adapters start as identities, the untrained model *is* frozen
 CLIP scoring the frame-mean feature (plus an identity-initialised temporal residual), which is the zero-shot
-baseline; each cue level can be switched off in :class:`FineClipperConfig` for ablations, and
+baseline; each cue level can be switched off in :class:`FineClipperConfig` for ablations,
 ``linear_probe=True`` (no cues, no adapters) trains only a linear classifier on that frozen frame-mean feature
-(the CLIP linear-probe baseline). Training is ``mmadapters train fineclipper`` (:mod:`.fineclipper_train`).
+(the CLIP linear-probe baseline), and ``finetune_params`` (with no cues and no adapters) fine-tunes the named
+image-tower parameters of CLIP itself under FineCLIPER's frames-only head (the fine-tuned CLIP baseline).
+Training is ``mmadapters train fineclipper`` (:mod:`.fineclipper_train`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -85,6 +89,9 @@ class FineClipperConfig:
     dropout: float = 0.1
     # the CLIP linear-probe baseline: only a linear classifier on frozen CLIP's frame-mean feature trains
     linear_probe: bool = False
+    # the fine-tuned CLIP baseline: these image-tower parameters (glob patterns over ``clip.visual``'s parameter
+    # names; ``resblocks.-1.`` is the last block) train along with the temporal encoder, α and τ; empty: CLIP frozen
+    finetune_params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.cues if c not in ("masks", "landmarks", "description")]
@@ -93,9 +100,31 @@ class FineClipperConfig:
         if self.linear_probe and (self.cues or self.adapter_dim):
             raise ValueError(f"FineClipperConfig.linear_probe: the probe reads frozen CLIP's frame mean alone; expected "
                              f"cues=() and adapter_dim=0, got cues={tuple(self.cues)} and adapter_dim={self.adapter_dim}")
+        if self.linear_probe and self.finetune_params:
+            raise ValueError(f"FineClipperConfig.finetune_params: the linear probe keeps CLIP frozen; expected (), got "
+                             f"{tuple(self.finetune_params)}")
+        bad = [p for p in self.finetune_params if not isinstance(p, str) or not p]
+        if bad:
+            raise ValueError(f"FineClipperConfig.finetune_params: expected non-empty glob patterns, got {bad}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def finetuned_parameter_names(visual: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names (relative to ``visual``, the image tower) of the parameters matched by ``patterns``: globs over the
+    parameter names, where ``resblocks.-1.`` stands for the last transformer block; every pattern must match."""
+    names = [n for n, _ in visual.named_parameters()]
+    blocks = sorted({int(m.group(1)) for n in names if (m := re.search(r"resblocks\.(\d+)\.", n))})
+    chosen: list[str] = []
+    for pattern in patterns:
+        resolved = pattern.replace("resblocks.-1.", f"resblocks.{blocks[-1]}.") if blocks else pattern
+        hits = [n for n in names if fnmatch.fnmatchcase(n, resolved)]
+        if not hits:
+            raise ValueError(f"FineClipperConfig.finetune_params: {pattern!r} matches no image-tower parameter "
+                             f"(names look like {names[:3]} ... {names[-2:]})")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
 
 
 class TemporalEncoder(nn.Module):
@@ -187,6 +216,11 @@ class FineClipper(nn.Module):
             self.mask_gate.requires_grad_(False)
         if "description" not in config.cues:
             self.description_proj.requires_grad_(False)
+        # the fine-tuned CLIP baseline: unfreeze the chosen image-tower parameters (saved with the head)
+        self.finetuned = ["clip.visual." + n for n in finetuned_parameter_names(clip.visual, config.finetune_params)]
+        params = dict(self.named_parameters())
+        for name in self.finetuned:
+            params[name].requires_grad_(True)
         self.probe: nn.Linear | None = None
         if config.linear_probe:
             for p in self.parameters():

@@ -7,7 +7,10 @@ image tower, cue encoders, temporal encoder, positive/negative class description
 samples TSN frames (a random frame per segment, from torch's global generator, whose state the engine
 checkpoints), and the loss is the cross-entropy over the description scores. Validation is UAR (selection
 metric) and WAR. ``linear_probe: true`` (with ``cues: []``, ``adapter_dim: 0``) is the CLIP linear-probe
-baseline: only a linear classifier on frozen CLIP's frame-mean feature trains.
+baseline: only a linear classifier on frozen CLIP's frame-mean feature trains. ``baseline: finetune_clip`` (with
+``cues: []``, ``adapter_dim: 0``) is the fine-tuned CLIP baseline at FineCLIPER's budget: the image-tower parameters
+``finetune_params`` (glob patterns; by default the last block's qkv and MLP output projections) train under the
+frames-only head, and are saved with it in ``fineclipper_head.safetensors`` (as ``clip.visual.*`` tensors).
 
 ``cue_source: realistic`` replaces the exact cues by what real extractors would give
 (:class:`~mmadapters.video.realistic_cues.RealisticCues`: landmarks with jitter ``landmark_jitter`` and misses
@@ -25,7 +28,7 @@ A saved run directory (``best/``, ``last/``) holds
 - ``fineclipper/`` — the image-tower adapters in the core format (:func:`mmadapters.save_adapters`), when
   ``adapter_dim > 0``;
 - ``fineclipper_head.safetensors`` — the rest of the trainable parts (temporal encoder, cue encoders, gates,
-  α and τ);
+  α and τ; and the fine-tuned image-tower parameters of ``baseline: finetune_clip``);
 - ``fineclipper.json`` — the classes, the :class:`FineClipperConfig`, the CLIP, the frame count and the cue source.
 
 :func:`load_fineclipper_run` rebuilds the model from them.
@@ -51,6 +54,8 @@ RECIPE_NAME = "fineclipper"
 ADAPTER_NAME = "fineclipper"
 HEAD_NAME = "fineclipper_head.safetensors"
 META_NAME = "fineclipper.json"
+# the fine-tuned CLIP baseline's default: the last image-tower block's qkv projection and MLP output projection
+FINETUNE_PARAMS = ("transformer.resblocks.-1.attn.in_proj_*", "transformer.resblocks.-1.mlp.c_proj.*")
 
 
 @dataclass
@@ -86,6 +91,14 @@ class FineClipperRecipeConfig:
     linear_probe: bool = field(default=False, metadata={
         "help": "the CLIP linear-probe baseline: train only a linear classifier on frozen CLIP's frame-mean feature "
                 "(needs cues: [] and adapter_dim: 0)"})
+    baseline: Literal["none", "finetune_clip"] = field(default="none", metadata={
+        "help": "none: FineCLIPER as configured; finetune_clip: the fine-tuned CLIP baseline: the image-tower parameters "
+                "finetune_params of CLIP itself train under FineCLIPER's frames-only head (temporal encoder, α, τ); "
+                "needs cues: [] and adapter_dim: 0"})
+    finetune_params: tuple[str, ...] = field(default=FINETUNE_PARAMS, metadata={
+        "help": "finetune_clip: glob patterns over the image tower's parameter names (resblocks.-1. is the last block); "
+                "the default (the last block's qkv projection and MLP output projection) gives the tiny CLIP 164,450 "
+                "trainable parameters with the frames-only head, FineCLIPER's all-levels budget (163,491) within 0.6%"})
     eval_batch_size: int = field(default=32, metadata={"help": "clips per batch in validation"})
     cue_source: Literal["exact", "realistic"] = field(default="exact", metadata={
         "help": "exact: the precomputed cues as stored (the generated faces: the renderer's); realistic: the same cues "
@@ -128,6 +141,17 @@ class FineClipperRecipeConfig:
         if self.linear_probe and (self.cues or self.adapter_dim):
             raise ValueError(f"recipe.linear_probe: the probe reads frozen CLIP's frame mean alone; set recipe.cues: [] "
                              f"and recipe.adapter_dim: 0 (got {list(self.cues)} and {self.adapter_dim})")
+        if self.baseline not in ("none", "finetune_clip"):
+            raise ValueError(f"recipe.baseline: expected none or finetune_clip, got {self.baseline!r}")
+        if self.baseline == "finetune_clip":
+            if self.cues or self.adapter_dim or self.linear_probe:
+                raise ValueError(f"recipe.baseline: finetune_clip fine-tunes CLIP under the frames-only head; set "
+                                 f"recipe.cues: [], recipe.adapter_dim: 0 and recipe.linear_probe: false (got "
+                                 f"{list(self.cues)}, {self.adapter_dim} and {self.linear_probe})")
+            if isinstance(self.finetune_params, str) or not self.finetune_params \
+                    or not all(isinstance(p, str) and p for p in self.finetune_params):
+                raise ValueError(f"recipe.finetune_params: expected a non-empty list of glob patterns over the image "
+                                 f"tower's parameter names, got {self.finetune_params!r}")
 
     def cue_provider(self):
         """The cues the run reads: :class:`~.cues.PrecomputedCues` under ``cues_root`` (or ``data_dir``), wrapped in
@@ -147,7 +171,8 @@ class FineClipperRecipeConfig:
         return FineClipperConfig(cues=tuple(self.cues), adapter_dim=self.adapter_dim, adapter_points=tuple(self.adapter_points),
                                  temporal_layers=self.temporal_layers, num_landmarks=num_landmarks,
                                  max_frames=max(64, self.num_frames), negative_weight_init=self.negative_weight_init,
-                                 dropout=self.dropout, linear_probe=self.linear_probe)
+                                 dropout=self.dropout, linear_probe=self.linear_probe,
+                                 finetune_params=tuple(self.finetune_params) if self.baseline == "finetune_clip" else ())
 
 
 def hold_out_per_class(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -196,7 +221,8 @@ def save_fineclipper_run(model: FineClipper, directory: str | Path, metadata: di
     directory.mkdir(parents=True, exist_ok=True)
     if model.config.adapter_dim > 0:
         mma.save_adapters(model.clip, directory, names=[ADAPTER_NAME])
-    head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    keep = set(model.finetuned)  # the fine-tuned CLIP baseline's image-tower parameters travel with the head
+    head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.") or k in keep}
     atomic_write_bytes(directory / HEAD_NAME, save(head, metadata={"recipe": RECIPE_NAME}))
     atomic_write_bytes(directory / META_NAME, json_bytes(metadata))
 
@@ -251,16 +277,18 @@ def load_fineclipper_run(directory: str | Path, *, device: str | torch.device = 
                          f"{recorded[:12]}..., but {clip_meta.get('model') or 'the shipped tiny CLIP'} now hashes to "
                          f"{str(bundle.info.weights_sha256)[:12]}...")
     cfg = dict(meta["config"])
-    for key in ("cues", "adapter_points"):
-        cfg[key] = tuple(cfg.get(key, ()))
+    for key in ("cues", "adapter_points", "finetune_params"):
+        if key in cfg:  # runs saved before finetune_params keep its default, ()
+            cfg[key] = tuple(cfg[key])
     model = FineClipper(bundle.model, bundle.tokenizer, meta["classes"], FineClipperConfig(**cfg))
     if model.config.adapter_dim > 0:
         mma.load_adapters(model.clip, directory, names=[ADAPTER_NAME], replace=True)
     head_path = directory / HEAD_NAME
     if not head_path.is_file():
-        raise FileNotFoundError(f"{directory}: expected {HEAD_NAME} (the trained temporal encoder, cue encoders and gates)")
+        raise FileNotFoundError(f"{directory}: expected {HEAD_NAME} (the trained temporal encoder, cue encoders and gates, "
+                                "and fine-tuned CLIP parameters if any)")
     head = load_file(str(head_path))
-    expected = {k for k in model.state_dict() if not k.startswith("clip.")}
+    expected = {k for k in model.state_dict() if not k.startswith("clip.")} | set(model.finetuned)
     if set(head) != expected:
         raise ValueError(f"{head_path}: tensors do not match the model built from {META_NAME}: missing "
                          f"{sorted(expected - set(head))[:5]}, unexpected {sorted(set(head) - expected)[:5]}")
@@ -340,7 +368,8 @@ def run_metadata(config: FineClipperRecipeConfig, model: FineClipper, clip_info:
 
     source = cue_record(config.cue_source, cues if isinstance(cues, RealisticCues) else None)
     return {"recipe": RECIPE_NAME, "dataset": config.dataset, "classes": list(model.classes), "config": model.config.to_dict(),
-            "clip": clip_info, "num_frames": config.num_frames, "cue_source": source, "library_version": __version__}
+            "clip": clip_info, "num_frames": config.num_frames, "cue_source": source, "baseline": config.baseline,
+            "library_version": __version__}
 
 
 def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask:
@@ -374,6 +403,13 @@ def build_task(config: FineClipperRecipeConfig, trainer: Any) -> FineClipperTask
     num_landmarks = int(landmarks.shape[1]) if "landmarks" in needed and landmarks is not None else None
     bundle = load_clip(config.model, config.pretrained, device=device, cache_dir=config.cache_dir, seed=trainer.seed)
     clip_info = clip_identity(bundle.info.as_dict(), config.model, config.pretrained)
+    if config.baseline == "finetune_clip":  # name the recipe's field when a pattern matches nothing
+        from .fineclipper import finetuned_parameter_names
+
+        try:
+            finetuned_parameter_names(bundle.model.visual, config.finetune_params)
+        except ValueError as e:
+            raise ValueError(str(e).replace("FineClipperConfig.finetune_params", "recipe.finetune_params")) from None
     torch.manual_seed(trainer.seed)  # adapters, temporal encoder and cue encoders
     model = FineClipper(bundle.model, bundle.tokenizer, DFER_DATASETS[config.dataset], config.model_config(num_landmarks))
     return FineClipperTask(model, train, val, num_frames=config.num_frames, device=device,
