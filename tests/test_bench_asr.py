@@ -35,11 +35,12 @@ def test_quick_run_writes_every_section(bench, tmp_path):
     assert saved["command"].startswith(".venv/bin/python bench/asr.py --quick")
     assert "tiny_asr_config" in saved["model"] and saved["threads"] == 1
     s = saved["streaming"]
-    assert set(s["rtf"]) == {"base", "adapters", "base_with_second_pass"}
+    assert set(s["rtf"]) == {"base", "adapters", "adapters_general_path", "base_with_second_pass"}
     assert all(v > 0 and math.isfinite(v) for v in s["rtf"].values())
     assert s["rtf"]["base_with_second_pass"] > 0 and s["audio_seconds"] == pytest.approx(0.5)
     assert set(s["first_partial"]) == {"base", "adapters"}
-    assert set(s["ratios"]) == {"adapters / base (streaming RTF)"} and isinstance(s["same_transcripts"], bool)
+    assert set(s["ratios"]) == {"adapters / base (streaming RTF)", "adapters, general composition path / base"}
+    assert isinstance(s["same_transcripts"], bool)
     assert [row["section"] for row in saved["mixed"]] == ["mixed batch (offline)", "mixed batch (streaming)"]
     for row in saved["mixed"]:
         assert row["B"] == 4 and row["K"] == 2
