@@ -108,9 +108,9 @@ def test_support_captions_truth_noisy_and_errors(tmp_path):
 
 
 def test_vlt5_captioner_is_the_eval_caption_path(tmp_path):
-    """The plug-in's captions are the shipped VL-T5's greedy captions of the shipped CLIP's grid features."""
+    """The plug-in's captions are the shipped VL-T5's greedy captions of its own CLIP's grid features."""
     from mmadapters.vision.clip import load_clip
-    from mmadapters.vision.vl_features import clip_grid_features
+    from mmadapters.vision.vl_features import clip_grid_features, feature_clip
     from mmadapters.vision.vlt5 import VLT5
 
     images = SynthImageGenerator(64).generate(["a photo of a large red circle", "a photo of a small blue star"] * 2)
@@ -122,7 +122,7 @@ def test_vlt5_captioner_is_the_eval_caption_path(tmp_path):
         paths.append(root / f"{i}.png")
     got = support_captions("vlt5", root, paths, batch_size=3)  # batches of 3: the last one is partial
     model = VLT5.from_pretrained().eval()
-    clip = load_clip()
+    clip = load_clip(feature_clip(None))
     feats = clip_grid_features(clip.model, torch.stack([clip.preprocess(im) for im in images]), model.num_visual_tokens)
     ids, mask = model.encode_text(["caption: "] * len(images))
     with torch.no_grad():

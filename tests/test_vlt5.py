@@ -319,6 +319,7 @@ def test_shipped_tiny_vlt5_loads_by_default_and_captions_unseen_scenes(tmp_path)
     from PIL import Image
 
     from mmadapters.vision.synth_vl import generate_vl
+    from mmadapters.vision.vl_features import feature_clip
     from mmadapters.vision.vlt5 import TINY_VLT5_DIR
 
     files = {p.name: p.stat().st_size for p in TINY_VLT5_DIR.iterdir() if p.is_file()}
@@ -330,7 +331,8 @@ def test_shipped_tiny_vlt5_loads_by_default_and_captions_unseen_scenes(tmp_path)
     root = tmp_path / "vl"
     generate_vl(root, n_images=64, seed=4242, progress=False)
     scenes = [json.loads(line) for line in (root / "scenes.jsonl").read_text().splitlines()]
-    clip = load_clip()
+    clip = load_clip(feature_clip(None))  # the CLIP the shipped VL-T5 was pretrained on
+    assert clip.info.model.endswith("tiny_vlt5/feature_clip")
     images = torch.stack([clip.preprocess(Image.open(root / "images" / f"{s['img_id']}.png").convert("RGB")) for s in scenes])
     ids, mask = model.encode_text(["caption: "] * len(scenes))
     captions = model.decode(model.generate(ids, mask, clip_grid_features(clip.model, images), max_new_tokens=48))

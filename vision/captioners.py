@@ -13,7 +13,8 @@ The CapS pipeline captions a few images per class with a multimodal LM, then ren
     captions do.
   - ``vlt5``: the shipped tiny VL-T5 (``vision/assets/tiny_vlt5``) captioning the image through the prediction
     path of ``mmadapters eval caption`` (:func:`mmadapters.vision.vl_adapter.predict_records`, greedy, on the
-    shipped tiny CLIP's grid features from :func:`mmadapters.vision.vl_adapter.clip_encoder`): a real, small
+    grid features of the CLIP it was pretrained with, ``tiny_vlt5/feature_clip``, from
+    :func:`mmadapters.vision.vl_adapter.clip_encoder`): a real, small
     captioner trained on multi-object scenes, so its captions are partial and sometimes wrong.
 
 - **Text-to-image** (:class:`SynthImageGenerator`): :func:`parse_attributes` reads the attribute words the
@@ -155,7 +156,7 @@ class VLT5Captioner:
         from .vlt5 import VLT5
 
         self.model = VLT5.from_pretrained(directory).to(device).eval()
-        # the VL-T5 reads the shipped tiny CLIP's grid features (vlt5.json), whatever CLIP the adapters use
+        # the VL-T5 reads its own CLIP's grid features (vl_features.feature_clip), whatever CLIP the adapters use
         self.encode = clip_encoder(None, None, self.model.num_visual_tokens, device)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 

@@ -193,11 +193,12 @@ def read_split(task: str, path: str | Path, split: str, *, on_error: str = "skip
 
 def clip_encoder(clip_model: str | None, clip_pretrained: str | None, num_tokens: int,
                  device: str | torch.device = "cpu") -> Callable[[list], Tensor]:
-    """``encode(list of PIL images) -> (B, num_tokens, width)`` CLIP grid features (:mod:`.vl_features`)."""
+    """``encode(list of PIL images) -> (B, num_tokens, width)`` CLIP grid features (:mod:`.vl_features`); no
+    ``clip_model``: the shipped tiny VL-T5's feature CLIP (:func:`~mmadapters.vision.vl_features.feature_clip`)."""
     from .clip import load_clip
-    from .vl_features import clip_grid_features
+    from .vl_features import clip_grid_features, feature_clip
 
-    bundle = load_clip(clip_model, clip_pretrained, device=device)
+    bundle = load_clip(feature_clip(clip_model, clip_pretrained), clip_pretrained, device=device)
 
     def encode(images: list) -> Tensor:
         batch = torch.stack([bundle.preprocess(im) for im in images]).to(device)

@@ -33,6 +33,17 @@ from torch import Tensor, nn
 FEATURES_KEY = "features"
 
 
+def feature_clip(clip_model: str | None, clip_pretrained: str | None = None) -> str | None:
+    """The CLIP that computes VL-T5 grid features: ``clip_model`` when given, else the CLIP the shipped tiny VL-T5 was
+    pretrained on (``vision/assets/tiny_vlt5/feature_clip``, the tiny CLIP of before the re-shipped one: a VL-T5's
+    visual projection only reads the features of the CLIP it was trained with)."""
+    if clip_model is not None or clip_pretrained is not None:
+        return clip_model
+    from .vlt5 import TINY_VLT5_DIR
+
+    return f"local-dir:{TINY_VLT5_DIR / 'feature_clip'}"
+
+
 def _visual_tower(clip_model: nn.Module) -> nn.Module:
     visual = getattr(clip_model, "visual", clip_model)
     if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "patch_size"):
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted(q for q in Path(args.images).iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not paths:
         raise SystemExit(f"{args.images}: no .png/.jpg images")
-    bundle = load_clip(args.model, args.pretrained)
+    bundle = load_clip(feature_clip(args.model, args.pretrained), args.pretrained)
     out = extract_features(paths, bundle, args.out, num_tokens=args.num_tokens, batch_size=args.batch_size,
                            dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     print(f"wrote {len(paths)} images' features to {out}")

@@ -114,7 +114,8 @@ class VLTrainConfig(VariantConfig):
     features_cache: str | None = _help("Computed features of every image in `images` are written once to this .h5 "
                                        "file (or folder of .safetensors) and read from it afterwards (also by `mmadapters "
                                        "eval --features`); None: computed per use and kept in memory only.")
-    clip_model: str | None = _help("open_clip model computing the features (default: the shipped tiny CLIP).")
+    clip_model: str | None = _help("open_clip model computing the features (default: the CLIP the shipped VL-T5 was "
+                                   "pretrained on, vision/assets/tiny_vlt5/feature_clip).")
     clip_pretrained: str | None = _help("Pretrained tag or weights file for `clip_model`.")
     model: str | None = _help("VL-T5 directory (default: the shipped tiny VL-T5).")
     max_train_samples: int | None = _help("Train on at most this many samples per task (None: all).")

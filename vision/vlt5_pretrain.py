@@ -106,7 +106,8 @@ class VLT5PretrainConfig:
     questions_per_image: int = _help("VQA-like and GQA-like questions generated per image (0-10 each).", 3)
     features: str | None = _help("CLIP grid features of the images (.h5 or a folder of .safetensors); None: "
                                  "<data>/features_tiny_clip_<num_visual_tokens>.h5, computed once with clip_model.")
-    clip_model: str | None = _help("open_clip model computing the features (None: the shipped tiny CLIP).")
+    clip_model: str | None = _help("open_clip model computing the features (None: the shipped VL-T5's feature CLIP, "
+                                   "vision/assets/tiny_vlt5/feature_clip).")
     clip_pretrained: str | None = _help("Pretrained tag or weights file of clip_model.")
     init: str | None = _help("Continue from this VL-T5 directory (its tokenizer and dropout kept; the size fields "
                              "below must match it). None: a fresh model of the size below.")
@@ -232,10 +233,11 @@ def prepare_data(config: VLT5PretrainConfig, progress: bool = True) -> tuple[dic
             path.unlink()  # the data was (re)generated: our cached features are of other images
         if not path.exists():
             from .clip import load_clip
-            from .vl_features import extract_features
+            from .vl_features import extract_features, feature_clip
 
             images = sorted((Path(config.data) / "images").glob("*.png"))
-            extract_features({p.stem: p for p in images}, load_clip(config.clip_model, config.clip_pretrained), path,
+            bundle = load_clip(feature_clip(config.clip_model, config.clip_pretrained), config.clip_pretrained)
+            extract_features({p.stem: p for p in images}, bundle, path,
                              num_tokens=config.num_visual_tokens, batch_size=128, progress=progress)
     distributed.barrier()
     if not record:
