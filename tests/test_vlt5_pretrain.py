@@ -97,7 +97,8 @@ def test_train_cli_end_to_end_best_is_a_shipped_layout_vlt5(data, tmp_path, caps
     assert set(summary["final_metrics"]) == {"caption_cider", "caption_bleu4", "caption_loss", "span_loss", "vqa_loss",
                                              "vqa_accuracy", "gqa_loss", "gqa_accuracy"}
     best = tmp_path / "run" / "best"
-    shipped = {p.name for p in (ROOT / "vision" / "assets" / "tiny_vlt5").iterdir()} - {"README.md"}
+    # feature_clip/: the CLIP the shipped VL-T5 was pretrained with, kept beside the asset (not part of a run's output)
+    shipped = {p.name for p in (ROOT / "vision" / "assets" / "tiny_vlt5").iterdir()} - {"README.md", "feature_clip"}
     assert shipped <= {p.name for p in best.iterdir()}
     assert all(t.dtype == torch.float16 for t in load_file(best / "model.safetensors").values())
     model = VLT5.from_pretrained(best)
@@ -158,7 +159,7 @@ def test_script_trains_on_the_engine_and_writes_the_shipped_layout(data, tmp_pat
     argv = ["--data", str(data), "--output", str(out), "--run-dir", str(run), "--steps", "2", "--quiet", "--eval-images", "2",
             "--grounding-images", "20", *TINY[:-2]]
     assert script.main(argv) == 0
-    assert {p.name for p in out.iterdir()} == {p.name for p in (ROOT / "vision" / "assets" / "tiny_vlt5").iterdir()}
+    assert {p.name for p in out.iterdir()} == {p.name for p in (ROOT / "vision" / "assets" / "tiny_vlt5").iterdir()} - {"feature_clip"}
     record = json.loads((out / "vlt5.json").read_text())["pretraining"]
     assert record["steps"] == 2 and record["take"] == "best" and record["test"]["images"] == 2
     assert record["train_argv"][:2] == ["train", "vlt5-pretrain"] and record["config"]["d_model"] == 16
