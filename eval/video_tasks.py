@@ -331,7 +331,10 @@ def run_dfer(args: argparse.Namespace) -> dict[str, Any] | None:
                 "device": str(args.device), "batch_size": args.batch_size}
     dataset_name = annotation.stem if args.annotation else f"{args.dataset}_fold{args.fold}_{args.split}"
     identity = {"dataset": dataset_name, "model": info.short_name, "pretrained": pretrained, "task": DFER_TASK}
-    backbone = sum(p.numel() for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n)
+    base = [p for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n]
+    backbone = sum(p.numel() for p in base)
+    if adapters_dir:  # a fine-tuned baseline's trainable CLIP tensors are counted once in the total
+        backbone -= sum(p.numel() for p in base if p.requires_grad)
     # what training trained: the parts of unused cues (and all but the linear probe's head) stay frozen
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if adapters_dir else 0
     cues = PrecomputedCues(cues_root)

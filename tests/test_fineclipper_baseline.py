@@ -139,6 +139,9 @@ def test_train_and_eval_dfer_round_trip(faces_root, clip_dir, tmp_path):
     assert main(["train", "fineclipper", "--config", str(REPO / "configs" / "fineclipper.yaml"), "--output", str(out),
                  *sets]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
+    params = summary["parameters"]  # the fine-tuned CLIP tensors count once in the total
+    assert params["total"] == params["backbone"] + params["trainable"] - sum(v.numel() for k, v in load_file(
+        str(out / "best" / HEAD_NAME)).items() if k.startswith("clip."))
     best = out / "best"
     meta = json.loads((best / "fineclipper.json").read_text())
     assert meta["baseline"] == "finetune_clip" and meta["config"]["adapter_dim"] == 0

@@ -314,7 +314,10 @@ class FineClipperTask:
         if "description" in model.config.cues:  # once, in a fixed order: --resume sees the same features
             self.batcher.encode_descriptions(train.clips + val.clips)
         self.labels = torch.tensor([c.label for c in train.clips], dtype=torch.long)
-        self.backbone_parameters = sum(p.numel() for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n)
+        base = [(n, p) for n, p in model.clip.named_parameters() if ADAPTER_NAME not in n]
+        self.backbone_parameters = sum(p.numel() for _, p in base)
+        # a fine-tuned baseline's trainable CLIP tensors: counted once in the total (they are trainable and backbone)
+        self.backbone_trainable = sum(p.numel() for _, p in base if p.requires_grad)
         self._train_mode()
 
     def _train_mode(self) -> None:
@@ -355,7 +358,8 @@ class FineClipperTask:
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return {"trainable": trainable, "total": trainable + self.backbone_parameters, "backbone": self.backbone_parameters}
+        return {"trainable": trainable, "total": trainable + self.backbone_parameters - self.backbone_trainable,
+                "backbone": self.backbone_parameters}
 
 
 def run_metadata(config: FineClipperRecipeConfig, model: FineClipper, clip_info: dict[str, Any],
