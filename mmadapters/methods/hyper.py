@@ -176,42 +176,38 @@ class HyperAdapterUnit(AdapterUnit):
         return on_channels(lambda t: F.linear(self.act(F.linear(t, dw, db)), uw, ub), src, self.channel_dim)
 
 
+def _owners(ctx: BuildContext, field: str, sets: dict[str, list], two: str, none: str, noun: str) -> dict[str, str]:
+    """Adapted module name -> the one name of ``sets`` (name -> target patterns, the config's ``field``) whose
+    patterns select it; a module selected by two names, or an adapted module by none, is an error naming the field."""
+    owner: dict[str, str] = {}
+    for name, patterns in sets.items():
+        for t in resolve_targets(ctx.model, patterns, what=f"HyperAdapterConfig.{field}[{name!r}]"):
+            if t.name in owner and owner[t.name] != name:
+                raise ValueError(f"HyperAdapterConfig.{field}: module {t.name!r} {two} {owner[t.name]!r} and "
+                                 f"{name!r}; each adapted module needs exactly one")
+            owner[t.name] = name
+    for t in ctx.targets:
+        if t.name not in owner:
+            raise ValueError(f"HyperAdapterConfig.{field}: adapted module {t.name!r} {none} "
+                             f"({noun}: {sorted(sets)})")
+    return owner
+
+
 def _grouped_targets(ctx: BuildContext) -> dict[str, list]:
     """Hypernetwork alias -> the targets it generates adapters for, in model order."""
     config: HyperAdapterConfig = ctx.config
     if config.hypernet_groups is None:
         return {f"hypernet_{config.hypernet}": list(ctx.targets)}
-    owner: dict[str, str] = {}
-    for group, patterns in config.hypernet_groups.items():
-        for t in resolve_targets(ctx.model, patterns, what=f"HyperAdapterConfig.hypernet_groups[{group!r}]"):
-            if t.name in owner and owner[t.name] != group:
-                raise ValueError(f"HyperAdapterConfig.hypernet_groups: module {t.name!r} is in groups "
-                                 f"{owner[t.name]!r} and {group!r}; each adapted module needs exactly one")
-            owner[t.name] = group
+    owner = _owners(ctx, "hypernet_groups", config.hypernet_groups, "is in groups", "is in no group", "groups")
     out: dict[str, list] = {f"hypernet_{config.hypernet}_{g}": [] for g in config.hypernet_groups}
     for t in ctx.targets:
-        if t.name not in owner:
-            raise ValueError(f"HyperAdapterConfig.hypernet_groups: adapted module {t.name!r} is in no group "
-                             f"(groups: {sorted(config.hypernet_groups)})")
         out[f"hypernet_{config.hypernet}_{owner[t.name]}"].append(t)
     return {alias: targets for alias, targets in out.items() if targets}
 
 
 def _block_type_of(ctx: BuildContext) -> dict[str, str]:
     """Adapted module name -> its block type (``block_types``); every target needs exactly one."""
-    config: HyperAdapterConfig = ctx.config
-    owner: dict[str, str] = {}
-    for kind, patterns in config.block_types.items():
-        for t in resolve_targets(ctx.model, patterns, what=f"HyperAdapterConfig.block_types[{kind!r}]"):
-            if t.name in owner and owner[t.name] != kind:
-                raise ValueError(f"HyperAdapterConfig.block_types: module {t.name!r} is of block types "
-                                 f"{owner[t.name]!r} and {kind!r}; each adapted module needs exactly one")
-            owner[t.name] = kind
-    for t in ctx.targets:
-        if t.name not in owner:
-            raise ValueError(f"HyperAdapterConfig.block_types: adapted module {t.name!r} has no block type "
-                             f"(block types: {sorted(config.block_types)})")
-    return owner
+    return _owners(ctx, "block_types", ctx.config.block_types, "is of block types", "has no block type", "block types")
 
 
 def build(ctx: BuildContext):
