@@ -449,16 +449,18 @@ def resolve_asr_dir(directory: str | os.PathLike | None) -> Path:
 
 
 def load_asr(directory: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> AsrBundle:
-    """Load a model directory written by :func:`save_asr` (``None``: the shipped tiny model), or a transformers
-    Parakeet RNN-T / TDT folder (:func:`mmadapters.speech.parakeet.load_parakeet`, a ``ParakeetBundle``) in eval mode,
-    float32, on ``device``. Missing or corrupt files raise errors that name the file."""
+    """Load a model directory written by :func:`save_asr` (``None``: the shipped tiny model), a transformers
+    Parakeet RNN-T / TDT folder (:func:`mmadapters.speech.parakeet.load_parakeet`, a ``ParakeetBundle``) or a NeMo
+    cache-aware streaming FastConformer ``.nemo`` file (:func:`mmadapters.speech.nemo.load_nemo`, a ``NemoBundle``) in
+    eval mode, float32, on ``device``. Missing or corrupt files raise errors that name the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     directory = resolve_asr_dir(directory)
-    if directory.suffix == ".nemo" and directory.is_file():
-        raise ValueError(f"{directory}: NeMo .nemo files do not load yet; a transformers Parakeet folder "
-                         "(ParakeetForRNNT / ParakeetForTDT save_pretrained) or a save_asr directory does")
+    if directory.suffix == ".nemo" and not directory.is_dir():
+        from .nemo import load_nemo
+
+        return load_nemo(directory, device=device)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: ASR model directory not found")
     from .parakeet import load_parakeet, parakeet_model_type
