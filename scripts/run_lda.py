@@ -22,7 +22,10 @@ interrupted run (``--resume``) and scores again.
 
 Every score is an ``eval asr`` results file (``OUT/scores/``; the relative WER reduction against base through
 ``--baseline``), on the second (final) pass and, with ``--passes second,first``, the streaming first pass.
-Writes ``OUT/results.json`` and ``OUT/results.md`` (the table for docs/results.md).
+Writes ``OUT/results.json`` and ``OUT/results.md`` (the table for docs/results.md). ``--ship DIR`` then copies one
+variant's adapters (``--ship-variant``, default LDA + merge) to DIR, one folder per language as
+:func:`mmadapters.save_adapters` writes them, with a ``README.md`` of the command, the base model and the table: how
+speech/assets/tiny_asr_lda is made.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,13 +44,14 @@ import torch
 
 from mmadapters.eval.cli import main as mmadapters
 from mmadapters.eval.results_schema import read_results
-from mmadapters.io import atomic_write_bytes
+from mmadapters.io import atomic_write_bytes, checkpoint_adapter_dirs, replace_directory
 from mmadapters.speech.lda import TARGET_FRACTION
 from mmadapters.speech.readers import read_manifest, write_manifest
 from mmadapters.speech.train import first_per_language
 from mmadapters.training.config_io import dump_yaml
 
 VARIANTS = ("base", "full_ft", "lda", "lda_noisy_student", "lda_merge")
+SHIPPABLE = ("lda", "lda_merge", "lda_noisy_student")
 LABELS = {"base": "base", "full_ft": "full FT", "lda": "LDA", "lda_noisy_student": "LDA + noisy student", "lda_merge": "LDA + merge"}
 
 
@@ -194,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ship", type=Path, default=None, metavar="DIR",
+                   help="copy the --ship-variant adapters here with a README (e.g. speech/assets/tiny_asr_lda)")
+    p.add_argument("--ship-variant", choices=SHIPPABLE, default="lda_merge", help="which adapters --ship copies")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -203,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"--variants: unknown {bad}; expected a subset of {','.join(VARIANTS)}")
+    if args.ship is not None and args.ship_variant not in variants:
+        raise SystemExit(f"--ship-variant {args.ship_variant}: not among --variants {args.variants}")
     args.passes = args.passes.split(",")
     if not args.passes or any(x not in ("first", "second") for x in args.passes):
         raise SystemExit(f"--passes: expected 'first' and/or 'second', got {','.join(args.passes)!r}")
@@ -277,9 +288,43 @@ def main(argv: list[str] | None = None) -> int:
                                                              str(ns_run / "last"), baseline=base)],
                                                 args.passes, total, fraction, steps=ns_summary["steps"]))
     results["seconds"] = time.perf_counter() - started
+    if args.ship is not None:
+        results["shipped"] = {"variant": args.ship_variant, "to": str(args.ship),
+                              "from": str(ship(results, out, args.ship_variant, args.ship))}
     write(results, out)
     print(markdown(results))
     return 0
+
+
+def ship(results: dict, out: Path, name: str, target: Path) -> Path:
+    """Copy variant ``name``'s adapters (one folder per language) to ``target`` with a README; returns the source."""
+    source = {"lda": out / "lda" / "last", "lda_merge": out / "lda" / "merged", "lda_noisy_student": out / "noisy_student" / "last"}[name]
+    dirs = checkpoint_adapter_dirs(source)
+    missing = [lang for lang in results["languages"] if lang not in dirs]
+    if missing:
+        raise SystemExit(f"--ship: {source} has no adapters for {missing} (has {sorted(dirs)})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    try:
+        for lang in results["languages"]:
+            shutil.copytree(dirs[lang], built / lang)
+        a, main = results["adapters"], results["main_pass"]
+        text = [f"# Language adapters for `{results['model']}` ({LABELS[name]})", "",
+                f"One bottleneck adapter set per language ({', '.join(results['languages'])}), width {a['dim']} at "
+                f"{', '.join('@' + x for x in a['points'])}: {a['per_language_parameters']:,} parameters per language "
+                f"({100 * a['fraction']:.3f}% of the {a['base_parameters']:,}-parameter model). Use them with the model they "
+                "were trained on:", "",
+                "    mmadapters asr transcribe --adapters speech/assets/tiny_asr_lda --lang pl x.wav",
+                "    mmadapters eval asr --dataset DIR --split test --adapters speech/assets/tiny_asr_lda", "",
+                f"Made by `{results['command']}` (the `{name}` variant; test WER on the {main} pass below).", "",
+                markdown(results)]
+        atomic_write_bytes(built / "README.md", "\n".join(text).encode())
+        replace_directory(built, target)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    print(f"shipped {source} -> {target}", flush=True)
+    return source
 
 
 def write(results: dict, out: Path) -> None:

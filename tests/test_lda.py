@@ -280,6 +280,24 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
                                                                      "noisy_student.yaml"]
     assert run_lda.main([*argv, "--variants", "base,lda"]) == 0
     assert json.loads((out / "lda" / "train_summary.json").read_text())["resumed_from"] == 4
+    # --ship copies one variant's adapters in the save_adapters layout, with a README; they load and route
+    shipped = tmp_path / "assets" / "lda"
+    with pytest.raises(SystemExit, match="not among --variants"):
+        run_lda.main([*argv, "--variants", "base,lda", "--ship", str(shipped)])
+    assert not shipped.exists()
+    assert run_lda.main([*argv, "--variants", "base,lda,lda_merge", "--ship", str(shipped)]) == 0
+    assert sorted(p.name for p in shipped.iterdir()) == ["README.md", "tt", "uu"]
+    for lang in ("tt", "uu"):
+        assert (shipped / lang / "adapter_model.safetensors").read_bytes() == (
+            out / "lda" / "merged" / lang / "adapter_model.safetensors").read_bytes()
+    readme = (shipped / "README.md").read_text()
+    assert "--ship" in readme and "| tt |" in readme and "LDA + merge" in readme
+    assert json.loads((out / "results.json").read_text())["shipped"]["variant"] == "lda_merge"
+    import mmadapters as mma
+    from mmadapters.eval.asr_transcribe import resolve_adapters
+    model = load_asr(model_dir).model
+    lang_map, _ = resolve_adapters(model, shipped)
+    assert lang_map == {"tt": "tt", "uu": "uu"} and set(mma.adapter_names(model)) >= {"tt", "uu"}
 
 
 def test_pretraining_on_foundation_data_trains_every_language_with_the_generators_tokenizer(tmp_path):
