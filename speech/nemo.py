@@ -401,6 +401,11 @@ class NemoMelFrontend(nn.Module):
         n = torch.div(wave_lengths + 2 * self.pad_amount - s.n_fft, s.hop_length, rounding_mode="floor").long()
         return torch.where(wave_lengths == 0, torch.zeros_like(n), n)
 
+    def stream_lengths(self, wave_lengths: Tensor) -> Tensor:
+        """Frames of each wave in NeMo's streaming buffer (its ``streams_length``): the STFT frames, one more than
+        :meth:`lengths` (the last is padding)."""
+        return self.lengths(wave_lengths) + 1
+
     def preemphasis(self, waves: Tensor, lengths: Tensor) -> Tensor:
         """(B, S) -> (B, S): ``x[t] - preemph * x[t - 1]`` (the first sample kept), zero past each length."""
         p = self.settings.preemph
@@ -668,7 +673,7 @@ class FastConformerEncoder(nn.Module):
         return StreamingSettings(
             chunk_size=[1 + factor * right, factor + factor * right], shift_size=[1 + factor * right, factor + factor * right],
             cache_drop_size=0, last_channel_cache_size=left if left >= 0 else MAX_CONTEXT, valid_out_len=right + 1,
-            pre_encode_cache_size=[0, factor + 1], drop_extra_pre_encoded=1 + factor // factor)
+            pre_encode_cache_size=[0, factor + 1], drop_extra_pre_encoded=1 + (factor + 1 - 1) // factor)
 
     def allowed(self, valid: Tensor) -> Tensor:
         """(B, S, S) bool: the chunked_limited context (chunks of right + 1 frames, left // (right + 1) chunks back)
@@ -756,7 +761,8 @@ def feature_chunks(feats: Tensor, lengths: Tensor, cfg: StreamingSettings) -> It
     does (``pad_and_drop_preencoded=False``): a first chunk of ``chunk_size[0]`` frames, then chunks of
     ``chunk_size[1]`` frames each preceded by the ``pre_encode_cache_size[1]`` frames before it (zeros where there
     are none); a chunk shorter than the subsampling factor ends the stream. ``T`` is the longest stream's frame
-    count; ``lengths`` the valid frames of each."""
+    count; ``lengths`` the frames of each stream as NeMo's buffer counts them
+    (:meth:`NemoMelFrontend.stream_lengths`)."""
     total = feats.shape[1]
     factor = cfg.chunk_size[1] - cfg.chunk_size[0] + 1
     start, first = 0, True
@@ -832,13 +838,12 @@ class NemoStream:
             lo, hi = have * hop - pad, (ready - 1) * hop - pad + s.n_fft  # the samples frames have..ready-1 read
             seg = F.pad(x[:, max(0, lo) : min(n, hi)], (max(0, -lo), max(0, hi - n)))
             self.feats = torch.cat([self.feats, fe.log_mel(seg).transpose(1, 2)], dim=1)
-        if final:  # NeMo's STFT yields one frame more than the valid ones; it is padding
+        if final:  # NeMo's STFT yields one frame more than the valid ones (padding), and its buffer counts it
             self.feats = torch.cat([self.feats, self.feats.new_full((self.batch_size, 1, s.n_mels), s.pad_value)], dim=1)
-            self.valid = valid
 
     def _run(self, final: bool) -> Tensor:
         total = self.feats.shape[1]
-        lengths = torch.full((self.batch_size,), self.valid if final else total, dtype=torch.long, device=self.device)
+        lengths = torch.full((self.batch_size,), total, dtype=torch.long, device=self.device)
         out = []
         for k, piece in enumerate(feature_chunks(self.feats, lengths, self.cfg)):
             if k < self.chunks_done:
@@ -920,9 +925,16 @@ class NemoTransducer(nn.Module):
         return self.encoder.stream_step(chunk, lengths, state, keep_all_outputs=keep_all_outputs,
                                         drop_extra_pre_encoded=drop_extra_pre_encoded)
 
+    def stream_waves(self, waves: Tensor, wave_lengths: Tensor) -> list[tuple[Tensor, Tensor, NemoStreamState]]:
+        """Cache-aware streaming of whole waves ``(B, S)`` as NeMo's streaming script runs it (features of the whole
+        waves, without ``pad_to``, cut by :func:`feature_chunks`): per chunk, the output of :meth:`stream_step`."""
+        feats, _ = self.frontend(waves, wave_lengths)
+        counts = self.frontend.stream_lengths(wave_lengths)
+        return self.stream_features(feats[:, : int(counts.max())], counts)
+
     def stream_features(self, feats: Tensor, lengths: Tensor) -> list[tuple[Tensor, Tensor, NemoStreamState]]:
-        """Cache-aware streaming of whole features ``(B, F, n_mels)``: per chunk of :func:`feature_chunks`, the output
-        of :meth:`stream_step` (what NeMo's streaming script computes)."""
+        """Cache-aware streaming of features ``(B, F, n_mels)`` with ``lengths`` as :func:`feature_chunks` takes them:
+        per chunk, the output of :meth:`stream_step`."""
         state = self.initial_state(feats.shape[0])
         out = []
         for piece in feature_chunks(feats, lengths, self.encoder.streaming_settings()):
@@ -951,6 +963,7 @@ class NemoTransducer(nn.Module):
         import torchaudio
 
         enc, lengths = self.encode(waves, wave_lengths)
+        enc = enc[:, : int(lengths.max())]  # pad_to may leave frames past the longest (rnnt_loss wants none)
         targets = targets.long()
         start = torch.full((targets.shape[0], 1), self.blank, dtype=torch.long, device=targets.device)
         pred, _ = self.predict(torch.cat([start, targets], dim=1))
