@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -300,3 +301,26 @@ def test_bad_nemo_files_raise_errors_naming_the_file_and_the_field(tmp_path):
     for change, field in unsupported:
         with pytest.raises(ValueError, match=rf"changed\.nemo: model_config\.yaml: field '{field}'"):
             load_asr(_with_config(tmp_path, change))
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None and shutil.which("espeak") is None, reason="espeak-ng is not installed")
+def test_train_lda_names_the_nemo_file(tmp_path):
+    from mmadapters.speech import synth
+
+    data = tmp_path / "speech"
+    synth.generate(data, ["nl", "pt"], utterances=4, tail_utterances=4, eval_utterances=2, unlabeled=0,
+                   tail_languages=["nl", "pt"], speakers=2, heldout_speakers=1, workers=1, progress=False)
+    config = tmp_path / "lda.yaml"
+    config.write_text(f"""
+output: {tmp_path / 'run'}
+trainer: {{steps: 2, batch_size: 4, lr: 1.0e-2, eval_every: 2, checkpoint_every: 2, progress: false}}
+recipe:
+  model: {FIXTURES / 'rnnt_char.nemo'}
+  train_manifest: {data / 'train.jsonl'}
+  dev_manifest: {data / 'dev.jsonl'}
+  languages: [nl, pt]
+  adapter_dim: 4
+""", encoding="utf-8")
+    assert main(["train", "lda", "--config", str(config)]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and any("wer" in k for k in summary["final_metrics"])
