@@ -9,6 +9,10 @@ outside the repository (NeMo 3.0.0 installed next to torch 2.11.0 in about 8 min
     /work/nemo_venv/bin/pip install -c /work/nemo_constraints.txt torch==2.11.0 "nemo_toolkit[asr]"
     OMP_NUM_THREADS=1 /work/nemo_venv/bin/python scripts/make_nemo_fixtures.py   # -> tests/fixtures/nemo/
 
+``--full-size DIR`` instead writes a random model at the real size of stt_en_fastconformer_hybrid_large_streaming_multi
+and NeMo's outputs on it into ``DIR`` (outside the repository: 452 MB); then
+``MMADAPTERS_NEMO_FULL_SIZE=DIR .venv/bin/pytest tests/test_nemo.py -k full_size`` compares ours to them.
+
 Two models, each written as ``tests/fixtures/nemo/<name>.nemo`` (NeMo's ``save_to``: a tar of model_config.yaml,
 model_weights.ckpt and the tokenizer's files) with ``<name>.safetensors`` (NeMo's outputs) and ``<name>.json`` (the
 streaming settings, transcripts and the versions that made them):
@@ -76,25 +80,26 @@ def preprocessor(features: int, normalize: str, pad_to: int) -> dict:
             "features": features, "n_fft": 512, "frame_splicing": 1, "dither": 0.00001, "pad_to": pad_to}
 
 
-def encoder(feat_in: int, d_model: int, heads: int, channels: int, context, kernel: int, norm: str) -> dict:
+def encoder(feat_in: int, d_model: int, heads: int, channels: int, context, kernel: int, norm: str, *, layers: int = 2,
+            expansion: int = 2, dropout: float = 0.0) -> dict:
     return {"_target_": "nemo.collections.asr.modules.ConformerEncoder", "feat_in": feat_in, "feat_out": -1,
-            "n_layers": 2, "d_model": d_model, "use_bias": True, "subsampling": "dw_striding", "subsampling_factor": 8,
+            "n_layers": layers, "d_model": d_model, "use_bias": True, "subsampling": "dw_striding", "subsampling_factor": 8,
             "subsampling_conv_channels": channels, "causal_downsampling": True, "reduction": None,
-            "reduction_position": None, "reduction_factor": 1, "ff_expansion_factor": 2, "self_attention_model": "rel_pos",
+            "reduction_position": None, "reduction_factor": 1, "ff_expansion_factor": expansion, "self_attention_model": "rel_pos",
             "n_heads": heads, "att_context_size": context, "att_context_style": "chunked_limited",
             "att_context_probs": None, "xscaling": True, "pos_emb_max_len": 5000, "conv_kernel_size": kernel,
-            "conv_norm_type": norm, "conv_context_size": "causal", "dropout": 0.0, "dropout_pre_encoder": 0.0,
-            "dropout_emb": 0.0, "dropout_att": 0.0}
+            "conv_norm_type": norm, "conv_context_size": "causal", "dropout": dropout,
+            "dropout_pre_encoder": dropout, "dropout_emb": 0.0, "dropout_att": dropout}
 
 
-def transducer(pred_hidden: int, joint_hidden: int, max_symbols: int) -> dict:
+def transducer(pred_hidden: int, joint_hidden: int, max_symbols: int, dropout: float = 0.0) -> dict:
     return {
         "decoder": {"_target_": "nemo.collections.asr.modules.RNNTDecoder", "normalization_mode": None,
                     "random_state_sampling": False, "blank_as_pad": True,
-                    "prednet": {"pred_hidden": pred_hidden, "pred_rnn_layers": 1, "t_max": None, "dropout": 0.0}},
+                    "prednet": {"pred_hidden": pred_hidden, "pred_rnn_layers": 1, "t_max": None, "dropout": dropout}},
         "joint": {"_target_": "nemo.collections.asr.modules.RNNTJoint", "log_softmax": None, "preserve_memory": False,
                   "fuse_loss_wer": False, "fused_batch_size": 4,
-                  "jointnet": {"joint_hidden": joint_hidden, "activation": "relu", "dropout": 0.0}},
+                  "jointnet": {"joint_hidden": joint_hidden, "activation": "relu", "dropout": dropout}},
         "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": max_symbols}},
         "loss": {"loss_name": "default"},
     }
@@ -253,6 +258,52 @@ def record(model, name: str, wave_list: list[torch.Tensor], contexts: list | Non
     (OUT / f"{name}.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
 
 
+def full_size_config(tokenizer_dir: str) -> dict:
+    """hybrid_bpe at the size of stt_en_fastconformer_hybrid_large_streaming_multi (NeMo's
+    fastconformer_hybrid_transducer_ctc_bpe_streaming.yaml: 17 layers of d_model 512, 8 heads, 256 subsampling
+    channels, kernel 9 with LayerNorm, contexts [[70, 13], [70, 6], [70, 1], [70, 0]], unnormalized 80-bin mels,
+    640-wide prediction and joint networks, its dropouts) with this script's 40-piece tokenizer."""
+    config = hybrid_bpe_config(tokenizer_dir)
+    config.update(model_defaults={"enc_hidden": 512, "pred_hidden": 640, "joint_hidden": 640},
+                  preprocessor=preprocessor(80, "NA", 0),
+                  encoder=encoder(80, 512, 8, 256, [[70, 13], [70, 6], [70, 1], [70, 0]], 9, "layer_norm", layers=17,
+                                  expansion=4, dropout=0.1),
+                  **transducer(640, 640, 10, dropout=0.2))
+    return config
+
+
+def full_size(out: Path, wave_list: list[torch.Tensor]) -> None:
+    """``out/full_size.nemo`` (113 M parameters, 452 MB: not a fixture) and NeMo's offline and streaming encoder outputs
+    on the first two waves for contexts [70, 13] and [70, 0] (``out/full_size.safetensors``: ``enc<r>``, ``len<r>``,
+    ``s<r>.stream.<i>.encoded[_lengths]``). tests/test_nemo.py compares ours to them when MMADAPTERS_NEMO_FULL_SIZE=out."""
+    from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_bpe(Path(tmp))
+        torch.manual_seed(0)
+        model = EncDecHybridRNNTCTCBPEModel(cfg=OmegaConf.create(full_size_config(tmp)))
+        randomize(model, 3)
+        model.save_to(str(out / "full_size.nemo"))
+    model.eval()
+    batch = torch.zeros(2, len(wave_list[0]))
+    for i, w in enumerate(wave_list[:2]):
+        batch[i, : len(w)] = w
+    lengths = torch.tensor([len(w) for w in wave_list[:2]])
+    tensors = {}
+    with torch.no_grad():
+        feats, feat_len = model.preprocessor(input_signal=batch, length=lengths)
+        for ctx in ([70, 13], [70, 0]):
+            model.encoder.set_default_att_context_size(ctx)
+            tensors[f"enc{ctx[1]}"], tensors[f"len{ctx[1]}"] = model.encoder(audio_signal=feats, length=feat_len)
+            steps, _, _ = stream(model, wave_list[:2])
+            tensors.update({f"s{ctx[1]}.{k}": v for k, v in steps.items() if k.rsplit(".", 1)[1].startswith("encoded")})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "full_size.safetensors"))
+    print(f"{out}/full_size.nemo: {sum(p.numel() for p in model.parameters())} parameters")
+
+
 def main() -> int:
     from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel, EncDecRNNTModel
     from omegaconf import OmegaConf
@@ -260,6 +311,9 @@ def main() -> int:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     wave_list = waves()
+    if len(sys.argv) == 3 and sys.argv[1] == "--full-size":
+        full_size(Path(sys.argv[2]), wave_list)
+        return 0
     from safetensors.torch import save_file
 
     save_file({"waves": torch.cat(wave_list).half(), "wave_lengths": torch.tensor([len(w) for w in wave_list])},

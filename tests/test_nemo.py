@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -324,3 +325,24 @@ recipe:
     assert main(["train", "lda", "--config", str(config)]) == 0
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and any("wer" in k for k in summary["final_metrics"])
+
+
+@pytest.mark.skipif(not os.environ.get("MMADAPTERS_NEMO_FULL_SIZE"), reason="set MMADAPTERS_NEMO_FULL_SIZE=DIR written by "
+                    "scripts/make_nemo_fixtures.py --full-size DIR (452 MB)")
+def test_full_size_nemo_file_matches_nemo(waves):
+    """The real model's size and settings (17 layers of d_model 512, contexts [[70, 13], ..., [70, 0]], dropouts)."""
+    out = Path(os.environ["MMADAPTERS_NEMO_FULL_SIZE"])
+    model = load_asr(out / "full_size.nemo").model
+    theirs = load_file(out / "full_size.safetensors")
+    x, lengths = _pad(waves[:2])
+    with torch.no_grad():
+        for ctx in ([70, 13], [70, 0]):
+            model.set_att_context_size(ctx)
+            enc, enc_lengths = model.encode(x, lengths)
+            assert enc_lengths.tolist() == theirs[f"len{ctx[1]}"].tolist()
+            assert _close(enc, theirs[f"enc{ctx[1]}"].transpose(1, 2), enc_lengths) < ATOL
+            steps = model.stream_waves(x, lengths)
+            assert len(steps) == len([k for k in theirs if k.startswith(f"s{ctx[1]}.") and k.endswith(".encoded")])
+            for i, (step, step_lengths, _) in enumerate(steps):
+                assert step_lengths.tolist() == theirs[f"s{ctx[1]}.stream.{i}.encoded_lengths"].tolist()
+                assert _close(step, theirs[f"s{ctx[1]}.stream.{i}.encoded"].transpose(1, 2), step_lengths) < ATOL
