@@ -303,7 +303,7 @@ def nemo_settings(config: dict[str, Any], path: Path) -> NemoSettings:
         raise f.error("encoder.causal_downsampling", "must be true (the cache-aware streaming subsampling)")
     f.choice("encoder.self_attention_model", ("rel_pos",), "rel_pos")
     f.choice("encoder.att_context_style", ("chunked_limited",), "regular")
-    f.choice("encoder.conv_norm_type", ("batch_norm", "layer_norm"), "batch_norm")
+    conv_norm = f.choice("encoder.conv_norm_type", ("batch_norm", "layer_norm"), "batch_norm")
     f.choice("encoder.conv_context_style", ("regular",), "regular")
     if f.get("encoder.use_bias", True) is not True:
         raise f.error("encoder.use_bias", "must be true")
@@ -340,7 +340,7 @@ def nemo_settings(config: dict[str, Any], path: Path) -> NemoSettings:
         feat_in=f.int("encoder.feat_in", minimum=1), n_layers=f.int("encoder.n_layers", minimum=1), d_model=d_model,
         n_heads=heads, d_ff=int(d_model * expansion), subsampling_factor=factor,
         subsampling_channels=d_model if channels == -1 else channels, att_context_sizes=_context_sizes(f),
-        conv_kernel_size=kernel, conv_context=conv_context, conv_norm_type=f.get("encoder.conv_norm_type"),
+        conv_kernel_size=kernel, conv_context=conv_context, conv_norm_type=conv_norm,
         xscaling=bool(f.get("encoder.xscaling", True)), dropout=f.number("encoder.dropout", 0.0))
     if encoder.feat_in != frontend.n_mels:
         raise f.error("encoder.feat_in", f"({encoder.feat_in}) must equal preprocessor.features ({frontend.n_mels})")

@@ -346,3 +346,19 @@ def test_full_size_nemo_file_matches_nemo(waves):
             for i, (step, step_lengths, _) in enumerate(steps):
                 assert step_lengths.tolist() == theirs[f"s{ctx[1]}.stream.{i}.encoded_lengths"].tolist()
                 assert _close(step, theirs[f"s{ctx[1]}.stream.{i}.encoded"].transpose(1, 2), step_lengths) < ATOL
+
+
+def test_fields_left_out_take_nemo_defaults(tmp_path, waves):
+    """A config without conv_norm_type, decoding or xscaling gets NeMo's defaults (batch_norm, 10 symbols, true)."""
+    members = _members("hybrid_bpe")
+    config = yaml.safe_load(members["model_config.yaml"])
+    assert config["encoder"].pop("conv_norm_type") == "batch_norm" and config["encoder"].pop("xscaling") is True
+    config.pop("decoding")
+    members["model_config.yaml"] = yaml.safe_dump(config).encode()
+    model = load_asr(_write_tar(tmp_path / "defaults.nemo", members)).model
+    theirs = load_file(FIXTURES / "hybrid_bpe.safetensors")
+    assert model.max_symbols_per_step == 10
+    x, lengths = _pad(waves)
+    with torch.no_grad():
+        enc, enc_lengths = model.encode(x, lengths)
+    assert _close(enc, theirs["encoded"].transpose(1, 2), enc_lengths) < ATOL
