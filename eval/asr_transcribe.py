@@ -166,7 +166,8 @@ def add_asr_parser(subparsers) -> None:
     add = tr.add_argument
     add("files", nargs="+", help="audio files")
     add("--lang", default=None, help="language of the files: picks its adapter from --adapters")
-    add("--model", default=None, help="model directory written by save_asr (default: the shipped tiny model)")
+    add("--model", default=None, help="ASR model: a save_asr directory, a transformers Parakeet folder or a NeMo .nemo file "
+        "(default: the shipped tiny model)")
     add("--adapters", default=None,
         help="adapter checkpoint directory (mmadapters.save_adapters: <dir>/<lang>/), one adapter per language")
     add("--decode", default="greedy", choices=DECODES, help="greedy or beam (default: greedy)")

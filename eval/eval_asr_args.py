@@ -40,7 +40,8 @@ def register(sub) -> None:
     add("--split", default="test", help="split of a dataset folder (default: test)")
     add("--lang", default=None, help="language code for data without one (MLS, manifests without 'lang')")
     add("--allow-absolute", action="store_true", help="let manifest audio paths point outside its folder")
-    add("--model", default=None, help="model directory written by save_asr (default: the shipped tiny model)")
+    add("--model", default=None, help="ASR model: a save_asr directory, a transformers Parakeet folder or a NeMo .nemo file "
+        "(default: the shipped tiny model)")
     add("--adapters", default=None, help="adapter checkpoint directory (mmadapters.save_adapters: <dir>/<lang>/), one adapter "
         "per language, e.g. a `mmadapters train lda` run's best/ or merged/")
     add("--decode", default="greedy", choices=DECODES, help="greedy or beam; with --streaming, the second pass's (default: greedy)")

@@ -559,7 +559,7 @@ class StreamingTranscriber:
     transcriber is ready for the next utterance; :meth:`reset` abandons the current one.
     """
 
-    def __init__(self, bundle: Any, batch_size: int = 1, *, max_symbols_per_frame: int = 5, second_pass: str | None = "greedy",
+    def __init__(self, bundle: Any, batch_size: int = 1, *, max_symbols_per_frame: int | None = None, second_pass: str | None = "greedy",
                  beam: int = 4, adapters: Sequence[str | None] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"StreamingTranscriber: batch_size must be >= 1, got {batch_size}")
@@ -569,7 +569,7 @@ class StreamingTranscriber:
             raise ValueError(f"StreamingTranscriber: adapters has {len(adapters)} entries for batch_size {batch_size}")
         self.model, self.tokenizer = bundle.model, bundle.tokenizer
         self.batch_size = batch_size
-        self.max_symbols_per_frame = max_symbols_per_frame
+        self.max_symbols_per_frame = max_symbols_limit(self.model, max_symbols_per_frame)  # None: the model's own
         self.second_pass = second_pass
         self.beam = beam
         self.adapters = list(adapters) if adapters is not None else None

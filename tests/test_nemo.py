@@ -163,7 +163,8 @@ def test_wave_streams_equal_nemo_streaming_and_transcribe_as_it(waves):
                 frames = [stream.push(wave[i : i + piece]) for i in range(0, len(wave), piece)] + [stream.flush()]
             got = torch.cat(frames, dim=1)[0]
             assert got.shape == ref.shape and float((got - ref).abs().max()) < ATOL
-        st = StreamingTranscriber(bundle, 1, max_symbols_per_frame=model.max_symbols_per_step)
+        st = StreamingTranscriber(bundle, 1)  # the model's own symbols-per-frame limit by default
+        assert st.max_symbols_per_frame == model.max_symbols_per_step == 3
         for i in range(0, len(wave), 1600):
             st.push(wave[i : i + 1600])
         assert st.finish() == [info["stream"]["texts"][row]] and st.first_pass_texts == [info["stream"]["texts"][row]]
