@@ -8,7 +8,8 @@
   ``load_asr(DIR)`` loads them with adapter points; greedy decoding equals transformers' ``generate``.
 - :mod:`.nemo` — NeMo cache-aware streaming FastConformer RNN-T ``.nemo`` files (hybrid RNN-T + CTC: the RNN-T branch):
   ``load_asr("model.nemo")`` rebuilds them with adapter points; features, encoder, ``cache_aware_stream_step`` and
-  greedy transcripts equal NeMo's.
+  greedy transcripts equal NeMo's. :mod:`.nemo_archive` reads the file (tar in memory, config, tokenizer),
+  :mod:`.nemo_features` is NeMo's mel frontend, :mod:`.fastconformer` NeMo's cache-aware streaming encoder.
 - :mod:`.decode` — batched greedy, beam search, streaming transcription with second-pass redecoding.
 - :mod:`.audio`, :mod:`.readers` — audio loading with named errors; Common Voice, MLS and NeMo manifests.
 - :mod:`.train` — the transducer's task for the training engine (batches, transducer loss, validation by

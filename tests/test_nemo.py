@@ -21,8 +21,9 @@ import mmadapters as mma
 from mmadapters.eval.cli import main
 from mmadapters.speech import load_asr
 from mmadapters.speech.decode import GreedyDecoder, StreamingTranscriber, greedy_decode, transcribe
+from mmadapters.speech.fastconformer import feature_chunks
 from mmadapters.speech.lda import adapter_config
-from mmadapters.speech.nemo import NemoBundle, NemoTransducer, feature_chunks
+from mmadapters.speech.nemo import NemoBundle, NemoTransducer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
 MODELS = ["rnnt_char", "hybrid_bpe"]
