@@ -1,5 +1,5 @@
 """The motion VideoQA world (issue 19): determinism, answers checked against the recorded tracks, reverse options,
-the recorded x-position gate."""
+the layout flags, the recorded x-position gate (passed by the shipped tiny CLIP on the default world)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def test_motion_answers_follow_tracks_and_reverse_options_exist(tmp_path):
             assert np.ptp(changed[still, m["actor"]]) >= 4
         else:
             assert track["colour"][0][m["actor"]] != track["colour"][-1][m["actor"]]
+        # the non-acting shape stands still at the horizontal centre (the default distractor_x 0.5)
+        for k in range(len(m["objects"])):
+            if k != m["actor"]:
+                assert (x[:, k] == 32.0).all() and (r[:, k] == 12.0).all()
         kinds.add(m["kind"])
         counts.add(len(m["objects"]))
         with av.open(str(root / "videos" / row["vid_filename"])) as c:
@@ -89,6 +93,30 @@ def test_motion_options_use_pretraining_caption_words():
             assert set(content) <= vocabulary, option
 
 
+def _meta(root):
+    return [json.loads(line) for line in (root / "meta.jsonl").read_text().splitlines()]
+
+
+def test_motion_layout_flags_via_cli(tmp_path):
+    args = ["motion", "--n", "18", "--seed", "2", "--frames", "8", "--no-gate", "--no-progress"]
+    assert synth.main([*args, "--out", str(tmp_path / "d")]) == 0
+    assert synth.main([*args, "--out", str(tmp_path / "r"), "--distractor-x", "random", "--travel", "0.25", "0.75"]) == 0
+    default = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    wide = json.loads((tmp_path / "r" / "dataset.json").read_text())
+    assert default["generator_version"] == synth_motion.GENERATOR_VERSION == 2
+    assert default["arguments"]["distractor_x"] == 0.5 and default["arguments"]["travel"] == [0.3, 0.7]
+    assert wide["arguments"]["distractor_x"] is None and wide["arguments"]["travel"] == [0.25, 0.75]
+    others = []
+    for m in _meta(tmp_path / "r"):
+        x, r = np.array(m["track"]["x"]), np.array(m["track"]["r"])
+        assert (x - r >= 0).all() and (x + r <= 64).all()
+        if m["kind"] == "move":  # the travel's ends, with a radius that fits there
+            assert sorted([x[0, m["actor"]], x[-1, m["actor"]]]) == [16.0, 48.0] and r[0, m["actor"]] <= 16.0
+        others += [x[0, k] for k in range(len(m["objects"])) if k != m["actor"]]
+    assert len(others) >= 6 and len(set(others)) == len(others)  # 'random': drawn per clip, not the centre
+    assert 32.0 not in others
+
+
 def test_gate_recorded_on_tiny_set(tmp_path):
     root = synth_motion.generate_motion(tmp_path / "g", n=10, seed=0, num_frames=8, progress=False)
     record = json.loads((root / "dataset.json").read_text())
@@ -100,6 +128,18 @@ def test_gate_recorded_on_tiny_set(tmp_path):
     before = (root / "dataset.json").stat().st_mtime_ns
     synth_motion.generate_motion(tmp_path / "g", n=10, seed=0, num_frames=8, progress=False)
     assert (root / "dataset.json").stat().st_mtime_ns == before
+
+
+def test_gate_passes_with_the_still_distractor_and_fails_with_a_random_one(tmp_path):
+    # issue 19: with the second shape at a random x the shipped tiny CLIP's frames carry about the mean of the two
+    # shapes' x-positions, not the actor's (0.683 on --n 600; 0.619 here); with it still at the centre the gate
+    # passes (0.903 on --n 600; 0.849 here, 60 clips of 8 frames)
+    r2 = {}
+    for name, dx in (("still", 0.5), ("random", None)):
+        root = synth_motion.generate_motion(tmp_path / name, n=60, seed=0, num_frames=8, distractor_x=dx, progress=False)
+        r2[name] = json.loads((root / "dataset.json").read_text())["summary"]["gate"]["x_position_probe_r2"]
+    assert r2["still"] >= gate.GATE_AIM, r2
+    assert r2["random"] < 0.72 and r2["still"] - r2["random"] > 0.15, r2
 
 
 def test_ridge_r2_reads_a_linear_target_and_rejects_tiny_sets():
@@ -119,5 +159,13 @@ def test_motion_bad_arguments_are_named(tmp_path):
         synth_motion.generate_motion(tmp_path / "x", n=4, objects=(1, 3), progress=False)
     with pytest.raises(ValueError, match="n=1"):
         synth_motion.generate_motion(tmp_path / "x", n=1, progress=False)
+    with pytest.raises(ValueError, match="travel"):
+        synth_motion.generate_motion(tmp_path / "x", n=4, travel=(0.1, 0.9), progress=False)
+    with pytest.raises(ValueError, match="travel"):
+        synth_motion.generate_motion(tmp_path / "x", n=4, travel=(0.7, 0.3), progress=False)
+    with pytest.raises(ValueError, match="distractor_x"):
+        synth_motion.generate_motion(tmp_path / "x", n=4, distractor_x=0.05, progress=False)
+    with pytest.raises(SystemExit):
+        synth.main(["motion", "--n", "4", "--out", str(tmp_path / "x"), "--distractor-x", "middle"])
     with pytest.raises(FileNotFoundError, match="meta.jsonl"):
         gate.x_position_gate(tmp_path)

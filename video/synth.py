@@ -8,7 +8,7 @@ Three worlds live in their own modules and write through the helpers here:
 - :mod:`mmadapters.video.synth_faces` — cartoon faces whose expression changes over time across DFEW's 7
   classes, with the renderer's exact landmarks, part masks and a templated description of the change,
   written in the DFEW / DFER-CLIP layout (for FineCLIPER).
-- :mod:`mmadapters.video.synth_motion` — one or two big shapes that move, grow/shrink or change colour, asked
+- :mod:`mmadapters.video.synth_motion` — one or two big shapes, one of which moves, grows/shrinks or changes colour, asked
   about in order-dependent questions (an option against its reverse), SUTD-TrafficQA rows; ``dataset.json``
   records the CLIP x-position gate (:mod:`mmadapters.video.gate`).
 
@@ -265,6 +265,15 @@ def _positive_even(text: str) -> int:
     return value
 
 
+def _distractor_x(text: str) -> float | None:
+    if text == "random":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the side or 'random', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mmadapters.video.synth", description="Write a generated video world.")
     sub = parser.add_subparsers(dest="world", required=True)
@@ -293,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(m, 16)
     m.add_argument("--objects", type=int, nargs=2, default=(1, 2), metavar=("MIN", "MAX"), help="shapes per clip (1 or 2)")
     m.add_argument("--test-fraction", type=float, default=0.2, help="share of clips in R2_test.jsonl")
+    m.add_argument("--travel", type=float, nargs=2, default=(0.3, 0.7), metavar=("LEFT", "RIGHT"),
+                   help="a move's start/end centres as fractions of the side (the captions' left/right centres)")
+    m.add_argument("--distractor-x", type=_distractor_x, default=0.5, metavar="X|random",
+                   help="the non-acting shape's centre as a fraction of the side (default 0.5); 'random': drawn "
+                        "like the actor's, the generator-version-1 world")
     m.add_argument("--gate-model", default=None, help="CLIP whose frame features the x-position probe reads "
                    "(what load_clip accepts, e.g. local-dir:DIR; default: the shipped tiny CLIP)")
     m.add_argument("--no-gate", action="store_true", help="skip the x-position probe")
@@ -323,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
         root = generate_motion(
             args.out, n=args.n, seed=args.seed, size=args.size, num_frames=args.frames, codec=args.codec,
-            objects=tuple(args.objects), test_fraction=args.test_fraction, gate_model=args.gate_model,
+            objects=tuple(args.objects), test_fraction=args.test_fraction, travel=tuple(args.travel),
+            distractor_x=args.distractor_x, gate_model=args.gate_model,
             gate=not args.no_gate, workers=args.workers, progress=progress,
         )
     else:

@@ -3,10 +3,11 @@ changes, asked about in order-dependent questions (SUTD-TrafficQA rows, for Tem-
 
 Each clip shows one or two shapes of different kinds ("the circle", "the square") on a plain background
 named as in the tiny CLIP's pretraining captions (:mod:`mmadapters.vision.synth`). One of them, the actor,
-changes one attribute the CLIP encodes, held still before and after the change:
+changes one attribute the CLIP encodes, held still before and after the change; the other shape (with two: one
+shape above the other) stands still at the horizontal centre, small:
 
 =======  =======================================================================================================
-move     slides from the left (x = 0.3 of the side) to the right (0.7), or back
+move     slides from the left (x = 0.3 of the side) to the right (0.7), or back (``travel``)
 size     grows from small to large or shrinks from large to small (radius never under 1.5 CLIP patches: 12 px
          at 64 px)
 colour   fades from one colour word to another
@@ -23,7 +24,10 @@ schedule per split; the kind and the direction of the change follow balanced sch
 Ground truth: ``meta.jsonl`` records per clip the rendered tracks (``x``, ``r`` in px and the colour name per
 frame and object), from which every answer can be checked. ``dataset.json``'s ``summary.gate`` records the
 x-position linear-probe R² of a CLIP's frame features on held-out frames (:mod:`mmadapters.video.gate`), the
-check that the frame features encode what changes.
+check that the frame features encode what changes. The still second shape is what lets a frame say where the
+actor is: with it drawn at a random x as well (``distractor_x=None``, generator version 1), the shipped tiny CLIP's
+features carry about the mean of the two shapes' x-positions and the actor's x-position R² drops from 0.90 to 0.68
+(docs/results.md, issue 19).
 
 Layout: ``videos/m00000.mp4``, ``annotations/R2_{all,train,test}.jsonl``, ``meta.jsonl``, ``dataset.json``.
 """
@@ -50,7 +54,7 @@ from .synth_traffic import HEADER
 __all__ = ["CHANGES", "COLOURS", "KINDS", "SHAPES", "MotionClip", "answer_from_track", "generate_motion", "option_text",
            "render_motion", "sample_motion_clip", "tracks"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the non-acting shape stands at the centre (distractor_x 0.5)
 KINDS: tuple[str, ...] = ("move", "size", "colour")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")
@@ -59,6 +63,7 @@ X_LEFT, X_RIGHT = 0.3, 0.7  # the pretraining captions' "on the left" / "on the 
 R_SMALL, R_LARGE = 12.0, 19.0  # px at 64 px: 1.5 and ~2.4 patches of 8 px
 # With two shapes (one above the other) "large" is smaller and the other shape is small, so they never touch.
 R_TWO_LARGE = 16.0
+DISTRACTOR_X = 0.5  # the non-acting shape's centre (fraction of the side); None: drawn like the actor's (version 1)
 # The two words of each change, in the (start, end) order of direction 0.
 CHANGES: dict[str, tuple[str, str]] = {"move": ("on the left", "on the right"), "size": ("small", "large")}
 
@@ -84,14 +89,32 @@ def option_text(shape: str, start_word: str, end_word: str) -> str:
     return f"The {shape} starts {start_word} and ends {end_word}."
 
 
+def _check_layout(caller: str, travel: tuple[float, float], distractor_x: float | None) -> None:
+    lo, hi = travel
+    if not 0.0 < lo < hi < 1.0 or min(lo, 1.0 - hi) * 64.0 < R_SMALL:
+        raise ValueError(f"{caller}: travel={travel}; expected 0 < LEFT < RIGHT < 1 with room for a radius of "
+                         f"{R_SMALL / 64:.4f} of the side at both ends")
+    if distractor_x is not None and not R_SMALL / 64.0 <= distractor_x <= 1.0 - R_SMALL / 64.0:
+        raise ValueError(f"{caller}: distractor_x={distractor_x}; the shape must fit inside the frame "
+                         f"({R_SMALL / 64:.4f} to {1 - R_SMALL / 64:.4f})")
+
+
 def sample_motion_clip(rng: np.random.Generator, kind: str, direction: int, *, n_objects: int, size: int = 64,
-                       num_frames: int = 16) -> MotionClip:
-    """A clip whose actor makes change ``kind`` in ``direction`` (0: left→right, small→large, colour A→B drawn)."""
+                       num_frames: int = 16, travel: tuple[float, float] = (X_LEFT, X_RIGHT),
+                       distractor_x: float | None = DISTRACTOR_X) -> MotionClip:
+    """A clip whose actor makes change ``kind`` in ``direction`` (0: left→right, small→large, colour A→B drawn).
+
+    ``travel``: the move's (left, right) centres as fractions of the side; a still shape's centre is drawn in the
+    same range (narrowed so the shape stays inside the frame), and a moving shape's radius is capped so it fits at
+    both ends. ``distractor_x``: the non-acting shape's centre (fraction of the side); None draws it like the actor's.
+    """
     if kind not in KINDS or direction not in (0, 1) or n_objects not in (1, 2):
         raise ValueError(f"sample_motion_clip: kind={kind!r} direction={direction} n_objects={n_objects}; expected kind in "
                          f"{KINDS}, direction 0/1, 1 or 2 objects")
     if num_frames < 8:
         raise ValueError(f"sample_motion_clip: num_frames={num_frames}; need at least 8 (still, change, still)")
+    _check_layout("sample_motion_clip", travel, distractor_x)
+    lo, hi = travel
     s = size / 64.0
     shapes = [SHAPES[int(i)] for i in rng.permutation(len(SHAPES))[:n_objects]]
     colours = [COLOURS[int(i)] for i in rng.permutation(len(COLOURS))[:n_objects]]
@@ -101,11 +124,18 @@ def sample_motion_clip(rng: np.random.Generator, kind: str, direction: int, *, n
     objects = []
     for k in range(n_objects):
         r = float(rng.choice([R_SMALL * s, large])) if k == actor else R_SMALL * s
-        x = float(rng.uniform(X_LEFT, X_RIGHT)) * size
+        if k == actor and kind == "move":
+            r = min(r, lo * size, (1.0 - hi) * size)
+        reach = large if k == actor and kind == "size" else r  # the largest radius the shape takes
+        u = float(rng.uniform(0.0, 1.0))
+        left, right = max(lo * size, reach), min(hi * size, size - reach)
+        x = left + u * (right - left)
+        if k != actor and distractor_x is not None:
+            x = distractor_x * size
         objects.append({"shape": shapes[k], "colour": colours[k], "x": x, "y": ys[k], "r": r})
     a = objects[actor]
     if kind == "move":
-        values = (X_LEFT * size, X_RIGHT * size)
+        values = (lo * size, hi * size)
     elif kind == "size":
         values = (R_SMALL * s, large)
     else:
@@ -210,11 +240,14 @@ class _Job:
     direction: int
     n_objects: int
     other_kind: str
+    travel: tuple[float, float]
+    distractor_x: float | None
 
 
 def _make_clip(job: _Job) -> dict:
     rng = rng_for(job.seed, key("motion"), job.index)
-    clip = sample_motion_clip(rng, job.kind, job.direction, n_objects=job.n_objects, size=job.size, num_frames=job.num_frames)
+    clip = sample_motion_clip(rng, job.kind, job.direction, n_objects=job.n_objects, size=job.size, num_frames=job.num_frames,
+                              travel=job.travel, distractor_x=job.distractor_x)
     track = tracks(clip)
     frames = render_motion(clip, track)
     stem = f"m{job.index:05d}"
@@ -227,8 +260,12 @@ def _make_clip(job: _Job) -> dict:
 
 def generate_motion(out: str | os.PathLike, *, n: int, seed: int = 0, size: int = 64, num_frames: int = 16,
                     codec: str = "libx264", objects: tuple[int, int] = (1, 2), test_fraction: float = 0.2,
+                    travel: tuple[float, float] = (X_LEFT, X_RIGHT), distractor_x: float | None = DISTRACTOR_X,
                     gate_model: str | None = None, gate: bool = True, workers: int = 1, progress: bool = True) -> Path:
     """Write ``n`` clips, one question each, under ``out`` (layout in the module docstring); returns the folder.
+
+    ``travel`` and ``distractor_x`` as in :func:`sample_motion_clip` (``distractor_x=None``: the second shape at a
+    random x, the version-1 world whose gate the shipped tiny CLIP fails).
 
     With ``gate`` the x-position probe of ``gate_model`` (None: the shipped tiny CLIP) is measured on the
     written videos and recorded as ``summary.gate`` in ``dataset.json``. Output is the same for any ``workers``.
@@ -244,9 +281,11 @@ def generate_motion(out: str | os.PathLike, *, n: int, seed: int = 0, size: int 
         raise ValueError(f"generate_motion: size={size}; expected an even size >= 32")
     if num_frames < 8:
         raise ValueError(f"generate_motion: num_frames={num_frames}; need at least 8")
+    _check_layout("generate_motion", tuple(travel), distractor_x)
     record = {"world": "motion", "generator_version": GENERATOR_VERSION,
               "arguments": {"n": n, "seed": seed, "size": size, "num_frames": num_frames, "codec": codec, "objects": list(objects),
-                            "test_fraction": test_fraction, "gate": gate, "gate_model": gate_model}}
+                            "test_fraction": test_fraction, "travel": list(travel), "distractor_x": distractor_x,
+                            "gate": gate, "gate_model": gate_model}}
     root, done = prepare_root(out, record, ("videos", "annotations", "meta.jsonl"))
     if done:
         return root
@@ -259,7 +298,7 @@ def generate_motion(out: str | os.PathLike, *, n: int, seed: int = 0, size: int 
     for i in range(n):
         kind = KINDS[int(change[i]) // 2]
         jobs.append(_Job(str(root), i, seed, size, num_frames, codec, kind, int(change[i]) % 2, lo + int(count[i]),
-                         [k for k in KINDS if k != kind][int(other[i])]))
+                         [k for k in KINDS if k != kind][int(other[i])], tuple(travel), distractor_x))
     clips = run_jobs(_make_clip, jobs, workers, "motion clips", progress)
 
     n_test = max(1, int(round(n * test_fraction)))
