@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-task", action="store_true", help="compacter, phm_adapter, lora, prompt: one set per task "
                    "(the paper's 'multiple' rows) instead of one for all tasks")
     p.add_argument("--max-new-tokens", type=int, default=20, help="generation length")
+    p.add_argument("--num-beams", type=int, default=1, help="beam width of the test-time generation (VL-Adapter: 5; default 1)")
     p.add_argument("--seed", default="0", help="seed, or comma-separated seeds: one run per variant and seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -151,7 +152,8 @@ def eval_command(args: argparse.Namespace, task: str, adapters: Path, output: Pa
     features = args.features if args.features is not None else args.out / "features.h5"
     cmd = ["eval", task, "--annotations", str(args.data / SYNTH_FILES[task]["test"]), "--features", str(features),
            "--adapters", str(adapters), "--output", str(output), "--batch-size", str(EVAL_BATCH_SIZE),
-           "--max-new-tokens", str(args.max_new_tokens), "--device", args.device, "--overwrite"]
+           "--max-new-tokens", str(args.max_new_tokens), "--num-beams", str(args.num_beams), "--device", args.device,
+           "--overwrite"]
     if args.model is not None:
         cmd += ["--model", str(args.model)]
     if args.max_test:
@@ -222,7 +224,8 @@ def write_table(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> 
 
 
 SAME_SETTINGS = ("--data", "--model", "--features", "--epochs", "--steps", "--batch-size", "--eval-every", "--max-val",
-                 "--max-test", "--lr-scale", "--reduction-factor", "--per-task", "--max-new-tokens", "--device")
+                 "--max-test", "--lr-scale", "--reduction-factor", "--per-task", "--max-new-tokens", "--num-beams",
+                 "--device")
 
 
 def _settings(argv: list[str]) -> dict[str, str]:

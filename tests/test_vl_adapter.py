@@ -281,9 +281,10 @@ def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsy
     out = tmp_path / "out"
     args = ["--data", str(data), "--model", str(tmp_path / "vlt5"), "--features", str(feats), "--out", str(out),
             "--variants", "full_ft,half_shared_down", "--steps", "2", "--batch-size", "4", "--max-val", "2",
-            "--max-test", "3", "--max-new-tokens", "3", "--quiet"]
+            "--max-test", "3", "--max-new-tokens", "3", "--num-beams", "2", "--quiet"]
     assert script.main(args) == 0
     printed = capsys.readouterr().out
+    assert printed.count("--num-beams 2") == 8  # every test-time generation uses the beam width
     assert printed.count("$ mmadapters train vl-adapter --output") == 2 and printed.count("$ mmadapters eval ") == 8
     assert "--set recipe.variant=half_shared_down --set recipe.reduction_factor=8.0" in printed and "--resume" not in printed
     result = json.loads((out / "vl_adapter_results.json").read_text())
