@@ -203,3 +203,27 @@ def test_resume_restores_the_buffers_of_trained_modules(tmp_path):
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert int(b["1.num_batches_tracked"]) == 6
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_training_losses_reach_the_history_while_a_quiet_run_goes_on(tmp_path):
+    """Without validations or checkpoints, the loss entries are appended every HISTORY_FLUSH_ENTRIES log lines,
+    so a long run started with --quiet can be followed in history.jsonl."""
+    from mmadapters.training.trainer import HISTORY_FLUSH_ENTRIES
+
+    task = build_toy_task(ToyConfig(), TrainerConfig())
+    seen = []
+    real = task.get_batch
+
+    def watching(indices):
+        path = tmp_path / "history.jsonl"
+        seen.append(len(path.read_text().splitlines()) if path.is_file() else 0)
+        return real(indices)
+
+    task.get_batch = watching
+    steps = 2 * HISTORY_FLUSH_ENTRIES + 5
+    train(task, TrainerConfig(steps=steps, batch_size=8, eval_every=0, checkpoint_every=0, log_every=1, progress=False), tmp_path)
+    # before step k+1 runs, the first k entries are on disk once a full buffer of them was flushed
+    assert seen[HISTORY_FLUSH_ENTRIES] == HISTORY_FLUSH_ENTRIES and seen[2 * HISTORY_FLUSH_ENTRIES] == 2 * HISTORY_FLUSH_ENTRIES
+    assert seen[HISTORY_FLUSH_ENTRIES - 1] == 0
+    lines = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if e["kind"] == "train"] == list(range(1, steps + 1))

@@ -45,7 +45,8 @@ temporary folder that then replaces ``best/``. The output folder holds::
 
     config.yaml          the resolved run config (written by ``mmadapters train``)
     history.jsonl        one line per event: {"kind": "train", "step", "loss", "lr", "grad_norm"} every
-                         log_every steps, {"kind": "eval", "step", "metrics", "best"} per validation
+                         log_every steps (appended 10 at a time, and at each validation and checkpoint),
+                         {"kind": "eval", "step", "metrics", "best"} per validation
     best/                the adapters of the best validation score (task.save) + train_best.json
     last/                the adapters after the last step
     train_state.pt       the resumable state (see below)
@@ -123,6 +124,7 @@ __all__ = ["LossModule", "TrainSummary", "TrainTask", "TrainerConfig", "check_de
            "seed_everything", "train", "wrap_for_training"]
 
 HISTORY_NAME = "history.jsonl"
+HISTORY_FLUSH_ENTRIES = 10  # training-loss entries buffered before they are appended (so a quiet run can be watched)
 SUMMARY_NAME = "train_summary.json"
 BEST_INFO_NAME = "train_best.json"
 
@@ -696,7 +698,7 @@ def _train_locked(task: TrainTask, config: TrainerConfig, output: Path, *, resum
                 bar.update(1)
             evaluating = (config.eval_every and done % config.eval_every == 0) or done == end
             checkpointing = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end
-            if pending and main and (evaluating or checkpointing or len(pending) >= 100):
+            if pending and main and (evaluating or checkpointing or len(pending) >= HISTORY_FLUSH_ENTRIES):
                 _append_jsonl(output / HISTORY_NAME, pending)
                 pending = []
             elif not main:
