@@ -173,24 +173,30 @@ class Predictor(nn.Module):
         return self.dropout(out), state
 
 
+JOINT_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
 class Joiner(nn.Module):
-    """``out(tanh(enc_proj(enc) + pred_proj(pred)))``.
+    """``out(act(enc_proj(enc) + pred_proj(pred)))``, ``act`` tanh (ours) or relu / sigmoid (NeMo's ``RNNTJoint``).
 
     Both 3-D, ``enc (B, T, E)`` and ``pred (B, U, P)`` -> logits ``(B, T, U, V)`` (every pair). Otherwise the
     projections broadcast as they are: e.g. ``enc (B, T, 1, E)`` with ``pred (B, 1, U, P)``, or ``(B, E)`` with
     ``(B, P)`` -> ``(B, V)`` for one decoding step."""
 
-    def __init__(self, enc_dim: int, pred_dim: int, joint_dim: int, vocab_size: int):
+    def __init__(self, enc_dim: int, pred_dim: int, joint_dim: int, vocab_size: int, activation: str = "tanh"):
         super().__init__()
+        if activation not in JOINT_ACTIVATIONS:
+            raise ValueError(f"Joiner: activation must be one of {sorted(JOINT_ACTIVATIONS)}, got {activation!r}")
         self.enc_proj = nn.Linear(enc_dim, joint_dim)
         self.pred_proj = nn.Linear(pred_dim, joint_dim)
         self.out = nn.Linear(joint_dim, vocab_size)
+        self.activation = JOINT_ACTIVATIONS[activation]
 
     def forward(self, enc: Tensor, pred: Tensor) -> Tensor:
         e, p = self.enc_proj(enc), self.pred_proj(pred)
         if e.dim() == 3 and p.dim() == 3:
             e, p = e.unsqueeze(2), p.unsqueeze(1)
-        return self.out(torch.tanh(e + p))
+        return self.out(self.activation(e + p))
 
 
 class EncoderStream:

@@ -9,15 +9,15 @@ tests/test_nemo.py):
 ::
 
     waves (B, S) ─ NemoMelFrontend ─► (B, F, n_mels) ─ FastConformerEncoder ─► enc (B, T, D) ─┐
-    tokens (B, U) ─ Predictor (embedding + LSTM) ─► pred (B, U, P) ───────────── NemoJoint ◄──┘ ─► (B, T, U, V)
+    tokens (B, U) ─ Predictor (embedding + LSTM) ─► pred (B, U, P) ─────────────── Joiner ◄──┘ ─► (B, T, U, V)
 
 - :class:`~mmadapters.speech.nemo_features.NemoMelFrontend` (:mod:`.nemo_features`) — NeMo's
   ``AudioToMelSpectrogramPreprocessor``;
 - :class:`~mmadapters.speech.fastconformer.FastConformerEncoder` (:mod:`.fastconformer`) — NeMo's
   ``ConformerEncoder`` as cache-aware streaming models configure it, with its streaming caches and chunking;
 - the transducer (here): NeMo's ``RNNTDecoder`` (embedding + LSTM, this library's
-  :class:`~mmadapters.speech.model.Predictor`) and ``RNNTJoint`` (:class:`NemoJoint`: ReLU, tanh or sigmoid); the
-  blank is the last id.
+  :class:`~mmadapters.speech.model.Predictor`) and ``RNNTJoint`` (this library's
+  :class:`~mmadapters.speech.model.Joiner` with ReLU, tanh or sigmoid); the blank is the last id.
 
 Streaming is NeMo's cache-aware streaming: :meth:`NemoTransducer.stream_step` is NeMo's
 ``encoder.cache_aware_stream_step`` and :func:`~mmadapters.speech.fastconformer.feature_chunks` cuts features into
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 import mmadapters as mma
 
 from .fastconformer import FastConformerEncoder, NemoStreamState, feature_chunks
-from .model import Predictor
+from .model import Joiner, Predictor
 from .nemo_archive import (
     WEIGHTS_MEMBER,
     NemoCharTokenizer,
@@ -63,24 +63,6 @@ from .nemo_features import NemoMelFrontend
 
 
 # -- transducer -------------------------------------------------------------------------------------------------
-class NemoJoint(nn.Module):
-    """NeMo's ``RNNTJoint``: ``out(act(enc_proj(enc) + pred_proj(pred)))``; 3-D ``enc (B, T, E)`` and ``pred (B, U, P)``
-    give every pair ``(B, T, U, V)``, other shapes broadcast as they are."""
-
-    def __init__(self, enc_dim: int, pred_dim: int, joint_dim: int, vocab_size: int, activation: str = "relu"):
-        super().__init__()
-        self.enc_proj = nn.Linear(enc_dim, joint_dim)
-        self.pred_proj = nn.Linear(pred_dim, joint_dim)
-        self.out = nn.Linear(joint_dim, vocab_size)
-        self.activation = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[activation]
-
-    def forward(self, enc: Tensor, pred: Tensor) -> Tensor:
-        e, p = self.enc_proj(enc), self.pred_proj(pred)
-        if e.dim() == 3 and p.dim() == 3:
-            e, p = e.unsqueeze(2), p.unsqueeze(1)
-        return self.out(self.activation(e + p))
-
-
 class NemoStream:
     """Streaming of ``B`` synchronous waves through :meth:`NemoTransducer.stream_step` (for
     :class:`~mmadapters.speech.decode.StreamingTranscriber`): ``push(wave_chunk (B, s)) -> (B, t, D)`` frames that
@@ -167,7 +149,7 @@ class NemoTransducer(nn.Module):
         self.frontend = NemoMelFrontend(s.frontend)
         self.encoder = FastConformerEncoder(s.encoder)
         self.predictor = Predictor(s.num_classes + 1, s.pred_hidden, s.pred_hidden, s.pred_layers, 0.0)
-        self.joint_net = NemoJoint(s.encoder.d_model, s.pred_hidden, s.joint_hidden, s.num_classes + 1, s.joint_activation)
+        self.joint_net = Joiner(s.encoder.d_model, s.pred_hidden, s.joint_hidden, s.num_classes + 1, s.joint_activation)
         self.blank = s.num_classes
         self.vocab_size = s.num_classes + 1
         self.max_symbols_per_step = s.max_symbols_per_step
@@ -357,5 +339,5 @@ def load_nemo(path: str | os.PathLike, *, device: str | torch.device = "cpu") ->
 
 
 
-__all__ = ["NemoBundle", "NemoJoint", "NemoStream", "NemoTransducer", "declare_nemo_points", "load_nemo",
+__all__ = ["NemoBundle", "NemoStream", "NemoTransducer", "declare_nemo_points", "load_nemo",
            "load_nemo_state"]
