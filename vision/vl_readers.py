@@ -44,6 +44,7 @@ source's ``(num_tokens, dim)`` raise ``ValueError``. :func:`load_features` picks
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -411,8 +412,8 @@ class FeatureSource(Protocol):
     def __call__(self, img_id: str) -> torch.Tensor: ...
 
 
-class _Features:
-    """Shared checks and batching; subclasses implement ``_load(img_id) -> array`` and ``__contains__``."""
+class _Features(abc.ABC):
+    """Shared checks and batching; subclasses implement ``_probe``, ``_load(img_id) -> array`` and ``__contains__``."""
 
     _shape: tuple[int, int] | None = None
 
@@ -424,8 +425,9 @@ class _Features:
     def num_tokens(self) -> int:
         return self._probe()[0]
 
+    @abc.abstractmethod
     def _probe(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """``(tokens, dim)`` of one stored feature."""
 
     def _check(self, img_id: str, value) -> torch.Tensor:
         try:
