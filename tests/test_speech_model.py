@@ -356,3 +356,23 @@ def test_load_errors_name_the_file(model, tok, tmp_path, monkeypatch):
     monkeypatch.setattr(asr, "TINY_ASR_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="pretrain_tiny_asr.py"):
         load_asr()
+
+
+def test_the_foundation_in_progress_loads_and_covers_every_language():
+    """speech/assets/tiny_asr_foundation (issue 20's foundation, pretraining continues with --init): the ~3 M "small"
+    preset trained on every language of `synth --foundation` data, fp16 within 10 MB, one tokenizer for all of them."""
+    from pathlib import Path
+
+    from mmadapters.speech.synth import DEFAULT_LANGUAGES
+
+    folder = Path(asr.__file__).parent / "assets" / "tiny_asr_foundation"
+    bundle = load_asr(folder)
+    record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
+    assert record["foundation_data"] is True and sorted(record["languages"]) == sorted(DEFAULT_LANGUAGES)
+    assert 2.5e6 < record["parameters"]["total"] < 3.5e6 and bundle.config.d_model == 144
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 10e6
+    for text in ("zażółć", "příliš", "привіт", "ação", "blåbär"):  # tail-only letters are ids, not unknowns
+        assert bundle.tokenizer.decode(bundle.tokenizer.encode(text)) == text
+    wave = torch.randn(1, 16000) * 0.05
+    enc, lengths = bundle.model.encode(wave, torch.tensor([16000]))
+    assert enc.shape[0] == 1 and enc.shape[-1] == 144 and int(lengths[0]) == enc.shape[1]
