@@ -105,6 +105,26 @@ def model_config(preset: str, vocab_size: int, overrides: list[str]) -> Transduc
     return TransducerConfig.from_dict({**settings, "vocab_size": vocab_size}, "pretrain_tiny_asr --preset/--set")
 
 
+# TransducerConfig fields a later stage (--init) may change: they shape training, not the weights.
+RESTAGE_FIELDS = ("freq_masks", "freq_mask_param", "time_masks", "time_mask_param", "time_mask_p", "dropout",
+                  "loss_weight_first", "loss_weight_second")
+
+
+def restage_config(config: TransducerConfig, overrides: list[str]) -> TransducerConfig:
+    """``config`` with ``--set`` overrides applied for a stage started with ``--init``; only
+    :data:`RESTAGE_FIELDS` may change (the model's weights must keep their shapes)."""
+    settings = config.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE (a TransducerConfig field)")
+        if key not in RESTAGE_FIELDS:
+            raise SystemExit(f"--set {key}: with --init only {', '.join(RESTAGE_FIELDS)} may change (the model's "
+                             f"architecture comes from the --init model)")
+        settings[key] = json.loads(value)
+    return TransducerConfig.from_dict(settings, "pretrain_tiny_asr --init/--set")
+
+
 def fit_cmvn(model: CascadedTransducer, utts: list[Utterance], n: int) -> int:
     source = AudioSource(utts[:n])
     waves = (w for i in range(len(source.utterances)) if (w := source.load(i)) is not None)
@@ -161,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--languages", default=None, help="comma-separated training languages (default: the head languages of the data)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TransducerConfig field (JSON value), e.g. --set first_layers=6")
+                   help="override a TransducerConfig field (JSON value), e.g. --set first_layers=6; with --init only the "
+                        "training-time fields (SpecAugment, dropout, loss weights), e.g. --set time_mask_p=0.05")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps (upper bound with --max-minutes)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-time budget for training; the learning rate then decays over the budget")
@@ -208,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         bundle = load_asr(args.init)
         tokenizer, config = bundle.tokenizer, bundle.config
         tokenizer_source = str(args.init)
-        model = bundle.model.float().to(args.device).train()
+        model = bundle.model.float()
+        if args.overrides:  # training-time fields only (SpecAugment, dropout, loss weights): the weights must still fit
+            config = restage_config(config, args.overrides)
+            state = model.state_dict()
+            model = CascadedTransducer(config)
+            model.load_state_dict(state)
+        model = model.to(args.device).train()
         previous = json.loads((args.init / "training.json").read_text(encoding="utf-8")) if (args.init / "training.json").is_file() else {}
     else:
         tokenizer, tokenizer_source = data_tokenizer(args.data, (u.text for u in train_all))
@@ -218,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     for prm in model.parameters():
         prm.requires_grad_(True)
     counts = parameter_counts(model)
-    print(f"model: {counts['total']:,} parameters ({args.preset}); tokenizer: {tokenizer.vocab_size} ids over "
+    origin = args.preset if args.init is None else f"from {args.init}"
+    print(f"model: {counts['total']:,} parameters ({origin}); tokenizer: {tokenizer.vocab_size} ids over "
           f"{len(present)} languages; training on {len(train_utts)} utterances of {','.join(languages)}", flush=True)
     n_cmvn = previous.get("cmvn_utterances", 0) if args.init is not None else fit_cmvn(model, train_utts, args.cmvn_utterances)
 

@@ -254,6 +254,16 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
     record2 = json.loads((stage2 / "training.json").read_text())
     assert record2["train"]["steps"] == 2 and record2["previous_stages"][0]["train"]["steps"] == 3
     assert "after 3 steps in earlier stages" in (stage2 / "README.md").read_text()
+    # a later stage may change training-only fields (SpecAugment, dropout, loss weights), never the architecture
+    stage3 = tmp_path / "asr3"
+    assert pretrain.main(["--data", str(data), "--init", str(stage2), "--output", str(stage3), "--run-dir",
+                          str(tmp_path / "runs" / "asr3"), "--steps", "1", "--eval-every", "0", "--warmup", "1", "--quiet",
+                          "--set", "time_mask_p=0.05", "--set", "dropout=0.0"]) == 0
+    third = load_asr(stage3)
+    assert third.config.time_mask_p == 0.05 and third.config.dropout == 0.0 and third.config.d_model == bundle.config.d_model
+    with pytest.raises(SystemExit, match="with --init only"):
+        pretrain.main(["--data", str(data), "--init", str(stage2), "--output", str(tmp_path / "asr4"), "--quiet",
+                       "--set", "d_model=32"])
 
     run_lda = _script("run_lda")
     out = tmp_path / "lda"
