@@ -8,12 +8,11 @@ import shutil
 
 import pytest
 import torch
+from asr_adapter_checks import check_language_adapters
 
-import mmadapters as mma
 from mmadapters.eval.cli import main
 from mmadapters.speech import load_asr
 from mmadapters.speech.decode import beam_search, greedy_decode, transcribe
-from mmadapters.speech.lda import adapter_config
 from mmadapters.speech.parakeet import ParakeetTransducer
 
 CHARS = "abcdefghijklmnopqrstuvwxyz'"
@@ -146,30 +145,8 @@ def test_loss_is_transformers_own(folder, waves):
 
 
 def test_adapter_points_route_per_sample_and_train_alone(folder, waves):
-    bundle = load_asr(folder)
-    model = bundle.model
-    points = mma.declared_points(model)
-    assert {"attn_out", "ffn_out", "block_out", "attn", "predictor_out", "joiner_in"} <= set(points)
     x, lengths = _pad(waves[:2])
-    with torch.no_grad():
-        base, _ = model.encode(x, lengths)
-    for name in ("nl", "pt"):
-        mma.add_adapter(model, name, adapter_config(4, ["block_out", "predictor_out"]))
-    with torch.no_grad():  # zero-initialised up-projections: nothing changes
-        mma.set_active(model, "nl")
-        assert torch.allclose(model.encode(x, lengths)[0], base, atol=1e-5)
-        for p in mma.adapter_parameters(model, "pt").values():
-            p.add_(0.05)
-        mma.set_active(model, None)
-        with mma.route(model, ["nl", "pt"]):
-            routed, _ = model.encode(x, lengths)
-    assert torch.allclose(routed[0], base[0], atol=1e-5) and not torch.allclose(routed[1], base[1], atol=1e-3)
-    mma.freeze_base(model, adapters=["nl", "pt"])
-    mma.set_active(model, "pt")
-    model.train()
-    model(x, lengths, torch.tensor([[5, 6], [7, 8]]), torch.tensor([2, 2]))["loss"].backward()
-    grads = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all(".adapters." in n or "adapter" in n for n in grads)
+    check_language_adapters(load_asr(folder).model, x, lengths, ["block_out", "predictor_out"])
 
 
 def test_tdt_has_no_beam_search_and_nemo_files_are_named(folder, tmp_path, waves):
