@@ -386,3 +386,17 @@ def test_bad_arguments_raise_clear_errors(tmp_path: Path, kwargs: dict, match: s
 def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert synth_vl.main(["--out", str(tmp_path / "x"), "--n-images", "3"]) == 2
     assert "n_images=3" in capsys.readouterr().err
+
+
+def test_cli_sets_the_split_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--val-fraction / --test-fraction: a large test split beside a smaller training set (issue 19's fair-scale
+    table needs >= 500 test images, not a 5,000-image training set); a bad share names the field."""
+    out = tmp_path / "x"
+    assert synth_vl.main(["--out", str(out), "--n-images", "40", "--val-fraction", "0.05", "--test-fraction", "0.25",
+                          "--vqa-per-image", "1", "--gqa-per-image", "1", "--quiet"]) == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["images"] == {"train": 28, "val": 2, "test": 10}
+    assert record["args"]["test_fraction"] == 0.25 and record["args"]["val_fraction"] == 0.05
+    capsys.readouterr()
+    assert synth_vl.main(["--out", str(tmp_path / "y"), "--n-images", "40", "--test-fraction", "0.5"]) == 2
+    assert "test_fraction=0.5" in capsys.readouterr().err

@@ -924,12 +924,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write generated VQA / GQA / NLVR2 / COCO-caption style tasks on multi-object scenes.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--n-images", type=int, required=True, help=f"number of images (>= {MIN_IMAGES}), split 80/10/10")
+    parser.add_argument("--n-images", type=int, required=True, help=f"number of images (>= {MIN_IMAGES}), split 80/10/10 by default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64, the tiny CLIP's)")
     parser.add_argument("--vqa-per-image", type=int, default=3)
     parser.add_argument("--gqa-per-image", type=int, default=3)
     parser.add_argument("--nlvr-per-image", type=float, default=1.0, help="NLVR pairs per image of a split")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the images in val (default 0.1)")
+    parser.add_argument("--test-fraction", type=float, default=0.1,
+                        help="share of the images in test (default 0.1; e.g. 0.25 of 2,000 images: 500 test images "
+                             "beside a smaller training set)")
     parser.add_argument("--pretrain", action="store_true", help="draw a disjoint image set for pretraining (ids synthpt_*)")
     parser.add_argument("--workers", type=int, default=1, help="rendering processes; the output does not depend on it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -943,7 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         record = generate_vl(
             args.out, n_images=args.n_images, seed=args.seed, image_size=args.image_size, vqa_per_image=args.vqa_per_image,
-            gqa_per_image=args.gqa_per_image, nlvr_per_image=args.nlvr_per_image, pretrain=args.pretrain,
+            gqa_per_image=args.gqa_per_image, nlvr_per_image=args.nlvr_per_image, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, pretrain=args.pretrain,
             workers=args.workers, progress=not args.quiet,
         )
     except (ValueError, NotADirectoryError) as exc:
