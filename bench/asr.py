@@ -54,12 +54,19 @@ RANDOM_VOCAB = 64  # characters of a random-init model (the shipped one's tokeni
 
 
 # -- setup ------------------------------------------------------------------------------------------------
-def load_bundle(random_init: bool, seed: int = 0, tiny: bool = False):
-    """(bundle, description): the shipped tiny model, or a random default-config model (``tiny``: a random
-    ``tiny_asr_config`` model, for smoke runs)."""
+def load_bundle(random_init: bool, seed: int = 0, tiny: bool = False, model: str | None = None):
+    """(bundle, description): ``model`` (a folder :func:`~mmadapters.speech.model.load_asr` reads), else the shipped
+    tiny model, or a random default-config model (``tiny``: a random ``tiny_asr_config`` model, for smoke runs)."""
     from mmadapters.speech.model import AsrBundle, CascadedTransducer, TransducerConfig, load_asr, tiny_asr_config
     from mmadapters.speech.tokenizer import CharTokenizer
 
+    if model is not None:
+        bundle = load_asr(model)
+        if not isinstance(bundle, AsrBundle):
+            raise SystemExit(f"--model {model}: a {type(bundle).__name__}; the bench streams the cascaded transducer "
+                             f"(a folder written by save_asr)")
+        n = sum(p.numel() for p in bundle.model.parameters())
+        return bundle, f"{model} ({n:,} parameters)"
     if not random_init and not tiny:
         try:
             bundle = load_asr()
@@ -296,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="short audio, small batch, one repetition: a smoke run")
     ap.add_argument("--random-init", action="store_true", help="use a random default-config model even if the shipped one exists")
     ap.add_argument("--tiny", action="store_true", help="use a random tiny_asr_config model (smoke runs, tests)")
+    ap.add_argument("--model", default=None, metavar="DIR",
+                    help="a model folder written by save_asr (e.g. speech/assets/tiny_asr_foundation; default: the shipped one)")
     ap.add_argument("--manifest", default=None, help="NeMo JSONL manifest to take audio from (default: generated signals)")
     ap.add_argument("--utterances", type=int, default=4, help="utterances streamed one at a time")
     ap.add_argument("--seconds", type=float, default=6.0, help="length of each utterance")
@@ -316,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    base, model_text = load_bundle(args.random_init, tiny=args.tiny)
+    if args.model is not None and (args.random_init or args.tiny):
+        ap.error("--model cannot be combined with --random-init or --tiny")
+    base, model_text = load_bundle(args.random_init, tiny=args.tiny, model=args.model)
     adapted, info = with_language_adapters(base, args.langs)
     waves, audio_text = load_waves(args)
     print(f"model: {model_text}; audio: {audio_text}", flush=True)

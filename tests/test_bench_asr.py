@@ -69,3 +69,18 @@ def test_manifest_audio(bench, tmp_path):
     waves, text = bench.load_waves(args)
     # the 0.2 s utterance is shorter than half of --seconds; the 1.5 s one is cut to 1 s
     assert [w.shape[0] for w in waves] == [9600, 16000] and "2 utterances from" in text
+
+
+def test_model_folder(bench, tmp_path):
+    """--model DIR benches a saved model (e.g. the foundation before it ships); a NeMo or Parakeet bundle, or
+    --model with --tiny, is refused with a message."""
+    from mmadapters.speech.model import CascadedTransducer, save_asr, tiny_asr_config
+    from mmadapters.speech.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(list("abcdefgh"))
+    torch.manual_seed(0)
+    save_asr(tmp_path / "m", CascadedTransducer(tiny_asr_config(tokenizer.vocab_size)), tokenizer)
+    result = bench.main(["--quick", "--threads", "1", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "asr")])
+    assert result["model"].startswith(str(tmp_path / "m")) and result["adapters"]["per_language_percent"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--tiny", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "asr2")])
