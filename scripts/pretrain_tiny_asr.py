@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev-per-language", type=int, default=30, help="dev utterances per language scored during training")
     p.add_argument("--cmvn-utterances", type=int, default=400)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast the forward (the transducer loss stays float32); ~1.5x faster on a CPU with "
+                        "AVX512-BF16 or on a GPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None,
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = TrainerConfig(steps=args.steps, batch_size=batch_size, lr=args.lr, weight_decay=args.weight_decay,
                             warmup_ratio=min(1.0, args.warmup / max(1, args.steps)), schedule=args.schedule, grad_clip=5.0,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
-                            log_every=10, seed=args.seed, device=args.device, progress=not args.quiet)
+                            log_every=10, seed=args.seed, device=args.device, precision=args.precision,
+                            progress=not args.quiet)
     task = TransducerTask(model, tokenizer, train_utts, first_per_language(dev_utts, args.dev_per_language), device=args.device,
                           progress=not args.quiet, where=str(args.data / "train.jsonl"))
     run_dir = args.run_dir or Path("runs/pretrain_asr") / args.output.name

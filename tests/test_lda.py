@@ -258,8 +258,9 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
     stage3 = tmp_path / "asr3"
     assert pretrain.main(["--data", str(data), "--init", str(stage2), "--output", str(stage3), "--run-dir",
                           str(tmp_path / "runs" / "asr3"), "--steps", "1", "--eval-every", "0", "--warmup", "1", "--quiet",
-                          "--set", "time_mask_p=0.05", "--set", "dropout=0.0"]) == 0
+                          "--set", "time_mask_p=0.05", "--set", "dropout=0.0", "--precision", "bf16"]) == 0
     third = load_asr(stage3)
+    assert json.loads((stage3 / "training.json").read_text())["train"]["trainer"]["precision"] == "bf16"
     assert third.config.time_mask_p == 0.05 and third.config.dropout == 0.0 and third.config.d_model == bundle.config.d_model
     with pytest.raises(SystemExit, match="with --init only"):
         pretrain.main(["--data", str(data), "--init", str(stage2), "--output", str(tmp_path / "asr4"), "--quiet",
