@@ -105,8 +105,18 @@ def model_config(preset: str, vocab_size: int, overrides: list[str]) -> Transduc
     return TransducerConfig.from_dict({**settings, "vocab_size": vocab_size}, "pretrain_tiny_asr --preset/--set")
 
 
+def preset_of(config: TransducerConfig) -> str:
+    """The name of the preset whose architecture ``config`` has (training-time fields aside), else "custom"."""
+    shape = {k: v for k, v in config.to_dict().items() if k not in RESTAGE_FIELDS}
+    for name in PRESETS:
+        ref = model_config(name, config.vocab_size, []).to_dict()
+        if shape == {k: v for k, v in ref.items() if k not in RESTAGE_FIELDS}:
+            return name
+    return "custom"
+
+
 # TransducerConfig fields a later stage (--init) may change: they shape training, not the weights.
-RESTAGE_FIELDS = ("freq_masks", "freq_mask_param", "time_masks", "time_mask_param", "time_mask_p", "dropout",
+RESTAGE_FIELDS = ("freq_masks", "freq_mask_param", "time_masks", "time_mask_param", "time_mask_p", "freq_warp", "dropout",
                   "loss_weight_first", "loss_weight_second")
 
 
@@ -137,13 +147,16 @@ def fmt(x: float) -> str:
 
 
 def wer_table(scores: dict[str, dict]) -> str:
-    """Markdown: language | dev WER first/second pass | test WER first/second pass (%)."""
+    """Markdown: language | dev and test WER, then CER, first/second pass (%); the plain average last."""
     langs = sorted(next(iter(scores.values())).per_language)
-    lines = ["| language | dev WER 1st pass | dev WER 2nd pass | test WER 1st pass | test WER 2nd pass |", "|---|---|---|---|---|"]
+    keys = ("dev_first", "dev_second", "test_first", "test_second")
+    heads = [f"{split} {metric} {p} pass" for metric in ("WER", "CER") for split in ("dev", "test") for p in ("1st", "2nd")]
+    lines = ["| language | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for lang in langs:
-        row = [scores[k].per_language.get(lang, {}).get("wer", math.nan) for k in ("dev_first", "dev_second", "test_first", "test_second")]
+        row = [scores[k].per_language.get(lang, {}).get(metric, math.nan) for metric in ("wer", "cer") for k in keys]
         lines.append(f"| {lang} | " + " | ".join(fmt(v) for v in row) + " |")
-    avg = [scores[k].average_wer for k in ("dev_first", "dev_second", "test_first", "test_second")]
+    avg = [math.fsum(r[metric] for r in scores[k].per_language.values()) / max(1, len(scores[k].per_language))
+           for metric in ("wer", "cer") for k in keys]
     lines.append("| **average** | " + " | ".join(fmt(v) for v in avg) + " |")
     return "\n".join(lines)
 
@@ -248,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     for prm in model.parameters():
         prm.requires_grad_(True)
     counts = parameter_counts(model)
-    origin = args.preset if args.init is None else f"from {args.init}"
+    preset = args.preset if args.init is None else preset_of(config)
+    origin = preset if args.init is None else f"{preset}, from {args.init}"
     print(f"model: {counts['total']:,} parameters ({origin}); tokenizer: {tokenizer.vocab_size} ids over "
           f"{len(present)} languages; training on {len(train_utts)} utterances of {','.join(languages)}", flush=True)
     n_cmvn = previous.get("cmvn_utterances", 0) if args.init is not None else fit_cmvn(model, train_utts, args.cmvn_utterances)
@@ -289,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "data_command": synth_command(args.data),
         "previous_stages": [*previous.get("previous_stages", []), {k: previous[k] for k in ("command", "train") if k in previous}]
         if previous else [], "languages": languages, "foundation_data": foundation, "tokenizer_source": tokenizer_source,
-        "preset": args.preset,
+        "preset": preset,
         "config": config.to_dict(), "parameters": counts, "size_mb": size_mb, "cmvn_utterances": n_cmvn,
         "train": {"steps": summary.steps, "stopped_by": summary.stopped_by, "minutes": minutes, "run_dir": str(run_dir),
                   "trainer": dataclasses.asdict(trainer), "timings": summary.timings, "evals": summary.history,
@@ -302,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     earlier = sum(int(st.get("train", {}).get("steps", 0)) for st in record["previous_stages"])
     earlier_note = f" after {earlier} steps in earlier stages (--init)" if earlier else ""
     trained_on = "every language of imbalanced foundation data (the tail at its share)" if foundation else "the head languages"
-    readme = f"""# Shipped tiny ASR model (cascaded Conformer transducer)
+    readme = f"""# Tiny ASR model (cascaded Conformer transducer)
 
 Made by `scripts/pretrain_tiny_asr.py`: a multilingual cascaded transducer (causal streaming first pass +
 non-causal second pass, one LSTM predictor + joiner) pretrained on {trained_on} ({', '.join(languages)})
@@ -320,13 +334,13 @@ Load it with `mmadapters.speech.model.load_asr()`.
 
 ## Model
 
-- {counts['total']:,} parameters ({args.preset} preset), weights {'fp16' if not args.no_fp16 else 'fp32'}, {size_mb:.2f} MB on disk
+- {counts['total']:,} parameters ({preset} preset), weights {'fp16' if not args.no_fp16 else 'fp32'}, {size_mb:.2f} MB on disk
 - tokenizer: {tokenizer.vocab_size} ids (blank, unk, {tokenizer.vocab_size - 2} characters)
 - training: {summary.steps} steps{earlier_note} in {minutes:.1f} min ({summary.stopped_by} budget), {len(train_utts)} utterances
   ({record['train']['hours']:.2f} h), batches of {batch_size} utterances (≈ {args.batch_seconds:g} padded seconds), lr {args.lr:g}
-  ({args.schedule}, warmup {args.warmup}), device {args.device}, {torch.get_num_threads()} threads, seed {args.seed}
+  ({args.schedule}, warmup {args.warmup}), {args.precision}, device {args.device}, {torch.get_num_threads()} threads, seed {args.seed}
 
-## WER (%, greedy decoding, normalized text)
+## WER and CER (%, greedy decoding, normalized text)
 
 {wer_table(scores)}
 

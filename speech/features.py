@@ -144,22 +144,46 @@ class FeatureStream:
 
 
 class SpecAugment(nn.Module):
-    """SpecAugment masks (Park et al. 2019) on (B, T, F) features, drawn independently per sample.
+    """SpecAugment masks (Park et al. 2019) on (B, T, F) features, drawn independently per sample, after an
+    optional frequency warp.
 
-    Active only in training mode; in eval mode (or with no masks configured) the input comes back
+    ``freq_warp`` w > 0: each sample's mel axis is stretched by a factor drawn uniformly from [1 - w, 1 + w]
+    (output bin f reads bin f / factor, linearly interpolated, the top bin repeated past the edge), which moves
+    formants as a longer or shorter vocal tract would: a mel-domain form of vocal tract length perturbation
+    (Jaitly & Hinton 2013), for generalizing to voices not seen in training.
+
+    Active only in training mode; in eval mode (or with nothing configured) the input comes back
     unchanged. Masked values are 0, the global mean after normalization."""
 
     def __init__(self, freq_masks: int = 2, freq_mask_param: int = 27, time_masks: int = 2,
-                 time_mask_param: int = 100, time_mask_p: float = 0.2):
+                 time_mask_param: int = 100, time_mask_p: float = 0.2, freq_warp: float = 0.0):
         super().__init__()
+        if not 0.0 <= freq_warp < 0.5:
+            raise ValueError(f"SpecAugment: freq_warp must lie in [0, 0.5), got {freq_warp!r}")
+        self.freq_warp = float(freq_warp)
         self.freq = nn.ModuleList(torchaudio.transforms.FrequencyMasking(freq_mask_param, iid_masks=True)
                                   for _ in range(freq_masks))
         self.time = nn.ModuleList(torchaudio.transforms.TimeMasking(time_mask_param, iid_masks=True, p=time_mask_p)
                                   for _ in range(time_masks))
 
+    def warp(self, feats: Tensor) -> Tensor:
+        """(B, T, F) -> (B, T, F): each sample's mel axis stretched by its own factor in [1 - w, 1 + w]."""
+        b, _, f = feats.shape
+        factor = 1.0 + (torch.rand(b, 1, device=feats.device) * 2.0 - 1.0) * self.freq_warp
+        pos = (torch.arange(f, device=feats.device, dtype=torch.float32)[None] / factor).clamp(max=f - 1)  # (B, F)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=f - 1)
+        frac = (pos - lo).to(feats.dtype)[:, None]  # (B, 1, F)
+        index = lambda i: i[:, None].expand(-1, feats.shape[1], -1)  # noqa: E731
+        return torch.lerp(feats.gather(2, index(lo)), feats.gather(2, index(hi)), frac)
+
     def forward(self, feats: Tensor) -> Tensor:
         """(B, T, F) -> (B, T, F)."""
-        if not self.training or (not len(self.freq) and not len(self.time)):
+        if not self.training:
+            return feats
+        if self.freq_warp > 0.0:
+            feats = self.warp(feats)
+        if not len(self.freq) and not len(self.time):
             return feats
         x = feats.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T): the layout torchaudio's maskings expect
         for mask in [*self.freq, *self.time]:

@@ -64,6 +64,8 @@ class TransducerConfig:
     time_masks: int = 2
     time_mask_param: int = 100
     time_mask_p: float = 0.2
+    freq_warp: float = field(default=0.0, metadata={"help": "Mel-axis stretch of up to +-w per training sample "
+                                                             "(vocal tract length perturbation; 0: off)."})
     # first pass: causal streaming Conformer
     subsampling_channels: int = 64
     d_model: int = field(default=144, metadata={"help": "Width E of the first pass and of both passes' outputs."})
@@ -110,6 +112,8 @@ class TransducerConfig:
         if self.second_kernel_size % 2 == 0:
             raise ValueError(f"TransducerConfig.second_kernel_size: torchaudio's Conformer needs an odd kernel, "
                              f"got {self.second_kernel_size}")
+        if not 0.0 <= self.freq_warp < 0.5:
+            raise ValueError(f"TransducerConfig.freq_warp: expected a value in [0, 0.5), got {self.freq_warp!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TransducerConfig.dropout: expected a value in [0, 1), got {self.dropout!r}")
 
@@ -251,7 +255,8 @@ class CascadedTransducer(nn.Module):
         super().__init__()
         c = self.config = config
         self.frontend = FeatureFrontend(c.sample_rate, c.n_mels, c.n_fft, c.win_length, c.hop_length)
-        self.spec_augment = SpecAugment(c.freq_masks, c.freq_mask_param, c.time_masks, c.time_mask_param, c.time_mask_p)
+        self.spec_augment = SpecAugment(c.freq_masks, c.freq_mask_param, c.time_masks, c.time_mask_param, c.time_mask_p,
+                                        c.freq_warp)
         self.first = CausalConformer(c.n_mels, c.d_model, c.first_layers, c.first_heads, c.first_ffn_dim,
                                      c.first_kernel_size, c.chunk_size, c.left_chunks, c.subsampling_channels, c.dropout)
         self.second = NonCausalConformer(c.d_model, c.second_d_model, c.second_layers, c.second_heads, c.second_ffn_dim,

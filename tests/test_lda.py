@@ -262,6 +262,7 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
     third = load_asr(stage3)
     assert json.loads((stage3 / "training.json").read_text())["train"]["trainer"]["precision"] == "bf16"
     assert third.config.time_mask_p == 0.05 and third.config.dropout == 0.0 and third.config.d_model == bundle.config.d_model
+    assert json.loads((stage3 / "training.json").read_text())["preset"] == "custom"  # the test shrank the tiny preset
     with pytest.raises(SystemExit, match="with --init only"):
         pretrain.main(["--data", str(data), "--init", str(stage2), "--output", str(tmp_path / "asr4"), "--quiet",
                        "--set", "d_model=32"])

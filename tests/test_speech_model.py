@@ -122,6 +122,27 @@ def test_spec_augment_only_in_training():
     assert y.shape == x.shape and (y == 0).any() and not torch.equal(y, x)
 
 
+def test_frequency_warp_stretches_each_samples_mel_axis():
+    """freq_warp w: output bin f reads input bin f / a, one factor a in [1 - w, 1 + w] per sample, linearly
+    interpolated (a ramp along the mel axis stays a ramp of slope 1 / a); off in eval mode and at w = 0."""
+    ramp = torch.arange(80.0).expand(6, 30, 80).clone()
+    aug = SpecAugment(freq_masks=0, time_masks=0, freq_warp=0.2)
+    assert aug.eval()(ramp) is ramp
+    assert torch.equal(SpecAugment(freq_masks=0, time_masks=0).train()(ramp), ramp)
+    torch.manual_seed(0)
+    out = aug.train()(ramp)
+    assert out.shape == ramp.shape and torch.equal(out[:, :1].expand_as(out), out)  # the same warp in every frame
+    slopes = out[:, 0, 1:40].diff(dim=-1)  # bins 1..39 stay below the edge for any factor >= 0.8
+    factors = 1.0 / slopes.mean(-1)
+    torch.testing.assert_close(slopes, slopes[:, :1].expand_as(slopes), atol=1e-4, rtol=0)
+    assert ((factors >= 0.8 - 1e-4) & (factors <= 1.2 + 1e-4)).all() and factors.std() > 0.01
+    assert float(out.max()) <= 79.0 and float(out[:, :, 0].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="freq_warp"):
+        SpecAugment(freq_warp=0.5)
+    with pytest.raises(ValueError, match="TransducerConfig.freq_warp"):
+        TransducerConfig(vocab_size=4, freq_warp=-0.1)
+
+
 # -- the model ---------------------------------------------------------------------------------------------------
 def test_shapes_of_encode_predict_joint(model, tok):
     waves, lengths = _waves([16000, 7000])
