@@ -8,7 +8,7 @@ record in the samples log (:mod:`mmadapters.eval.sample_runner`) as soon as its 
 metric is computed from the records, so an interrupted run resumes and gives the numbers an uninterrupted
 one gives. A record::
 
-    {"id", "lang", "adapter", "audio_path", "audio_s", "ref", "hyp",
+    {"id", "lang", "speaker", "adapter", "audio_path", "audio_s", "ref", "hyp",
      "word_edits", "ref_words", "char_edits", "ref_chars",     # on normalize_text'ed ref/hyp
      "decode_s",                                               # this utterance's share of its batch's decoding
      ["first_pass", "first_word_edits", "first_pass_s", "latency_s"]}  # --streaming
@@ -22,7 +22,9 @@ Results (:func:`~mmadapters.eval.results_schema.build_results`, task ``"asr"``):
   ``relative_wer_reduction_of_average`` (the reduction of the average WER, over the languages both runs
   have); with ``--streaming`` ``wer_first_pass``.
 - ``per_group``: per language ``wer``, ``cer``, ``utterances``, ``skipped``, ``words``, ``chars``,
-  ``word_edits``, ``char_edits``, ``audio_s`` (+ ``relative_wer_reduction``, ``wer_first_pass``).
+  ``word_edits``, ``char_edits``, ``audio_s`` (+ ``relative_wer_reduction``, ``wer_first_pass``). With
+  ``--group-by speaker`` the groups are the data's speakers instead (``"unknown"`` where it names none), the
+  averages run over speakers and ``metrics`` counts ``speakers``: training voices against held-out ones.
 - ``skipped``: one ``{"id", "reason"}`` per audio file that fails
   :func:`~mmadapters.speech.audio.load_audio`'s checks (``AudioError: <path>: <problem>``: missing, corrupt,
   empty, silent, channels, too long, unsupported format), unless ``--fail-fast``; ``counts``: ``total``,
@@ -116,15 +118,21 @@ def read_baseline(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, 
     return wers, {"source": str(path), "run_key": data.get("run_key"), "model": data.get("model"), "dataset": data.get("dataset")}
 
 
+def group_of(record: Mapping[str, Any], group_by: str = "lang") -> str:
+    """The group a record counts in: its language, or its speaker ("unknown" when the data named none)."""
+    value = record.get(group_by)
+    return "unknown" if value is None else str(value)
+
+
 def asr_scores(records: Sequence[Mapping[str, Any]], languages: Sequence[str], skipped_langs: Sequence[str], *,
-               baseline_wer: Mapping[str, float] | None = None,
-               streaming: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """(metrics, per-language metrics) from utterance records; ``languages``: every language of the data (one
-    without evaluated utterances has NaN WER and stays out of the averages); ``skipped_langs``: the language of
-    each skipped sample."""
+               baseline_wer: Mapping[str, float] | None = None, streaming: bool = False,
+               group_by: str = "lang") -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(metrics, per-group metrics) from utterance records; ``languages``: every group of the data (languages, or
+    speakers with ``group_by="speaker"``; one without evaluated utterances has NaN WER and stays out of the
+    averages); ``skipped_langs``: the group of each skipped sample."""
     per_group: dict[str, dict[str, float]] = {}
     for lang in languages:
-        recs = [r for r in records if r["lang"] == lang]
+        recs = [r for r in records if group_of(r, group_by) == lang]
         scores = corpus_scores(recs)
         entry: dict[str, float] = {**scores, "skipped": sum(1 for s in skipped_langs if s == lang),
                                    "audio_s": round(sum(float(r["audio_s"]) for r in recs), 3)}
@@ -137,7 +145,8 @@ def asr_scores(records: Sequence[Mapping[str, Any]], languages: Sequence[str], s
     pooled = corpus_scores(records)
     metrics: dict[str, float] = {
         "wer": _nanmean(e["wer"] for e in per_group.values()), "cer": _nanmean(e["cer"] for e in per_group.values()),
-        "wer_pooled": pooled["wer"], "cer_pooled": pooled["cer"], "languages": len(languages),
+        "wer_pooled": pooled["wer"], "cer_pooled": pooled["cer"],
+        "languages" if group_by == "lang" else "speakers": len(languages),
     }
     if streaming:
         metrics["wer_first_pass"] = _nanmean(e["wer_first_pass"] for e in per_group.values())
@@ -219,8 +228,8 @@ class AsrPredictor:
                                "first_word_edits": utterance_scores(u.text, r["first_pass"])["word_edits"],
                                "first_pass_s": r["push_s"], "latency_s": r["latency"]})
         for (k, u, _), name, a, text, extra in zip(loaded, names, audio, texts, extras, strict=True):
-            out[k] = {"lang": u.lang, "adapter": name, "audio_path": u.audio_path, "audio_s": a, "ref": u.text, "hyp": text,
-                      **utterance_scores(u.text, text), **extra}
+            out[k] = {"lang": u.lang, "speaker": u.speaker, "adapter": name, "audio_path": u.audio_path, "audio_s": a,
+                      "ref": u.text, "hyp": text, **utterance_scores(u.text, text), **extra}
         return out  # type: ignore[return-value]
 
 
@@ -293,19 +302,24 @@ def _evaluate(args: argparse.Namespace, t_start: float) -> dict[str, Any] | None
         "baseline": None if args.baseline is None else str(Path(args.baseline).resolve()),
         "normalization": "mmadapters.eval.metrics.normalize_text", "device": str(torch.device(args.device)),
     }
+    group_by = getattr(args, "group_by", "lang")
+    if group_by != "lang":  # the default leaves the settings (and so the run key) of earlier runs as they were
+        if args.baseline is not None:
+            raise ValueError(f"--group-by {group_by}: --baseline compares languages; drop one of them")
+        settings["group_by"] = group_by
     parameters = None
     if adapters_info is not None:
         adapter_total = sum(adapters_info["parameters"].values())
         parameters = {"trainable": adapter_total, "total": adapters_info["base_parameters"] + adapter_total,
                       "base": adapters_info["base_parameters"], "per_adapter": adapters_info["parameters"]}
-    lang_of = {u.id: u.lang for u in utterances}
+    lang_of = {u.id: group_of({"lang": u.lang, "speaker": u.speaker}, group_by) for u in utterances}
     if baseline_info is not None:
         baseline_info["missing_languages"] = sorted(set(lang_of.values()) - set(baseline_wer))
 
     def summarize(outcome) -> Summary:
         records = list(outcome.records.values())
         metrics, per_group = asr_scores(records, sorted(set(lang_of.values())), [lang_of[s["id"]] for s in outcome.skipped],
-                                        baseline_wer=baseline_wer, streaming=args.streaming)
+                                        baseline_wer=baseline_wer, streaming=args.streaming, group_by=group_by)
         return Summary(metrics, per_group, _record_timings(records, streaming=args.streaming))
 
     predictor = AsrPredictor(bundle, lang_map, decode=args.decode, beam=args.beam, pass_=args.pass_, streaming=args.streaming,
@@ -327,7 +341,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     streaming, first-partial latency."""
     m, per, t = results["metrics"], results["per_group"], results["timings"]
     rel = "relative_wer_reduction" in m
-    lines = [f"{'lang':<8} {'utts':>5} {'skip':>5} {'WER %':>7} {'CER %':>7}" + (f" {'rel. WER red. %':>16}" if rel else "")]
+    what = results.get("settings", {}).get("group_by", "lang")
+    lines = [f"{what:<8} {'utts':>5} {'skip':>5} {'WER %':>7} {'CER %':>7}" + (f" {'rel. WER red. %':>16}" if rel else "")]
     for lang, e in per.items():
         line = f"{lang:<8} {int(e['utterances']):>5} {int(e['skipped']):>5} {_pct(e['wer']):>7} {_pct(e['cer']):>7}"
         lines.append(line + (f" {_pct(e.get('relative_wer_reduction')):>16}" if rel else ""))

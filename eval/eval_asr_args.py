@@ -56,6 +56,9 @@ def register(sub) -> None:
         help="multi-channel audio: skip it (error) or average the channels (mix) (default: error)")
     add("--baseline", default=None, help="an earlier `eval asr` results file: adds relative WER reductions per language and "
         "on average")
+    add("--group-by", default="lang", choices=["lang", "speaker"],
+        help="what per_group holds and the average runs over: languages, or speakers (the manifest's 'speaker', "
+        "e.g. the generator's voices: training voices against held-out ones) (default: lang)")
     add("--predictions", default=None, help="also write one JSON line per utterance (id, reference, hypothesis, edit counts) here")
     add_common_args(p, default_output=DEFAULT_OUTPUT)
     p.set_defaults(func=_run)

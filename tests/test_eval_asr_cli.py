@@ -167,3 +167,26 @@ def test_streaming_scores_both_passes(manifest, tmp_path):
     assert b["metrics"]["wer_first_pass"] >= 0 and b["timings"]["first_partial_latency_mean_s"] > 0
     assert 0 < b["timings"]["rtf_first_pass"] <= b["timings"]["rtf"]
     assert b["settings"]["chunk_ms"] == 320 and a["settings"]["chunk_ms"] is None and a["run_key"] != b["run_key"]
+
+
+def test_group_by_speaker_scores_each_voice(manifest, tmp_path, capsys):
+    """--group-by speaker: per_group holds the manifest's speakers (the generator's voices; "unknown" for the
+    line without one), each from the records of its utterances alone; the same edits as the per-language run."""
+    by_lang, by_speaker = tmp_path / "l.json", tmp_path / "s.json"
+    assert _eval(manifest, by_lang) == 0
+    assert _eval(manifest, by_speaker, "--group-by", "speaker") == 0
+    lang, spk = read_results(by_lang), read_results(by_speaker)
+    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    speakers = {str(r["speaker"]) for r in rows if "speaker" in r}
+    assert len(speakers) >= 2 and sorted(spk["per_group"]) == sorted(speakers | {"unknown"})
+    assert spk["per_group"]["unknown"]["skipped"] == 1 and spk["metrics"]["speakers"] == len(speakers) + 1
+    assert spk["settings"]["group_by"] == "speaker" and "group_by" not in lang["settings"]
+    total = lambda res, key: sum(e[key] for e in res["per_group"].values())  # noqa: E731
+    assert total(spk, "word_edits") == total(lang, "word_edits") and total(spk, "utterances") == 8
+    assert spk["metrics"]["wer_pooled"] == pytest.approx(lang["metrics"]["wer_pooled"])
+    assert "speaker" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "asr", "--manifest", str(manifest), "--group-by", "voice"])
+    capsys.readouterr()
+    assert _eval(manifest, tmp_path / "b.json", "--group-by", "speaker", "--baseline", str(by_lang)) != 0
+    assert "--baseline compares languages" in capsys.readouterr().err
