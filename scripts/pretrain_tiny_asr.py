@@ -95,14 +95,36 @@ def read_split(data: Path, split: str, required: bool = True) -> list[Utterance]
     return read_manifest(path)
 
 
-def model_config(preset: str, vocab_size: int, overrides: list[str]) -> TransducerConfig:
-    settings = dict(PRESETS[preset])
+# TransducerConfig fields a later stage (--init) may change: they shape training, not the weights.
+RESTAGE_FIELDS = ("freq_masks", "freq_mask_param", "time_masks", "time_mask_param", "time_mask_p", "freq_warp", "dropout",
+                  "loss_weight_first", "loss_weight_second")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``--set FIELD=VALUE`` items (JSON values) as a dict."""
+    settings = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE (a TransducerConfig field)")
         settings[key] = json.loads(value)
-    return TransducerConfig.from_dict({**settings, "vocab_size": vocab_size}, "pretrain_tiny_asr --preset/--set")
+    return settings
+
+
+def model_config(preset: str, vocab_size: int, overrides: list[str]) -> TransducerConfig:
+    settings = {**PRESETS[preset], **parse_overrides(overrides), "vocab_size": vocab_size}
+    return TransducerConfig.from_dict(settings, "pretrain_tiny_asr --preset/--set")
+
+
+def restage_config(config: TransducerConfig, overrides: list[str]) -> TransducerConfig:
+    """``config`` with ``--set`` overrides applied for a stage started with ``--init``; only
+    :data:`RESTAGE_FIELDS` may change (the model's weights must keep their shapes)."""
+    changes = parse_overrides(overrides)
+    for key in changes:
+        if key not in RESTAGE_FIELDS:
+            raise SystemExit(f"--set {key}: with --init only {', '.join(RESTAGE_FIELDS)} may change (the model's "
+                             f"architecture comes from the --init model)")
+    return TransducerConfig.from_dict({**config.to_dict(), **changes}, "pretrain_tiny_asr --init/--set")
 
 
 def preset_of(config: TransducerConfig) -> str:
@@ -113,26 +135,6 @@ def preset_of(config: TransducerConfig) -> str:
         if shape == {k: v for k, v in ref.items() if k not in RESTAGE_FIELDS}:
             return name
     return "custom"
-
-
-# TransducerConfig fields a later stage (--init) may change: they shape training, not the weights.
-RESTAGE_FIELDS = ("freq_masks", "freq_mask_param", "time_masks", "time_mask_param", "time_mask_p", "freq_warp", "dropout",
-                  "loss_weight_first", "loss_weight_second")
-
-
-def restage_config(config: TransducerConfig, overrides: list[str]) -> TransducerConfig:
-    """``config`` with ``--set`` overrides applied for a stage started with ``--init``; only
-    :data:`RESTAGE_FIELDS` may change (the model's weights must keep their shapes)."""
-    settings = config.to_dict()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE (a TransducerConfig field)")
-        if key not in RESTAGE_FIELDS:
-            raise SystemExit(f"--set {key}: with --init only {', '.join(RESTAGE_FIELDS)} may change (the model's "
-                             f"architecture comes from the --init model)")
-        settings[key] = json.loads(value)
-    return TransducerConfig.from_dict(settings, "pretrain_tiny_asr --init/--set")
 
 
 def fit_cmvn(model: CascadedTransducer, utts: list[Utterance], n: int) -> int:
