@@ -252,7 +252,6 @@ def test_a_saved_hyperformer_task_carries_both_hypernetworks(base_model, tmp_pat
 
 
 def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsys):
-    import importlib.util
     import json
     from pathlib import Path
 
@@ -274,10 +273,7 @@ def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsy
     feats.mkdir()
     for i, png in enumerate(sorted((data / "images").glob("*.png"))):
         save_file({"features": torch.randn(4, 8, generator=torch.Generator().manual_seed(i))}, str(feats / f"{png.stem}.safetensors"))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "run_vl_adapter.py"
-    spec = importlib.util.spec_from_file_location("_script_run_vl_adapter", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _run_script()
     out = tmp_path / "out"
     args = ["--data", str(data), "--model", str(tmp_path / "vlt5"), "--features", str(feats), "--out", str(out),
             "--variants", "full_ft,half_shared_down", "--steps", "2", "--batch-size", "4", "--max-val", "2",
@@ -320,6 +316,49 @@ def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsy
     again = json.loads((out / "vl_adapter_results.json").read_text())["runs"]
     assert [r["variant"] for r in again] == ["half_shared_down"]
     assert {t: r["score"] for t, r in again[0]["test"].items()} == {t: r["score"] for t, r in result["runs"][1]["test"].items()}
+
+
+def _run_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "run_vl_adapter.py"
+    spec = importlib.util.spec_from_file_location("_script_run_vl_adapter", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_run_script_averages_the_chosen_tasks_and_tables_seed_means(tmp_path):
+    import json
+
+    from mmadapters.vision.vl_adapter import HEADLINE
+
+    script = _run_script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--data", "d", "--average", "vqa,ok-vqa"])
+    assert script.parse_args(["--data", "d", "--average", "vqa, gqa,caption"]).average == ["vqa", "gqa", "caption"]
+    runs = []
+    for seed, (full, shared) in enumerate([((50, 40, 60, 80), (49, 41, 50, 76)), ((52, 42, 40, 84), (50, 40, 50, 81))]):
+        for variant, scores in (("full_ft", full), ("shared_adapter", shared)):
+            run_dir = tmp_path / f"{variant}-{seed}"
+            run_dir.mkdir()
+            (run_dir / "train_summary.json").write_text(json.dumps({
+                "parameters": {"trainable": 100 if variant == "full_ft" else 4, "backbone": 100}, "steps": 10,
+                "timings": {"train_s": 1.0}, "best_step": 10, "best_metrics": {}, "history": [], "config": {}}))
+            results = {task: {"metrics": {HEADLINE[task]: value / 100}, "counts": {"evaluated": 3, "skipped": 0},
+                              "output": str(run_dir / f"test_{task}.json")}
+                       for task, value in zip(("vqa", "gqa", "nlvr", "caption"), scores)}
+            runs.append(script.run_record(variant, seed, False, run_dir, run_dir, results, ["vqa", "gqa", "caption"]))
+    assert runs[0]["average"] == pytest.approx((50 + 40 + 80) / 3)  # NLVR outside the average
+    assert runs[1]["average"] == pytest.approx((49 + 41 + 76) / 3)
+    table = script.markdown(runs, {"data": "d", "model": "m", "backbone_params": 100, "device": "cpu"})
+    assert "average = the mean of VQA, GQA, CIDEr (NLVR reported outside it)" in table
+    mean_row = next(line for line in table.splitlines() if line.startswith("| shared_adapter | 2 |"))
+    cells = [c.strip() for c in mean_row.strip("|").split("|")]
+    assert cells[3] == "49.5 ± 0.7" and cells[5] == "50.0 ± 0.0" and cells[6] == "78.5 ± 3.5"
+    # per seed: shared - full = (166 - 170) / 3 and (171 - 178) / 3
+    assert cells[8] == f"{(-4 / 3 - 7 / 3) / 2:.1f} ± {abs(-4 / 3 + 7 / 3) / 2 ** 0.5:.1f}"
 
 
 # -- LLaMA-Adapter V2 (gated prompts + bias/scale + early fusion of the global visual feature) --------------------
