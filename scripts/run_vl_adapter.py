@@ -37,6 +37,7 @@ from typing import Any
 
 PER_TASK_OPTIONAL = ("compacter", "phm_adapter", "lora", "prompt")
 TASKS = ("vqa", "gqa", "nlvr", "caption")  # the table's column order
+PRETRAINED = "pretrained"  # the row of the model without fine-tuning
 EVAL_BATCH_SIZE = 64
 
 
@@ -52,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", type=Path, default=None, help="image features: .h5 file or folder of <img_id>.safetensors "
                    "(default: computed with the shipped tiny CLIP into OUT/features.h5)")
     p.add_argument("--out", type=Path, default=Path("out/vl_adapter"), help="results folder (runs in OUT/runs/)")
-    p.add_argument("--variants", default="all", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--variants", default="all", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all), "
+                   f"and/or {PRETRAINED}: the VL-T5 as pretrained, scored once without fine-tuning (with its pretraining "
+                   "task prefixes), what fine-tuning adds")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training data (paper: 20)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=32, help="training batch (trainer.batch_size)")
@@ -75,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.merge is None and args.data is None:
         p.error("--data is required (unless --merge)")
     args.variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in VARIANTS and v != PRETRAINED]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     args.average = [t.strip() for t in args.average.split(",") if t.strip()]
@@ -152,13 +155,14 @@ def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Pa
     return cmd + (["--resume"] if (run_dir / "train_state.pt").is_file() else [])
 
 
-def eval_command(args: argparse.Namespace, task: str, adapters: Path, output: Path) -> list[str]:
-    """``mmadapters eval <task>`` of one run's adapters on the task's test split."""
+def eval_command(args: argparse.Namespace, task: str, adapters: Path | None, output: Path) -> list[str]:
+    """``mmadapters eval <task>`` of one run's adapters (None: the pretrained model) on the task's test split."""
     from mmadapters.vision.vl_adapter import SYNTH_FILES
 
     features = args.features if args.features is not None else args.out / "features.h5"
     cmd = ["eval", task, "--annotations", str(args.data / SYNTH_FILES[task]["test"]), "--features", str(features),
-           "--adapters", str(adapters), "--output", str(output), "--batch-size", str(EVAL_BATCH_SIZE),
+           *(["--adapters", str(adapters)] if adapters is not None else []), "--output", str(output),
+           "--batch-size", str(EVAL_BATCH_SIZE),
            "--max-new-tokens", str(args.max_new_tokens), "--num-beams", str(args.num_beams), "--device", args.device,
            "--overwrite"]
     if args.model is not None:
@@ -178,22 +182,49 @@ def mmadapters(cmd: list[str], what: str) -> None:
         raise SystemExit(f"{what}: `mmadapters {' '.join(cmd[:2])}` failed with exit status {rc} (its error is above)")
 
 
-def run_record(variant: str, seed: int, per_task: bool, run_dir: Path, adapters: Path,
-               results: dict[str, dict[str, Any]], average: list[str]) -> dict[str, Any]:
-    """One table row's data from the run's ``train_summary.json`` and its tasks' results files."""
+def test_all(args: argparse.Namespace, adapters: Path | None, run_dir: Path, what: str) -> dict[str, dict[str, Any]]:
+    """Score every task's test split (``mmadapters eval``, one results file each in ``run_dir``)."""
+    from mmadapters.eval.results_schema import read_results
+    from mmadapters.vision.vl_adapter import SYNTH_FILES
+
+    results = {}
+    for task in SYNTH_FILES:
+        output = run_dir / f"test_{task}.json"
+        mmadapters(eval_command(args, task, adapters, output), what)
+        results[task] = {**read_results(output), "output": str(output)}
+    return results
+
+
+def _test_scores(results: dict[str, dict[str, Any]], average: list[str]) -> tuple[dict[str, Any], float]:
     from mmadapters.vision.vl_adapter import HEADLINE
 
-    summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
-    params = dict(summary["parameters"])
-    params["trainable_pct"] = 100.0 * params["trainable"] / params["backbone"]
     test = {task: {"metric": HEADLINE[task], "score": r["metrics"][HEADLINE[task]], "metrics": r["metrics"],
                    "count": r["counts"]["evaluated"], "skipped": r["counts"]["skipped"], "results_file": r["output"]}
             for task, r in results.items()}
     scores = [100.0 * test[t]["score"] for t in average
               if t in test and test[t]["score"] is not None and not math.isnan(test[t]["score"])]
+    return test, (sum(scores) / len(scores) if len(scores) == len(average) else math.nan)
+
+
+def pretrained_record(run_dir: Path, results: dict[str, dict[str, Any]], average: list[str]) -> dict[str, Any]:
+    """The table row of the pretrained model itself: nothing trains, no seed."""
+    test, mean = _test_scores(results, average)
+    return {"variant": PRETRAINED, "seed": None, "per_task": False, "run_dir": str(run_dir), "adapters": None,
+            "parameters": {"trainable": 0, "backbone": None, "trainable_pct": 0.0}, "test": test,
+            "average_tasks": list(average), "average": mean,
+            "history": {"total_steps": 0, "train_seconds": 0.0, "best_step": None, "best_metrics": None,
+                        "validations": []}, "config": None}
+
+
+def run_record(variant: str, seed: int, per_task: bool, run_dir: Path, adapters: Path,
+               results: dict[str, dict[str, Any]], average: list[str]) -> dict[str, Any]:
+    """One table row's data from the run's ``train_summary.json`` and its tasks' results files."""
+    summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+    params = dict(summary["parameters"])
+    params["trainable_pct"] = 100.0 * params["trainable"] / params["backbone"]
+    test, mean = _test_scores(results, average)
     return {"variant": variant, "seed": seed, "per_task": per_task, "run_dir": str(run_dir), "adapters": str(adapters),
-            "parameters": params, "test": test, "average_tasks": list(average),
-            "average": sum(scores) / len(scores) if len(scores) == len(average) else math.nan,
+            "parameters": params, "test": test, "average_tasks": list(average), "average": mean,
             "history": {"total_steps": summary["steps"], "train_seconds": summary["timings"].get("train_s", math.nan),
                         "best_step": summary["best_step"], "best_metrics": summary["best_metrics"],
                         "validations": summary["history"]},
@@ -216,7 +247,8 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    several_seeds = len({r.get("seed", 0) for r in runs}) > 1
+    several_seeds = len({r.get("seed", 0) for r in runs if r["variant"] != PRETRAINED}) > 1
+    fulls = [f["average"] for f in runs if f["variant"] == "full_ft"]
     average = runs[0].get("average_tasks", list(TASKS)) if runs else list(TASKS)
     outside = [COLUMNS[t] for t in TASKS if t not in average]
     lines = [f"VL-Adapter variants on generated data ({meta['data']}), model {meta['model']}, "
@@ -237,8 +269,11 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in runs:
         full = next((f for f in runs if f["variant"] == "full_ft" and f.get("seed", 0) == r.get("seed", 0)), None)
         delta = "–" if full is None or r is full else f"{r['average'] - full['average']:+.1f}"
+        if r["variant"] == PRETRAINED and fulls:  # no seed of its own: against the mean over full FT's seeds
+            delta = f"{r['average'] - sum(fulls) / len(fulls):+.1f}"
         h, params = r["history"], r["parameters"]
-        name = _row_name(r) + (f" (seed {r.get('seed', 0)})" if several_seeds else "")
+        seeded = several_seeds and r["variant"] != PRETRAINED
+        name = _row_name(r) + (f" (seed {r.get('seed', 0)})" if seeded else "")
         lines.append(f"| {name} | {params['trainable']:,} | {params['trainable_pct']:.2f} | "
                      + " | ".join(cell(score(r, t)) for t in TASKS) + f" | {cell(r['average'])} | {delta} | "
                      f"{h['train_seconds']:.0f} | {h['total_steps']} |")
@@ -246,7 +281,7 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", "Mean ± standard deviation over seeds; 'vs full FT' is the mean of the per-seed differences.", "",
                   "| variant | seeds | trainable % | VQA | GQA | NLVR | CIDEr | average | vs full FT |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name in dict.fromkeys(_row_name(r) for r in runs):
+        for name in dict.fromkeys(_row_name(r) for r in runs if r["variant"] != PRETRAINED):
             group = [r for r in runs if _row_name(r) == name]
             if len(group) < 2:
                 continue
@@ -318,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.merge is not None:
         return merge(args.merge, args.out)
-    from mmadapters.eval.results_schema import read_results
-    from mmadapters.vision.vl_adapter import SYNTH_FILES
     from mmadapters.vision.vlt5 import resolve_vlt5_dir
 
     if args.device is None:
@@ -334,17 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     for seed in args.seeds:
-        for variant in args.variants:
+        for variant in (v for v in args.variants if v != PRETRAINED):
             name = f"{variant}-seed{seed}"
             run_dir = args.out / "runs" / name
             mmadapters(train_command(args, variant, seed, run_dir, steps, eval_every), name)
             summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
             adapters = Path(summary["best_dir"] or summary["last_dir"])  # no finite validation score: the last step's
-            results = {}
-            for task in SYNTH_FILES:
-                output = run_dir / f"test_{task}.json"
-                mmadapters(eval_command(args, task, adapters, output), name)
-                results[task] = {**read_results(output), "output": str(output)}
+            results = test_all(args, adapters, run_dir, name)
             run = run_record(variant, seed, args.per_task and variant in PER_TASK_OPTIONAL, run_dir, adapters, results,
                              args.average)
             runs.append(run)
@@ -353,6 +382,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"train {run['history']['train_seconds']:.0f}s  " +
                   "  ".join(f"{t} {100 * r['score']:.1f}" for t, r in run["test"].items()) + "  (x 100)", flush=True)
             write_table(args.out, {**meta, "seconds": time.perf_counter() - t_all}, runs)
+    if PRETRAINED in args.variants:  # after the trainings: the first one computes the default features file
+        features = args.features if args.features is not None else args.out / "features.h5"
+        if not features.exists():
+            raise SystemExit(f"--variants {PRETRAINED}: no image features at {features}; pass --features, or train a "
+                             "variant in the same sweep (its first run computes them)")
+        run_dir = args.out / "runs" / PRETRAINED
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.append(pretrained_record(run_dir, test_all(args, None, run_dir, PRETRAINED), args.average))
+        print(f"[{PRETRAINED}] average {runs[-1]['average']:.1f}  " + "  ".join(
+            f"{t} {100 * r['score']:.1f}" for t, r in runs[-1]["test"].items()) + "  (x 100)", flush=True)
+        write_table(args.out, {**meta, "seconds": time.perf_counter() - t_all}, runs)
     print(markdown(runs, meta))
     return 0
 

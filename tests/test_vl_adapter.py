@@ -276,24 +276,30 @@ def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsy
     script = _run_script()
     out = tmp_path / "out"
     args = ["--data", str(data), "--model", str(tmp_path / "vlt5"), "--features", str(feats), "--out", str(out),
-            "--variants", "full_ft,half_shared_down", "--steps", "2", "--batch-size", "4", "--max-val", "2",
+            "--variants", "pretrained,full_ft,half_shared_down", "--steps", "2", "--batch-size", "4", "--max-val", "2",
             "--max-test", "3", "--max-new-tokens", "3", "--num-beams", "2", "--quiet"]
     assert script.main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("--num-beams 2") == 8  # every test-time generation uses the beam width
-    assert printed.count("$ mmadapters train vl-adapter --output") == 2 and printed.count("$ mmadapters eval ") == 8
+    assert printed.count("--num-beams 2") == 12  # every test-time generation uses the beam width
+    assert printed.count("$ mmadapters train vl-adapter --output") == 2 and printed.count("$ mmadapters eval ") == 12
     assert "--set recipe.variant=half_shared_down --set recipe.reduction_factor=8.0" in printed and "--resume" not in printed
     result = json.loads((out / "vl_adapter_results.json").read_text())
-    assert [r["variant"] for r in result["runs"]] == ["full_ft", "half_shared_down"]
+    assert [r["variant"] for r in result["runs"]] == ["full_ft", "half_shared_down", "pretrained"]
+    pretrained = result["runs"][2]  # scored once, after the trainings, without adapters
+    assert pretrained["seed"] is None and pretrained["parameters"]["trainable"] == 0
+    assert all(f"runs/pretrained/test_{t}.json --batch-size" in printed for t in pretrained["test"])
+    assert "--adapters" not in next(line for line in printed.splitlines() if "runs/pretrained/test_vqa.json" in line)
     assert all(set(r["test"]) == {"vqa", "gqa", "nlvr", "caption"} for r in result["runs"])
     assert result["runs"][0]["parameters"]["trainable_pct"] == 100.0
     for run in result["runs"]:  # the table's numbers are those of the train summary and the eval results files
-        assert run["history"]["total_steps"] == 2
+        assert run["history"]["total_steps"] == (0 if run is pretrained else 2)
         for task, t in run["test"].items():
             metrics = read_results(t["results_file"])["metrics"]
             assert t["score"] == metrics[HEADLINE[task]] and t["count"] == min(3, result["meta"]["counts"]["test"][task])
     table = (out / "vl_adapter_results.md").read_text()
-    assert "| half_shared_down |" in table and "| full_ft |" in table and "CIDEr" in table
+    assert "| half_shared_down |" in table and "| full_ft |" in table and "| pretrained |" in table and "CIDEr" in table
+    pre_row = next(line for line in table.splitlines() if line.startswith("| pretrained |"))
+    assert f"| {pretrained['average'] - result['runs'][0]['average']:+.1f} |" in pre_row
     row = next(line for line in table.splitlines() if line.startswith("| half_shared_down |"))
     assert f"| {100 * result['runs'][1]['test']['vqa']['score']:.1f} |" in row
     # --merge: runs of another process with the same settings join the table; other settings are refused
@@ -303,7 +309,7 @@ def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsy
     assert script.main(["--merge", str(out / "vl_adapter_results.json"), str(tmp_path / "other.json"),
                         "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "vl_adapter_results.json").read_text())
-    assert [r["variant"] for r in merged["runs"]] == ["full_ft", "half_shared_down", "lora"]
+    assert [r["variant"] for r in merged["runs"]] == ["full_ft", "half_shared_down", "pretrained", "lora"]
     other["meta"]["argv"] = [a if a != "2" else "5" for a in other["meta"]["argv"]]  # --steps 2 -> 5
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="--steps"):
@@ -316,6 +322,11 @@ def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsy
     again = json.loads((out / "vl_adapter_results.json").read_text())["runs"]
     assert [r["variant"] for r in again] == ["half_shared_down"]
     assert {t: r["score"] for t, r in again[0]["test"].items()} == {t: r["score"] for t, r in result["runs"][1]["test"].items()}
+    # the pretrained row alone needs features: named, not a crash inside eval
+    bare = [a for i, a in enumerate(args) if a != "--features" and (i == 0 or args[i - 1] != "--features")]
+    bare[bare.index("--variants") + 1], bare[bare.index("--out") + 1] = "pretrained", str(tmp_path / "bare")
+    with pytest.raises(SystemExit, match="no image features"):
+        script.main(bare)
 
 
 def _run_script():
