@@ -390,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.out / "runs" / PRETRAINED
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.append(pretrained_record(run_dir, test_all(args, None, run_dir, PRETRAINED), args.average))
+        if meta["backbone_params"] is None:  # no trained run in this sweep to take it from
+            from mmadapters.vision.vlt5 import VLT5
+
+            meta["backbone_params"] = sum(p.numel() for p in VLT5.from_pretrained(args.model).parameters())
+        runs[-1]["parameters"]["backbone"] = meta["backbone_params"]
         print(f"[{PRETRAINED}] average {runs[-1]['average']:.1f}  " + "  ".join(
             f"{t} {100 * r['score']:.1f}" for t, r in runs[-1]["test"].items()) + "  (x 100)", flush=True)
         write_table(args.out, {**meta, "seconds": time.perf_counter() - t_all}, runs)
