@@ -300,6 +300,9 @@ def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsy
     assert "| half_shared_down |" in table and "| full_ft |" in table and "| pretrained |" in table and "CIDEr" in table
     pre_row = next(line for line in table.splitlines() if line.startswith("| pretrained |"))
     assert f"| {pretrained['average'] - result['runs'][0]['average']:+.1f} |" in pre_row
+    gain = result["runs"][0]["average"] - pretrained["average"]
+    assert f"Gate: full fine-tuning adds {gain:+.1f} points" in table
+    assert ("passed" if gain >= script.GATE_POINTS else "FAILED") in table.split("Gate:")[1]
     row = next(line for line in table.splitlines() if line.startswith("| half_shared_down |"))
     assert f"| {100 * result['runs'][1]['test']['vqa']['score']:.1f} |" in row
     # --merge: runs of another process with the same settings join the table; other settings are refused
