@@ -124,37 +124,37 @@ def group_of(record: Mapping[str, Any], group_by: str = "lang") -> str:
     return "unknown" if value is None else str(value)
 
 
-def asr_scores(records: Sequence[Mapping[str, Any]], languages: Sequence[str], skipped_langs: Sequence[str], *,
+def asr_scores(records: Sequence[Mapping[str, Any]], groups: Sequence[str], skipped_groups: Sequence[str], *,
                baseline_wer: Mapping[str, float] | None = None, streaming: bool = False,
                group_by: str = "lang") -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """(metrics, per-group metrics) from utterance records; ``languages``: every group of the data (languages, or
-    speakers with ``group_by="speaker"``; one without evaluated utterances has NaN WER and stays out of the
-    averages); ``skipped_langs``: the group of each skipped sample."""
+    """(metrics, per-group metrics) from utterance records; ``groups``: every group of the data (its languages, or
+    its speakers with ``group_by="speaker"``; one without evaluated utterances has NaN WER and stays out of the
+    averages); ``skipped_groups``: the group of each skipped sample; ``baseline_wer``: group -> WER to reduce."""
     per_group: dict[str, dict[str, float]] = {}
-    for lang in languages:
-        recs = [r for r in records if group_of(r, group_by) == lang]
+    for group in groups:
+        recs = [r for r in records if group_of(r, group_by) == group]
         scores = corpus_scores(recs)
-        entry: dict[str, float] = {**scores, "skipped": sum(1 for s in skipped_langs if s == lang),
+        entry: dict[str, float] = {**scores, "skipped": sum(1 for s in skipped_groups if s == group),
                                    "audio_s": round(sum(float(r["audio_s"]) for r in recs), 3)}
         if streaming:
             words = scores["words"]
             entry["wer_first_pass"] = sum(int(r["first_word_edits"]) for r in recs) / words if words else math.nan
-        if baseline_wer is not None and lang in baseline_wer:
-            entry["relative_wer_reduction"] = relative_reduction(baseline_wer[lang], entry["wer"])
-        per_group[lang] = entry
+        if baseline_wer is not None and group in baseline_wer:
+            entry["relative_wer_reduction"] = relative_reduction(baseline_wer[group], entry["wer"])
+        per_group[group] = entry
     pooled = corpus_scores(records)
     metrics: dict[str, float] = {
         "wer": _nanmean(e["wer"] for e in per_group.values()), "cer": _nanmean(e["cer"] for e in per_group.values()),
         "wer_pooled": pooled["wer"], "cer_pooled": pooled["cer"],
-        "languages" if group_by == "lang" else "speakers": len(languages),
+        "languages" if group_by == "lang" else "speakers": len(groups),
     }
     if streaming:
         metrics["wer_first_pass"] = _nanmean(e["wer_first_pass"] for e in per_group.values())
     if baseline_wer is not None:
-        common = [lang for lang in languages if lang in baseline_wer and per_group[lang]["utterances"]]
-        metrics["relative_wer_reduction"] = _nanmean(per_group[lang]["relative_wer_reduction"] for lang in common)
+        common = [g for g in groups if g in baseline_wer and per_group[g]["utterances"]]
+        metrics["relative_wer_reduction"] = _nanmean(per_group[g]["relative_wer_reduction"] for g in common)
         metrics["relative_wer_reduction_of_average"] = relative_reduction(
-            _nanmean(baseline_wer[lang] for lang in common), _nanmean(per_group[lang]["wer"] for lang in common))
+            _nanmean(baseline_wer[g] for g in common), _nanmean(per_group[g]["wer"] for g in common))
     return metrics, per_group
 
 
