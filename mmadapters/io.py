@@ -255,7 +255,8 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[dict, AdapterConf
     for key in ("config", "fingerprint", "name", "weights_sha256"):
         if key not in meta:
             raise ValueError(f"{path}: field {key!r} is missing")
-    for key, kind, what in (("name", str, "a string"), ("weights_sha256", str, "a string"),
+    for key, kind, what in (("config", dict, "an object (the adapter config)"), ("name", str, "a string"),
+                            ("weights_sha256", str, "a string"),
                             ("fingerprint", dict, "an object {module: {parameter: shape}}"),
                             ("targets", list, "a list of targets"), ("quantization", dict, "an object")):
         if key in meta and not isinstance(meta[key], kind):

@@ -253,7 +253,6 @@ def test_a_saved_hyperformer_task_carries_both_hypernetworks(base_model, tmp_pat
 
 def test_run_script_sweeps_train_and_eval_and_tables_their_files(tmp_path, capsys):
     import json
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
@@ -362,7 +361,7 @@ def test_run_script_averages_the_chosen_tasks_and_tables_seed_means(tmp_path):
                 "timings": {"train_s": 1.0}, "best_step": 10, "best_metrics": {}, "history": [], "config": {}}))
             results = {task: {"metrics": {HEADLINE[task]: value / 100}, "counts": {"evaluated": 3, "skipped": 0},
                               "output": str(run_dir / f"test_{task}.json")}
-                       for task, value in zip(("vqa", "gqa", "nlvr", "caption"), scores)}
+                       for task, value in zip(("vqa", "gqa", "nlvr", "caption"), scores, strict=True)}
             runs.append(script.run_record(variant, seed, False, run_dir, run_dir, results, ["vqa", "gqa", "caption"]))
     assert runs[0]["average"] == pytest.approx((50 + 40 + 80) / 3)  # NLVR outside the average
     assert runs[1]["average"] == pytest.approx((49 + 41 + 76) / 3)
