@@ -186,7 +186,7 @@ def mmadapters(cmd: list[str], what: str) -> None:
         raise SystemExit(f"{what}: `mmadapters {' '.join(cmd[:2])}` failed with exit status {rc} (its error is above)")
 
 
-def test_all(args: argparse.Namespace, adapters: Path | None, run_dir: Path, what: str) -> dict[str, dict[str, Any]]:
+def score_tests(args: argparse.Namespace, adapters: Path | None, run_dir: Path, what: str) -> dict[str, dict[str, Any]]:
     """Score every task's test split (``mmadapters eval``, one results file each in ``run_dir``)."""
     from mmadapters.eval.results_schema import read_results
     from mmadapters.vision.vl_adapter import SYNTH_FILES
@@ -242,6 +242,11 @@ def _row_name(run: dict[str, Any]) -> str:
     return run["variant"] + (" (per task)" if run.get("per_task") else "")
 
 
+def _full_ft_of(runs: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any] | None:
+    """The full fine-tuning run of ``run``'s seed (the row its 'vs full FT' is taken against)."""
+    return next((f for f in runs if f["variant"] == "full_ft" and f.get("seed", 0) == run.get("seed", 0)), None)
+
+
 def _mean_sd(values: list[float]) -> str:
     if any(math.isnan(v) for v in values):
         return "–"
@@ -271,7 +276,7 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return "–" if math.isnan(value) else f"{value:.1f}"
 
     for r in runs:
-        full = next((f for f in runs if f["variant"] == "full_ft" and f.get("seed", 0) == r.get("seed", 0)), None)
+        full = _full_ft_of(runs, r)
         delta = "–" if full is None or r is full else f"{r['average'] - full['average']:+.1f}"
         if r["variant"] == PRETRAINED and fulls:  # no seed of its own: against the mean over full FT's seeds
             delta = f"{r['average'] - sum(fulls) / len(fulls):+.1f}"
@@ -291,7 +296,7 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 continue
             deltas = []
             for r in group:
-                full = next((f for f in runs if f["variant"] == "full_ft" and f.get("seed", 0) == r.get("seed", 0)), None)
+                full = _full_ft_of(runs, r)
                 if full is not None and r is not full:
                     deltas.append(r["average"] - full["average"])
             delta = _mean_sd(deltas) if len(deltas) > 1 else "–"
@@ -383,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             mmadapters(train_command(args, variant, seed, run_dir, steps, eval_every), name)
             summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
             adapters = Path(summary["best_dir"] or summary["last_dir"])  # no finite validation score: the last step's
-            results = test_all(args, adapters, run_dir, name)
+            results = score_tests(args, adapters, run_dir, name)
             run = run_record(variant, seed, args.per_task and variant in PER_TASK_OPTIONAL, run_dir, adapters, results,
                              args.average)
             runs.append(run)
@@ -399,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                              "variant in the same sweep (its first run computes them)")
         run_dir = args.out / "runs" / PRETRAINED
         run_dir.mkdir(parents=True, exist_ok=True)
-        runs.append(pretrained_record(run_dir, test_all(args, None, run_dir, PRETRAINED), args.average))
+        runs.append(pretrained_record(run_dir, score_tests(args, None, run_dir, PRETRAINED), args.average))
         if meta["backbone_params"] is None:  # no trained run in this sweep to take it from
             from mmadapters.vision.vlt5 import VLT5
 
