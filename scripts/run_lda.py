@@ -77,7 +77,9 @@ def markdown(results: dict) -> str:
     variants = [v for v in VARIANTS if v in results["variants"]]
     main = results["main_pass"]
     head = "| language | " + " | ".join(LABELS[v] for v in variants) + " |"
-    lines = [f"Test WER (%, {main} pass, greedy, normalized text); lower is better.", "", head, "|---" * (len(variants) + 1) + "|"]
+    decode = results.get("decode", "greedy")  # results written before --decode: greedy
+    decode = f"beam {results['beam']}" if decode == "beam" else decode
+    lines = [f"Test WER (%, {main} pass, {decode}, normalized text); lower is better.", "", head, "|---" * (len(variants) + 1) + "|"]
     for lang in langs:
         cells = [pct(results["variants"][v]["wer"][main]["per_language"].get(lang, math.nan)) for v in variants]
         lines.append(f"| {lang} | " + " | ".join(cells) + " |")
@@ -135,7 +137,8 @@ class Sweep:
         for pass_ in self.args.passes:
             path = self.out / "scores" / f"{name}_{pass_}.json"
             argv = ["eval", "asr", "--manifest", str(manifest), "--allow-absolute", "--pass", pass_, "--output", str(path),
-                    "--device", self.args.device, "--overwrite", "--restart", *weights, *self.quiet]
+                    "--device", self.args.device, "--decode", self.args.decode, "--beam", str(self.args.beam),
+                    "--overwrite", "--restart", *weights, *self.quiet]
             if baseline is not None:
                 argv += ["--baseline", baseline[pass_]["output"]]
             if mmadapters(argv) != 0:
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="language adapters for --teacher (a save_adapters dir with one subdir per language)")
     p.add_argument("--min-confidence", type=float, default=0.5, help="pseudo-label confidence threshold (per-token probability)")
     p.add_argument("--noise-snr", type=float, default=20.0, help="additive noise SNR (dB) in noisy-student training; <0: none")
+    p.add_argument("--decode", choices=("greedy", "beam"), default="greedy", help="test decoding (eval asr --decode)")
+    p.add_argument("--beam", type=int, default=4, help="beam size with --decode beam")
     p.add_argument("--eval-every", type=int, default=100, help="dev evaluation (and adapter checkpoint) every N LDA steps")
     p.add_argument("--batch-size", type=int, default=8, help="utterances per training step (languages mixed)")
     p.add_argument("--warmup", type=int, default=50, help="warmup steps")
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": "python scripts/run_lda.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                      "languages": languages, "passes": args.passes, "main_pass": args.passes[0],
                      "model": str(args.model) if args.model else "tiny_asr", "torch_threads": torch.get_num_threads(),
-                     "test_utterances": len(test), "variants": {}}
+                     "test_utterances": len(test), "decode": args.decode, "beam": args.beam, "variants": {}}
     started = time.perf_counter()
 
     def record(name: str, column: dict) -> None:

@@ -290,8 +290,11 @@ def test_pretraining_and_experiment_scripts_run_end_to_end(tmp_path):
     # the configs it ran are ordinary `mmadapters train lda` configs; a rerun continues the finished runs
     assert sorted(p.name for p in (out / "configs").iterdir()) == ["full_ft_tt.yaml", "full_ft_uu.yaml", "lda.yaml",
                                                                      "noisy_student.yaml"]
-    assert run_lda.main([*argv, "--variants", "base,lda"]) == 0
+    assert run_lda.main([*argv, "--variants", "base,lda", "--decode", "beam", "--beam", "2"]) == 0
     assert json.loads((out / "lda" / "train_summary.json").read_text())["resumed_from"] == 4
+    beam_scores = read_results(out / "scores" / "lda_second.json")  # --decode reaches every `eval asr`
+    assert beam_scores["settings"]["decode"] == "beam" and beam_scores["settings"]["beam"] == 2
+    assert "second pass, beam 2," in (out / "results.md").read_text()
     # --ship copies one variant's adapters in the save_adapters layout, with a README; they load and route
     shipped = tmp_path / "assets" / "lda"
     with pytest.raises(SystemExit, match="not among --variants"):
