@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--random-init", action="store_true", help="use a random default-config model even if the shipped one exists")
     ap.add_argument("--tiny", action="store_true", help="use a random tiny_asr_config model (smoke runs, tests)")
     ap.add_argument("--model", default=None, metavar="DIR",
-                    help="a model folder written by save_asr (e.g. speech/assets/tiny_asr_foundation; default: the shipped one)")
+                    help="a model folder written by save_asr (default: the shipped speech/assets/tiny_asr)")
     ap.add_argument("--manifest", default=None, help="NeMo JSONL manifest to take audio from (default: generated signals)")
     ap.add_argument("--utterances", type=int, default=4, help="utterances streamed one at a time")
     ap.add_argument("--seconds", type=float, default=6.0, help="length of each utterance")

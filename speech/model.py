@@ -41,6 +41,8 @@ from .features import FeatureFrontend, FeatureStream, SpecAugment
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 TINY_ASR_DIR = Path(__file__).resolve().parent / "assets" / "tiny_asr"
+# the shipped foundation's LDA language adapters (scripts/run_lda.py --ship): mma.load_adapters(model, TINY_ASR_LDA_DIR)
+TINY_ASR_LDA_DIR = TINY_ASR_DIR.parent / "tiny_asr_lda"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
@@ -523,6 +525,6 @@ def load_asr(directory: str | os.PathLike | None = None, *, device: str | torch.
     return AsrBundle(model, tokenizer, config, directory)
 
 
-__all__ = ["CONFIG_NAME", "LDA_FRACTION", "TINY_ASR_DIR", "WEIGHTS_NAME", "AsrBundle", "CascadedTransducer",
+__all__ = ["CONFIG_NAME", "LDA_FRACTION", "TINY_ASR_DIR", "TINY_ASR_LDA_DIR", "WEIGHTS_NAME", "AsrBundle", "CascadedTransducer",
            "EncoderStream", "Joiner", "Predictor", "TransducerConfig", "base_state_dict", "declare_asr_points",
            "load_asr", "parameter_counts", "resolve_asr_dir", "save_asr", "tiny_asr_config"]

@@ -379,15 +379,13 @@ def test_load_errors_name_the_file(model, tok, tmp_path, monkeypatch):
         load_asr()
 
 
-def test_the_foundation_in_progress_loads_and_covers_every_language():
-    """speech/assets/tiny_asr_foundation (issue 20's foundation, pretraining continues with --init): the ~3 M "small"
-    preset trained on every language of `synth --foundation` data, fp16 within 10 MB, one tokenizer for all of them."""
-    from pathlib import Path
-
+def test_the_shipped_foundation_covers_every_language():
+    """speech/assets/tiny_asr, the shipped foundation (issue 20): the ~3 M "small" preset trained on every language
+    of `synth --foundation` data, fp16 within 10 MB, one tokenizer for all of them."""
     from mmadapters.speech.synth import DEFAULT_LANGUAGES
 
-    folder = Path(asr.__file__).parent / "assets" / "tiny_asr_foundation"
-    bundle = load_asr(folder)
+    folder = asr.TINY_ASR_DIR
+    bundle = load_asr()
     record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
     assert record["foundation_data"] is True and sorted(record["languages"]) == sorted(DEFAULT_LANGUAGES)
     assert 2.5e6 < record["parameters"]["total"] < 3.5e6 and bundle.config.d_model == 144
