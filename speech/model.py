@@ -175,7 +175,14 @@ class Predictor(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        out, state = self.lstm(self.embedding(tokens), state)
+        emb = self.embedding(tokens)
+        if emb.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN builds a bf16 LSTM only on CPUs with native bf16 (AVX512-BF16, AMX); elsewhere it raises "could
+            # not create a primitive descriptor". The LSTM is a small share of the work: run it in float32.
+            with torch.autocast("cpu", enabled=False):
+                out, state = self.lstm(emb.float(), None if state is None else (state[0].float(), state[1].float()))
+        else:
+            out, state = self.lstm(emb, state)
         return self.dropout(out), state
 
 

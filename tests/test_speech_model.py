@@ -395,3 +395,18 @@ def test_the_shipped_foundation_covers_every_language():
     wave = torch.randn(1, 16000) * 0.05
     enc, lengths = bundle.model.encode(wave, torch.tensor([16000]))
     assert enc.shape[0] == 1 and enc.shape[-1] == 144 and int(lengths[0]) == enc.shape[1]
+
+
+def test_predictor_runs_in_float32_under_cpu_bf16_autocast():
+    """--precision bf16 on a CPU without native bf16 (AVX2 only): oneDNN has no bf16 LSTM there, so the predictor's
+    LSTM runs in float32 inside the autocast region, with the same result as outside it."""
+    pred = asr.Predictor(vocab_size=12, embed_dim=8, hidden_dim=16, num_layers=1)
+    tokens = torch.tensor([[0, 3, 5], [0, 7, 1]])
+    ref, (h, c) = pred(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = pred(tokens)
+        again, _ = pred(tokens[:, 1:], state)  # a carried state continues it
+    assert out.dtype == torch.float32 and state[0].dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(state[0], h)
+    torch.testing.assert_close(again, pred(tokens[:, 1:], (h, c))[0])
