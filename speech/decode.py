@@ -213,21 +213,24 @@ class GreedyDecoder:
         return [list(h) for h in self.tokens]
 
 
-def greedy_decode(model: nn.Module, enc: Tensor, enc_lengths: Tensor, max_symbols_per_frame: int | None = None) -> list[list[int]]:
+def greedy_decode(model: nn.Module, enc: Tensor, enc_lengths: Tensor, max_symbols_per_frame: int | None = None, *,
+                  adapters: Sequence[str | None] | None = None) -> list[list[int]]:
     """Batched transducer greedy search.
 
     ``enc (B,T,E)`` encoder output of either pass, ``enc_lengths (B,)`` valid frames per sample. Per frame,
     up to ``max_symbols_per_frame`` non-blank arg-max symbols are emitted (the predictor advances only on an
     emission); None: the model's own ``max_symbols_per_step`` (a Parakeet folder's config) or 5. A token-and-duration
-    model (``model.durations``, Parakeet TDT) decodes with :func:`tdt_greedy_decode`. Returns token ids (blank
-    excluded) per sample.
+    model (``model.durations``, Parakeet TDT) decodes with :func:`tdt_greedy_decode`. ``adapters``: one adapter name
+    (or None) per sample for the decoder's adapter points (``predictor_out``, ``joiner_in``), routed per sample.
+    Returns token ids (blank excluded) per sample.
     """
     _check_encoder_output(enc, enc_lengths, "greedy_decode")
     if getattr(model, "durations", None):
-        return tdt_greedy_decode(model, enc, enc_lengths)
-    dec = GreedyDecoder(model, enc.shape[0], max_symbols_per_frame=max_symbols_limit(model, max_symbols_per_frame),
-                        device=enc.device)
-    dec.advance(enc, enc_lengths)
+        return tdt_greedy_decode(model, enc, enc_lengths, adapters=adapters)
+    with _routed(model, adapters):
+        dec = GreedyDecoder(model, enc.shape[0], max_symbols_per_frame=max_symbols_limit(model, max_symbols_per_frame),
+                            device=enc.device)
+        dec.advance(enc, enc_lengths)
     return dec.hypotheses()
 
 
@@ -237,28 +240,38 @@ def max_symbols_limit(model: nn.Module, max_symbols_per_frame: int | None) -> in
 
 
 @torch.no_grad()
-def tdt_greedy_decode(model: nn.Module, enc: Tensor, enc_lengths: Tensor) -> list[list[int]]:
+def tdt_greedy_decode(model: nn.Module, enc: Tensor, enc_lengths: Tensor, *,
+                      adapters: Sequence[str | None] | None = None) -> list[list[int]]:
     """Token-and-duration transducer greedy search, as transformers' ``generate`` for ``ParakeetForTDT``: per step the
     arg-max token and duration (``model.joint_logits``: token logits, then one per ``model.durations``); the frame
     pointer advances by the duration (a blank's by at least 1), the predictor on a non-blank token. At most
-    ``model.max_symbols_per_step`` x frames steps per utterance."""
+    ``model.max_symbols_per_step`` x frames steps per utterance. One utterance at a time, each through its own
+    ``adapters[b]`` (None: the base)."""
+    if adapters is not None and len(adapters) != enc.shape[0]:
+        raise ValueError(f"tdt_greedy_decode: adapters has {len(adapters)} entries for a batch of {enc.shape[0]}")
     hyps: list[list[int]] = []
     for b in range(enc.shape[0]):
-        pred, state = model.predict(torch.full((1, 1), model.blank, dtype=torch.long, device=enc.device))
-        t, n, out, steps = 0, int(enc_lengths[b]), [], 0
-        while t < n and steps < model.max_symbols_per_step * n:
-            logits = model.joint_logits(enc[b : b + 1, t : t + 1], pred)[0, 0, 0]
-            token = int(logits[: model.vocab_size].argmax())
-            duration = model.durations[int(logits[model.vocab_size:].argmax())]
-            if token == model.blank:
-                duration = max(duration, 1)
-            else:
-                out.append(token)
-                pred, state = model.predict(torch.tensor([[token]], device=enc.device), state)
-            t += duration
-            steps += 1
-        hyps.append(out)
+        with _routed(model, None if adapters is None else [adapters[b]]):
+            hyps.append(_tdt_one(model, enc[b : b + 1], int(enc_lengths[b])))
     return hyps
+
+
+def _tdt_one(model: nn.Module, enc: Tensor, n: int) -> list[int]:
+    """:func:`tdt_greedy_decode` of one utterance ``enc (1, T, E)`` with ``n`` valid frames."""
+    pred, state = model.predict(torch.full((1, 1), model.blank, dtype=torch.long, device=enc.device))
+    t, out, steps = 0, [], 0
+    while t < n and steps < model.max_symbols_per_step * n:
+        logits = model.joint_logits(enc[:, t : t + 1], pred)[0, 0, 0]
+        token = int(logits[: model.vocab_size].argmax())
+        duration = model.durations[int(logits[model.vocab_size:].argmax())]
+        if token == model.blank:
+            duration = max(duration, 1)
+        else:
+            out.append(token)
+            pred, state = model.predict(torch.tensor([[token]], device=enc.device), state)
+        t += duration
+        steps += 1
+    return out
 
 
 # -- beam search -------------------------------------------------------------------------------------------
@@ -459,8 +472,7 @@ def _pad(waves: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]
 def _decode_tokens(model: nn.Module, enc: Tensor, enc_lengths: Tensor, decode: str, *, beam: int, max_symbols_per_frame: int | None,
                    adapters: Sequence[str | None] | None) -> list[list[int]]:
     if decode == "greedy":
-        with _routed(model, adapters):
-            return greedy_decode(model, enc, enc_lengths, max_symbols_per_frame)
+        return greedy_decode(model, enc, enc_lengths, max_symbols_per_frame, adapters=adapters)
     return beam_search(model, enc, enc_lengths, beam, max_symbols_per_frame=max_symbols_limit(model, max_symbols_per_frame),
                        adapters=adapters)
 

@@ -187,9 +187,9 @@ def decode_batch(model: nn.Module, waves: Tensor, lengths: Tensor, *, pass_: str
     names = list(adapters) if adapters is not None else None
     with _route(model, names):
         enc, enc_lengths = model.encode(waves, lengths, pass_=pass_)
-        if decode == "greedy":
-            return greedy_decode(model, enc, enc_lengths), enc, enc_lengths
-    # beam search runs one utterance at a time over its beam: it routes each utterance itself
+    # the decoders route the predictor and joiner themselves (beam search and TDT one utterance at a time)
+    if decode == "greedy":
+        return greedy_decode(model, enc, enc_lengths, adapters=names), enc, enc_lengths
     return beam_search(model, enc, enc_lengths, beam, adapters=names), enc, enc_lengths
 
 
