@@ -85,14 +85,15 @@ def load_bundle(random_init: bool, seed: int = 0, tiny: bool = False, model: str
     return AsrBundle(model, tokenizer, config), f"random init, default TransducerConfig ({n:,} parameters; {why})"
 
 
-def with_language_adapters(bundle, languages: Sequence[str], seed: int = 0, scale: float = 1e-3):
+def with_language_adapters(bundle, languages: Sequence[str], seed: int = 0, scale: float = 1e-3,
+                           points: Sequence[str] | None = None):
     """A copy of ``bundle`` whose model has one LDA adapter set per language, with small random weights: every
     adapter computes, yet the transcripts (and so the decoder's work, which depends on how many symbols it
     emits) stay those of the base, so the timings compare adapter and routing costs alone."""
-    from mmadapters.speech.lda import add_language_adapters
+    from mmadapters.speech.lda import DEFAULT_POINTS, add_language_adapters
 
     model = copy.deepcopy(bundle.model)
-    info = add_language_adapters(model, list(languages), freeze=False)
+    info = add_language_adapters(model, list(languages), freeze=False, points=points or DEFAULT_POINTS)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for lang in languages:
@@ -305,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="use a random tiny_asr_config model (smoke runs, tests)")
     ap.add_argument("--model", default=None, metavar="DIR",
                     help="a model folder written by save_asr (default: the shipped speech/assets/tiny_asr)")
+    ap.add_argument("--points", default=None, metavar="P1,P2",
+                    help="the language adapters' points (default: the LDA recipe's, block_out,predictor_out), e.g. block_out")
     ap.add_argument("--manifest", default=None, help="NeMo JSONL manifest to take audio from (default: generated signals)")
     ap.add_argument("--utterances", type=int, default=4, help="utterances streamed one at a time")
     ap.add_argument("--seconds", type=float, default=6.0, help="length of each utterance")
@@ -328,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.model is not None and (args.random_init or args.tiny):
         ap.error("--model cannot be combined with --random-init or --tiny")
     base, model_text = load_bundle(args.random_init, tiny=args.tiny, model=args.model)
-    adapted, info = with_language_adapters(base, args.langs)
+    adapted, info = with_language_adapters(base, args.langs, points=args.points.split(",") if args.points else None)
     waves, audio_text = load_waves(args)
     print(f"model: {model_text}; audio: {audio_text}", flush=True)
     streaming = bench_streaming(base, adapted, waves, args)

@@ -45,7 +45,7 @@ import torch
 from mmadapters.eval.cli import main as mmadapters
 from mmadapters.eval.results_schema import read_results
 from mmadapters.io import atomic_write_bytes, checkpoint_adapter_dirs, replace_directory
-from mmadapters.speech.lda import TARGET_FRACTION
+from mmadapters.speech.lda import DEFAULT_POINTS, TARGET_FRACTION
 from mmadapters.speech.readers import read_manifest, write_manifest
 from mmadapters.speech.train import first_per_language
 from mmadapters.training.config_io import dump_yaml
@@ -95,7 +95,7 @@ def markdown(results: dict) -> str:
                   + ", ".join(f"{LABELS[v]} {pct(results['variants'][v]['wer'][p]['average'])}" for v in variants)]
     a = results.get("adapters")
     if a:
-        lines += ["", f"Adapters: bottleneck width {a['dim']} at {', '.join('@' + x for x in a['points'])} (both passes): "
+        lines += ["", f"Adapters: bottleneck width {a['dim']} at {', '.join('@' + x for x in a['points'])}: "
                   f"{a['per_language_parameters']:,} parameters per language = {100 * a['fraction']:.3f}% of the "
                   f"{a['base_parameters']:,}-parameter model."]
     if results.get("pseudo_labels"):
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--languages", default=None, help="comma-separated tail languages (default: the data's tail languages)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--passes", default="second,first", help="encoder passes to score on test; the first listed is the table's")
-    p.add_argument("--points", default="block_out", help="adapter points (comma-separated), e.g. block_out,attn_out")
+    p.add_argument("--points", default=",".join(DEFAULT_POINTS),
+                   help=f"adapter points (comma-separated; default {','.join(DEFAULT_POINTS)}), e.g. block_out,attn_out")
     p.add_argument("--adapter-dim", type=int, default=None, help="bottleneck width (default: sized by --fraction)")
     p.add_argument("--fraction", type=float, default=TARGET_FRACTION, help="adapter size per language / model size")
     p.add_argument("--lda-steps", type=int, default=600)

@@ -115,7 +115,8 @@ class LdaConfig:
     fraction: float = field(default=TARGET_FRACTION, metadata={"help": "Adapter parameters per language as a fraction of the "
                                                                         "model's (used when adapter_dim is unset; the paper: 0.004)."})
     points: list[str] = field(default_factory=lambda: list(DEFAULT_POINTS), metadata={"help": (
-        "Adapter points of both encoder passes: block_out (end of each block), attn_out, ffn_out.")})
+        "Adapter points: block_out (end of each encoder block, both passes), predictor_out (the predictor's output), "
+        "attn_out, ffn_out.")})
     noise_snr_db: float | None = field(default=None, metadata={"help": "Additive white noise at this SNR (dB) on every "
                                                                        "training waveform; null: SpecAugment only."})
     max_audio_seconds: float = field(default=30.0, metadata={"help": "Longer audio files are skipped (training and validation)."})

@@ -27,15 +27,20 @@ def test_one_adapter_per_tail_language_within_half_a_percent():
     bundle = load_asr()
     base = parameter_counts(bundle.model)["total"]
     assert sorted(mma.load_adapters(bundle.model, TINY_ASR_LDA_DIR)) == TAIL
+    counts = set()
     for lang in TAIL:
         params = mma.adapter_parameters(bundle.model, lang)
         count = sum(p.numel() for p in params.values())
         assert 0.003 * base < count <= 0.005 * base, (lang, count, base)
-        # trained: the up projections (zero at initialisation) carry weights
-        assert all(float(p.detach().abs().max()) > 0.01 for k, p in params.items() if k.endswith("up.weight")), lang
+        counts.add(count)
+        # trained: the up projections (zero at initialisation) carry weights, at every point (encoder and predictor)
+        ups = [k for k in params if k.endswith("up.weight")]
+        assert any(k.startswith("predictor.") for k in ups) and any(k.startswith("second.") for k in ups), ups
+        assert all(float(params[k].detach().abs().max()) > 0.01 for k in ups), lang
     # the README names the numbers it ships with, and the folder stays small
     readme = (TINY_ASR_LDA_DIR / "README.md").read_text(encoding="utf-8")
-    assert "| **average** |" in readme and "0.420%" in readme
+    (count,) = counts
+    assert "| **average** |" in readme and f"{100 * count / base:.3f}%" in readme and f"{count:,} parameters" in readme
     assert sum(f.stat().st_size for f in TINY_ASR_LDA_DIR.rglob("*") if f.is_file()) < 1e6
     # made for the shipped foundation: the fingerprint of every adapter matches it (load_adapters checked it above)
     meta = json.loads((TINY_ASR_LDA_DIR / "pl" / "adapter_config.json").read_text(encoding="utf-8"))
@@ -67,7 +72,7 @@ def test_adapters_lower_the_error_on_fresh_tail_speech(fresh):
     adapted = transcribe(bundle, waves, adapters=[u.lang for u in utts])
     base_cer = cer(refs, [normalize_text(h) for h in base])
     adapted_cer = cer(refs, [normalize_text(h) for h in adapted])
-    # measured (seed 13, this CPU): 0.292 -> 0.127; seeds 11, 12, 14 gave 0.325 -> 0.282, 0.190 -> 0.160, 0.211 -> 0.138
+    # measured (seed 13, this CPU): 0.294 -> 0.126; seeds 11, 12, 14 gave 0.325 -> 0.277, 0.192 -> 0.146, 0.207 -> 0.161
     assert adapted_cer < 0.8 * base_cer, (base_cer, adapted_cer)
 
 
